@@ -1,0 +1,77 @@
+"""Model shapes: the Wan2.1 presets (as shapes, for planning and random-weight benchmarks) and the tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import check
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of a Wan2.1 text-to-video transformer (+ its text encoder and VAE where the cost model needs them)."""
+
+    name: str
+    """Preset name or the folder it was read from."""
+    num_layers: int
+    """Transformer blocks."""
+    num_heads: int
+    """Attention heads."""
+    head_dim: int
+    """Channels per head."""
+    ffn_dim: int
+    """Feed-forward inner width."""
+    in_channels: int = 16
+    """Latent channels (must equal the VAE's z_dim)."""
+    text_dim: int = 4096
+    """Text-encoder hidden size fed to the transformer."""
+    text_len: int = 512
+    """Text tokens per prompt."""
+    freq_dim: int = 256
+    """Sinusoidal timestep embedding width."""
+    patch: tuple[int, int, int] = (1, 2, 2)
+    """Patch size (t, h, w) in latent cells."""
+    text_encoder_params: int = 5_700_000_000
+    """Parameters of the text encoder (UMT5-XXL encoder by default)."""
+    vae_params: int = 127_000_000
+    """Parameters of the VAE."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "head_dim", "ffn_dim", "in_channels", "text_dim", "text_len"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v > 0, name, v, "must be a positive integer")
+        check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (rotary embedding)")
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Head channels given to (time, height, width) rotary axes, as Wan splits them."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+    @property
+    def transformer_params(self) -> int:
+        """Parameter count of the transformer (attention, cross-attention, FFN, embeddings)."""
+        d, f = self.dim, self.ffn_dim
+        per_block = 4 * (d * d + d) + 4 * (d * d + d) + 2 * d * f + f + d + 4 * d + 6 * d
+        embed = self.in_channels * d * 4 + d + self.text_dim * d + d * d + 2 * d + self.freq_dim * d + d
+        embed += d * d + d + 6 * d * d + 6 * d
+        head = d * self.in_channels * 4 + self.in_channels * 4 + 2 * d
+        return self.num_layers * per_block + embed + head
+
+
+MODEL_PRESETS: dict[str, ModelSpec] = {
+    "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", num_layers=30, num_heads=12, head_dim=128, ffn_dim=8960),
+    "wan2.1-14b": ModelSpec("wan2.1-14b", num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824),
+    # Shapes of diffusers' own Wan tests: 2 layers, 2 heads x 12, text dim 32.
+    "tiny": ModelSpec("tiny", num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=32, text_len=16,
+                      text_encoder_params=50_000, vae_params=30_000),
+}
+
+
+def model_preset(name: str) -> ModelSpec:
+    check(name in MODEL_PRESETS, "model", name, f"unknown preset; use one of {sorted(MODEL_PRESETS)} or a folder")
+    return MODEL_PRESETS[name]

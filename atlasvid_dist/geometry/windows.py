@@ -1,0 +1,139 @@
+"""Reordered spatiotemporal windows: the window grid of a layer, the window-major permutation and its inverse,
+and the proxy region each window reads.
+
+A layer's grid is a window size and a shift (in tokens). Window borders sit at ``i * window - shift`` on each
+axis, so a shifted grid has partial windows at both borders; those (and a grid that does not divide) are padded
+to full windows with a sentinel index and masked in attention. An axis whose window spans the whole grid is never
+shifted (a shift there would only split one window into two partial ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..errors import check
+from .grid import Grid
+
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """One layer's window grid over a token grid."""
+
+    grid: Grid
+    """Token grid being windowed."""
+    window: Triple
+    """Window size in tokens (t, h, w)."""
+    shift: Triple = (0, 0, 0)
+    """Offset of the window borders in tokens (t, h, w); 0 <= shift < window."""
+    pad: bool = False
+    """Allow padding where the window does not divide the grid (shifted grids are always padded)."""
+
+    def __post_init__(self) -> None:
+        names = ("t", "h", "w")
+        shift = list(self.shift)
+        for ax, (n, w, s) in enumerate(zip(self.grid.dims, self.window, self.shift)):
+            check(w <= n, f"window.{names[ax]}", w, f"must not exceed the token grid's {names[ax]} = {n}")
+            check(0 <= s < w, f"shift.{names[ax]}", s, f"must be in [0, window.{names[ax]} = {w})")
+            if w == n:
+                shift[ax] = 0
+            elif s == 0 and not self.pad:
+                check(n % w == 0, f"window.{names[ax]}", w,
+                      f"does not tile the token grid's {names[ax]} = {n} (token grid {self.grid.dims}); choose a "
+                      f"divisor ({_divisors(n)}) or allow padding (pad_windows)")
+        object.__setattr__(self, "shift", tuple(shift))
+
+    @property
+    def counts(self) -> Triple:
+        """Windows per axis."""
+        return tuple(math.ceil((n + s) / w) for n, w, s in zip(self.grid.dims, self.window, self.shift))
+
+    @property
+    def num_windows(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def window_tokens(self) -> int:
+        return math.prod(self.window)
+
+    @property
+    def padded(self) -> bool:
+        return any(c * w != n for c, w, n in zip(self.counts, self.window, self.grid.dims))
+
+    def starts(self) -> torch.Tensor:
+        """(num_windows, 3) first token coordinate of every window (may be negative in shifted grids)."""
+        axes = [torch.arange(c) * w - s for c, w, s in zip(self.counts, self.window, self.shift)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Index tensors of one :class:`WindowSpec`; build with :func:`window_layout` (cached)."""
+
+    spec: WindowSpec
+    order: torch.Tensor
+    """(num_windows * window_tokens,) raster token index for every window-major slot; ``grid.size`` = padding."""
+    inverse: torch.Tensor
+    """(grid.size,) window-major slot of every raster token."""
+    valid: torch.Tensor
+    """(num_windows, window_tokens) bool, False at padding slots."""
+
+    @property
+    def num_windows(self) -> int:
+        return self.spec.num_windows
+
+    @property
+    def window_tokens(self) -> int:
+        return self.spec.window_tokens
+
+
+@lru_cache(maxsize=64)
+def window_layout(spec: WindowSpec) -> WindowLayout:
+    """Vectorised window-major permutation for ``spec`` (CPU tensors; move them with ``.to(device)``)."""
+    g, n = spec.grid, spec.grid.size
+    coords = []
+    for size, w, s, c in zip(g.dims, spec.window, spec.shift, spec.counts):
+        x = torch.arange(c * w) - s  # padded axis -> real coordinate
+        coords.append((x, (x >= 0) & (x < size)))
+    (t, vt), (h, vh), (w, vw) = coords
+    raster = (t[:, None, None] * g.h + h[None, :, None]) * g.w + w[None, None, :]  # (Tp, Hp, Wp)
+    ok = vt[:, None, None] & vh[None, :, None] & vw[None, None, :]
+    raster = torch.where(ok, raster, torch.full_like(raster, n))
+    (ct, ch, cw), (wt, wh, ww) = spec.counts, spec.window
+    # (ct, wt, ch, wh, cw, ww) -> (ct, ch, cw, wt, wh, ww): windows major, tokens within a window in raster order
+    order = raster.reshape(ct, wt, ch, wh, cw, ww).permute(0, 2, 4, 1, 3, 5).reshape(-1)
+    valid = order < n
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[order[valid]] = torch.arange(order.numel())[valid]
+    return WindowLayout(spec, order, inverse, valid.reshape(spec.num_windows, spec.window_tokens))
+
+
+def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple) -> tuple[torch.Tensor, Triple]:
+    """Proxy region (aligned context) of every window.
+
+    Returns ``(index, size)``: index (num_windows, prod(size)) raster indices into the proxy grid, and the region
+    size per axis. The region covers the proxy tokens above the window's real tokens plus ``margin`` on each
+    side; it has the same size for every window (clamped inside the proxy grid) so windows batch together.
+    """
+    starts = spec.starts()  # (n_win, 3)
+    axes, sizes = [], []
+    for ax in range(3):
+        n, w, r, m, np_ = spec.grid.dims[ax], spec.window[ax], scales[ax], margin[ax], proxy.dims[ax]
+        size = min(np_, math.ceil(w / r) + 1 + 2 * m)
+        lo = starts[:, ax].clamp(min=0)
+        first = torch.div(lo, r, rounding_mode="floor") - m
+        first = first.clamp(min=0, max=np_ - size)
+        axes.append(first[:, None] + torch.arange(size)[None, :])  # (n_win, size)
+        sizes.append(size)
+    t, h, w = axes
+    index = (t[:, :, None, None] * proxy.h + h[:, None, :, None]) * proxy.w + w[:, None, None, :]
+    return index.reshape(spec.num_windows, -1), tuple(sizes)  # type: ignore[return-value]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

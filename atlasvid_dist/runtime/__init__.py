@@ -1,0 +1,1 @@
+"""See DESIGN §4 for this layer."""
