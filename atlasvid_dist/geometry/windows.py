@@ -126,7 +126,7 @@ def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple)
         n, w, r, m, np_ = spec.grid.dims[ax], spec.window[ax], scales[ax], margin[ax], proxy.dims[ax]
         size = min(np_, math.ceil(w / r) + 1 + 2 * m)
         lo = starts[:, ax].clamp(min=0)
-        first = torch.div(lo, r, rounding_mode="floor") - m
+        first = torch.div(lo, r, rounding_mode="floor").long() - m
         first = first.clamp(min=0, max=np_ - size)
         axes.append(first[:, None] + torch.arange(size)[None, :])  # (n_win, size)
         sizes.append(size)

@@ -1,0 +1,247 @@
+"""AtlasTransformer: a diffusers WanTransformer3DModel run as AtlasVid's joint proxy + detail forward.
+
+The wrapper owns no weights: it registers the given transformer as a submodule and calls its layers (patch
+embedding, condition embedder, each block's norms / projections / cross-attention / FFN, the output head), so
+LoRA adapters loaded into the transformer apply here too. Only the self-attention is done differently, by
+:class:`~atlasvid_dist.models.attention.detail.DetailAttention` (full / atlas / ultragen).
+
+Proxy path (asymmetric attention): proxy queries attend only proxy keys, with the stage-1 positions (time x r_t),
+exactly as the stage-1 model; its per-layer keys (rotated at detail coordinates: time x r_t, space x
+spatial_scale) and values are what detail windows read. A clean proxy (timestep 0) does not change across
+denoising steps, so its keys/values are computed once and cached (see :meth:`AtlasTransformer.build_proxy_cache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from ..config.method import AtlasConfig
+from ..errors import ConfigError, InputError
+from ..geometry.grid import Grid, ProxyGeometry
+from .attention.detail import DetailAttention, ProxyKV
+from .attention.kernels import reference_attention, sdpa
+from .rope import RotaryTables, Rotary3D, apply_rotary
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ProxyCache:
+    """Cached per-layer proxy keys/values for one (proxy latent, text embedding) pair.
+
+    ``matches`` compares the tensors exactly (shape, dtype, device, values), so a cache is never reused for a
+    different proxy or prompt.
+    """
+
+    kv: ProxyKV
+    proxy: torch.Tensor
+    text: torch.Tensor
+
+    def matches(self, proxy: torch.Tensor, text: torch.Tensor) -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                   for a, b in ((self.proxy, proxy), (self.text, text)))
+
+
+class AtlasTransformer(nn.Module):
+    """Joint proxy + detail forward over a diffusers ``WanTransformer3DModel`` (weights shared, not copied).
+
+    ``model(latents, timestep, encoder_hidden_states, proxy=proxy_latents)`` returns the detail velocity, shaped
+    like ``latents`` (B, C, f, h, w). ``proxy`` is the clean proxy latent (B or 1, C, f_p, h/s, w/s).
+    """
+
+    def __init__(self, transformer: nn.Module, config: AtlasConfig | None = None):
+        super().__init__()
+        _check_transformer(transformer)
+        self.transformer = transformer
+        self.config = config if config is not None else AtlasConfig()
+        cfg = transformer.config
+        self.patch = tuple(int(p) for p in cfg.patch_size)
+        self.heads = int(cfg.num_attention_heads)
+        self.rotary = Rotary3D(int(cfg.attention_head_dim))
+        self._proxy_cache: ProxyCache | None = None
+
+    # ----------------------------------------------------------------------------------------------- public API
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                proxy: torch.Tensor | None = None, *, proxy_cache: ProxyCache | None = None,
+                proxy_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Detail velocity (B, C, f, h, w). See the class docstring; ``proxy_noise`` is used in 'joint' mode."""
+        grid = self.token_grid(latents, "latents")
+        timestep = self._check_inputs(latents, timestep, encoder_hidden_states)
+        proxy_kv = None
+        if proxy is not None or proxy_cache is not None:
+            proxy_kv = self._proxy_kv(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
+        attend = DetailAttention(self.config, grid, self.rotary, latents.device, proxy_kv,
+                                 self.proxy_geometry(grid).scales)
+        return self._run(latents, timestep, encoder_hidden_states, grid, attend)
+
+    def proxy_forward(self, latents: torch.Tensor, timestep: torch.Tensor,
+                      encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Stage 1: the proxy's velocity with full attention and temporally scaled RoPE (time x r_t)."""
+        grid = self.token_grid(latents, "proxy latents")
+        timestep = self._check_inputs(latents, timestep, encoder_hidden_states)
+        attend, _ = self._proxy_attend(grid, latents.device, record=False)
+        return self._run(latents, timestep, encoder_hidden_states, grid, attend)
+
+    def build_proxy_cache(self, proxy: torch.Tensor, encoder_hidden_states: torch.Tensor) -> ProxyCache:
+        """Run the clean proxy (timestep 0) through every layer once and keep each layer's keys/values."""
+        grid = self.token_grid(proxy, "proxy")
+        b = max(proxy.shape[0], encoder_hidden_states.shape[0])
+        t0 = torch.zeros(b, device=proxy.device)
+        proxy_b = proxy.expand(b, *proxy.shape[1:])
+        self._check_inputs(proxy_b, t0, encoder_hidden_states)
+        kv = self._record_proxy(proxy_b, t0, encoder_hidden_states, grid)
+        return ProxyCache(kv, proxy.detach().clone(), encoder_hidden_states.detach().clone())
+
+    def clear_proxy_cache(self) -> None:
+        self._proxy_cache = None
+
+    def proxy_geometry(self, detail: Grid) -> ProxyGeometry:
+        return ProxyGeometry(detail, self.config.temporal_scale, self.config.spatial_scale)
+
+    def token_grid(self, latents: torch.Tensor, name: str = "latents") -> Grid:
+        if latents.ndim != 5:
+            raise InputError(f"{name}: expected (B, C, f, h, w), got shape {tuple(latents.shape)}")
+        dims = latents.shape[2:]
+        for ax, (n, p) in enumerate(zip(dims, self.patch)):
+            if n % p:
+                raise InputError(f"{name}: axis {ax + 2} has {n} cells, not divisible by the patch size {p}")
+        return Grid(*(int(n // p) for n, p in zip(dims, self.patch)))
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_inputs(self, latents, timestep, text) -> torch.Tensor:
+        cfg = self.transformer.config
+        if latents.shape[1] != cfg.in_channels:
+            raise InputError(f"latents: {latents.shape[1]} channels, the transformer expects {cfg.in_channels}")
+        b = latents.shape[0]
+        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
+            raise InputError(f"encoder_hidden_states: expected ({b}, L, {cfg.text_dim}), got {tuple(text.shape)}")
+        timestep = torch.as_tensor(timestep, device=latents.device)
+        if timestep.ndim == 0 or timestep.numel() == 1:
+            timestep = timestep.reshape(1).expand(b)
+        if timestep.shape != (b,):
+            raise InputError(f"timestep: expected a scalar or ({b},), got {tuple(timestep.shape)}")
+        return timestep
+
+    def _check_proxy(self, latents: torch.Tensor, proxy: torch.Tensor) -> None:
+        if self.config.mode != "atlas":
+            raise InputError(f"proxy: given, but mode={self.config.mode!r} reads no proxy (use mode='atlas')")
+        pg = self.proxy_geometry(self.token_grid(latents)).grid
+        want = (latents.shape[1], *(n * p for n, p in zip(pg.dims, self.patch)))
+        if proxy.ndim != 5 or tuple(proxy.shape[1:]) != want or proxy.shape[0] not in (1, latents.shape[0]):
+            raise InputError(f"proxy: expected (B or 1, {', '.join(map(str, want))}) for latents "
+                             f"{tuple(latents.shape)} with temporal_scale={self.config.temporal_scale}, "
+                             f"spatial_scale={self.config.spatial_scale}; got {tuple(proxy.shape)}")
+
+    # ------------------------------------------------------------------------------------------------ proxy
+    def _proxy_kv(self, latents, timestep, text, proxy, cache, noise) -> ProxyKV:
+        if cache is not None:
+            if proxy is not None and not cache.matches(proxy, text):
+                raise InputError("proxy_cache: built for a different proxy or prompt than the one given")
+            self._check_proxy(latents, cache.proxy)
+            return cache.kv
+        self._check_proxy(latents, proxy)
+        b = latents.shape[0]
+        if self.config.proxy_mode == "joint":
+            sigma = (timestep.float() / 1000.0).reshape(b, 1, 1, 1, 1)
+            noise = torch.randn_like(proxy.expand(b, *proxy.shape[1:])) if noise is None else noise
+            noisy = ((1.0 - sigma) * proxy + sigma * noise).to(latents.dtype)
+            return self._record_proxy(noisy, timestep, text, self.token_grid(noisy))
+        if torch.is_grad_enabled():  # training: keys/values must carry gradients; no cache
+            return self.build_proxy_cache(proxy, text).kv
+        if self._proxy_cache is None or not self._proxy_cache.matches(proxy, text):
+            self._proxy_cache = self.build_proxy_cache(proxy, text)
+        return self._proxy_cache.kv
+
+    def _proxy_attend(self, grid: Grid, device, record: bool) -> tuple[Attend, ProxyKV]:
+        """Attention of the proxy path: full attention over proxy tokens at stage-1 positions (time x r_t)."""
+        geo = self.proxy_geometry_for_proxy(grid)
+        own = self.rotary.for_grid(grid, (geo[0], 1.0, 1.0)).to(device)
+        detail = self.rotary.for_grid(grid, geo).to(device) if record else None
+        kv = ProxyKV(grid)
+        reference = self.config.backend == "reference"
+
+        def attend(layer, q, k, v):
+            if record:
+                kv.keys.append(apply_rotary(k, detail))
+                kv.values.append(v)
+            qr, kr = apply_rotary(q, own), apply_rotary(k, own)
+            return reference_attention(qr, kr, v) if reference else sdpa(qr, kr, v)
+
+        return attend, kv
+
+    def proxy_geometry_for_proxy(self, grid: Grid) -> tuple[float, float, float]:
+        s = float(self.config.spatial_scale)
+        return (float(self.config.temporal_scale), s, s)
+
+    def _record_proxy(self, proxy, timestep, text, grid) -> ProxyKV:
+        attend, kv = self._proxy_attend(grid, proxy.device, record=True)
+        self._run(proxy, timestep, text, grid, attend, head=False, checkpoint=False)
+        return kv
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _run(self, latents, timestep, text, grid: Grid, attend: Attend, head: bool = True,
+             checkpoint: bool = True) -> torch.Tensor | None:
+        tr = self.transformer
+        b = latents.shape[0]
+        x = tr.patch_embedding(latents).flatten(2).transpose(1, 2)  # (B, N, D)
+        temb, tproj, text, _ = tr.condition_embedder(timestep, text, None)
+        tproj = tproj.unflatten(1, (6, -1))  # (B, 6, D)
+        use_ckpt = checkpoint and torch.is_grad_enabled() and getattr(tr, "gradient_checkpointing", False)
+        for i, block in enumerate(tr.blocks):
+            if use_ckpt:
+                x = torch.utils.checkpoint.checkpoint(self._block, i, block, x, text, tproj, attend,
+                                                      use_reentrant=False)
+            else:
+                x = self._block(i, block, x, text, tproj, attend)
+        if not head:
+            return None
+        return self._head(x, temb, grid, b)
+
+    def _block(self, i: int, block: nn.Module, x, text, tproj, attend: Attend) -> torch.Tensor:
+        """One WanTransformerBlock with its own layers, self-attention by ``attend`` (same arithmetic as diffusers)."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + tproj.float()).chunk(6, dim=1)
+        # 1. self-attention
+        h = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self._self_attention(i, block.attn1, h, attend) * gate).type_as(x)
+        # 2. cross-attention to the text
+        h = block.norm2(x.float()).type_as(x)
+        x = x + block.attn2(h, text, None, None)
+        # 3. feed-forward
+        h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
+
+    def _self_attention(self, i: int, attn: nn.Module, h: torch.Tensor, attend: Attend) -> torch.Tensor:
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q = q.unflatten(2, (attn.heads, -1))  # (B, N, H, D)
+        k = k.unflatten(2, (attn.heads, -1))
+        v = v.unflatten(2, (attn.heads, -1))
+        out = attend(i, q, k, v).flatten(2, 3).type_as(q)  # (B, N, H*D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _head(self, x, temb, grid: Grid, b: int) -> torch.Tensor:
+        tr = self.transformer
+        shift, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (tr.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = tr.proj_out(x)  # (B, N, pt*ph*pw*C)
+        pt, ph, pw = self.patch
+        x = x.reshape(b, grid.t, grid.h, grid.w, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, f*pt, h*ph, w*pw)
+
+
+def _check_transformer(tr: nn.Module) -> None:
+    cfg = getattr(tr, "config", None)
+    needed = ("patch_embedding", "condition_embedder", "blocks", "norm_out", "proj_out", "scale_shift_table")
+    if cfg is None or not all(hasattr(tr, n) for n in needed):
+        raise ConfigError("transformer", type(tr).__name__, "must be a diffusers WanTransformer3DModel")
+    if getattr(cfg, "image_dim", None) or getattr(cfg, "added_kv_proj_dim", None):
+        raise ConfigError("transformer", "image-to-video", "only Wan2.1 text-to-video transformers are supported")

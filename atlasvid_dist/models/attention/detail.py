@@ -1,0 +1,182 @@
+"""Self-attention of one forward pass: full, atlas (windows + proxy) or ultragen (windows + pooled global).
+
+``DetailAttention`` is built once per forward from the geometry and called by every block with that block's
+un-rotated q, k, v (B, N, H, D) in raster token order. It applies RoPE, reorders tokens window-major for the
+layer's grid, runs the chosen backend, and returns the output in raster order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ...config.method import AtlasConfig
+from ...errors import ConfigError
+from ...geometry.grid import Grid
+from ...geometry.windows import WindowSpec, proxy_regions, window_layout
+from ..rope import RotaryTables, Rotary3D, apply_rotary, grid_positions
+from . import masks
+from .kernels import reference_attention, sdpa, windows_sdpa
+
+
+@dataclass
+class ProxyKV:
+    """Per-layer proxy keys (RoPE at detail coordinates) and values, each (B, Np, H, D), and the proxy grid."""
+
+    grid: Grid
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass(frozen=True)
+class LayerWindows:
+    """Index tensors of one layer's window grid, on the compute device."""
+
+    spec: WindowSpec
+    order: torch.Tensor
+    inverse: torch.Tensor
+    valid: torch.Tensor
+    proxy_index: torch.Tensor | None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' -> 'sdpa' (windows in the batch dimension: CPU and CUDA, trains). 'flex' needs CUDA for speed."""
+    return "sdpa" if name == "auto" else name
+
+
+class DetailAttention:
+    """Attention for the detail tokens of one forward pass (see module docstring)."""
+
+    def __init__(self, config: AtlasConfig, grid: Grid, rotary: Rotary3D, device: torch.device,
+                 proxy: ProxyKV | None = None, scales: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+        self.config, self.grid, self.rotary, self.device = config, grid, rotary, device
+        self.proxy, self.scales = proxy, scales
+        self.backend = resolve_backend(config.backend, device)
+        self.tables = rotary.for_grid(grid).to(device)
+        self._layers: dict[WindowSpec, LayerWindows] = {}
+        if config.mode == "ultragen":
+            self._check_pool()
+
+    # -- geometry ---------------------------------------------------------------------------------------------
+    def layer_spec(self, layer: int) -> WindowSpec:
+        entries = self.config.layer_entries()
+        window, shift = entries[layer % len(entries)]
+        return WindowSpec(self.grid, window, shift, pad=self.config.pad_windows)
+
+    def layer_windows(self, layer: int) -> LayerWindows:
+        spec = self.layer_spec(layer)
+        if spec not in self._layers:
+            lay = window_layout(spec)
+            index = None
+            if self.proxy is not None and self.config.proxy_context == "aligned":
+                index, _ = proxy_regions(spec, self.proxy.grid, self.scales, self.config.proxy_margin)
+                index = index.to(self.device)
+            self._layers[spec] = LayerWindows(spec, lay.order.to(self.device), lay.inverse.to(self.device),
+                                              lay.valid.to(self.device), index)
+        return self._layers[spec]
+
+    def _check_pool(self) -> None:
+        for ax, (n, p) in enumerate(zip(self.grid.dims, self.config.ultragen_pool)):
+            if n % min(p, n):
+                raise ConfigError(f"ultragen_pool[{ax}]", p, f"must divide the token grid axis {n} ({self.grid.dims})")
+
+    # -- entry point --------------------------------------------------------------------------------------------
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, N, H, D) un-rotated, raster order -> attention output (B, N, H, D)."""
+        qr, kr = apply_rotary(q, self.tables), apply_rotary(k, self.tables)
+        if self.config.mode == "full":
+            return self._full(qr, kr, v)
+        local = self._windows(layer, qr, kr, v)
+        if self.config.mode == "atlas":
+            return local
+        w = self.config.ultragen_weight
+        return (1.0 - w) * local + w * self._pooled_global(qr, k, v)
+
+    def _full(self, q, k, v):
+        if self.backend == "reference":
+            return reference_attention(q, k, v)
+        return sdpa(q, k, v)
+
+    # -- windows ------------------------------------------------------------------------------------------------
+    def _proxy_kv(self, layer: int):
+        if self.proxy is None or self.config.mode != "atlas":
+            return None, None
+        return self.proxy.keys[layer], self.proxy.values[layer]
+
+    def _windows(self, layer: int, q, k, v):
+        lw = self.layer_windows(layer)
+        pk, pv = self._proxy_kv(layer)
+        if self.backend == "reference":
+            return self._windows_reference(lw, q, k, v, pk, pv)
+        b, n, h, d = q.shape
+        nw, lt = lw.valid.shape
+        pad = q.new_zeros(b, 1, h, d)
+
+        def to_windows(x):  # (B, N, H, D) -> (B, W, L, H, D), padding slots = zeros
+            return torch.cat([x, pad], dim=1)[:, lw.order].unflatten(1, (nw, lt))
+
+        qw, kw, vw = to_windows(q), to_windows(k), to_windows(v)
+        if self.backend == "flex":
+            from .flex import flex_windows
+
+            table = None
+            if pk is not None and lw.proxy_index is not None:
+                table = masks.aligned_table(nw, pk.shape[1], lw.proxy_index)
+            key = (lw.spec, None if pk is None else (pk.shape[1], self.config.proxy_context), str(q.device))
+            out = flex_windows(qw, kw, vw, lw.valid, pk, pv, table, key)
+        else:
+            key_valid = lw.valid if lw.spec.padded else None
+            if pk is not None:
+                pkw, pvw = self._proxy_windows(lw, pk, pv, nw)
+                kw, vw = torch.cat([kw, pkw], dim=2), torch.cat([vw, pvw], dim=2)  # (B, W, L + C, H, D)
+                if key_valid is not None:
+                    ones = key_valid.new_ones(nw, pkw.shape[2])
+                    key_valid = torch.cat([key_valid, ones], dim=1)  # (W, L + C)
+            out = windows_sdpa(qw, kw, vw, key_valid, self.config.max_window_batch)
+        return out.flatten(1, 2)[:, lw.inverse]  # (B, N, H, D) raster order
+
+    @staticmethod
+    def _proxy_windows(lw: LayerWindows, pk, pv, nw: int):
+        if lw.proxy_index is None:  # 'all': every window reads every proxy token
+            b, np_, h, d = pk.shape
+            return pk[:, None].expand(b, nw, np_, h, d), pv[:, None].expand(b, nw, np_, h, d)
+        return pk[:, lw.proxy_index], pv[:, lw.proxy_index]  # (B, W, C, H, D)
+
+    def _windows_reference(self, lw: LayerWindows, q, k, v, pk, pv):
+        np_ = 0 if pk is None else pk.shape[1]
+        index = None if lw.proxy_index is None else lw.proxy_index.cpu()
+        mask = masks.detail_mask(lw.spec, np_, index).to(q.device)
+        if pk is not None:
+            k, v = torch.cat([k, pk], dim=1), torch.cat([v, pv], dim=1)
+        return reference_attention(q, k, v, mask)
+
+    # -- ultragen global branch ---------------------------------------------------------------------------------
+    def _pooled_global(self, qr, k, v):
+        """Every detail query attends keys/values average-pooled over (t, h, w) cells, RoPE at cell centres."""
+        pool = tuple(min(p, n) for p, n in zip(self.config.ultragen_pool, self.grid.dims))
+        b, n, h, d = k.shape
+        g = self.grid
+
+        def pooled(x):  # (B, N, H, D) -> (B, N', H, D)
+            x5 = x.permute(0, 2, 3, 1).reshape(b, h * d, *g.dims)  # (B, H*D, t, h, w)
+            y = F.avg_pool3d(x5, kernel_size=pool, stride=pool)  # (B, H*D, t', h', w')
+            return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2)
+
+        pg = Grid(*(n_ // p for n_, p in zip(g.dims, pool)))
+        centres = [(p - 1) / 2.0 for p in pool]
+        tables = self.rotary.tables(grid_positions(pg, pool, centres)).to(qr.device)
+        kp = apply_rotary(pooled(k), tables)
+        vp = pooled(v)
+        if self.backend == "reference":
+            return reference_attention(qr, kp, vp)
+        return sdpa(qr, kp, vp)
+
+
+def proxy_rotary_tables(rotary: Rotary3D, grid: Grid, scales) -> RotaryTables:
+    """Tables for proxy tokens placed at ``index * scales`` (temporal scale r_t; spatial scale as given)."""
+    return rotary.for_grid(grid, scales)
