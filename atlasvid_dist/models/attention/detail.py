@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ...config.method import AtlasConfig
-from ...errors import ConfigError
 from ...geometry.grid import Grid
 from ...geometry.windows import WindowSpec, proxy_regions, window_layout
-from ..rope import RotaryTables, Rotary3D, apply_rotary, grid_positions
+from ..rope import RotaryTables, Rotary3D, apply_rotary
 from . import masks
 from .kernels import reference_attention, sdpa, windows_sdpa
 
@@ -59,8 +58,6 @@ class DetailAttention:
         self.backend = resolve_backend(config.backend, device)
         self.tables = rotary.for_grid(grid).to(device)
         self._layers: dict[WindowSpec, LayerWindows] = {}
-        if config.mode == "ultragen":
-            self._check_pool()
 
     # -- geometry ---------------------------------------------------------------------------------------------
     def layer_spec(self, layer: int) -> WindowSpec:
@@ -79,11 +76,6 @@ class DetailAttention:
             self._layers[spec] = LayerWindows(spec, lay.order.to(self.device), lay.inverse.to(self.device),
                                               lay.valid.to(self.device), index)
         return self._layers[spec]
-
-    def _check_pool(self) -> None:
-        for ax, (n, p) in enumerate(zip(self.grid.dims, self.config.ultragen_pool)):
-            if n % min(p, n):
-                raise ConfigError(f"ultragen_pool[{ax}]", p, f"must divide the token grid axis {n} ({self.grid.dims})")
 
     # -- entry point --------------------------------------------------------------------------------------------
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -157,24 +149,36 @@ class DetailAttention:
 
     # -- ultragen global branch ---------------------------------------------------------------------------------
     def _pooled_global(self, qr, k, v):
-        """Every detail query attends keys/values average-pooled over (t, h, w) cells, RoPE at cell centres."""
+        """Every detail query attends keys/values average-pooled over (t, h, w) cells, RoPE at cell centres.
+
+        A grid axis that the pool does not divide ends in a smaller cell (averaged over its real tokens).
+        """
         pool = tuple(min(p, n) for p, n in zip(self.config.ultragen_pool, self.grid.dims))
         b, n, h, d = k.shape
         g = self.grid
 
         def pooled(x):  # (B, N, H, D) -> (B, N', H, D)
             x5 = x.permute(0, 2, 3, 1).reshape(b, h * d, *g.dims)  # (B, H*D, t, h, w)
-            y = F.avg_pool3d(x5, kernel_size=pool, stride=pool)  # (B, H*D, t', h', w')
+            y = F.avg_pool3d(x5, kernel_size=pool, stride=pool, ceil_mode=True)  # (B, H*D, t', h', w')
             return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2)
 
-        pg = Grid(*(n_ // p for n_, p in zip(g.dims, pool)))
-        centres = [(p - 1) / 2.0 for p in pool]
-        tables = self.rotary.tables(grid_positions(pg, pool, centres)).to(qr.device)
+        tables = self.rotary.tables(pooled_positions(g, pool)).to(qr.device)
         kp = apply_rotary(pooled(k), tables)
         vp = pooled(v)
         if self.backend == "reference":
             return reference_attention(qr, kp, vp)
         return sdpa(qr, kp, vp)
+
+
+def pooled_positions(grid: Grid, pool) -> torch.Tensor:
+    """(N', 3) float64 centre of every pooling cell (a clipped last cell is centred on its real tokens)."""
+    axes = []
+    for n, p in zip(grid.dims, pool):
+        lo = torch.arange(0, n, p, dtype=torch.float64)
+        hi = torch.clamp(lo + p, max=n)
+        axes.append((lo + hi - 1) / 2)
+    t, h, w = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([t, h, w], dim=-1).reshape(-1, 3)
 
 
 def proxy_rotary_tables(rotary: Rotary3D, grid: Grid, scales) -> RotaryTables:
