@@ -29,7 +29,7 @@ from common import environment, save, timed  # noqa: E402
 PRESETS = {
     # name: (token grid, heads, head_dim, spatial_scale, pad_windows)
     "cpu-small": ((6, 30, 48), 4, 64, 3, False),
-    "wan-720p": ((21, 45, 80), 12, 128, 3, False),
+    "wan-720p": ((21, 45, 80), 12, 128, 1, False),
     "wan-2k": ((21, 90, 160), 12, 128, 2, False),
     "wan-4k": ((21, 135, 240), 12, 128, 3, False),
 }

@@ -98,3 +98,14 @@ def run_nograd(backend, grid, kw, layer, proxy):
         kv = ProxyKV(pgrid, [torch.randn(1, pgrid.size, H, D, generator=g)] * 2,
                      [torch.randn(1, pgrid.size, H, D, generator=g)] * 2)
     return DetailAttention(cfg, grid, Rotary3D(D), torch.device("cpu"), kv, (2.0, 2.0, 2.0))(layer, q, k, v)
+
+
+def test_auto_window_batch_bounds_memory_and_keeps_results(monkeypatch):
+    from atlasvid_dist.models.attention import kernels
+
+    grid, kw, layer = GRIDS["padded-shifted"]
+    one_call, _ = run("sdpa", grid, kw, layer, "all", True)
+    monkeypatch.setattr(kernels, "AUTO_CHUNK_ELEMENTS", 2 * 2 * 60 * H * D)  # about 2 windows per call
+    assert kernels.auto_window_batch(2, 12, 60, H, D) == 2
+    chunked, _ = run("sdpa", grid, kw, layer, "all", True)
+    torch.testing.assert_close(chunked, one_call, atol=1e-6, rtol=1e-6)

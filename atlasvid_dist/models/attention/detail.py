@@ -123,13 +123,10 @@ class DetailAttention:
             out = flex_windows(qw, kw, vw, lw.valid, pk, pv, table, key)
         else:
             key_valid = lw.valid if lw.spec.padded else None
+            pkw = pvw = None
             if pk is not None:
-                pkw, pvw = self._proxy_windows(lw, pk, pv, nw)
-                kw, vw = torch.cat([kw, pkw], dim=2), torch.cat([vw, pvw], dim=2)  # (B, W, L + C, H, D)
-                if key_valid is not None:
-                    ones = key_valid.new_ones(nw, pkw.shape[2])
-                    key_valid = torch.cat([key_valid, ones], dim=1)  # (W, L + C)
-            out = windows_sdpa(qw, kw, vw, key_valid, self.config.max_window_batch)
+                pkw, pvw = self._proxy_windows(lw, pk, pv, nw)  # (B, W, C, H, D)
+            out = windows_sdpa(qw, kw, vw, key_valid, self.config.max_window_batch, pkw, pvw)
         return out.flatten(1, 2)[:, lw.inverse]  # (B, N, H, D) raster order
 
     @staticmethod
