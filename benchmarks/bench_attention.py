@@ -50,6 +50,17 @@ def build(mode: str, backend: str, grid: Grid, heads: int, head_dim: int, scale:
 
 
 def run_case(args, mode, backend, grid, heads, head_dim, scale, pad, context="aligned"):
+    """One timed row; a failure (out of memory, no compiler) is recorded in the row, not fatal."""
+    try:
+        return _run_case(args, mode, backend, grid, heads, head_dim, scale, pad, context)
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return {"mode": mode, "backend": backend, "proxy_context": context if mode == "atlas" else None,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
+def _run_case(args, mode, backend, grid, heads, head_dim, scale, pad, context="aligned"):
     dtype = DTYPES[args.dtype]
     q, k, v = (torch.randn(1, grid.size, heads, head_dim, device=args.device, dtype=dtype) for _ in range(3))
     cfg, att = build(mode, backend, grid, heads, head_dim, scale, pad, args.device, dtype, context)
@@ -86,10 +97,13 @@ def main(argv=None) -> dict:
         for context in ("aligned", "all"):
             rows.append(run_case(args, "atlas", backend, grid, heads, head_dim, scale, pad, context))
         rows.append(run_case(args, "ultragen", backend, grid, heads, head_dim, scale, pad))
-    full = next((r for r in rows if r["mode"] == "full"), None)
+    full = next((r for r in rows if r["mode"] == "full" and "error" not in r), None)
     print(f"grid {grid.dims} = {grid.size:,} tokens, {heads} heads x {head_dim}, {args.dtype} on {args.device}")
     print(f"{'mode':9} {'backend':8} {'context':8} {'seconds':>10} {'TFLOP/s':>9} {'speedup':>9} {'FLOP ratio':>11}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['mode']:9} {r['backend']:8} {str(r['proxy_context'] or '-'):8} failed: {r['error']}")
+            continue
         if full:
             r["speedup_vs_full"] = full["seconds"] / r["seconds"]
             r["flop_ratio_vs_full"] = full["flops"] / r["flops"]

@@ -39,7 +39,9 @@ def _block_mask(key, window_tokens: int, valid: torch.Tensor, proxy_tokens: int,
             proxy_ok = table[q_idx // window_tokens, p] & ~in_detail
         return (in_detail & detail_ok) | proxy_ok
 
-    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=lw, KV_LEN=lw + proxy_tokens, device=valid.device)
+    # _compile=True builds the block mask blockwise instead of evaluating a dense (Lq, Lk) mask (477 GB at 4K)
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=lw, KV_LEN=lw + proxy_tokens, device=valid.device,
+                             _compile=True)
     if len(_BLOCK_MASKS) > 64:
         _BLOCK_MASKS.clear()
     _BLOCK_MASKS[key] = mask
