@@ -157,7 +157,8 @@ class DetailAttention:
         def pooled(x):  # (B, N, H, D) -> (B, N', H, D)
             x5 = x.permute(0, 2, 3, 1).reshape(b, h * d, *g.dims)  # (B, H*D, t, h, w)
             y = F.avg_pool3d(x5, kernel_size=pool, stride=pool, ceil_mode=True)  # (B, H*D, t', h', w')
-            return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2)
+            # contiguous: fused SDPA kernels need a unit stride on head_dim (else a dense math fallback)
+            return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2).contiguous()
 
         tables = self.rotary.tables(pooled_positions(g, pool)).to(qr.device)
         kp = apply_rotary(pooled(k), tables)
