@@ -209,3 +209,12 @@ def test_proxy_in_full_mode_and_bad_windows_refused(tiny_wan):
         atlas(tiny_wan, window=(3, 3, 4))(x, t, enc)
     with pytest.raises(ConfigError, match="transformer"):
         AtlasTransformer(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_no_proxy_needs_no_proxy_geometry(tiny_wan):
+    """A grid the spatial_scale does not divide (720P has 45 token rows) must work when no proxy is given."""
+    x, t, enc = inputs(lat=(1, 16, 3, 6, 16))  # token grid (3, 3, 8): 3 rows, spatial_scale 2
+    ref = tiny_wan(x, t, enc).sample
+    torch.testing.assert_close(AtlasTransformer(tiny_wan, AtlasConfig(mode="full"))(x, t, enc), ref, atol=1e-5, rtol=0)
+    assert atlas(tiny_wan, window=(3, 3, 4))(x, t, enc).shape == x.shape

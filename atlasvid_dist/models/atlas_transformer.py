@@ -75,8 +75,8 @@ class AtlasTransformer(nn.Module):
         proxy_kv = None
         if proxy is not None or proxy_cache is not None:
             proxy_kv = self._proxy_kv(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
-        attend = DetailAttention(self.config, grid, self.rotary, latents.device, proxy_kv,
-                                 self.proxy_geometry(grid).scales)
+        scales = self.proxy_geometry(grid).scales if proxy_kv is not None else (1.0, 1.0, 1.0)
+        attend = DetailAttention(self.config, grid, self.rotary, latents.device, proxy_kv, scales)
         return self._run(latents, timestep, encoder_hidden_states, grid, attend)
 
     def proxy_forward(self, latents: torch.Tensor, timestep: torch.Tensor,
