@@ -1,0 +1,51 @@
+"""Configuration files (YAML or JSON): any dataclass config can be read from one; unknown keys are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import ConfigError
+
+T = TypeVar("T")
+
+
+def read_mapping(path: str | Path) -> dict:
+    """Parse a YAML/JSON file into a dict, or raise ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", str(p), "file not found")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError("config", str(p), f"is not valid {p.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(p), "must hold a mapping of field: value")
+    return data
+
+
+def from_mapping(cls: type[T], data: dict, source: str = "config", overrides: dict | None = None) -> T:
+    """Build ``cls`` from ``data`` (+ overrides, which win); unknown keys raise ConfigError naming them."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    merged = {**data, **(overrides or {})}
+    unknown = sorted(set(merged) - fields)
+    if unknown:
+        raise ConfigError(f"{source}: {unknown[0]}", merged[unknown[0]],
+                          f"unknown key; {cls.__name__} accepts {sorted(fields)}")
+    kwargs = {k: (tuple(tuple(e) if isinstance(e, list) else e for e in v) if isinstance(v, list) else v)
+              for k, v in merged.items()}
+    return cls(**kwargs)
+
+
+def load_config(cls: type[T], path: str | Path, overrides: dict | None = None) -> T:
+    return from_mapping(cls, read_mapping(path), str(path), overrides)
