@@ -36,16 +36,20 @@ def run(backend, grid, kw, layer, proxy_context, with_proxy, mode="atlas", seed=
     return out.detach(), [t.grad for t in leaves]
 
 
+def assert_backend_matches_reference(backend, grid, kw, layer, ctx, with_proxy, mode="atlas"):
+    ref, ref_grads = run("reference", grid, kw, layer, ctx, with_proxy, mode=mode)
+    out, grads = run(backend, grid, kw, layer, ctx, with_proxy, mode=mode)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(GRIDS))
 @pytest.mark.parametrize("proxy", ["none", "all", "aligned"])
 def test_sdpa_equals_reference(name, proxy):
     grid, kw, layer = GRIDS[name]
     ctx = "all" if proxy == "none" else proxy
-    ref, ref_grads = run("reference", grid, kw, layer, ctx, proxy != "none")
-    out, grads = run("sdpa", grid, kw, layer, ctx, proxy != "none")
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_backend_matches_reference("sdpa", grid, kw, layer, ctx, proxy != "none")
 
 
 def test_window_batching_equals_one_call():
@@ -59,11 +63,7 @@ def test_window_batching_equals_one_call():
 @pytest.mark.parametrize("name", ["unshifted", "shifted"])
 def test_ultragen_sdpa_equals_reference(name):
     grid, kw, layer = GRIDS[name]
-    ref, ref_grads = run("reference", grid, kw, layer, "all", False, mode="ultragen")
-    out, grads = run("sdpa", grid, kw, layer, "all", False, mode="ultragen")
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_backend_matches_reference("sdpa", grid, kw, layer, "all", False, mode="ultragen")
 
 
 def test_aligned_differs_from_all_on_a_large_proxy():
