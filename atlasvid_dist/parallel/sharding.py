@@ -1,0 +1,123 @@
+"""Window-to-rank sharding of the detail branch: each rank owns a contiguous block of base windows.
+
+The base grid is the layer grid without a shift (``geometry.WindowSpec``). Its windows, in window-major order
+(t, then h, then w), are cut into ``world_size`` contiguous blocks with about the same number of *real* tokens
+(padding slots of partial windows do not count). A block of consecutive windows in that order is a compact
+slab of the video (whole rows of windows, then whole time slices), so an unshifted layer needs no communication
+and a shifted layer exchanges only a halo with the ranks next to it (``halo.py``).
+
+Each rank keeps its tokens in *local order*: its real tokens in window-major order of the base grid. Pure index
+arithmetic on CPU tensors; no process group is needed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from ..errors import PlanError, check
+from ..geometry.windows import WindowSpec, window_layout
+
+
+@dataclass(frozen=True)
+class WindowSharding:
+    """Which base windows, and so which tokens, every rank owns; build with :func:`shard_windows`."""
+
+    spec: WindowSpec
+    """Base (unshifted) window grid of the detail branch."""
+    world_size: int
+    """Ranks sharing the windows."""
+    bounds: tuple[int, ...]
+    """world_size + 1 window ids: rank r owns windows [bounds[r], bounds[r + 1]) in window-major order."""
+
+    def __post_init__(self) -> None:
+        b = self.bounds
+        check(len(b) == self.world_size + 1 and b[0] == 0 and b[-1] == self.spec.num_windows
+              and all(x < y for x, y in zip(b[:-1], b[1:])), "bounds", b,
+              f"must rise strictly from 0 to num_windows = {self.spec.num_windows} in world_size + 1 = "
+              f"{self.world_size + 1} steps (use shard_windows)")
+
+    def window_range(self, rank: int) -> range:
+        """Base window ids (window-major) owned by ``rank``."""
+        self._check_rank(rank)
+        return range(self.bounds[rank], self.bounds[rank + 1])
+
+    def token_index(self, rank: int) -> torch.Tensor:
+        """(N_rank,) raster indices of the real tokens ``rank`` owns, in window-major order (its local order)."""
+        return self._tokens[rank]
+
+    def num_tokens(self, rank: int) -> int:
+        return int(self._tokens[rank].numel())
+
+    @property
+    def tokens_per_rank(self) -> list[int]:
+        return [int(t.numel()) for t in self._tokens]
+
+    @cached_property
+    def owner(self) -> torch.Tensor:
+        """(grid.size,) rank that owns every raster token."""
+        out = torch.empty(self.spec.grid.size, dtype=torch.long)
+        for r, idx in enumerate(self._tokens):
+            out[idx] = r
+        return out
+
+    @cached_property
+    def local_position(self) -> torch.Tensor:
+        """(grid.size,) position of every raster token in its owner's local order."""
+        out = torch.empty(self.spec.grid.size, dtype=torch.long)
+        for idx in self._tokens:
+            out[idx] = torch.arange(idx.numel())
+        return out
+
+    def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """Rank ``rank``'s tokens of ``x`` (raster order along ``dim``), in local order."""
+        return x.index_select(dim, self.token_index(rank).to(x.device))
+
+    def unshard(self, parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """Inverse of :meth:`shard`: every rank's local part (rank order) back in raster order along ``dim``."""
+        check(len(parts) == self.world_size, "parts", len(parts), f"must hold one tensor per rank ({self.world_size})")
+        order = torch.cat(self._tokens).to(parts[0].device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return torch.cat(parts, dim).index_select(dim, inverse)
+
+    @cached_property
+    def _tokens(self) -> list[torch.Tensor]:
+        lay = window_layout(self.spec)
+        slots = lay.order.view(lay.num_windows, lay.window_tokens)  # (num_windows, window_tokens)
+        out = []
+        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
+            block, valid = slots[lo:hi].reshape(-1), lay.valid[lo:hi].reshape(-1)
+            out.append(block[valid])
+        return out
+
+    def _check_rank(self, rank: int) -> None:
+        check(0 <= rank < self.world_size, "rank", rank, f"must be in [0, world_size = {self.world_size})")
+
+
+def shard_windows(spec: WindowSpec, world_size: int) -> WindowSharding:
+    """Cut the windows of ``spec`` (window-major) into ``world_size`` contiguous blocks balanced by real tokens.
+
+    Block r ends at the window boundary whose running token count is nearest r/world_size of all tokens (every
+    block keeps at least one window). Fewer windows than ranks is a PlanError.
+    """
+    check(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be a positive integer")
+    n = spec.num_windows
+    if n < world_size:
+        raise PlanError(f"window sharding: {n} windows (grid {spec.grid.dims}, window {spec.window}, counts "
+                        f"{spec.counts}) cannot be shared by {world_size} ranks: every rank needs at least one "
+                        f"window; use fewer ranks, smaller windows, or split a window with Ulysses/ring")
+    weights = window_layout(spec).valid.sum(1)  # (num_windows,) real tokens per window
+    cum = torch.cat([weights.new_zeros(1), weights.cumsum(0)]).tolist()  # tokens before window i
+    total, bounds = cum[-1], [0]
+    for r in range(1, world_size):
+        lo, hi = bounds[-1] + 1, n - (world_size - r)  # keep >= 1 window for this block and every later one
+        target = total * r / world_size
+        i = bisect.bisect_left(cum, target)  # cum[i - 1] < target <= cum[i]
+        best = i if i <= n and (i == 0 or cum[i] - target <= target - cum[i - 1]) else i - 1
+        bounds.append(min(max(best, lo), hi))
+    bounds.append(n)
+    return WindowSharding(spec, world_size, tuple(bounds))
