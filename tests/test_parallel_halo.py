@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from atlasvid_dist.errors import InputError, PlanError
 from atlasvid_dist.geometry import Grid, WindowSpec, window_layout
@@ -92,6 +93,11 @@ def test_halo_plan_assembles_every_touched_window(world, case):
             assert torch.equal(kv[kvalid].long().sort().values, real.sort().values)  # own + halo = whole window
             own = real[sh.owner[real] == plan.rank]
             assert torch.equal(q[qvalid].long().sort().values, own.sort().values)  # queries: own tokens only
+        # buckets: contiguous runs of windows with exactly lq own tokens, most first, covering every window
+        assert [b[0] for b in plan.buckets] == [0] + [b[1] for b in plan.buckets[:-1]]
+        assert plan.buckets[-1][1] == plan.windows.numel() and plan.buckets[0][2] == plan.query_index.shape[1]
+        for w0, w1, lq in plan.buckets:
+            assert (plan.query_valid[w0:w1].sum(1) == lq).all() and plan.query_valid[w0:w1, :lq].all()
         # every own token is the query of exactly one row, and the output index finds it
         assert torch.equal(scatter_output(gather_queries(ids, plan), plan), ids)
         if spec == base:  # the base grid needs nothing from anyone
@@ -148,7 +154,15 @@ def _halo_vs_dense(rank: int, world: int) -> list[int]:
         kv = torch.cat([mine[1], mine[2]], dim=-1)  # keys and values in one message per peer
         halo = halo_exchange(kv, plan, None, stats, step=f"case {case}")
         kvw = gather_keys(kv, halo, plan)  # (B, W, window_tokens, H, 2D)
-        out_w = _window_attention(gather_queries(mine[0], plan), *kvw.split(D, dim=-1), plan.key_valid)
+        qw, (kw, vw) = gather_queries(mine[0], plan), kvw.split(D, dim=-1)
+        lq_max = qw.shape[2]
+        # one attention per bucket of equal query counts, padding rows left at zero
+        out_w = torch.cat([F.pad(_window_attention(qw[:, w0:w1, :lq], kw[:, w0:w1], vw[:, w0:w1],
+                                                   plan.key_valid[w0:w1]), (0, 0, 0, 0, 0, lq_max - lq))
+                           for w0, w1, lq in plan.buckets], dim=1)  # (B, W, Lq, H, D)
+        if case == 2:  # the same as attending every padded row
+            full = _window_attention(qw, kw, vw, plan.key_valid)
+            torch.testing.assert_close(out_w[:, plan.query_valid], full[:, plan.query_valid], **TOL)
         out = scatter_output(out_w, plan)
         out.backward(sh.shard(dout, rank))
         torch.testing.assert_close(out, sh.shard(ref_out, rank), **TOL)

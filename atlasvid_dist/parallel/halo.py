@@ -8,9 +8,11 @@ index arithmetic for one rank (built by :func:`halo_plan`, testable without proc
 * ``send``: for every peer, the local positions of this rank's tokens that the peer needs;
 * ``recv``: for every peer, how many tokens arrive; the halo buffer is their concatenation in peer order, each
   peer's tokens in raster order (the sender sends them in that order);
-* ``windows``: the layer's windows touching this rank (global ids, window-major), with index tensors that lay
-  out per window the query rows (own tokens only, compacted to ``Lq`` rows, padding masked) and the key/value
-  rows (own + halo tokens in the window's slot order, ``window_tokens`` rows, padding masked);
+* ``windows``: the layer's windows touching this rank (global ids), with index tensors that lay out per window
+  the query rows (own tokens only, compacted to ``Lq`` rows, padding masked) and the key/value rows (own + halo
+  tokens in the window's slot order, ``window_tokens`` rows, padding masked). Windows come sorted by their
+  number of own tokens, descending, and ``buckets`` names the runs of equal count: in a shifted grid most
+  touched windows are only partly owned, and attending per bucket avoids computing padded query rows;
 * ``output_index``: where every local token's output row sits in the (windows x Lq) query layout.
 
 :func:`halo_exchange` moves the halo rows with autograd (the backward sends the gradients of the halo rows back
@@ -48,7 +50,7 @@ class HaloPlan:
     recv: tuple[tuple[int, int], ...]
     """(peer, tokens received from it), peers ascending; the halo buffer concatenates them in this order."""
     windows: torch.Tensor
-    """(W,) ids of the layer's windows (window-major, as in ``window_layout(spec)``) holding an own token."""
+    """(W,) ids of the layer's windows (as in ``window_layout(spec)``) holding an own token, most own tokens first."""
     query_index: torch.Tensor
     """(W, Lq) local positions of the own tokens of each window; ``num_local`` at padding rows."""
     query_valid: torch.Tensor
@@ -59,6 +61,9 @@ class HaloPlan:
     """(W, window_tokens) bool, False at padding slots."""
     output_index: torch.Tensor
     """(num_local,) flat position (window * Lq + row) of every local token's query row."""
+    buckets: tuple[tuple[int, int, int], ...] = ()
+    """(w0, w1, lq): windows w0..w1-1 hold exactly lq own tokens (windows are sorted by that count, descending),
+    so attention may run on ``[:, w0:w1, :lq]`` per bucket instead of paying for the padding rows."""
 
     @property
     def num_halo(self) -> int:
@@ -78,7 +83,7 @@ class HaloPlan:
         mv = lambda t: t.to(device)  # noqa: E731
         return HaloPlan(self.rank, self.spec, self.num_local, tuple((p, mv(i)) for p, i in self.send), self.recv,
                         mv(self.windows), mv(self.query_index), mv(self.query_valid), mv(self.key_index),
-                        mv(self.key_valid), mv(self.output_index))
+                        mv(self.key_valid), mv(self.output_index), self.buckets)
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
@@ -102,6 +107,13 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
         raise ConfigError("spec.grid", spec.grid.dims, f"must be the sharded token grid {sharding.spec.grid.dims}")
     n_local, local_pos = sharding.num_tokens(rank), sharding.local_position
     windows, slots, valid, owner, foreign = _halo_tokens(sharding, spec, rank)
+    own = valid & (owner == rank)  # (W, wt)
+    # windows with the most own tokens first, so that equal query counts form contiguous buckets
+    own_count, perm = torch.sort(own.sum(1), descending=True, stable=True)
+    windows, slots, valid, owner, own = windows[perm], slots[perm], valid[perm], owner[perm], own[perm]
+    values, sizes = torch.unique_consecutive(own_count, return_counts=True)
+    ends = sizes.cumsum(0).tolist()
+    buckets = tuple((e - c, e, int(v)) for e, c, v in zip(ends, sizes.tolist(), values.tolist()))
     # 1. what arrives: foreign tokens, grouped by owner (ascending), raster order inside a group
     counts = torch.bincount(sharding.owner[foreign], minlength=sharding.world_size)
     recv = tuple((p, int(c)) for p, c in enumerate(counts.tolist()) if c and p != rank)
@@ -116,14 +128,13 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
             if mine.numel():
                 send.append((peer, local_pos[mine]))
     # 3. key rows: own tokens by local position, halo tokens after them, one padding row last
-    own = valid & (owner == rank)
     pad_row = n_local + foreign.numel()
     safe = slots.clamp(max=sharding.spec.grid.size - 1)
     key_index = torch.where(own, local_pos[safe], n_local + halo_pos[slots])
     key_index = torch.where(valid, key_index, torch.full_like(key_index, pad_row))
     # 4. query rows: the own tokens of every window, compacted to the front
     row = own.long().cumsum(1) - 1  # (W, wt) row of an own token inside its window's query block
-    lq = int(own.sum(1).max()) if windows.numel() else 0
+    lq = buckets[0][2] if buckets else 0
     query_index = torch.full((windows.numel(), lq), n_local, dtype=torch.long)
     query_valid = torch.zeros(windows.numel(), lq, dtype=torch.bool)
     w_idx = torch.arange(windows.numel())[:, None].expand_as(own)
@@ -132,7 +143,7 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
     output_index = torch.empty(n_local, dtype=torch.long)
     output_index[local_pos[slots[own]]] = w_idx[own] * lq + row[own]
     return HaloPlan(rank, spec, n_local, tuple(send), recv, windows, query_index, query_valid, key_index,
-                    valid.clone(), output_index)
+                    valid.clone(), output_index, buckets)
 
 
 # -- local layout -------------------------------------------------------------------------------------------------
