@@ -12,6 +12,7 @@ import typer
 
 from ..errors import AtlasError
 from .demo import demo
+from .generate import generate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="AtlasVid ultra-high-resolution long video generation on Wan2.1, distributed with Ray.")
@@ -22,6 +23,7 @@ def _root() -> None:
     """AtlasVid ultra-high-resolution long video generation on Wan2.1, distributed with Ray."""
 
 
+app.command("generate")(generate)
 app.command("demo")(demo)
 
 

@@ -1,0 +1,122 @@
+"""`atlasvid-dist generate`: parse -> GenerateConfig (validated) -> run the stages -> print a summary.
+
+Every option can also be set in a YAML/JSON file given with --config (keys are the option names with
+underscores); options on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..config.files import read_mapping
+from ..config.generate import GenerateConfig
+from ..config.method import AtlasConfig
+from ..config.video import VideoSpec
+from ..errors import AtlasError, ConfigError, RunFailure
+from .common import parse_triple
+
+DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_steps=30, guidance=5.0, seed=0,
+                attention="atlas", window="3,15,16", shift=True, temporal_scale=4, spatial_scale=2,
+                proxy_context="aligned", pad_windows=False, detail_init="noise", init_strength=0.7, device="cpu",
+                dtype="auto", out="out.mp4", negative_prompt="", flow_shift=5.0, proxy_flow_shift=5.0,
+                backend="auto")
+RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", "steps", "proxy_steps", "guidance",
+            "flow_shift", "proxy_flow_shift", "seed", "detail_init", "init_strength", "device", "dtype", "out",
+            "save_proxy", "save_latents", "run_dir", "text_len")
+
+
+def build_config(values: dict) -> GenerateConfig:
+    """Merged option values -> GenerateConfig; raises ConfigError naming the option."""
+    v = dict(values)
+    video = VideoSpec.from_res(str(v.pop("res")), frames=_int("frames", v.pop("frames")), fps=_int("fps", v.pop("fps")))
+    window = v.pop("window")
+    window = parse_triple("window", window) if isinstance(window, str) else tuple(window)
+    method = AtlasConfig(mode=v.pop("attention"), window=window, shift=v.pop("shift"),
+                         temporal_scale=v.pop("temporal_scale"), spatial_scale=v.pop("spatial_scale"),
+                         proxy_context=v.pop("proxy_context"), pad_windows=v.pop("pad_windows"),
+                         backend=v.pop("backend"))
+    run = {k: v.pop(k) for k in RUN_KEYS if k in v}
+    if v:
+        key = sorted(v)[0]
+        raise ConfigError(key, v[key], f"unknown option; known: {sorted(set(DEFAULTS) | set(RUN_KEYS))}")
+    if run.get("prompt") is None:
+        raise ConfigError("prompt", None, "is required (--prompt TEXT or 'prompt:' in --config)")
+    return GenerateConfig(video=video, method=method, **run)
+
+
+def _int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, "must be an integer")
+    return value
+
+
+def generate(
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (required here or in --config)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for guidance. [default: empty]"),
+    model: Optional[str] = typer.Option(None, help="'tiny' (built in, offline) or a local diffusers Wan2.1 T2V folder. [default: tiny]"),
+    lora_stage1: Optional[str] = typer.Option(None, help="LoRA safetensors for the proxy stage."),
+    lora_stage2: Optional[str] = typer.Option(None, help="LoRA safetensors for the detail stage."),
+    res: Optional[str] = typer.Option(None, help="480p|720p|1080p|2k|4k|8k or WIDTHxHEIGHT (pixels, multiples of 16; 1080p pads to 1088 and crops). [default: 720p]"),
+    frames: Optional[int] = typer.Option(None, help="Frames, 4k+1. [default: 81]"),
+    fps: Optional[int] = typer.Option(None, help="Frames per second of the output. [default: 16]"),
+    steps: Optional[int] = typer.Option(None, help="Detail-stage denoising steps. [default: 30]"),
+    proxy_steps: Optional[int] = typer.Option(None, help="Proxy-stage denoising steps. [default: 30]"),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale; <= 1 disables it. [default: 5.0]"),
+    flow_shift: Optional[float] = typer.Option(None, help="Flow-matching shift, detail stage. [default: 5.0]"),
+    proxy_flow_shift: Optional[float] = typer.Option(None, help="Flow-matching shift, proxy stage. [default: 5.0]"),
+    seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
+    attention: Optional[str] = typer.Option(None, help="atlas|ultragen|full. [default: atlas]"),
+    window: Optional[str] = typer.Option(None, help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px). [default: 3,15,16]"),
+    shift: Optional[bool] = typer.Option(None, "--shift/--no-shift", help="Alternate half-shifted windows over layers. [default: shift]"),
+    pad_windows: Optional[bool] = typer.Option(None, "--pad-windows/--no-pad-windows", help="Allow windows that do not tile the grid (masked padding). [default: no]"),
+    temporal_scale: Optional[int] = typer.Option(None, help="r_t: proxy fps = fps / r_t. [default: 4]"),
+    spatial_scale: Optional[int] = typer.Option(None, help="Detail tokens per proxy token in height and width. [default: 2]"),
+    proxy_context: Optional[str] = typer.Option(None, help="all|aligned proxy keys per window. [default: aligned]"),
+    backend: Optional[str] = typer.Option(None, help="auto|sdpa|flex|reference attention kernel. [default: auto]"),
+    detail_init: Optional[str] = typer.Option(None, help="noise|proxy: detail start. [default: noise]"),
+    init_strength: Optional[float] = typer.Option(None, help="With --detail-init proxy: fraction of steps run. [default: 0.7]"),
+    device: Optional[str] = typer.Option(None, help="cpu|cuda. [default: cpu]"),
+    dtype: Optional[str] = typer.Option(None, help="auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU). [default: auto]"),
+    out: Optional[str] = typer.Option(None, help="Output .mp4 (written under a temporary name, renamed when complete). [default: out.mp4]"),
+    save_proxy: Optional[str] = typer.Option(None, help="Also write the proxy video (.mp4)."),
+    save_latents: Optional[str] = typer.Option(None, help="Also write the final detail latents (.safetensors), before decoding."),
+    run_dir: Optional[str] = typer.Option(None, help="Commit a checkpoint after every step in this folder."),
+    resume: Optional[str] = typer.Option(None, help="Continue the run in this folder from its last committed step."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file setting any option (options override it)."),
+    quiet: bool = typer.Option(False, help="No progress bars."),
+) -> None:
+    """Generate a video: proxy (low fps, low resolution) then detail (windows + proxy), tiled decode, mp4."""
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "quiet")}
+    if resume:
+        cfg = _resume_config(resume, flags)
+    else:
+        cfg = build_config({**DEFAULTS, **(read_mapping(config) if config else {}), **flags})
+    run(cfg, resume=bool(resume), progress=not quiet)
+
+
+def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError("resume", run_dir, "is not a run folder (no config.json)")
+    stored = json.loads(path.read_text())
+    stored["run_dir"] = run_dir
+    if "out" in flags:
+        stored["out"] = flags["out"]
+    return GenerateConfig.from_dict(stored)
+
+
+def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True):
+    from ..pipeline.generate import TwoStageGenerator
+
+    try:
+        result = TwoStageGenerator(cfg, progress=progress).run(resume=resume)
+    except AtlasError:
+        raise
+    except Exception as exc:  # a failure while running: exit code 1, with the cause
+        raise RunFailure(f"{type(exc).__name__}: {exc}") from exc
+    typer.echo(result.summary())
+    return result

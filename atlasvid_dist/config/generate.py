@@ -1,0 +1,140 @@
+"""GenerateConfig: everything one `generate` run needs, validated (geometry included) before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import check
+from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
+from ..geometry.windows import WindowSpec
+from .method import AtlasConfig
+from .video import VideoSpec
+
+DETAIL_INITS = ("noise", "proxy")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """One two-stage generation run."""
+
+    prompt: str
+    """Text prompt."""
+    video: VideoSpec = field(default_factory=lambda: VideoSpec.from_res("720p", frames=81))
+    """Output video (size, frames, fps)."""
+    method: AtlasConfig = field(default_factory=AtlasConfig)
+    """Attention method for stage 2 (stage 1 always uses full attention at the proxy size)."""
+    negative_prompt: str = ""
+    """Negative prompt for classifier-free guidance."""
+    model: str = "tiny"
+    """'tiny' (built in) or a local diffusers-format Wan2.1 T2V folder."""
+    lora_stage1: str | None = None
+    """LoRA adapter (safetensors) active for the proxy stage (and the cached proxy path)."""
+    lora_stage2: str | None = None
+    """LoRA adapter (safetensors) active for the detail stage."""
+    steps: int = 30
+    """Detail-stage denoising steps."""
+    proxy_steps: int = 30
+    """Proxy-stage denoising steps."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale (<= 1 disables the negative pass)."""
+    flow_shift: float = 5.0
+    """Flow-matching shift of the detail stage."""
+    proxy_flow_shift: float = 5.0
+    """Flow-matching shift of the proxy stage."""
+    seed: int = 0
+    """Random seed (noise of both stages)."""
+    detail_init: str = "noise"
+    """'noise', or 'proxy': start from the upsampled proxy noised to ``init_strength``."""
+    init_strength: float = 0.7
+    """With detail_init='proxy': fraction of the detail steps that run (1.0 = from pure noise)."""
+    device: str = "cpu"
+    """'cpu' or 'cuda'."""
+    dtype: str = "auto"
+    """'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'."""
+    text_len: int = 0
+    """Text tokens per prompt; 0 = the model's (512 for Wan2.1, 32 for tiny)."""
+    out: str = "out.mp4"
+    """Output mp4 path (written to a temporary name, renamed when complete)."""
+    save_proxy: str | None = None
+    """Also write the proxy video (mp4) here."""
+    save_latents: str | None = None
+    """Also write the final detail latents (safetensors) here, before decoding."""
+    run_dir: str | None = None
+    """Commit a checkpoint after every denoising step here (resumable with --resume)."""
+    decode_tile: int = 0
+    """Spatial decode tile in latent cells (0 = auto)."""
+    decode_overlap: int = 4
+    """Overlap of decode tiles in latent cells."""
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", self.prompt, "must not be empty")
+        for name in ("steps", "proxy_steps"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
+        check(isinstance(self.guidance, (int, float)) and self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
+        for name in ("flow_shift", "proxy_flow_shift"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and v > 0, name, v, "must be > 0")
+        check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+        check(self.detail_init in DETAIL_INITS, "detail_init", self.detail_init, f"must be one of {DETAIL_INITS}")
+        check(isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1, "init_strength",
+              self.init_strength, "must be in (0, 1]")
+        check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        check(isinstance(self.text_len, int) and self.text_len >= 0, "text_len", self.text_len, "must be >= 0")
+        check(self.method.mode != "full" or self.detail_init == "noise", "detail_init", self.detail_init,
+              "'proxy' needs a proxy; mode 'full' has none")
+        self._check_paths()
+        self._check_geometry()
+
+    def _check_paths(self) -> None:
+        for name, suffix in (("out", ".mp4"), ("save_proxy", ".mp4"), ("save_latents", ".safetensors")):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            p = Path(v)
+            check(p.suffix.lower() == suffix, name, v, f"must end in {suffix}")
+            check(p.parent.resolve().is_dir(), name, v, f"folder {p.parent} does not exist")
+
+    def _check_geometry(self) -> None:
+        """Every window grid of the schedule and the proxy must fit the token grid: refuse now, not mid-run."""
+        grid = self.detail_grid
+        if self.method.mode != "full":
+            for window, shift in self.method.layer_entries():
+                WindowSpec(grid, window, shift, pad=self.method.pad_windows)
+            self.proxy
+
+    @property
+    def latent(self) -> Grid:
+        return latent_grid(self.video.frames, self.video.gen_height, self.video.gen_width)
+
+    @property
+    def detail_grid(self) -> Grid:
+        return token_grid(self.latent)
+
+    @property
+    def proxy(self) -> ProxyGeometry:
+        return ProxyGeometry(self.detail_grid, self.method.temporal_scale, self.method.spatial_scale)
+
+    @property
+    def uses_proxy(self) -> bool:
+        return self.method.mode == "atlas"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["video"] = {k: getattr(self.video, k) for k in ("width", "height", "frames", "fps", "pad_and_crop")}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerateConfig":
+        d = dict(d)
+        video = VideoSpec(**d.pop("video"))
+        m = d.pop("method")
+        if m.get("schedule") is not None:
+            m["schedule"] = tuple((tuple(w), tuple(s)) for w, s in m["schedule"])
+        method = AtlasConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
+        return cls(video=video, method=method, **d)

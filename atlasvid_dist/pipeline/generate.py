@@ -1,0 +1,315 @@
+"""Two-stage generation on one process: text -> stage 1 proxy -> stage 2 detail -> tiled decode -> mp4.
+
+Each stage checks what it receives and what it hands on. With a run folder every denoising step commits a
+checkpoint (latents, scheduler state, RNG state, proxy, config) so a run can resume after any step and give the
+same result as an uninterrupted one. The distributed runtime reuses these stages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config.generate import GenerateConfig
+from ..config.method import AtlasConfig
+from ..errors import InputError, ModelLoadError, RunFailure
+from . import sampling
+from .text import TextEmbeddings, encode_prompts
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STAGE1, STAGE2 = "proxy", "detail"
+
+
+@dataclass
+class RunResult:
+    """What a run did: the summary the CLI prints."""
+
+    out: str
+    frames: int
+    width: int
+    height: int
+    fps: float
+    detail_tokens: int
+    proxy_tokens: int
+    steps: int
+    proxy_steps: int
+    seconds: dict = field(default_factory=dict)
+    out_bytes: int = 0
+    resumed_from: str | None = None
+
+    def summary(self) -> str:
+        t = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        resumed = f"; resumed from {self.resumed_from}" if self.resumed_from else ""
+        return (f"{self.out}: {self.width}x{self.height}, {self.frames} frames at {self.fps:g} fps, "
+                f"{self.out_bytes / 1e6:.2f} MB | detail {self.detail_tokens:,} tokens x {self.steps} steps, "
+                f"proxy {self.proxy_tokens:,} tokens x {self.proxy_steps} steps | {t}{resumed}")
+
+
+def resolve_dtype(cfg: GenerateConfig) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if cfg.device == "cuda" else torch.float32
+    return DTYPES[cfg.dtype]
+
+
+class TwoStageGenerator:
+    """Runs one :class:`GenerateConfig`. ``components`` (a loading.WanComponents) may be given to skip loading."""
+
+    def __init__(self, cfg: GenerateConfig, components=None, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.device, self.dtype = torch.device(cfg.device), resolve_dtype(cfg)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("device: 'cuda' requested but no CUDA device is available")
+        self.components = components
+        self.seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, resume: bool = False) -> RunResult:
+        cfg = self.cfg
+        ckpt = self._checkpointer(resume)
+        t0 = time.perf_counter()
+        comp = self._load()
+        self.seconds["load"] = time.perf_counter() - t0
+        text = self._encode(comp)
+        state = self._resume_state(ckpt) if resume else None
+        proxy = None
+        if cfg.uses_proxy:
+            proxy = self.stage1(comp, text, ckpt, state)
+        latents = self.stage2(comp, text, proxy, ckpt, state)
+        if cfg.save_latents:
+            _save_latents(cfg.save_latents, latents, cfg)
+        out_bytes = self.decode(comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width))
+        if cfg.save_proxy and proxy is not None:
+            pg = cfg.proxy
+            self.decode(comp, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy")
+        return RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
+                         cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
+                         cfg.proxy_steps if cfg.uses_proxy else 0, dict(self.seconds), out_bytes,
+                         f"{state['stage']} step {state['step']}" if state else None)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def _load(self):
+        if self.components is None:
+            from ..models.loading import load_components
+
+            self.components = load_components(self.cfg.model, dtype=self.dtype, device=self.cfg.device)
+        comp = self.components
+        _check_channels(comp)
+        self._load_adapters(comp.transformer)
+        return comp
+
+    def _load_adapters(self, transformer) -> None:
+        from ..models import lora
+
+        for name, path in (("stage1", self.cfg.lora_stage1), ("stage2", self.cfg.lora_stage2)):
+            if path and name not in (getattr(transformer, "peft_config", None) or {}):
+                lora.load_lora(transformer, path, name)
+
+    def _adapter(self, name: str | None) -> None:
+        from ..models import lora
+
+        path = {"stage1": self.cfg.lora_stage1, "stage2": self.cfg.lora_stage2}.get(name or "")
+        lora.set_active_adapter(self.components.transformer, name if path else None)
+
+    def _encode(self, comp) -> TextEmbeddings:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        text_len = cfg.text_len or (32 if cfg.model == "tiny" else 512)
+        text = encode_prompts(comp.tokenizer, comp.text_encoder, cfg.prompt, cfg.negative_prompt,
+                              max_length=text_len, use_cfg=cfg.guidance > 1.0, device=self.device,
+                              dtype=self.dtype)
+        text.check(comp.transformer.config.text_dim)
+        self.seconds["text"] = time.perf_counter() - t0
+        return text
+
+    def stage1(self, comp, text: TextEmbeddings, ckpt, state) -> torch.Tensor:
+        """The proxy: full attention at the proxy size with temporally scaled RoPE, its own steps and shift."""
+        cfg = self.cfg
+        if state and state["stage"] == STAGE2:
+            return state["proxy"].to(self.device, self.dtype)
+        t0 = time.perf_counter()
+        self._adapter("stage1")
+        model = self._atlas(comp, AtlasConfig(**{**cfg.method.__dict__, "mode": "full"}))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        shape = (1, comp.transformer.config.in_channels, *self._proxy_latent_dims())
+        noise = torch.randn(shape, generator=gen).to(self.device, self.dtype)
+        scfg = sampling.SamplerConfig(cfg.proxy_steps, cfg.guidance, cfg.proxy_flow_shift)
+        velocity = _cfg_velocity(model.proxy_forward, text, scfg)
+        latents = self._denoise(STAGE1, velocity, noise, comp.scheduler, scfg, 0, ckpt, state, gen, None)
+        _check_finite("proxy latents", latents)
+        self.seconds["proxy"] = time.perf_counter() - t0
+        return latents
+
+    def stage2(self, comp, text: TextEmbeddings, proxy, ckpt, state) -> torch.Tensor:
+        """The detail latent, denoised with windows + the cached clean proxy (or full attention in mode 'full')."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        model = self._atlas(comp, cfg.method)
+        caches = {}
+        if proxy is not None and cfg.method.proxy_mode == "clean":
+            self._adapter("stage1")  # the proxy path is the stage-1 model
+            with torch.no_grad():
+                caches = {k: model.build_proxy_cache(proxy, e) for k, e in (("cond", text.cond),
+                                                                            ("uncond", text.uncond)) if e is not None}
+        self._adapter("stage2")
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        shape = (1, comp.transformer.config.in_channels, *self.cfg.latent.dims)
+        noise = torch.randn(shape, generator=gen).to(self.device, self.dtype)
+        scfg = sampling.SamplerConfig(cfg.steps, cfg.guidance, cfg.flow_shift)
+        sched = sampling.start_scheduler(comp.scheduler, scfg, self.device)
+        start = 0
+        if cfg.detail_init == "proxy":
+            start, noise = self._proxy_init(proxy, noise, sched, scfg)
+
+        def forward(kind):
+            def f(x, t):
+                if proxy is None:
+                    return model(x, t, getattr(text, kind))
+                if caches:
+                    return model(x, t, getattr(text, kind), proxy_cache=caches[kind])
+                return model(x, t, getattr(text, kind), proxy=proxy,
+                             proxy_noise=torch.randn(proxy.shape, generator=gen).to(x))
+            return f
+
+        velocity = sampling.guided(forward("cond"), forward("uncond") if text.uncond is not None else None,
+                                   cfg.guidance)
+        latents = self._denoise(STAGE2, velocity, noise, comp.scheduler, scfg, start, ckpt, state, gen, proxy)
+        _check_finite("detail latents", latents)
+        self.seconds["detail"] = time.perf_counter() - t0
+        return latents
+
+    def decode(self, comp, latents, path: str, fps: float, out_hw, label: str = "decode") -> int:
+        """Tiled, streaming VAE decode into an mp4 written under a temporary name; returns the file size."""
+        from .decode import DecodeTiling, decode_stream
+        from .video_io import Mp4Writer
+
+        t0 = time.perf_counter()
+        frames = (latents.shape[2] - 1) * 4 + 1
+        h, w = out_hw if out_hw else (latents.shape[3] * 8, latents.shape[4] * 8)
+        tile = self.cfg.decode_tile or 32
+        tiling = DecodeTiling(tile=tile, overlap=min(self.cfg.decode_overlap, tile // 2))
+        bar = self._bar(frames, label, "frame")
+        with Mp4Writer(path, fps=fps, width=w, height=h) as writer:
+            with torch.no_grad():
+                for chunk in decode_stream(comp.vae, latents, tiling, out_hw=(h, w)):
+                    writer.write(chunk)
+                    bar.update(len(chunk))
+        bar.close()
+        self.seconds[label] = time.perf_counter() - t0
+        return Path(path).stat().st_size
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _atlas(self, comp, method: AtlasConfig):
+        from ..models.atlas_transformer import AtlasTransformer
+
+        return AtlasTransformer(comp.transformer, method)
+
+    def _proxy_latent_dims(self) -> tuple[int, int, int]:
+        g = self.cfg.proxy.grid
+        return (g.t, g.h * 2, g.w * 2)
+
+    def _proxy_init(self, proxy, noise, sched, scfg):
+        """Start the detail stage from the proxy upsampled to the detail grid, noised to init_strength."""
+        start = scfg.steps - max(1, round(scfg.steps * self.cfg.init_strength))
+        r = self.cfg.method.temporal_scale
+        lat = self.cfg.latent
+        up = torch.nn.functional.interpolate(proxy.float(), size=((proxy.shape[2] - 1) * r + 1, lat.h, lat.w),
+                                             mode="trilinear", align_corners=True)[:, :, :lat.t]
+        sigma = float(sched.sigmas[start])
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        return start, ((1.0 - sigma) * up + sigma * noise.float()).to(noise.dtype)
+
+    def _denoise(self, stage, velocity, latents, template, scfg, start, ckpt, state, gen, proxy):
+        sched = sampling.start_scheduler(template, scfg, self.device)
+        if start and hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        if state and state["stage"] == stage:
+            latents = state["latents"].to(self.device, self.dtype)
+            sampling.restore_scheduler(sched, state["sched_tensors"], state["sched_meta"])
+            gen.set_state(state["rng"])
+            start = state["step"]
+        bar = self._bar(scfg.steps, f"{stage} stage", "step", initial=start)
+
+        def on_step(done, lat, s):
+            bar.update(1)
+            if ckpt is not None:
+                self._commit(ckpt, stage, done, lat, s, gen, proxy)
+
+        with torch.no_grad():
+            latents = sampling.denoise(velocity, latents, sched, scfg.steps, start=start, on_step=on_step)
+        bar.close()
+        return latents
+
+    def _bar(self, total, desc, unit, initial=0):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not self.progress, file=sys.stderr,
+                    leave=False)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpointer(self, resume: bool):
+        if not self.cfg.run_dir:
+            if resume:
+                raise InputError("resume: needs a run folder (--resume DIR)")
+            return None
+        from .checkpoint import StepCheckpointer
+
+        run = Path(self.cfg.run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        cfg_file = run / "config.json"
+        mine = self.cfg.to_dict()
+        if resume:
+            if not cfg_file.is_file():
+                raise InputError(f"resume: {cfg_file} not found; not a run folder")
+        else:
+            cfg_file.write_text(json.dumps(mine, indent=1))
+        return StepCheckpointer(run)
+
+    def _commit(self, ckpt, stage, step, latents, sched, gen, proxy) -> None:
+        tensors, meta = sampling.scheduler_state(sched)
+        tensors = {**tensors, "latents": latents.detach().cpu().clone(), "rng": gen.get_state()}
+        if proxy is not None:
+            tensors["proxy"] = proxy.detach().cpu().clone()
+        order = 0 if stage == STAGE1 else 1
+        ckpt.commit(order * 100000 + step, tensors, {"stage": stage, "step": step, "sched": meta})
+
+    def _resume_state(self, ckpt) -> dict | None:
+        latest = ckpt.latest()
+        if latest is None:
+            return None
+        tensors, meta = ckpt.load(latest)
+        sched_tensors = {k: v for k, v in tensors.items() if k.startswith("sched.")}
+        return {"stage": meta["stage"], "step": meta["step"], "latents": tensors["latents"],
+                "rng": tensors["rng"], "proxy": tensors.get("proxy"), "sched_tensors": sched_tensors,
+                "sched_meta": meta["sched"]}
+
+
+def _cfg_velocity(fn, text: TextEmbeddings, scfg: sampling.SamplerConfig):
+    cond = lambda x, t: fn(x, t, text.cond)  # noqa: E731
+    uncond = (lambda x, t: fn(x, t, text.uncond)) if text.uncond is not None else None  # noqa: E731
+    return sampling.guided(cond, uncond, scfg.guidance)
+
+
+def _check_channels(comp) -> None:
+    c, z = comp.transformer.config.in_channels, comp.vae.config.z_dim
+    if c != z:
+        raise ModelLoadError(f"transformer in_channels={c} does not match the VAE z_dim={z}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise RunFailure(f"{name}: contain NaN or inf")
+
+
+def _save_latents(path: str, latents: torch.Tensor, cfg: GenerateConfig) -> None:
+    from safetensors.torch import save_file
+
+    tmp = Path(path).with_name(f".{Path(path).name}.partial")
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp),
+              metadata={"config": json.dumps(cfg.to_dict())})
+    tmp.replace(path)
