@@ -56,8 +56,17 @@ def resolve_dtype(cfg: GenerateConfig) -> torch.dtype:
     return DTYPES[cfg.dtype]
 
 
+class RunInterrupted(RuntimeError):
+    """Raised by the ``interrupt_at`` hook after a committed step (tests use it to simulate a crash)."""
+
+
 class TwoStageGenerator:
-    """Runs one :class:`GenerateConfig`. ``components`` (a loading.WanComponents) may be given to skip loading."""
+    """Runs one :class:`GenerateConfig`. ``components`` (a loading.WanComponents) may be given to skip loading.
+
+    ``interrupt_at=(stage, step)`` stops the run right after that step's checkpoint is committed.
+    """
+
+    interrupt_at: tuple[str, int] | None = None
 
     def __init__(self, cfg: GenerateConfig, components=None, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -84,7 +93,6 @@ class TwoStageGenerator:
             _save_latents(cfg.save_latents, latents, cfg)
         out_bytes = self.decode(comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width))
         if cfg.save_proxy and proxy is not None:
-            pg = cfg.proxy
             self.decode(comp, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy")
         return RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
                          cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
@@ -239,6 +247,8 @@ class TwoStageGenerator:
             bar.update(1)
             if ckpt is not None:
                 self._commit(ckpt, stage, done, lat, s, gen, proxy)
+            if self.interrupt_at == (stage, done):
+                raise RunInterrupted(f"interrupted after {stage} step {done}")
 
         with torch.no_grad():
             latents = sampling.denoise(velocity, latents, sched, scfg.steps, start=start, on_step=on_step)
