@@ -1,0 +1,304 @@
+"""Loading a Wan2.1 text-to-video model: the built-in tiny one, or a local diffusers-format folder.
+
+A folder is validated completely before any weight is read (``validate_model_dir``): layout, configs, every
+safetensors header against its file size, sharded indexes, and the shapes the parts must agree on. Weights are
+read from safetensors only (never pickle). Every failure is a :class:`ModelLoadError` naming the file or field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config.model import ModelSpec
+from ..errors import ModelLoadError
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+_CONFIG_FILE = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json"}
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
+_WEIGHTED = ("transformer", "vae", "text_encoder")
+_CLASS_NAMES = {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "I16": 2,
+                "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8}
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
+
+
+@dataclass
+class WanComponents:
+    """The five parts of a Wan2.1 text-to-video model, ready to run."""
+
+    transformer: torch.nn.Module
+    """diffusers WanTransformer3DModel."""
+    vae: torch.nn.Module
+    """diffusers AutoencoderKLWan."""
+    text_encoder: torch.nn.Module
+    """transformers UMT5EncoderModel."""
+    tokenizer: object
+    """transformers tokenizer of the text encoder."""
+    scheduler: object
+    """diffusers flow-matching scheduler (template; stages make fresh copies with their own shift)."""
+    source: str
+    """"tiny" or the folder the parts were read from."""
+
+
+# --- safetensors files ---------------------------------------------------------------------------------------
+
+
+def check_safetensors_file(path: str | os.PathLike) -> dict:
+    """Parse a safetensors header and check it against the file; returns the header (tensor name -> info).
+
+    Catches truncated files (data shorter than the header says), garbage (no valid header) and inconsistent
+    headers (tensor byte ranges that overlap, leave gaps or do not match dtype x shape).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: weight file missing")
+    size = path.stat().st_size
+    if size < 8:
+        raise ModelLoadError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise ModelLoadError(f"{path}: not a safetensors file or truncated (header length {header_len} bytes, "
+                                 f"file has {size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_len = _tensor_data_length(path, header)
+    if 8 + header_len + data_len != size:
+        raise ModelLoadError(f"{path}: truncated or corrupt: header declares {data_len} bytes of tensor data, the "
+                             f"file holds {size - 8 - header_len}")
+    return header
+
+
+def _tensor_data_length(path: Path, header: dict) -> int:
+    """Total tensor bytes the header declares; the byte ranges must tile [0, total) exactly."""
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise ModelLoadError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
+        nbytes = _DTYPE_BYTES.get(dtype)
+        if nbytes is not None and end - begin != nbytes * math.prod(shape):
+            raise ModelLoadError(f"{path}: tensor {name!r} has {end - begin} bytes, dtype {dtype} x shape "
+                                 f"{shape} needs {nbytes * math.prod(shape)}")
+        spans.append((begin, end, name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos or end < begin:
+            raise ModelLoadError(f"{path}: tensor {name!r} byte range {begin}..{end} does not follow {pos}")
+        pos = end
+    return pos
+
+
+def _check_weights(folder: Path) -> None:
+    """Every safetensors file (and sharded index) in ``folder`` is readable; at least one exists."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found only pickle files {pickles}; convert them to safetensors)" if pickles else ""
+        raise ModelLoadError(f"{folder}: no *.safetensors weight file{hint}")
+    for f in files:
+        check_safetensors_file(f)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: field weight_map missing or empty")
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / str(shard)).is_file():
+                raise ModelLoadError(f"{index}: weight_map names shard {shard!r}, which is missing from {folder}")
+
+
+# --- folder layout and configs -------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: file missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_configs(root: Path) -> dict[str, dict]:
+    """model_index.json and the config of every part; checks the layout (no weights read)."""
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: model folder does not exist (or is not a folder)")
+    index = _read_json(root / "model_index.json")
+    configs: dict[str, dict] = {}
+    for name in COMPONENTS:
+        if name not in index:
+            raise ModelLoadError(f"{root / 'model_index.json'}: field {name!r} missing")
+        sub = root / name
+        if not sub.is_dir():
+            raise ModelLoadError(f"{sub}: component folder missing")
+        if name == "tokenizer":
+            if not any((sub / f).is_file() for f in _TOKENIZER_FILES):
+                raise ModelLoadError(f"{sub}: no tokenizer file (expected one of {list(_TOKENIZER_FILES)})")
+            continue
+        configs[name] = _read_json(sub / _CONFIG_FILE[name])
+    for name, cls in _CLASS_NAMES.items():
+        got = configs[name].get("_class_name", cls)
+        if got != cls:
+            raise ModelLoadError(f"{root / name / 'config.json'}: field _class_name is {got!r}, expected {cls!r}")
+    return configs
+
+
+def _field(configs: dict, part: str, key: str, source: str) -> int:
+    value = configs[part].get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ModelLoadError(f"{source}/{part} config: field {key} is {value!r}, expected an integer")
+    return value
+
+
+def check_compatible(configs: dict[str, dict], source: str) -> None:
+    """The parts agree: transformer in/out channels == VAE z_dim, transformer text_dim == text encoder d_model."""
+    z_dim = _field(configs, "vae", "z_dim", source)
+    for key in ("in_channels", "out_channels"):
+        ch = _field(configs, "transformer", key, source)
+        if ch != z_dim:
+            raise ModelLoadError(f"{source}: transformer config field {key}={ch} does not match vae config field "
+                                 f"z_dim={z_dim} (latent channels must agree)")
+    text_dim = _field(configs, "transformer", "text_dim", source)
+    d_model = _field(configs, "text_encoder", "d_model", source)
+    if text_dim != d_model:
+        raise ModelLoadError(f"{source}: transformer config field text_dim={text_dim} does not match text_encoder "
+                             f"config field d_model={d_model}")
+
+
+def validate_model_dir(path: str | os.PathLike) -> None:
+    """Check a diffusers-format Wan2.1 folder completely without loading weights; raises ModelLoadError."""
+    root = Path(path)
+    configs = _read_configs(root)
+    check_compatible(configs, str(root))
+    for name in _WEIGHTED:
+        _check_weights(root / name)
+
+
+def read_model_spec(path: str | os.PathLike) -> ModelSpec:
+    """Transformer shapes of a model folder, from its configs only (for planning before anything loads)."""
+    root = Path(path)
+    cfg = _read_configs(root)["transformer"]
+    try:
+        return ModelSpec(name=str(root), num_layers=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
+                         head_dim=cfg["attention_head_dim"], ffn_dim=cfg["ffn_dim"], in_channels=cfg["in_channels"],
+                         text_dim=cfg["text_dim"], freq_dim=cfg.get("freq_dim", 256),
+                         patch=tuple(cfg.get("patch_size", (1, 2, 2))))
+    except KeyError as e:
+        raise ModelLoadError(f"{root / 'transformer' / 'config.json'}: field {e.args[0]} missing") from None
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def _load_part(where: Path, load):
+    """Run a library loader; turn its failures into ModelLoadError naming the folder."""
+    try:
+        return load()
+    except ModelLoadError:
+        raise
+    except Exception as e:  # libraries raise many types (OSError, ValueError, SafetensorError, RuntimeError)
+        raise ModelLoadError(f"{where}: could not load ({type(e).__name__}: {e})") from e
+
+
+def _scheduler_class(root: Path, cfg: dict):
+    import diffusers
+
+    name = cfg.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(name, str) and name.endswith("Scheduler") and isinstance(cls, type)):
+        raise ModelLoadError(f"{root / 'scheduler' / 'scheduler_config.json'}: field _class_name={name!r} is not "
+                             f"a diffusers scheduler")
+    return cls
+
+
+def _load_folder(root: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> WanComponents:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    configs = _read_configs(root)
+    check_compatible(configs, str(root))
+    for name in _WEIGHTED:
+        _check_weights(root / name)
+    scheduler_cls = _scheduler_class(root, configs["scheduler"])
+    return WanComponents(
+        transformer=_load_part(root / "transformer", lambda: WanTransformer3DModel.from_pretrained(
+            root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True)),
+        vae=_load_part(root / "vae", lambda: AutoencoderKLWan.from_pretrained(
+            root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True, local_files_only=True)),
+        text_encoder=_load_part(root / "text_encoder", lambda: UMT5EncoderModel.from_pretrained(
+            root / "text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True)),
+        tokenizer=_load_part(root / "tokenizer", lambda: AutoTokenizer.from_pretrained(
+            root / "tokenizer", local_files_only=True)),
+        scheduler=_load_part(root / "scheduler", lambda: scheduler_cls.from_pretrained(
+            root, subfolder="scheduler", local_files_only=True)),
+        source=str(root),
+    )
+
+
+def _build_tiny(dtype: torch.dtype, vae_dtype: torch.dtype) -> WanComponents:
+    """Tiny model in memory (float32), checked like a folder; other dtypes go through a saved temporary folder
+    so the libraries' casting rules (modules kept in float32) apply exactly as for a real folder."""
+    from .tiny import build_tiny_components, save_tiny_pipeline
+
+    if dtype != torch.float32 or vae_dtype != torch.float32:
+        with tempfile.TemporaryDirectory(prefix="atlasvid-tiny-") as tmp:
+            parts = _load_folder(save_tiny_pipeline(Path(tmp) / "tiny"), dtype, vae_dtype)
+        parts.source = "tiny"
+        return parts
+    parts = build_tiny_components()
+    configs = {"transformer": dict(parts["transformer"].config), "vae": dict(parts["vae"].config),
+               "text_encoder": parts["text_encoder"].config.to_dict()}
+    check_compatible(configs, "tiny")
+    return WanComponents(**parts, source="tiny")
+
+
+def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    vae_dtype: torch.dtype = torch.float32) -> WanComponents:
+    """Load ``"tiny"`` (built in memory) or a diffusers-format Wan2.1 folder onto ``device`` in eval mode.
+
+    ``dtype`` applies to the transformer and the text encoder; the VAE stays in ``vae_dtype`` (float32 by
+    default, as Wan's reference code decodes).
+    """
+    if not isinstance(model, (str, os.PathLike)) or not str(model):
+        raise ModelLoadError(f"model={model!r}: expected 'tiny' or the path of a model folder")
+    parts = _build_tiny(dtype, vae_dtype) if str(model) == "tiny" else _load_folder(Path(model), dtype, vae_dtype)
+    for module in (parts.transformer, parts.vae, parts.text_encoder):
+        module.to(device).eval().requires_grad_(False)
+        if torch.device(device).type == "cpu":
+            _own_memory(module)
+    return parts
+
+
+@torch.no_grad()
+def _own_memory(module: torch.nn.Module) -> None:
+    """Copy weights that still live in a memory-mapped safetensors file into ordinary (aligned) memory.
+
+    diffusers leaves CPU weights mapped from the file at 8-byte offsets; BLAS then takes other code paths than for
+    aligned memory and results differ in the last bit from the same weights built in memory. Copying also means a
+    later change to the file cannot crash a run (SIGBUS). Costs one tensor's extra memory at a time.
+    """
+    for p in module.parameters():
+        p.data = p.data.clone()
+    for name, buf in list(module.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, buf.clone())
