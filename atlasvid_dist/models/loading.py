@@ -277,7 +277,8 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
     """Load ``"tiny"`` (built in memory) or a diffusers-format Wan2.1 folder onto ``device`` in eval mode.
 
     ``dtype`` applies to the transformer and the text encoder; the VAE stays in ``vae_dtype`` (float32 by
-    default, as Wan's reference code decodes).
+    default, as Wan's reference code decodes). Weights come back frozen (``requires_grad=False``); LoRA adapters
+    added later (peft) are trainable. The name ``"tiny"`` always means the built-in model, never a folder.
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
         raise ModelLoadError(f"model={model!r}: expected 'tiny' or the path of a model folder")

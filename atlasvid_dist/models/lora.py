@@ -1,0 +1,195 @@
+"""LoRA adapters on a diffusers WanTransformer3DModel: load and save in diffusers' format, switch per stage.
+
+File format (what diffusers' ``WanPipeline.save_lora_weights`` writes and ``WanPipeline.load_lora_weights``
+reads): one safetensors file, keys ``transformer.<module>.lora_A.weight`` (r, in) and
+``transformer.<module>.lora_B.weight`` (out, r), and the peft LoraConfig as JSON under the file metadata key
+``lora_adapter_metadata`` with every field prefixed ``transformer.``. ``load_lora`` also accepts keys without
+the prefix (``transformer.save_lora_adapter`` writes those) and original-Wan / musubi key styles, which
+diffusers converts.
+
+Every key and shape is checked against the transformer before anything is injected: diffusers itself only warns
+about keys that match no module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+from .loading import check_safetensors_file
+
+PREFIX = "transformer"
+METADATA_KEY = "lora_adapter_metadata"
+DEFAULT_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _adapter_file(path: str | os.PathLike) -> Path:
+    """A .safetensors file, or a folder holding diffusers' default LoRA file name."""
+    p = Path(path)
+    return p / DEFAULT_FILE if p.is_dir() else p
+
+
+def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    from safetensors import safe_open
+
+    check_safetensors_file(file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as e:  # SafetensorError for data the header check cannot see
+        raise ModelLoadError(f"{file}: not a readable safetensors file ({e})") from e
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{file}: metadata field {METADATA_KEY} is not JSON ({e})") from None
+    return state, metadata
+
+
+def _unprefixed(file: Path, state: dict, metadata: dict | None) -> tuple[dict, dict | None]:
+    """Keys and metadata relative to the transformer (diffusers, original-Wan and musubi styles)."""
+    if any(k.startswith(("diffusion_model.", "lora_unet_")) for k in state):
+        from diffusers.loaders import WanLoraLoaderMixin
+
+        try:
+            state = WanLoraLoaderMixin.lora_state_dict(dict(state))
+        except Exception as e:
+            raise ModelLoadError(f"{file}: could not convert non-diffusers LoRA keys ({type(e).__name__}: {e})") from e
+    if any(k.startswith(PREFIX + ".") for k in state):
+        stray = next((k for k in state if not k.startswith(PREFIX + ".")), None)
+        if stray is not None:
+            raise ModelLoadError(f"{file}: key {stray!r} is not for the transformer (expected prefix '{PREFIX}.')")
+        state = {k[len(PREFIX) + 1:]: v for k, v in state.items()}
+    if metadata and any(k.startswith(PREFIX + ".") for k in metadata):
+        metadata = {k[len(PREFIX) + 1:]: v for k, v in metadata.items() if k.startswith(PREFIX + ".")}
+    return state, metadata
+
+
+def _base_linear(transformer: torch.nn.Module, module_name: str) -> torch.nn.Linear | None:
+    try:
+        module = transformer.get_submodule(module_name)
+    except AttributeError:
+        return None
+    module = getattr(module, "base_layer", module)  # already wrapped by another adapter
+    return module if isinstance(module, torch.nn.Linear) else None
+
+
+def _expected_shape(layer: torch.nn.Linear, part: str, rank: int) -> tuple[int, ...] | None:
+    return {"lora_A.weight": (rank, layer.in_features), "lora_B.weight": (layer.out_features, rank),
+            "lora_B.bias": (layer.out_features,), "lora_magnitude_vector": (layer.out_features,)}.get(part)
+
+
+def check_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every key names a Linear module of ``transformer`` with matching shapes; raises naming the first bad key."""
+    if not state:
+        raise ModelLoadError(f"{source}: no LoRA tensors in the file")
+    ranks = {k.split(".lora_A.")[0]: v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")}
+    for key, value in state.items():
+        module_name, sep, part = key.partition(".lora_")
+        if not sep:
+            raise ModelLoadError(f"{source}: key {key!r} is not a LoRA tensor (no '.lora_' in its name)")
+        layer = _base_linear(transformer, module_name)
+        if layer is None:
+            raise ModelLoadError(f"{source}: key {key!r} matches no Linear module of the transformer")
+        if module_name not in ranks:
+            raise ModelLoadError(f"{source}: key {key!r} has no matching {module_name}.lora_A.weight")
+        want = _expected_shape(layer, "lora_" + part, ranks[module_name])
+        if want is None:
+            raise ModelLoadError(f"{source}: key {key!r} is not a LoRA tensor (lora_A/lora_B weight or bias)")
+        if tuple(value.shape) != want:
+            raise ModelLoadError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the module "
+                                 f"{module_name} needs {want}")
+    missing_b = sorted(m for m in ranks if f"{m}.lora_B.weight" not in state)
+    if missing_b:
+        raise ModelLoadError(f"{source}: key {missing_b[0] + '.lora_A.weight'!r} has no matching lora_B.weight")
+
+
+def adapter_names(transformer: torch.nn.Module) -> list[str]:
+    """Names of the adapters loaded into ``transformer``."""
+    return list(getattr(transformer, "peft_config", {}) or {})
+
+
+def load_lora(transformer: torch.nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
+    """Load a diffusers/peft LoRA safetensors file as adapter ``adapter_name``; afterwards it is the only active one.
+
+    Raises ModelLoadError naming the file (and the first offending key) for a missing, non-safetensors,
+    corrupt or mismatched adapter, or a name that is already loaded; the transformer is then unchanged.
+    """
+    file = _adapter_file(path)
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ConfigError("adapter_name", adapter_name, "must be a non-empty string")
+    if adapter_name in adapter_names(transformer):
+        raise ModelLoadError(f"{file}: adapter name {adapter_name!r} is already loaded "
+                             f"(loaded: {adapter_names(transformer)})")
+    state, metadata = _unprefixed(file, *_read(file))
+    check_lora_state(transformer, state, str(file))
+    try:
+        transformer.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=metadata)
+    except Exception as e:
+        raise ModelLoadError(f"{file}: diffusers could not load the adapter ({type(e).__name__}: {e})") from e
+    set_active_adapter(transformer, adapter_name)
+
+
+def _json_ready(config_dict: dict) -> dict:
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config_dict.items()}
+
+
+def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.PathLike) -> Path:
+    """Write adapter ``adapter_name`` as WanPipeline.save_lora_weights does; returns the file written.
+
+    ``path`` is a ``.safetensors`` file name or a folder (then ``pytorch_lora_weights.safetensors`` inside it).
+    Written to a temporary name and renamed when complete.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if adapter_name not in adapter_names(transformer):
+        raise ConfigError("adapter_name", adapter_name, f"is not loaded (loaded: {adapter_names(transformer)})")
+    p = Path(path)
+    file = p / DEFAULT_FILE if p.is_dir() or p.suffix != ".safetensors" else p
+    file.parent.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    state = {f"{PREFIX}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
+    config = _json_ready(transformer.peft_config[adapter_name].to_dict())
+    metadata = {"format": "pt",
+                METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return file
+
+
+def set_active_adapter(transformer: torch.nn.Module, name: str | None) -> None:
+    """Make ``name`` the only active adapter (weight 1.0), or run the base weights when ``name`` is None."""
+    loaded = adapter_names(transformer)
+    if name is None:
+        if loaded:
+            transformer.disable_adapters()
+        return
+    if name not in loaded:
+        raise ConfigError("adapter", name, f"is not loaded (loaded: {loaded})")
+    transformer.enable_adapters()
+    transformer.set_adapters(name)
+
+
+def active_adapter(transformer: torch.nn.Module) -> str | None:
+    """The active adapter's name, or None when adapters are disabled or none is loaded."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            if module.disable_adapters:
+                return None
+            active = module.active_adapters
+            return active[0] if active else None
+    return None
