@@ -1,4 +1,4 @@
-"""Run a function on N local gloo processes (spawned), for tests of the distributed code on CPU.
+"""Run a function on N local gloo processes (spawned), for tests of the distributed code on CPU (or NCCL on GPUs).
 
     results = run_ranks(fn, 3, arg1, arg2, timeout=60)
 
@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world: int, port: int, pg_timeout: float, results, args) -> None:
+def _entry(fn, rank: int, world: int, port: int, pg_timeout: float, backend: str, results, args) -> None:
     import torch
 
     from atlasvid_dist.parallel import comm
@@ -34,7 +34,9 @@ def _entry(fn, rank: int, world: int, port: int, pg_timeout: float, results, arg
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     try:
-        comm.init_group("gloo", rank, world, f"tcp://127.0.0.1:{port}", timeout_s=pg_timeout)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        comm.init_group(backend, rank, world, f"tcp://127.0.0.1:{port}", timeout_s=pg_timeout)
         out = fn(rank, world, *args)
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
@@ -46,12 +48,16 @@ def _entry(fn, rank: int, world: int, port: int, pg_timeout: float, results, arg
             pass
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo processes; return the results by rank."""
+def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0,
+              backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
+
+    ``backend="nccl"`` puts rank r on GPU ``r % device_count`` (NCCL refuses two ranks on one GPU).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout, results, args), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout, backend, results, args), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

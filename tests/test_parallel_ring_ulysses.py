@@ -145,3 +145,58 @@ def test_silent_rank_times_out_and_is_named():
     msg, silent = run_ranks(_silent_peer, 2, timeout=60)
     assert silent == "silent"
     assert "rank 1" in msg.split(":", 1)[1] and "rank 0 of 2" in msg and "denoise 7 / layer 3" in msg, msg
+
+
+# -- CUDA (skipped without a GPU) -------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_block_kernels_merged_by_lse_match_dense(dtype):
+    """CUDA flash kernel (fp16/bf16) or the explicit fallback (fp32), 3 key blocks merged, against fp64 dense."""
+    from atlasvid_dist.parallel import ring
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 4, 256, 64, generator=g, dtype=torch.float64).cuda() for _ in range(4))
+    s = q @ k.transpose(-1, -2) * 64 ** -0.5  # (B, H, L, L) fp64 reference at head dim 64
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = (leaves[0] @ leaves[1].transpose(-1, -2) * 64 ** -0.5).softmax(-1) @ leaves[2]
+    ref_out.backward(dout)
+    dq, dk, dv = (t.grad for t in leaves)
+    qd, kd, vd, dod = (t.to(dtype) for t in (q, k, v, dout))
+    assert ring._use_cuda_flash(qd) == (dtype != torch.float32)
+    blocks = list(zip(kd.chunk(2, 2), vd.chunk(2, 2)))
+    out = lse = None
+    for kb, vb in blocks:
+        out, lse = ring._merge(out, lse, *ring._block_forward(qd, kb, vb, 64 ** -0.5))
+    out = out.to(dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref_out.detach(), **tol)
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), **tol)
+    grads = [ring._block_backward(dod, qd, kb, vb, out, lse, 64 ** -0.5) for kb, vb in blocks]
+    torch.testing.assert_close(sum(g_[0].double() for g_ in grads), dq, **tol)
+    torch.testing.assert_close(torch.cat([g_[1] for g_ in grads], 2).double(), dk, **tol)
+    torch.testing.assert_close(torch.cat([g_[2] for g_ in grads], 2).double(), dv, **tol)
+
+
+def _nccl_single_rank(rank: int, world: int) -> str:
+    """World of 1 on NCCL: the autograd Functions and the init path on a GPU (no peers to talk to)."""
+    torch.cuda.synchronize()
+    q, k, v, ek, ev, dout = (t.cuda() for t in _inputs(1))
+    ref_out, ref_grads = _dense(q, k, v, dout, ek, ev)
+    for fn in (ring_attention, ulysses_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, ek, ev)]
+        out = fn(*leaves[:3], None, comm.CommStats(), extra_k=leaves[3], extra_v=leaves[4])
+        out.backward(dout)
+        torch.testing.assert_close(out, ref_out, **TOL)
+        for got, want in zip(leaves, ref_grads):
+            torch.testing.assert_close(got.grad, want, **TOL)
+    return "ok"
+
+
+@pytest.mark.gpu
+@cuda
+def test_nccl_single_rank_matches_dense():
+    assert run_ranks(_nccl_single_rank, 1, backend="nccl", timeout=120) == ["ok"]

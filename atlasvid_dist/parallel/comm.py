@@ -5,7 +5,8 @@ sends in a :class:`CommStats` and wait with a timeout: a peer that never answers
 naming this rank, the peer (when the operation has one) and the caller's ``step`` label, never a silent hang.
 
 The helpers take any ``torch.distributed`` group (gloo on CPU, NCCL on GPU); ``group=None`` means the default group.
-Point-to-point traffic is posted with ``batch_isend_irecv`` so that rings do not deadlock on NCCL.
+Point-to-point traffic is posted with ``batch_isend_irecv`` so that rings do not deadlock on NCCL. CUDA tensors
+over a gloo group are staged through CPU memory (gloo moves CPU tensors only).
 """
 
 from __future__ import annotations
@@ -129,18 +130,23 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[in
     messages between the same pair apart on gloo (NCCL matches by posting order, which every caller keeps).
     """
     g = group if group is not None else dist.group.WORLD
-    ops = []
+    stage = _stages_on_cpu(g)
+    ops, copy_back = [], []
     for peer, t in sends:
-        ops.append(dist.P2POp(dist.isend, t.contiguous(), group=g, tag=tag, group_peer=peer))
+        t = t.cpu() if stage and t.is_cuda else t.contiguous()
+        ops.append(dist.P2POp(dist.isend, t, group=g, tag=tag, group_peer=peer))
     for peer, t in recvs:
         check(t.is_contiguous(), "receive buffer", tuple(t.shape), "must be contiguous")
+        if stage and t.is_cuda:
+            copy_back.append((t, torch.empty(t.shape, dtype=t.dtype)))
+            t = copy_back[-1][1]
         ops.append(dist.P2POp(dist.irecv, t, group=g, tag=tag, group_peer=peer))
     works = dist.batch_isend_irecv(ops) if ops else []
     if stats is not None and sends:
         stats.add(category, sum(nbytes(t) for _, t in sends), messages=len(sends))
     labels = [f"send to rank {p}" for p, _ in sends] + [f"receive from rank {p}" for p, _ in recvs]
     pending = Pending(list(zip(works, labels)) if len(works) == len(ops) else [(w, f"{category} batch") for w in works],
-                      g, step, category, timeout, keep=[op.tensor for op in ops])
+                      g, step, category, timeout, keep=[op.tensor for op in ops], copy_back=copy_back)
     if block:
         pending.wait()
     return pending
@@ -150,11 +156,20 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | 
                stats: CommStats | None, category: str, step: str = "", timeout: float | None = None) -> torch.Tensor:
     """``all_to_all_single`` with equal splits along dim 0 and a timed wait; counts the bytes leaving this rank."""
     n = group_size(group)
-    work = dist.all_to_all_single(out, inp.contiguous(), group=group, async_op=True)
+    stage = out.is_cuda and _stages_on_cpu(group)
+    dst = torch.empty(out.shape, dtype=out.dtype) if stage else out
+    work = dist.all_to_all_single(dst, inp.cpu() if stage else inp.contiguous(), group=group, async_op=True)
     if stats is not None:
         stats.add(category, nbytes(inp) * (n - 1) // n)
     wait(work, group, step, f"all-to-all '{category}'", timeout)
+    if stage:
+        out.copy_(dst)
     return out
+
+
+def _stages_on_cpu(group: dist.ProcessGroup | None) -> bool:
+    """True for a gloo group: its point-to-point and all-to-all take CPU tensors only, so CUDA ones are staged."""
+    return dist.get_backend(group) == "gloo"
 
 
 @dataclass
@@ -168,8 +183,12 @@ class Pending:
     timeout: float | None
     keep: list[torch.Tensor] = field(default_factory=list)
     """Tensors the posted operations read or write (kept alive until the wait)."""
+    copy_back: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """(receive buffer, CPU staging buffer) pairs to copy after the wait (CUDA tensors over gloo)."""
 
     def wait(self) -> None:
         for work, label in self.works:
             wait(work, self.group, self.step, f"{self.category}: {label}", self.timeout)
-        self.works, self.keep = [], []
+        for dst, src in self.copy_back:
+            dst.copy_(src)
+        self.works, self.keep, self.copy_back = [], [], []

@@ -37,6 +37,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: per device: the flash forward's (cum_seq_q, cum_seq_k, rng_state, unused) outputs its backward takes back
+_FLASH_AUX: dict[torch.device, tuple] = {}
+
+
 def _use_cuda_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
@@ -46,7 +50,9 @@ def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
     elif _use_cuda_flash(q):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)
+        out, lse = res[0], res[1]
+        _FLASH_AUX.setdefault(q.device, (res[2], res[3], res[6], res[7]))
     else:
         return _math_forward(q, k, v, scale)
     return out, lse.to(_acc_dtype(q.dtype))
@@ -67,11 +73,11 @@ def _block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, scale=scale)
     if _use_cuda_flash(q):
-        lq, lk = q.shape[-2], k.shape[-2]
-        empty = torch.empty(0, dtype=torch.int64, device=q.device)
-        # philox seed/offset are unused without dropout
+        # sequence offsets and RNG state as the forward returned them (undefined/unused: dense, no dropout)
+        cum_q, cum_k, seed, offset = _FLASH_AUX[q.device]
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float(), empty, empty, lq, lk, 0.0, False, empty, empty, scale=scale)
+            dout, q, k, v, out, lse.float(), cum_q, cum_k, q.shape[-2], k.shape[-2], 0.0, False, seed, offset,
+            scale=scale)
     return _math_backward(dout, q, k, v, out, lse, scale)
 
 
