@@ -1,13 +1,124 @@
-"""Option parsing shared by the commands."""
+"""Options and builders shared by the commands (plan, generate): one parser per option, one builder per config.
+
+Options are ``Annotated`` types so a command declares ``res: Res = "4k"`` and gets the same flag, help and
+parsing as every other command. Builders turn option values into the validated config dataclasses; every bad
+value is a ConfigError naming the option (exit code 2).
+"""
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+import math
+from typing import Annotated, Optional
+
+import typer
+
+from ..config.method import MODES, AtlasConfig
+from ..config.model import MODEL_PRESETS, ModelSpec
+from ..config.parallel import ParallelPlan
+from ..config.video import VideoSpec
+from ..errors import ConfigError, check
+from ..geometry.grid import Grid, latent_grid, token_grid
+
+#: Proxy tokens per frame the automatic spatial scale aims at: a 720P frame (45 x 80 tokens), what Wan saw.
+PROXY_FRAME_TOKENS = 45 * 80
+
+# -- the options ----------------------------------------------------------------------------------------------
+Model = Annotated[str, typer.Option(help=f"{'|'.join(MODEL_PRESETS)} (shapes) or a diffusers Wan2.1 folder.")]
+Res = Annotated[str, typer.Option(help="480p|720p|1080p|2k|4k|8k or WIDTHxHEIGHT (pixels, multiples of 16).")]
+Frames = Annotated[int, typer.Option(help="Frames, 4k+1.")]
+Fps = Annotated[int, typer.Option(help="Frames per second of the output.")]
+Attention = Annotated[str, typer.Option(help="atlas|ultragen|full.")]
+Window = Annotated[str, typer.Option(help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px).")]
+Shift = Annotated[bool, typer.Option("--shift/--no-shift", help="Alternate half-shifted windows over layers.")]
+PadWindows = Annotated[bool, typer.Option("--pad-windows/--no-pad-windows",
+                                          help="Allow windows that do not tile the grid (masked padding).")]
+TemporalScale = Annotated[int, typer.Option(help="r_t: proxy fps = fps / r_t.")]
+SpatialScale = Annotated[int, typer.Option(help="Detail tokens per proxy token in height and width; 0 = auto "
+                                                "(the smallest divisor giving a proxy frame of at most 720P).")]
+ProxyContext = Annotated[str, typer.Option(help="all|aligned proxy keys per window.")]
+ProxyMode = Annotated[str, typer.Option(help="clean (proxy K/V cached once) | joint (re-noised every step).")]
+Gpus = Annotated[int, typer.Option(help="GPUs available (CUDA); workers default to this.")]
+Workers = Annotated[Optional[int], typer.Option(help="Detail ranks. [default: --gpus on CUDA, 1 on CPU]")]
+Device = Annotated[str, typer.Option(help="cuda|cpu.")]
+ProxyParallel = Annotated[str, typer.Option(help="Stage-1 sequence parallelism: none|ulysses|ring.")]
+ProxyDegree = Annotated[int, typer.Option(help="Ranks sharing the proxy sequence; 0 = all workers.")]
+WindowGroup = Annotated[int, typer.Option(help="Ranks per window (split windows too big for one rank).")]
+WindowParallel = Annotated[str, typer.Option(help="How a split window is shared: ulysses|ring.")]
+Steps = Annotated[int, typer.Option(help="Detail-stage denoising steps.")]
+ProxySteps = Annotated[int, typer.Option(help="Proxy-stage denoising steps.")]
+Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale; <= 1 disables the second pass.")]
+DetailInit = Annotated[str, typer.Option(help="noise|proxy: start of the detail stage.")]
+InitStrength = Annotated[float, typer.Option(help="With --detail-init proxy: fraction of the detail steps run.")]
+Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU).")]
+DeviceProfileOpt = Annotated[Optional[str], typer.Option(
+    "--device-profile", help="h100|h200|cpu or a YAML/JSON file. [default: h100 on CUDA, cpu on CPU]")]
 
 
+# -- parsing and building -------------------------------------------------------------------------------------
 def parse_triple(field: str, text: str) -> tuple[int, int, int]:
     """'3,15,16' -> (3, 15, 16); anything else is a ConfigError naming the option."""
     parts = [p.strip() for p in str(text).replace("x", ",").split(",")]
     if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
         raise ConfigError(field, text, "must be three integers T,H,W (e.g. 3,15,16)")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def build_video(res: str, frames: int, fps: int) -> VideoSpec:
+    return VideoSpec.from_res(res, frames=frames, fps=fps)
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """A preset name (shapes only) or a diffusers-format Wan2.1 folder (its configs are read, no weights)."""
+    if model in MODEL_PRESETS:
+        return MODEL_PRESETS[model]
+    from pathlib import Path
+
+    if not Path(model).exists():
+        raise ConfigError("model", model, f"is neither a preset ({'|'.join(MODEL_PRESETS)}) nor an existing folder")
+    from ..models.loading import read_model_spec
+
+    return read_model_spec(model)
+
+
+def detail_grid(video: VideoSpec, model: ModelSpec) -> Grid:
+    return token_grid(latent_grid(video.frames, video.gen_height, video.gen_width), model.patch)
+
+
+def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> int:
+    """Smallest divisor s of both h and w with a proxy frame (h/s x w/s) of at most ``frame_tokens`` tokens.
+
+    4K (135 x 240) -> 3, 2K (90 x 160) -> 2, 8K (270 x 480) -> 6, 720P -> 1: a 720P-sized proxy, tokens aligned.
+    """
+    g = math.gcd(grid.h, grid.w)
+    for s in range(1, g + 1):
+        if g % s == 0 and (grid.h // s) * (grid.w // s) <= frame_tokens:
+            return s
+    return g
+
+
+def build_method(video: VideoSpec, model: ModelSpec, *, attention: str, window: str, shift: bool,
+                 pad_windows: bool, temporal_scale: int, spatial_scale: int, proxy_context: str,
+                 proxy_mode: str = "clean") -> AtlasConfig:
+    """AtlasConfig from option values; ``spatial_scale`` 0 picks :func:`auto_spatial_scale`."""
+    check(attention in MODES, "attention", attention, f"must be one of {MODES}")
+    check(spatial_scale >= 0, "spatial_scale", spatial_scale, "must be >= 0 (0 = auto)")
+    if spatial_scale == 0:
+        spatial_scale = auto_spatial_scale(detail_grid(video, model))
+    return AtlasConfig(mode=attention, window=parse_triple("window", window), shift=shift, pad_windows=pad_windows,
+                       temporal_scale=temporal_scale, spatial_scale=spatial_scale, proxy_context=proxy_context,
+                       proxy_mode=proxy_mode)
+
+
+def build_parallel(*, device: str, gpus: int, workers: int | None, proxy_parallel: str = "none",
+                   proxy_degree: int = 0, window_group: int = 1, window_parallel: str = "ulysses") -> ParallelPlan:
+    """ParallelPlan from option values: workers default to the GPUs (CUDA) or 1 (CPU); degree 0 = all workers."""
+    check(device in ("cpu", "cuda"), "device", device, "must be cpu or cuda")
+    if workers is None:
+        workers = gpus if device == "cuda" else 1
+    degree = 1 if proxy_parallel == "none" else (proxy_degree or workers)
+    check(proxy_degree >= 0, "proxy_degree", proxy_degree, "must be >= 0 (0 = all workers)")
+    return ParallelPlan(workers=workers, device=device, gpus=gpus if device == "cuda" else 0,
+                        proxy_parallel=proxy_parallel,
+                        ulysses_degree=degree if proxy_parallel == "ulysses" else 1,
+                        ring_degree=degree if proxy_parallel == "ring" else 1,
+                        window_group=window_group, window_parallel=window_parallel)

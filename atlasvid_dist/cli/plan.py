@@ -1,0 +1,101 @@
+"""`atlasvid-dist plan`: tokens, FLOPs, memory per rank, traffic, seconds and a fit verdict, before any GPU is used.
+
+Thin: options -> configs (cli/common.py) -> ``cost.estimate`` -> a table or one JSON object. A run that does not
+fit is still printed in full, then refused (exit code 2) with the reasons.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ..cost.model import CostReport, RunSettings, estimate
+from ..cost.profiles import device_profile
+from ..errors import PlanError
+from . import common as c
+
+
+def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 81, fps: c.Fps = 16,
+         gpus: c.Gpus = 1, workers: c.Workers = None, device: c.Device = "cuda",
+         attention: c.Attention = "atlas", window: c.Window = "3,15,16", shift: c.Shift = True,
+         pad_windows: c.PadWindows = False, temporal_scale: c.TemporalScale = 4, spatial_scale: c.SpatialScale = 0,
+         proxy_context: c.ProxyContext = "aligned", proxy_mode: c.ProxyMode = "clean",
+         proxy_parallel: c.ProxyParallel = "none", proxy_degree: c.ProxyDegree = 0,
+         window_group: c.WindowGroup = 1, window_parallel: c.WindowParallel = "ulysses",
+         steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
+         detail_init: c.DetailInit = "noise", init_strength: c.InitStrength = 0.7, dtype: c.Dtype = "auto",
+         device_profile_name: c.DeviceProfileOpt = None,
+         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table.")) -> None:
+    """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
+    video = c.build_video(res, frames, fps)
+    spec = c.resolve_model(model)
+    method = c.build_method(video, spec, attention=attention, window=window, shift=shift, pad_windows=pad_windows,
+                            temporal_scale=temporal_scale, spatial_scale=spatial_scale,
+                            proxy_context=proxy_context, proxy_mode=proxy_mode)
+    par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
+                           proxy_degree=proxy_degree, window_group=window_group, window_parallel=window_parallel)
+    run = RunSettings(dtype=dtype, steps=steps, proxy_steps=proxy_steps, guidance=guidance, detail_init=detail_init,
+                      init_strength=init_strength if detail_init == "proxy" else RunSettings.init_strength)
+    profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
+    report = estimate(video, spec, method, par, run, profile)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else format_report(report))
+    if not report.fits:
+        raise PlanError("plan does not fit: " + "; ".join(report.reasons))
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+def _n(x) -> str:
+    return f"{x:,}"
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:,.0f} FLOP"
+
+
+def _bytes(x: float) -> str:
+    return f"{x / 2**30:,.2f} GiB" if x >= 2**30 else f"{x / 2**20:,.1f} MiB"
+
+
+def _secs(x: float) -> str:
+    return f"{x:,.1f} s" if x < 120 else f"{x / 60:,.1f} min"
+
+
+def format_report(r: CostReport) -> str:
+    """Human-readable table of a CostReport."""
+    i = r.inputs
+    v, m, p = i["video"], i["method"], i["parallel"]
+    rows = [("video", f"{v['width']}x{v['height']} x {v['frames']} frames @ {v['fps']} fps"),
+            ("model / dtype / device", f"{i['model']} / {i['dtype']} / {i['device_profile']['name']}"),
+            ("method", f"{m['mode']}, window {tuple(m['window'])}, proxy scale {m['spatial_scale']} (space) x "
+                       f"{m['temporal_scale']} (time), context {m['proxy_context']}"),
+            ("ranks", f"{p['workers']} workers, window group {p['window_group']}, stage 1 {p['proxy_parallel']}"),
+            ("detail tokens", f"{_n(r.detail_tokens)}  grid {r.detail_grid}"),
+            ("proxy tokens", f"{_n(r.proxy_tokens)}  grid {r.proxy_grid}" if r.proxy_grid else "none")]
+    if r.num_windows:
+        rows += [("windows", f"{_n(r.num_windows)} x {_n(r.window_tokens)} tokens, + {_n(r.proxy_context_tokens)} "
+                             f"proxy keys each"),
+                 ("per rank", f"{_n(r.windows_per_rank)} windows, {_n(r.tokens_per_rank)} tokens")]
+    else:
+        rows.append(("per rank", f"{_n(r.tokens_per_rank)} tokens"))
+    att = r.attention_flops_per_layer
+    rows.append(("attention / layer", "  ".join(f"{k} {_flops(x)}" for k, x in att.items() if x is not None)))
+    rows.append(("full / this mode", f"{r.attention_flops_ratio:,.1f}x fewer attention FLOPs per layer; "
+                                     f"{r.step_flops_ratio_vs_full:,.1f}x per step (limit {r.attention_free_limit:,.1f}x)"))
+    rows.append(("linear / layer", "  ".join(f"{k} {_flops(x)}" for k, x in r.linear_flops_per_layer.items())))
+    rows.append(("FLOPs / video", "  ".join(f"{k} {_flops(x)}" for k, x in r.flops_per_video.items())))
+    for phase, parts in r.memory.items():
+        detail = ", ".join(f"{k} {_bytes(x)}" for k, x in parts.items() if k != "total")
+        rows.append((f"memory: {phase}", f"{_bytes(parts['total'])}  ({detail})"))
+    rows.append(("memory / rank", f"{_bytes(r.memory_per_rank_bytes)} of {_bytes(r.memory_usable_bytes)} usable"))
+    rows.append(("traffic / step / rank", ", ".join(f"{k} {_bytes(x)}" for k, x in
+                                                   r.comm_bytes_per_step_per_rank.items() if x)
+                 or "none"))
+    rows.append(("seconds (lower bound)", "  ".join(f"{k} {_secs(x)}" for k, x in r.seconds.items())))
+    rows.append(("fits", "yes" if r.fits else "NO"))
+    rows += [("reason", x) for x in r.reasons] + [("note", x) for x in r.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)

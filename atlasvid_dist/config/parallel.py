@@ -1,0 +1,129 @@
+"""ParallelPlan: how one run is spread over ranks (detail workers, stage-1 sequence parallelism, split windows).
+
+It checks itself when built (degrees are integers, their products divide the worker count, no more workers than
+GPUs) and prints every factor when it refuses. What needs the model or the window grid is checked by
+:meth:`ParallelPlan.check_against`, before any model loads. No torch.distributed here: this is arithmetic.
+
+Layout of the ranks (DESIGN §5):
+
+* stage 1 (proxy): ``proxy_parallel`` = 'none' runs the proxy on one rank; 'ulysses' / 'ring' spread its sequence
+  over ``proxy_degree`` ranks (Ulysses all-to-all over heads, or a ring pass of keys/values);
+* stage 2 (detail), full attention: the whole sequence is split over all workers with ``window_parallel``;
+* stage 2 (detail), windows: the windows are cut into ``num_window_groups = workers / window_group`` contiguous blocks,
+  one per group; a group of ``window_group`` > 1 ranks splits each of its windows with ``window_parallel``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PlanError, check
+from .model import ModelSpec
+
+DEVICES = ("cpu", "cuda")
+PROXY_PARALLEL = ("none", "ulysses", "ring")
+WINDOW_PARALLEL = ("ulysses", "ring")
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
+          f"must be an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Ranks and degrees of one run; validates itself on creation."""
+
+    workers: int = 1
+    """Detail ranks (one process each; one GPU each on CUDA)."""
+    device: str = "cpu"
+    """'cpu' (gloo, local processes) or 'cuda' (NCCL, one GPU per worker)."""
+    gpus: int = 0
+    """GPUs available to the run (0 on CPU)."""
+    proxy_parallel: str = "none"
+    """Stage-1 sequence parallelism: 'none' (one rank), 'ulysses' (all-to-all over heads) or 'ring'."""
+    ulysses_degree: int = 1
+    """Stage-1 ranks sharing the proxy sequence with Ulysses (must divide the heads)."""
+    ring_degree: int = 1
+    """Stage-1 ranks sharing the proxy sequence with ring attention."""
+    window_group: int = 1
+    """Ranks per window when a window is split (1 = every rank owns whole windows)."""
+    window_parallel: str = "ulysses"
+    """How a split window is shared by its group: 'ulysses' (heads) or 'ring' (keys/values)."""
+
+    def __post_init__(self) -> None:
+        _positive_int("workers", self.workers)
+        check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
+        _positive_int("gpus", self.gpus, minimum=0)
+        check(self.proxy_parallel in PROXY_PARALLEL, "proxy_parallel", self.proxy_parallel,
+              f"must be one of {PROXY_PARALLEL}")
+        for name in ("ulysses_degree", "ring_degree", "window_group"):
+            _positive_int(name, getattr(self, name))
+        check(self.window_parallel in WINDOW_PARALLEL, "window_parallel", self.window_parallel,
+              f"must be one of {WINDOW_PARALLEL}")
+        if self.device == "cuda":
+            check(self.gpus >= 1, "gpus", self.gpus, "device 'cuda' needs at least one GPU")
+            check(self.workers <= self.gpus, "workers", self.workers,
+                  f"more workers than GPUs: workers = {self.workers} > gpus = {self.gpus} (one GPU per worker)")
+        self._check_proxy_degrees()
+        check(self.workers % self.window_group == 0, "window_group", self.window_group,
+              f"must divide workers: workers = {self.workers} is not num_window_groups x window_group "
+              f"(window_group = {self.window_group}; divisors of {self.workers}: {_divisors(self.workers)})")
+
+    def _check_proxy_degrees(self) -> None:
+        u, r, mode = self.ulysses_degree, self.ring_degree, self.proxy_parallel
+        if mode == "none":
+            check(u == 1 and r == 1, "proxy_parallel", mode,
+                  f"'none' runs stage 1 on one rank, but ulysses_degree = {u} and ring_degree = {r} (both must be "
+                  f"1); choose 'ulysses' or 'ring'")
+        elif mode == "ulysses":
+            check(r == 1, "ring_degree", r, "must be 1 with proxy_parallel='ulysses'")
+        else:
+            check(u == 1, "ulysses_degree", u, "must be 1 with proxy_parallel='ring'")
+        check(self.workers % (u * r) == 0, "proxy_degree", u * r,
+              f"ulysses_degree ({u}) x ring_degree ({r}) = {u * r} must divide workers = {self.workers}")
+
+    @property
+    def proxy_degree(self) -> int:
+        """Ranks sharing the stage-1 sequence (ulysses_degree x ring_degree)."""
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def num_window_groups(self) -> int:
+        """Blocks the detail windows are cut into (workers / window_group)."""
+        return self.workers // self.window_group
+
+    def check_against(self, model: ModelSpec, num_windows: int | None) -> None:
+        """Refuse (PlanError), with every factor printed, a plan that the model's heads or the windows cannot carry.
+
+        ``num_windows`` is the base window count of the detail grid, or None for full attention (no windows).
+        """
+        u, g, num_heads = self.ulysses_degree, self.window_group, model.num_heads
+        if num_heads % u:
+            raise PlanError(f"ulysses_degree = {u} does not divide the model's heads = {num_heads}: Ulysses gives "
+                            f"each rank heads / ulysses_degree heads; use a divisor of {num_heads} "
+                            f"({_divisors(num_heads)}) or --proxy-parallel ring")
+        if g > 1 and self.window_parallel == "ulysses" and num_heads % g:
+            raise PlanError(f"window_group = {g} does not divide the model's heads = {num_heads} (window_parallel "
+                            f"'ulysses' splits heads); use a divisor of {num_heads} ({_divisors(num_heads)}) or "
+                            f"window_parallel 'ring'")
+        if num_windows is None and self.window_parallel == "ulysses" and num_heads % self.workers:
+            raise PlanError(f"full attention splits the whole sequence over workers = {self.workers} with Ulysses, "
+                            f"which must divide the model's heads = {num_heads}; use a divisor of {num_heads} "
+                            f"({_divisors(num_heads)}) or window_parallel 'ring'")
+        if num_windows is not None and self.num_window_groups > num_windows:
+            raise PlanError(f"{self.num_window_groups} window groups (workers = {self.workers} / window_group = "
+                            f"{g}) but only {num_windows} windows: every group needs at least one window; use "
+                            f"fewer workers, smaller windows, or a window_group of at least "
+                            f"{-(-self.workers // num_windows)} to split windows")
+
+    def describe(self) -> str:
+        """One line with every factor, e.g. for logs and the plan table."""
+        proxy = "1 rank" if self.proxy_parallel == "none" else f"{self.proxy_parallel} x{self.proxy_degree}"
+        return (f"{self.workers} worker(s) on {self.device}" + (f" ({self.gpus} GPUs)" if self.device == "cuda" else "")
+                + f"; stage 1: {proxy}; stage 2: {self.num_window_groups} window group(s) x {self.window_group} "
+                  f"rank(s)" + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else ""))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

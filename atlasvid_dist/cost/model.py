@@ -1,0 +1,579 @@
+"""The one cost model: tokens, FLOPs, memory, bytes and seconds of a run, before anything loads.
+
+Used by ``atlasvid-dist plan``, the pre-flight memory check of ``generate`` and the benchmarks. Everything is
+computed from the same geometry the kernels run on (``geometry``), the same sharding the runtime uses
+(``parallel.sharding``) and the model's shapes (``ModelSpec``).
+
+Conventions (stated once, used everywhere):
+
+* Attention FLOPs = 4 * Lq * Lk * head_dim * heads: QK^T and PV, a multiply-add counted as 2 FLOPs. Window
+  attention counts what the kernel executes (padding slots of partial windows included) on one device; a rank
+  of a multi-rank run computes its own query rows only (``parallel/halo.py``).
+* Linear FLOPs = 2 * tokens * in * out. Per block: self-attention Q, K, V, O (4 d^2 per token), cross-attention
+  Q and O on video tokens (2 d^2), K and V on the text tokens (2 d^2 per text token), its attention core over
+  ``text_len`` keys, and the FFN (2 d f per token).
+* "Per layer" figures are for one forward of the whole video (batch 1), averaged over the model's layers (the
+  window schedule cycles, shifted grids have more, padded windows). A denoising step runs ``passes`` forwards
+  (2 with classifier-free guidance: conditional and unconditional, one after the other).
+* Text encoder and VAE decode FLOPs are estimates (2 * params * tokens; a measured FLOPs-per-pixel constant).
+* Seconds = FLOPs / (peak * efficiency) + bytes / link bandwidth, no overlap. Memory-bound element-wise work
+  (norms, modulation, RoPE, gathers) is not modelled, so the seconds are a lower bound: our measured 4K x 81
+  atlas step on an H100 (10.9 s) is about 2.5x this estimate.
+* Memory at inference (no autograd): weights + the largest live activations of one block + caches, per phase
+  (text encoding, stage 1, stage 2, decode); a rank's peak is the largest phase. The activation widths below are
+  calibrated against measured peaks (see ``calibrate.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from ..config.method import AtlasConfig
+from ..config.model import ModelSpec
+from ..config.parallel import ParallelPlan
+from ..config.video import VideoSpec
+from ..errors import PlanError, check
+from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
+from ..geometry.windows import WindowSpec
+from .attention import attention_flops, layer_attention_flops, layer_spec, proxy_context_tokens
+from .profiles import GiB, DeviceProfile, device_profile
+from .ranks import GroupShare, group_share, shard
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPES = ("auto", *DTYPE_BYTES)
+DETAIL_INITS = ("noise", "proxy")
+
+#: Live activation width per token in the FFN phase of a block: its two f-wide tensors (projection out, GELU out)
+#: plus this many d-wide ones (residual stream, the modulated input made in fp32 = 2 widths, the FFN output, the
+#: fp32 residual add). Calibrated: 1.3B at 4K x 81 atlas on an H100 peaked at 43.0 GB measured, 43.7 GB modelled.
+FFN_PHASE_D_WIDTHS = 6
+#: Live d-wide tensors per token in the attention phase: q, k, v, their fp32-rotated copies, window-major gathers,
+#: the output (halo and proxy-context gathers come on top).
+ATTENTION_PHASE_D_WIDTHS = 10
+#: VAE decode FLOPs per output pixel-frame: diffusers' AutoencoderKLWan (Wan2.1 config), counted with
+#: torch.utils.flop_counter on 9 x 64 x 64 and 9 x 128 x 128 decodes (8.70e6 both).
+VAE_DECODE_FLOPS_PER_PIXEL = 8.70e6
+#: VAE decode peak activation bytes per pixel of one spatial tile (fp32, one latent frame -> 4 frames at a time,
+#: with the causal-conv cache). Estimate: ~4 live 96-channel 4-frame tensors at full resolution plus the caches.
+VAE_DECODE_BYTES_PER_TILE_PIXEL = 16 * 1024
+VAE_BYTES = 4  # the VAE runs in fp32
+LATENT_CHANNELS_BYTES = 4  # latents travel in fp32
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Sampling settings the cost depends on (names as in GenerateConfig)."""
+
+    dtype: str = "auto"
+    """'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16': weights and activations."""
+    steps: int = 30
+    """Detail-stage denoising steps (from noise)."""
+    proxy_steps: int = 30
+    """Proxy-stage denoising steps."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale; > 1 runs two forwards per step (conditional, unconditional)."""
+    detail_init: str = "noise"
+    """'noise', or 'proxy': start from the upsampled proxy noised to ``init_strength``."""
+    init_strength: float = 0.7
+    """With detail_init='proxy': fraction of the detail steps that run."""
+    decode_tile: int = 32
+    """Spatial VAE decode tile in latent cells (8 px each)."""
+    decode_overlap: int = 4
+    """Overlap of decode tiles in latent cells."""
+
+    def __post_init__(self) -> None:
+        check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
+        for name in ("steps", "proxy_steps", "decode_tile"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
+        check(isinstance(self.guidance, (int, float)) and self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
+        check(self.detail_init in DETAIL_INITS, "detail_init", self.detail_init, f"must be one of {DETAIL_INITS}")
+        check(isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1, "init_strength",
+              self.init_strength, "must be in (0, 1]")
+        check(isinstance(self.decode_overlap, int) and 0 <= self.decode_overlap < self.decode_tile, "decode_overlap",
+              self.decode_overlap, f"must be an integer in [0, decode_tile = {self.decode_tile})")
+
+    @property
+    def passes(self) -> int:
+        """Forwards per denoising step."""
+        return 2 if self.guidance > 1 else 1
+
+    @property
+    def detail_steps(self) -> int:
+        """Detail steps that actually run (diffusers' img2img rule: int(steps * strength) with proxy init)."""
+        if self.detail_init == "proxy":
+            return max(1, int(self.steps * self.init_strength))
+        return self.steps
+
+    def dtype_for(self, device: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if device == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Every number the plan shows (bytes, FLOPs, seconds); ``to_dict()`` for JSON."""
+
+    inputs: dict
+    """The settings it was computed for."""
+    detail_grid: tuple[int, int, int]
+    """Detail token grid (t, h, w)."""
+    proxy_grid: tuple[int, int, int] | None
+    """Proxy token grid, or None without a proxy stage (full, ultragen)."""
+    detail_tokens: int
+    """Tokens of the detail branch."""
+    proxy_tokens: int
+    """Tokens of the proxy (0 without a proxy stage)."""
+    num_windows: int
+    """Windows of the base (unshifted) grid (0 in full mode)."""
+    window_tokens: int
+    """Tokens per window (0 in full mode)."""
+    proxy_context_tokens: int
+    """Proxy keys one window reads (aligned region or all)."""
+    windows_per_rank: int
+    """Base windows of the heaviest window group."""
+    tokens_per_rank: int
+    """Detail tokens (queries) of the heaviest rank."""
+    detail_steps: int
+    """Detail steps that run (fewer with proxy init)."""
+    attention_flops_per_layer: dict
+    """mode -> detail self-attention FLOPs of one layer (whole video, one forward); None where not applicable."""
+    attention_flops_ratio: float
+    """Full attention over the chosen mode, per layer."""
+    attention_flops_ratios: dict
+    """mode -> full over that mode."""
+    linear_flops_per_layer: dict
+    """qkvo / cross_attention / ffn / total for the detail tokens, one forward."""
+    flops_per_step: dict
+    """detail (all ranks, all passes), proxy (stage-1 step), detail_per_rank."""
+    flops_per_video: dict
+    """text_encoder (estimate), proxy_stage, proxy_cache, detail_stage, vae_decode (estimate), total."""
+    step_flops_ratio_vs_full: float
+    """Detail step FLOPs of full attention over this mode's (the per-step speedup the FLOPs allow)."""
+    attention_free_limit: float
+    """Full-attention step FLOPs over the step without self-attention: the most any attention can save."""
+    memory: dict
+    """phase -> {part: bytes, 'total': bytes} per rank (phases: text_encoder, proxy_stage, detail_stage, decode)."""
+    memory_per_rank_bytes: int
+    """Peak over phases of the heaviest rank."""
+    memory_usable_bytes: int
+    """What the device profile allows per rank (host memory / workers on a shared-memory CPU)."""
+    comm_bytes_per_step_per_rank: dict
+    """Bytes a rank receives per detail step (halo, window split, ultragen global, total)."""
+    comm_bytes_per_proxy_step_per_rank: int
+    """Bytes a stage-1 rank receives per proxy step (sequence parallelism)."""
+    comm_bytes_once: dict
+    """Sent once per video: the proxy latent to every detail rank, the text embeddings."""
+    seconds: dict
+    """Estimated seconds per stage and total (lower bound, see module docstring)."""
+    fits: bool
+    """True when every phase fits the usable memory."""
+    reasons: tuple[str, ...]
+    """Why it does not fit, with numbers and the flag that would help."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    """What the user should know (cropping, padding, estimates)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def raise_if_unfit(self) -> None:
+        """Pre-flight: PlanError with the reasons when the run does not fit."""
+        if not self.fits:
+            raise PlanError("plan does not fit: " + "; ".join(self.reasons))
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------------------
+def linear_flops_per_layer(model: ModelSpec, tokens: int) -> dict:
+    """Linear and cross-attention FLOPs of one block over ``tokens`` video tokens (see module docstring)."""
+    d, f, lt = model.dim, model.ffn_dim, model.text_len
+    qkvo = 2 * tokens * 4 * d * d
+    cross = 2 * tokens * 2 * d * d + 2 * lt * 2 * d * d + attention_flops(tokens, lt, model.num_heads, model.head_dim)
+    ffn = 2 * tokens * 2 * d * f
+    return {"qkvo": qkvo, "cross_attention": cross, "ffn": ffn, "total": qkvo + cross + ffn}
+
+
+def embed_flops(model: ModelSpec, tokens: int) -> int:
+    """Patch embedding in, output head out, and the text/time embedders (once per forward)."""
+    patch_in = model.in_channels * math.prod(model.patch)
+    d = model.dim
+    text = 2 * model.text_len * (model.text_dim * d + d * d)
+    return 2 * tokens * patch_in * d * 2 + text
+
+
+def full_forward_flops(model: ModelSpec, tokens: int) -> int:
+    """One forward with full self-attention over ``tokens`` (stage 1, the proxy cache, the full baseline)."""
+    per_layer = attention_flops(tokens, tokens, model.num_heads, model.head_dim)
+    per_layer += linear_flops_per_layer(model, tokens)["total"]
+    return model.num_layers * per_layer + embed_flops(model, tokens)
+
+
+def mode_attention_per_layer(method: AtlasConfig, model: ModelSpec, grid: Grid, mode: str) -> int:
+    """Mean over the model's layers of the detail self-attention FLOPs in ``mode`` (whole video, one forward)."""
+    cfg = dataclasses.replace(method, mode=mode)
+    if mode == "full":
+        return layer_attention_flops(cfg, grid, model.num_heads, model.head_dim)
+    k, n = len(cfg.layer_entries()), model.num_layers
+    total = sum(len(range(i, n, k)) * layer_attention_flops(cfg, grid, model.num_heads, model.head_dim, layer=i)
+                for i in range(min(k, n)))
+    return total // n
+
+
+# -- the estimate ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Geometry:
+    grid: Grid
+    proxy: Grid | None
+    specs: tuple[tuple[WindowSpec, int], ...]  # (layer grid, layers using it)
+    base: WindowSpec | None
+
+
+def _geometry(video: VideoSpec, model: ModelSpec, method: AtlasConfig) -> _Geometry:
+    grid = token_grid(latent_grid(video.frames, video.gen_height, video.gen_width), model.patch)
+    proxy = None
+    if method.mode == "atlas":
+        proxy = ProxyGeometry(grid, method.temporal_scale, method.spatial_scale).grid
+    if not method.uses_windows:
+        return _Geometry(grid, proxy, (), None)
+    k, n = len(method.layer_entries()), model.num_layers
+    specs = tuple((layer_spec(method, grid, i), len(range(i, n, k))) for i in range(min(k, n)))
+    window = method.layer_entries()[0][0]
+    base = WindowSpec(grid, window, (0, 0, 0), pad=method.pad_windows)
+    return _Geometry(grid, proxy, specs, base)
+
+
+def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
+             run: RunSettings | None = None, profile: str | DeviceProfile = "h100", *, suggest: bool = True) -> CostReport:
+    """Cost of generating ``video`` with ``model`` / ``method`` on ``plan`` (see the module docstring).
+
+    Raises ConfigError for geometry that does not work (window not tiling, proxy scale not dividing) and PlanError
+    for a plan the model or windows cannot carry; a run that does not fit memory is reported (fits=False).
+    """
+    run = run or RunSettings()
+    prof = profile if isinstance(profile, DeviceProfile) else device_profile(profile)
+    if run.detail_init == "proxy":
+        check(method.mode == "atlas", "detail_init", run.detail_init, f"'proxy' needs a proxy; mode {method.mode!r} "
+              "has none")
+    elif run.init_strength != RunSettings.init_strength:
+        warnings.warn("init_strength has no effect with detail_init='noise'", stacklevel=2)
+    geo = _geometry(video, model, method)
+    plan.check_against(model, geo.base.num_windows if geo.base else None)
+    dtype = run.dtype_for(plan.device)
+    b = DTYPE_BYTES[dtype]
+    shares = _shares(geo, method, plan)
+
+    attn = {m: _maybe(mode_attention_per_layer, method, model, geo.grid, m) for m in ("full", "atlas", "ultragen")}
+    ratios = {m: (attn["full"] / v if v else None) for m, v in attn.items()}
+    linear = linear_flops_per_layer(model, geo.grid.size)
+    flops = _flops(geo, model, method, plan, run, attn[method.mode], linear, shares)
+    memory = _memory(geo, model, method, plan, run, b, shares)
+    comm = _comm(geo, model, method, plan, run, b, shares)
+    seconds = _seconds(geo, model, method, plan, run, prof, flops, comm, dtype)
+    usable = prof.usable_bytes // (plan.workers if prof.shared_memory else 1)
+    peak = max(phase["total"] for phase in memory.values())
+    report = CostReport(
+        inputs=_inputs(video, model, method, plan, run, prof, dtype),
+        detail_grid=geo.grid.dims, proxy_grid=geo.proxy.dims if geo.proxy else None,
+        detail_tokens=geo.grid.size, proxy_tokens=geo.proxy.size if geo.proxy else 0,
+        num_windows=geo.base.num_windows if geo.base else 0, window_tokens=geo.base.window_tokens if geo.base else 0,
+        proxy_context_tokens=_context_tokens(geo, method), windows_per_rank=_windows_per_group(geo, plan),
+        tokens_per_rank=shares["tokens_per_rank"], detail_steps=run.detail_steps,
+        attention_flops_per_layer=attn, attention_flops_ratio=ratios[method.mode], attention_flops_ratios=ratios,
+        linear_flops_per_layer=linear, flops_per_step=flops["step"], flops_per_video=flops["video"],
+        step_flops_ratio_vs_full=flops["full_step"] / flops["step"]["detail"],
+        attention_free_limit=flops["full_step"] / flops["no_attention_step"],
+        memory=memory, memory_per_rank_bytes=peak, memory_usable_bytes=usable,
+        comm_bytes_per_step_per_rank=comm["step"], comm_bytes_per_proxy_step_per_rank=comm["proxy_step"],
+        comm_bytes_once=comm["once"], seconds=seconds, fits=peak <= usable, reasons=(),
+        notes=tuple(_notes(video, geo, method, plan, dtype)))
+    if not report.fits:
+        reasons = _reasons(report, video, model, method, plan, run, prof, dtype, suggest)
+        report = dataclasses.replace(report, reasons=tuple(reasons))
+    return report
+
+
+def _maybe(fn, *args):
+    """A comparison column (another mode) that this geometry cannot run is None, not an error."""
+    from ..errors import ConfigError
+
+    try:
+        return fn(*args)
+    except ConfigError:
+        return None
+
+
+def _context_tokens(geo: _Geometry, method: AtlasConfig) -> int:
+    if geo.proxy is None or geo.base is None:
+        return 0
+    return proxy_context_tokens(method, geo.base, geo.proxy)
+
+
+def _windows_per_group(geo: _Geometry, plan: ParallelPlan) -> int:
+    if geo.base is None:
+        return 0
+    b = shard(geo.base, plan.num_window_groups).bounds
+    return max(hi - lo for lo, hi in zip(b[:-1], b[1:]))
+
+
+def _shares(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan) -> dict:
+    """Per layer grid: the heaviest group's share; and the heaviest rank's query tokens."""
+    if geo.base is None:  # full attention: the flat sequence split over all workers
+        return {"tokens_per_rank": -(-geo.grid.size // plan.workers), "layers": ()}
+    sharding = shard(geo.base, plan.num_window_groups)
+    s = float(method.spatial_scale)
+    scales = (float(method.temporal_scale), s, s)
+    aligned = method.proxy_context == "aligned"
+    layers = tuple((spec, n, group_share(sharding, spec, geo.proxy, scales, method.proxy_margin, aligned))
+                   for spec, n in geo.specs)
+    tokens = max(sh.tokens for _, _, sh in layers)
+    return {"tokens_per_rank": -(-tokens // plan.window_group), "layers": layers}
+
+
+def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
+                    shares: dict) -> int:
+    """Detail self-attention FLOPs of the heaviest rank, summed over layers, one forward."""
+    h, hd = model.num_heads, model.head_dim
+    if geo.base is None:
+        return model.num_layers * attention_flops(geo.grid.size, geo.grid.size, h, hd) // plan.workers
+    total = 0
+    for spec, n, sh in shares["layers"]:
+        ctx = proxy_context_tokens(method, spec, geo.proxy) if geo.proxy is not None else 0
+        # one group runs the single-device kernel (padded windows); several compute their own query rows only
+        queries = spec.num_windows * spec.window_tokens if plan.num_window_groups == 1 else sh.tokens
+        per_layer = attention_flops(queries, spec.window_tokens + ctx, h, hd)
+        if method.mode == "ultragen":
+            per_layer += attention_flops(sh.tokens, _pooled(geo.grid, method), h, hd)
+        total += n * per_layer // plan.window_group
+    return total
+
+
+def _pooled(grid: Grid, method: AtlasConfig) -> int:
+    return math.prod(-(-n // min(p, n)) for p, n in zip(method.ultragen_pool, grid.dims))
+
+
+def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
+    n, L, passes = geo.grid.size, model.num_layers, run.passes
+    no_attn = L * linear["total"] + embed_flops(model, n)
+    detail = passes * (L * attn_mode + no_attn)
+    full_step = passes * full_forward_flops(model, n)
+    rank_tokens = shares["tokens_per_rank"]
+    rank_attn = passes * _rank_attention(geo, model, method, plan, shares)
+    rank = rank_attn + passes * (L * linear_flops_per_layer(model, rank_tokens)["total"] + embed_flops(model, rank_tokens))
+    proxy_fwd = full_forward_flops(model, geo.proxy.size) if geo.proxy else 0
+    joint = method.proxy_mode == "joint" and geo.proxy is not None
+    if joint:  # the proxy runs inside every detail forward, on every rank
+        detail += passes * proxy_fwd * plan.workers
+        rank += passes * proxy_fwd
+    proxy_step = passes * proxy_fwd
+    cache = 0 if joint or geo.proxy is None else passes * proxy_fwd * plan.workers  # each rank builds its own
+    text = 2 * model.text_encoder_params * model.text_len * passes
+    vae = int(VAE_DECODE_FLOPS_PER_PIXEL * _decode_pixels(geo, run))
+    video = {"text_encoder": text, "proxy_stage": proxy_step * run.proxy_steps, "proxy_cache": cache,
+             "detail_stage": detail * run.detail_steps, "vae_decode": vae}
+    video["total"] = sum(video.values())
+    return {"step": {"detail": detail, "detail_per_rank": rank, "proxy": proxy_step}, "video": video,
+            "rank_attention": rank_attn,
+            "full_step": full_step, "no_attention_step": passes * no_attn}
+
+
+def _decode_pixels(geo: _Geometry, run: RunSettings) -> float:
+    """Output pixel-frames the tiled decoder computes (tile overlap counted twice)."""
+    frames = (geo.grid.t - 1) * 4 + 1
+    lat_h, lat_w = geo.grid.h * 2, geo.grid.w * 2  # latent cells (patch 2x2)
+    stride = run.decode_tile - run.decode_overlap
+    tiles_h = max(1, math.ceil((lat_h - run.decode_overlap) / stride))
+    tiles_w = max(1, math.ceil((lat_w - run.decode_overlap) / stride))
+    tile_px = min(run.decode_tile, lat_h) * 8 * min(run.decode_tile, lat_w) * 8
+    return frames * tiles_h * tiles_w * tile_px
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+def _activations(model: ModelSpec, tokens: int, b: int, extra_d_rows: float = 0.0) -> int:
+    """Peak live activations of one block over ``tokens`` (inference), bytes."""
+    d, f = model.dim, model.ffn_dim
+    ffn_phase = 2 * f + FFN_PHASE_D_WIDTHS * d
+    attn_phase = ATTENTION_PHASE_D_WIDTHS * d
+    text_kv = 2 * model.text_len * d * b
+    return int(tokens * b * max(ffn_phase, attn_phase) + extra_d_rows * d * b) + text_kv
+
+
+def _memory(geo, model, method, plan, run, b, shares) -> dict:
+    L, d, passes = model.num_layers, model.dim, run.passes
+    weights = model.transformer_params * b
+    phases = {"text_encoder": {"weights": model.text_encoder_params * b,
+                               "activations": _activations_text(model, b)}}
+    if geo.proxy is not None:
+        sp_tokens = -(-geo.proxy.size // plan.proxy_degree)
+        phases["proxy_stage"] = {"weights": weights, "activations": _activations(model, sp_tokens, b)}
+    rank_tokens = shares["tokens_per_rank"]
+    detail = {"weights": weights}
+    extra = 0.0  # halo / proxy-context rows gathered in the attention phase
+    if shares["layers"]:
+        sh_max_halo = max(sh.halo_tokens for _, _, sh in shares["layers"])
+        extra += 2 * sh_max_halo / plan.window_group
+    cache = 0
+    if geo.proxy is not None and method.proxy_mode == "clean":
+        # only the proxy keys/values this rank's windows read, per layer, for each guidance pass
+        cache = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) * passes // plan.window_group
+        detail["proxy_kv_cache"] = cache
+    elif geo.proxy is not None:  # joint: the proxy runs through the rank's forward
+        rank_tokens += geo.proxy.size
+    detail["activations"] = _activations(model, rank_tokens, b, extra)
+    phases["detail_stage"] = detail
+    phases["decode"] = {"weights": model.vae_params * VAE_BYTES,
+                        "activations": _decode_tile_bytes(geo, run)}
+    for phase in phases.values():
+        phase["total"] = sum(phase.values())
+    return phases
+
+
+def _activations_text(model: ModelSpec, b: int) -> int:
+    """Text encoder at inference: a few hidden-state widths of the prompt (tiny next to its weights)."""
+    return 16 * model.text_len * model.text_dim * b * 2
+
+
+def _decode_tile_bytes(geo: _Geometry, run: RunSettings) -> int:
+    tile_px = min(run.decode_tile, geo.grid.h * 2) * 8 * min(run.decode_tile, geo.grid.w * 2) * 8
+    return VAE_DECODE_BYTES_PER_TILE_PIXEL * tile_px
+
+
+# -- communication --------------------------------------------------------------------------------------------
+def _seq_parallel_bytes(tokens: int, d: int, b: int, degree: int, kind: str) -> float:
+    """Bytes one rank receives per layer when ``degree`` ranks share a sequence of ``tokens``.
+
+    Ulysses: four all-to-alls (q, k, v in; output back), each moving (degree-1)/degree of the rank's shard.
+    Ring: keys and values of every other shard pass through the rank.
+    """
+    if degree == 1:
+        return 0.0
+    shard_bytes = tokens / degree * d * b
+    if kind == "ulysses":
+        return 4 * shard_bytes * (degree - 1) / degree
+    return 2 * shard_bytes * (degree - 1)
+
+
+def _comm(geo, model, method, plan, run, b, shares) -> dict:
+    d, L, passes = model.dim, model.num_layers, run.passes
+    halo = split = ultra = 0.0
+    if geo.base is None:
+        split = L * _seq_parallel_bytes(geo.grid.size, d, b, plan.workers, plan.window_parallel)
+    else:
+        for _, n, sh in shares["layers"]:
+            halo += n * 2 * sh.halo_tokens * d * b / plan.window_group
+            split += n * _seq_parallel_bytes(sh.tokens, d, b, plan.window_group, plan.window_parallel)
+            if method.mode == "ultragen" and plan.num_window_groups > 1:
+                g = plan.num_window_groups
+                ultra += n * 2 * _pooled(geo.grid, method) * d * b * (g - 1) / g / plan.window_group
+    step = {"halo": int(passes * halo), "window_split": int(passes * split), "ultragen_global": int(passes * ultra)}
+    step["total"] = sum(step.values())
+    proxy_step = 0
+    once = {"text_embeddings": 2 * model.text_len * model.text_dim * b * max(0, plan.workers - 1)}
+    if geo.proxy is not None:
+        kind = "ring" if plan.proxy_parallel == "ring" else "ulysses"
+        proxy_step = int(passes * L * _seq_parallel_bytes(geo.proxy.size, d, b, plan.proxy_degree, kind))
+        proxy_latent = geo.proxy.size * model.in_channels * math.prod(model.patch) * LATENT_CHANNELS_BYTES
+        once["proxy_latent"] = proxy_latent * max(0, plan.workers - 1)
+    return {"step": step, "proxy_step": proxy_step, "once": once}
+
+
+# -- time -----------------------------------------------------------------------------------------------------
+def _seconds(geo, model, method, plan, run, prof: DeviceProfile, flops, comm, dtype) -> dict:
+    peak = prof.peak_flops_fp32 if dtype == "fp32" else prof.peak_flops
+    dense = peak * prof.efficiency
+    bw = prof.link_bytes_per_s
+    n, L, passes = geo.grid.size, model.num_layers, run.passes
+    out = {"text_encoder": flops["video"]["text_encoder"] / dense}
+    if geo.proxy is not None:
+        per_step = flops["step"]["proxy"] / plan.proxy_degree / dense + comm["proxy_step"] / bw
+        out["proxy_stage"] = per_step * run.proxy_steps
+        out["proxy_cache"] = flops["video"]["proxy_cache"] / plan.workers / dense
+    rank_attn = flops["rank_attention"] if geo.base is not None else 0
+    rank_other = flops["step"]["detail_per_rank"] - rank_attn
+    attn_eff = peak * (prof.window_efficiency if geo.base is not None else prof.efficiency)
+    step = rank_other / dense + rank_attn / attn_eff + comm["step"]["total"] / bw
+    out["detail_step"] = step
+    out["detail_stage"] = step * run.detail_steps
+    out["vae_decode"] = flops["video"]["vae_decode"] / plan.workers / (prof.peak_flops_fp32 * prof.efficiency)
+    out["total"] = sum(v for k, v in out.items() if k != "detail_step")
+    return out
+
+
+# -- verdict --------------------------------------------------------------------------------------------------
+def _gib(x: float) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def _reasons(report: CostReport, video, model, method, plan, run, prof, dtype, suggest) -> list[str]:
+    usable = report.memory_usable_bytes
+    where = (f"{_gib(prof.memory_bytes)} x {prof.usable_fraction:g} usable on {prof.name}"
+             + (f", shared by {plan.workers} workers" if prof.shared_memory else ""))
+    out = []
+    for phase, parts in report.memory.items():
+        if parts["total"] <= usable:
+            continue
+        detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if k != "total")
+        out.append(f"{phase} needs {_gib(parts['total'])} per rank ({detail}) > {_gib(usable)} ({where})")
+    hints = []
+    if report.memory["detail_stage"]["total"] > usable and suggest:
+        hints.append(_more_workers_hint(report, video, model, method, plan, run, prof))
+    if dtype == "fp32":
+        hints.append("--dtype bf16 halves weights and activations")
+    if method.proxy_context == "all" and method.mode == "atlas":
+        hints.append("--proxy-context aligned caches only the proxy keys each window reads")
+    if method.proxy_mode == "joint":
+        hints.append("proxy_mode 'clean' runs the proxy once instead of inside every forward")
+    if prof.name == "h100" and report.memory_per_rank_bytes <= device_profile("h200").usable_bytes:
+        hints.append("--device-profile h200 (141 GB) holds it")
+    out.extend(h for h in hints if h)
+    return out
+
+
+def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
+    """The smallest worker count (doubling, within the windows) whose detail stage fits, or why none does."""
+    limit = report.num_windows * plan.window_group if report.num_windows else model.num_heads
+    w = plan.workers * 2
+    while w <= max(limit, 1) and w <= 1024:
+        try:
+            alt = dataclasses.replace(plan, workers=w, gpus=max(plan.gpus, w) if plan.device == "cuda" else plan.gpus)
+            r = estimate(video, model, method, alt, run, prof, suggest=False)
+        except Exception:  # a worker count the plan cannot carry (heads, windows): try the next one
+            w *= 2
+            continue
+        if r.memory["detail_stage"]["total"] <= r.memory_usable_bytes:
+            return (f"--gpus {w} fits the detail stage ({_gib(r.memory['detail_stage']['total'])} per rank"
+                    + ("" if r.fits else "; other phases still need attention") + ")")
+        w *= 2
+    weights = report.memory["detail_stage"]["weights"]
+    return (f"no worker count up to {min(limit, 1024)} fits: the detail stage needs the weights "
+            f"({_gib(weights)}) plus activations on every rank; use a device with more memory or --window-group "
+            f"to split windows")
+
+
+def _notes(video: VideoSpec, geo: _Geometry, method: AtlasConfig, plan: ParallelPlan, dtype: str) -> list[str]:
+    notes = []
+    if video.cropped:
+        notes.append(f"generated at {video.gen_width}x{video.gen_height} and cropped to {video.width}x{video.height} "
+                     f"when decoded")
+    if geo.proxy is not None and (geo.grid.t - 1) % method.temporal_scale:
+        notes.append(f"the proxy has {geo.proxy.t} latent frames and extends past the clip's last frame "
+                     f"((f - 1) = {geo.grid.t - 1} is not a multiple of temporal_scale = {method.temporal_scale})")
+    padded = [spec for spec, _, in geo.specs if spec.padded]
+    if padded:
+        notes.append(f"{len(padded)} of {len(geo.specs)} layer grids have partial windows (padded, masked)")
+    if geo.proxy is not None and plan.workers > 1 and plan.proxy_parallel == "none":
+        notes.append(f"stage 1 runs on one rank while {plan.workers - 1} wait: --proxy-parallel ulysses spreads it")
+    if dtype == "fp32" and plan.device == "cuda":
+        notes.append("fp32 on CUDA: bf16 is about twice as fast and half the memory")
+    notes.append("text encoder and VAE decode FLOPs, decode memory and all seconds are estimates "
+                 "(seconds are a lower bound: memory-bound work is not modelled)")
+    return notes
+
+
+def _inputs(video, model, method, plan, run, prof, dtype) -> dict:
+    return {"video": {"width": video.width, "height": video.height, "frames": video.frames, "fps": video.fps,
+                      "gen_width": video.gen_width, "gen_height": video.gen_height},
+            "model": model.name, "method": dataclasses.asdict(method), "parallel": dataclasses.asdict(plan),
+            "run": dataclasses.asdict(run), "dtype": dtype, "device_profile": dataclasses.asdict(prof)}

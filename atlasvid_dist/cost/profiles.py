@@ -1,0 +1,78 @@
+"""Device profiles for the cost model: peak FLOP/s, the fraction of it our kernels reach, memory, link bandwidth.
+
+Presets are settings, not measurements of the machine the plan runs on; a YAML/JSON file with the same fields
+(``--device-profile my_gpu.yaml``) replaces them. Sources of the preset numbers are given per field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.files import from_mapping, read_mapping
+from ..errors import check
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One accelerator (or a CPU host) as the cost model sees it."""
+
+    name: str
+    """Preset name or the file it was read from."""
+    peak_flops: float
+    """Dense 16-bit (bf16/fp16) matmul peak, FLOP/s."""
+    peak_flops_fp32: float
+    """fp32 peak, FLOP/s (TF32 tensor cores on NVIDIA: what cuDNN convs and allowed matmuls use)."""
+    efficiency: float
+    """Fraction of peak reached by dense matmuls and full (flash) attention."""
+    window_efficiency: float
+    """Fraction of peak reached by window attention (small (720 + context)-key blocks)."""
+    memory_bytes: int
+    """Memory per device (per GPU; on CPU the host memory every worker shares)."""
+    usable_fraction: float = 0.92
+    """Part of ``memory_bytes`` a run may plan for (runtime context, allocator fragmentation, comm buffers)."""
+    link_bytes_per_s: float = 300e9
+    """Achieved point-to-point / all-to-all bandwidth per rank, bytes/s."""
+    shared_memory: bool = False
+    """True when all workers share one memory (CPU host): the fit check then sums over workers."""
+
+    def __post_init__(self) -> None:
+        for name in ("peak_flops", "peak_flops_fp32", "memory_bytes", "link_bytes_per_s"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name, v, "must be > 0")
+        for name in ("efficiency", "window_efficiency", "usable_fraction"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and 0 < v <= 1, name, v, "must be in (0, 1]")
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.memory_bytes * self.usable_fraction)
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    # H100 SXM: 989 TFLOP/s dense bf16, 495 TF32 (NVIDIA datasheet); 81,559 MiB as nvidia-smi reports it.
+    # efficiency 0.55: our dense attention ran at 516-549 TFLOP/s (benchmarks/results/attention-wan-*-cuda-bf16);
+    # window_efficiency 0.08: the windowed kernel reached 64-100 TFLOP/s there. NVLink 4: 450 GB/s per direction.
+    "h100": DeviceProfile("h100", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
+                          window_efficiency=0.08, memory_bytes=81_559 * 2**20, link_bytes_per_s=300e9),
+    # H200: same compute as H100, 141 GB HBM3e (143,771 MiB), same NVLink.
+    "h200": DeviceProfile("h200", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
+                          window_efficiency=0.08, memory_bytes=143_771 * 2**20, link_bytes_per_s=300e9),
+    # A small CPU host (2 AVX2 cores ~ 0.1 TFLOP/s fp32, no fast bf16), 32 GiB shared by all workers, gloo
+    # over loopback.
+    "cpu": DeviceProfile("cpu", peak_flops=1e11, peak_flops_fp32=1e11, efficiency=0.3, window_efficiency=0.2,
+                         memory_bytes=32 * GiB, usable_fraction=0.8, link_bytes_per_s=2e9, shared_memory=True),
+}
+
+
+def device_profile(name: str) -> DeviceProfile:
+    """A preset (h100 | h200 | cpu) or a YAML/JSON file with DeviceProfile's fields."""
+    key = str(name).strip().lower()
+    if key in PROFILES:
+        return PROFILES[key]
+    check(Path(name).suffix.lower() in (".yaml", ".yml", ".json"), "device_profile", name,
+          f"use a preset ({'|'.join(PROFILES)}) or a .yaml/.json file with DeviceProfile's fields")
+    data = read_mapping(name)
+    return from_mapping(DeviceProfile, {"name": str(name), **data}, source=str(name))
