@@ -49,8 +49,8 @@ def init_group(backend: str, rank: int, world_size: int, init_method: str | None
         else:
             dist.barrier()
     except (RuntimeError, dist.DistError) as exc:  # the store or the barrier timed out
-        raise RunFailure(f"rank {rank}/{world_size}: could not join the {backend} process group at "
-                         f"{init_method or 'env://' + os.environ.get('MASTER_ADDR', '?') + ':' + os.environ.get('MASTER_PORT', '?')} "
+        where = init_method or f"env://{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise RunFailure(f"rank {rank}/{world_size}: could not join the {backend} process group at {where} "
                          f"within {timeout_s:g} s: {exc}") from exc
     return dist.group.WORLD
 
@@ -145,7 +145,9 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[in
     if stats is not None and sends:
         stats.add(category, sum(nbytes(t) for _, t in sends), messages=len(sends))
     labels = [f"send to rank {p}" for p, _ in sends] + [f"receive from rank {p}" for p, _ in recvs]
-    pending = Pending(list(zip(works, labels)) if len(works) == len(ops) else [(w, f"{category} batch") for w in works],
+    if len(works) != len(ops):  # NCCL coalesces the batch into one work: name every peer in it
+        labels = [f"batch with ranks {sorted({p for p, _ in list(sends) + list(recvs)})}"] * len(works)
+    pending = Pending(list(zip(works, labels)),
                       g, step, category, timeout, keep=[op.tensor for op in ops], copy_back=copy_back)
     if block:
         pending.wait()
