@@ -173,6 +173,10 @@ def _halo_vs_dense(rank: int, world: int) -> list[int]:
         assert stats.sent.get("halo.bwd", 0) == plan.num_halo * row, (case, stats.sent)
         if spec == base:
             assert stats.total() == 0 and not stats.messages  # an unshifted layer does not communicate
+        # what all ranks sent is what all ranks received (every rank's plan, built here without processes)
+        everyone = comm.gather_stats(stats)
+        received = sum(halo_plan(sh, spec, r).num_halo for r in range(world)) * row
+        assert sum(s.get("halo.fwd", 0) for s in everyone) == received
         sent.append(stats.total())
     return sent
 
