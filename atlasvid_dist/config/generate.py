@@ -56,7 +56,7 @@ class GenerateConfig:
     dtype: str = "auto"
     """'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'."""
     text_len: int = 0
-    """Text tokens per prompt; 0 = the model's (512 for Wan2.1, 32 for tiny)."""
+    """Text tokens per prompt; 0 = the tokenizer's maximum, at most 512 (Wan2.1 uses 512)."""
     out: str = "out.mp4"
     """Output mp4 path (written to a temporary name, renamed when complete)."""
     save_proxy: str | None = None

@@ -126,7 +126,7 @@ class TwoStageGenerator:
     def _encode(self, comp) -> TextEmbeddings:
         t0 = time.perf_counter()
         cfg = self.cfg
-        text_len = cfg.text_len or (32 if cfg.model == "tiny" else 512)
+        text_len = cfg.text_len or min(512, int(comp.tokenizer.model_max_length))  # Wan: 512
         text = encode_prompts(comp.tokenizer, comp.text_encoder, cfg.prompt, cfg.negative_prompt,
                               max_length=text_len, use_cfg=cfg.guidance > 1.0, device=self.device,
                               dtype=self.dtype)
