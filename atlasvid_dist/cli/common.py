@@ -113,6 +113,7 @@ def build_parallel(*, device: str, gpus: int, workers: int | None, proxy_paralle
                    proxy_degree: int = 0, window_group: int = 1, window_parallel: str = "ulysses") -> ParallelPlan:
     """ParallelPlan from option values: workers default to the GPUs (CUDA) or 1 (CPU); degree 0 = all workers."""
     check(device in ("cpu", "cuda"), "device", device, "must be cpu or cuda")
+    check(device != "cuda" or gpus >= 1, "gpus", gpus, "must be >= 1 on CUDA (--device cpu runs CPU workers)")
     if workers is None:
         workers = gpus if device == "cuda" else 1
     degree = 1 if proxy_parallel == "none" else (proxy_degree or workers)

@@ -10,6 +10,7 @@ import json
 
 import typer
 
+from ..config.parallel import ParallelPlan
 from ..cost.model import CostReport, RunSettings, estimate
 from ..cost.profiles import device_profile
 from ..errors import PlanError
@@ -72,7 +73,7 @@ def format_report(r: CostReport) -> str:
             ("model / dtype / device", f"{i['model']} / {i['dtype']} / {i['device_profile']['name']}"),
             ("method", f"{m['mode']}, window {tuple(m['window'])}, proxy scale {m['spatial_scale']} (space) x "
                        f"{m['temporal_scale']} (time), context {m['proxy_context']}"),
-            ("ranks", f"{p['workers']} workers, window group {p['window_group']}, stage 1 {p['proxy_parallel']}"),
+            ("ranks", ParallelPlan(**p).describe()),
             ("detail tokens", f"{_n(r.detail_tokens)}  grid {r.detail_grid}"),
             ("proxy tokens", f"{_n(r.proxy_tokens)}  grid {r.proxy_grid}" if r.proxy_grid else "none")]
     if r.num_windows:
@@ -84,7 +85,8 @@ def format_report(r: CostReport) -> str:
     att = r.attention_flops_per_layer
     rows.append(("attention / layer", "  ".join(f"{k} {_flops(x)}" for k, x in att.items() if x is not None)))
     rows.append(("full / this mode", f"{r.attention_flops_ratio:,.1f}x fewer attention FLOPs per layer; "
-                                     f"{r.step_flops_ratio_vs_full:,.1f}x per step (limit {r.attention_free_limit:,.1f}x)"))
+                                     f"{r.step_flops_ratio_vs_full:,.1f}x per step "
+                                     f"(limit {r.attention_free_limit:,.1f}x)"))
     rows.append(("linear / layer", "  ".join(f"{k} {_flops(x)}" for k, x in r.linear_flops_per_layer.items())))
     rows.append(("FLOPs / video", "  ".join(f"{k} {_flops(x)}" for k, x in r.flops_per_video.items())))
     for phase, parts in r.memory.items():

@@ -106,11 +106,11 @@ class ParallelPlan:
         if g > 1 and self.window_parallel == "ulysses" and num_heads % g:
             raise PlanError(f"window_group = {g} does not divide the model's heads = {num_heads} (window_parallel "
                             f"'ulysses' splits heads); use a divisor of {num_heads} ({_divisors(num_heads)}) or "
-                            f"window_parallel 'ring'")
+                            f"window_parallel 'ring' (--window-parallel ring)")
         if num_windows is None and self.window_parallel == "ulysses" and num_heads % self.workers:
             raise PlanError(f"full attention splits the whole sequence over workers = {self.workers} with Ulysses, "
                             f"which must divide the model's heads = {num_heads}; use a divisor of {num_heads} "
-                            f"({_divisors(num_heads)}) or window_parallel 'ring'")
+                            f"({_divisors(num_heads)}) or window_parallel 'ring' (--window-parallel ring)")
         if num_windows is not None and self.num_window_groups > num_windows:
             raise PlanError(f"{self.num_window_groups} window groups (workers = {self.workers} / window_group = "
                             f"{g}) but only {num_windows} windows: every group needs at least one window; use "

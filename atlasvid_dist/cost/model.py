@@ -17,8 +17,9 @@ Conventions (stated once, used everywhere):
   (2 with classifier-free guidance: conditional and unconditional, one after the other).
 * Text encoder and VAE decode FLOPs are estimates (2 * params * tokens; a measured FLOPs-per-pixel constant).
 * Seconds = FLOPs / (peak * efficiency) + bytes / link bandwidth, no overlap. Memory-bound element-wise work
-  (norms, modulation, RoPE, gathers) is not modelled, so the seconds are a lower bound: our measured 4K x 81
-  atlas step on an H100 (10.9 s) is about 2.5x this estimate.
+  (norms, modulation, RoPE, gathers) is not modelled, so the seconds are a lower bound. Measured on an H100, one
+  forward: 14B 720P x 81 full attention 13.3 s vs 12.0 estimated; 1.3B atlas 4K x 81 10.9 s vs 5.1, 2K x 81
+  5.6 s vs 2.5 (window mode spends half its time in memory-bound work today).
 * Memory at inference (no autograd): weights + the largest live activations of one block + caches, per phase
   (text encoding, stage 1, stage 2, decode); a rank's peak is the largest phase. The activation widths below are
   calibrated against measured peaks (see ``calibrate.py``).
@@ -35,7 +36,7 @@ from ..config.method import AtlasConfig
 from ..config.model import ModelSpec
 from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
-from ..errors import PlanError, check
+from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 from .attention import attention_flops, layer_attention_flops, layer_spec, proxy_context_tokens
@@ -48,17 +49,22 @@ DETAIL_INITS = ("noise", "proxy")
 
 #: Live activation width per token in the FFN phase of a block: its two f-wide tensors (projection out, GELU out)
 #: plus this many d-wide ones (residual stream, the modulated input made in fp32 = 2 widths, the FFN output, the
-#: fp32 residual add). Calibrated: 1.3B at 4K x 81 atlas on an H100 peaked at 43.0 GB measured, 43.7 GB modelled.
-FFN_PHASE_D_WIDTHS = 6
+#: fp32 residual add). Calibrated on an H100, bf16, one forward (``python -m atlasvid_dist.cost.calibrate``):
+#: 1.3B 4K x 81 atlas 43.0 GB measured / 45.8 modelled; 1.3B 2K x 81 atlas 24.4 / 24.2; 14B 720P x 81 full
+#: 38.0 / 38.2. Rounded up (7, not the 6.3 that fits best) so the fit check errs on the safe side.
+FFN_PHASE_D_WIDTHS = 7
 #: Live d-wide tensors per token in the attention phase: q, k, v, their fp32-rotated copies, window-major gathers,
 #: the output (halo and proxy-context gathers come on top).
 ATTENTION_PHASE_D_WIDTHS = 10
 #: VAE decode FLOPs per output pixel-frame: diffusers' AutoencoderKLWan (Wan2.1 config), counted with
 #: torch.utils.flop_counter on 9 x 64 x 64 and 9 x 128 x 128 decodes (8.70e6 both).
 VAE_DECODE_FLOPS_PER_PIXEL = 8.70e6
-#: VAE decode peak activation bytes per pixel of one spatial tile (fp32, one latent frame -> 4 frames at a time,
-#: with the causal-conv cache). Estimate: ~4 live 96-channel 4-frame tensors at full resolution plus the caches.
-VAE_DECODE_BYTES_PER_TILE_PIXEL = 16 * 1024
+#: VAE decode peak activation bytes per pixel of one spatial tile (fp32, latent frames decoded one at a time with
+#: the causal-conv cache). Measured on an H100: 22.2 KiB per pixel for a 256 x 256 tile (1.49 GB); rounded up.
+VAE_DECODE_BYTES_PER_TILE_PIXEL = 24 * 1024
+#: Parameters of the VAE both constants were measured on (diffusers' AutoencoderKLWan() default = Wan2.1's). Another
+#: VAE (the tiny one) scales them: FLOPs with its parameters (channels squared), bytes with their square root.
+VAE_REFERENCE_PARAMS = 126_892_531
 VAE_BYTES = 4  # the VAE runs in fp32
 LATENT_CHANNELS_BYTES = 4  # latents travel in fp32
 
@@ -246,8 +252,11 @@ def _geometry(video: VideoSpec, model: ModelSpec, method: AtlasConfig) -> _Geome
 
 
 def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
-             run: RunSettings | None = None, profile: str | DeviceProfile = "h100", *, suggest: bool = True) -> CostReport:
+             run: RunSettings | None = None, profile: str | DeviceProfile = "h100", *,
+             suggest: bool = True) -> CostReport:
     """Cost of generating ``video`` with ``model`` / ``method`` on ``plan`` (see the module docstring).
+
+    ``suggest``: when the detail stage does not fit, look for the smallest worker count that does (re-estimates).
 
     Raises ConfigError for geometry that does not work (window not tiling, proxy scale not dividing) and PlanError
     for a plan the model or windows cannot carry; a run that does not fit memory is reported (fits=False).
@@ -297,8 +306,6 @@ def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: Para
 
 def _maybe(fn, *args):
     """A comparison column (another mode) that this geometry cannot run is None, not an error."""
-    from ..errors import ConfigError
-
     try:
         return fn(*args)
     except ConfigError:
@@ -361,7 +368,8 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
     full_step = passes * full_forward_flops(model, n)
     rank_tokens = shares["tokens_per_rank"]
     rank_attn = passes * _rank_attention(geo, model, method, plan, shares)
-    rank = rank_attn + passes * (L * linear_flops_per_layer(model, rank_tokens)["total"] + embed_flops(model, rank_tokens))
+    rank_linear = L * linear_flops_per_layer(model, rank_tokens)["total"] + embed_flops(model, rank_tokens)
+    rank = rank_attn + passes * rank_linear
     proxy_fwd = full_forward_flops(model, geo.proxy.size) if geo.proxy else 0
     joint = method.proxy_mode == "joint" and geo.proxy is not None
     if joint:  # the proxy runs inside every detail forward, on every rank
@@ -370,7 +378,7 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
     proxy_step = passes * proxy_fwd
     cache = 0 if joint or geo.proxy is None else passes * proxy_fwd * plan.workers  # each rank builds its own
     text = 2 * model.text_encoder_params * model.text_len * passes
-    vae = int(VAE_DECODE_FLOPS_PER_PIXEL * _decode_pixels(geo, run))
+    vae = int(VAE_DECODE_FLOPS_PER_PIXEL * _decode_pixels(geo, run) * model.vae_params / VAE_REFERENCE_PARAMS)
     video = {"text_encoder": text, "proxy_stage": proxy_step * run.proxy_steps, "proxy_cache": cache,
              "detail_stage": detail * run.detail_steps, "vae_decode": vae}
     video["total"] = sum(video.values())
@@ -424,7 +432,7 @@ def _memory(geo, model, method, plan, run, b, shares) -> dict:
     detail["activations"] = _activations(model, rank_tokens, b, extra)
     phases["detail_stage"] = detail
     phases["decode"] = {"weights": model.vae_params * VAE_BYTES,
-                        "activations": _decode_tile_bytes(geo, run)}
+                        "activations": _decode_tile_bytes(geo, run, model)}
     for phase in phases.values():
         phase["total"] = sum(phase.values())
     return phases
@@ -435,9 +443,9 @@ def _activations_text(model: ModelSpec, b: int) -> int:
     return 16 * model.text_len * model.text_dim * b * 2
 
 
-def _decode_tile_bytes(geo: _Geometry, run: RunSettings) -> int:
+def _decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec) -> int:
     tile_px = min(run.decode_tile, geo.grid.h * 2) * 8 * min(run.decode_tile, geo.grid.w * 2) * 8
-    return VAE_DECODE_BYTES_PER_TILE_PIXEL * tile_px
+    return int(VAE_DECODE_BYTES_PER_TILE_PIXEL * tile_px * math.sqrt(model.vae_params / VAE_REFERENCE_PARAMS))
 
 
 # -- communication --------------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""`atlasvid-dist plan`: JSON and table output, refusal of a run that does not fit, exit code 2 for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from atlasvid_dist.cli.main import app
+
+runner = CliRunner()
+KEYS = ("detail_tokens", "proxy_tokens", "attention_flops_ratio", "memory_per_rank_bytes", "fits", "reasons")
+
+
+def plan(*args):
+    return runner.invoke(app, ["plan", *args])
+
+
+def test_json_has_the_keys_and_hand_computed_tokens():
+    r = plan("--res", "4k", "--frames", "81", "--gpus", "8", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert all(k in d for k in KEYS)
+    assert d["detail_tokens"] == 680_400 and d["proxy_tokens"] == 21_600  # auto proxy scale 3: a 720P proxy
+    assert d["fits"] is True and d["reasons"] == []
+    assert 400 < d["attention_flops_ratio"] < 680
+    assert d["inputs"]["parallel"]["workers"] == 8
+
+
+def test_table_output():
+    r = plan("--res", "2k", "--frames", "81", "--model", "wan2.1-14b", "--gpus", "4")
+    assert r.exit_code == 0, r.output
+    assert "302,400" in r.stdout and "memory / rank" in r.stdout and "fits" in r.stdout
+
+
+def test_14b_8k_on_one_gpu_is_refused_with_reasons():
+    r = plan("--res", "8k", "--frames", "29", "--model", "wan2.1-14b", "--gpus", "1", "--pad-windows", "--json")
+    assert r.exit_code == 2
+    d = json.loads(r.stdout)
+    assert d["fits"] is False and d["detail_tokens"] == 1_036_800
+    assert d["memory_per_rank_bytes"] > 80 * 2**30 and any("--gpus" in x for x in d["reasons"])
+    assert r.stderr.startswith("error: plan does not fit") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--frames", "80"], "frames"), (["--res", "9k"], "res"), (["--res", "1000x720"], "width"),
+    (["--window", "3,15"], "window"), (["--attention", "sparse"], "attention"), (["--dtype", "fp8"], "dtype"),
+    (["--gpus", "2", "--workers", "4"], "workers"), (["--spatial-scale", "7"], "spatial_scale"),
+    (["--device-profile", "a100"], "device_profile"), (["--model", "/nonexistent/wan"], "model"),
+    (["--res", "8k", "--frames", "29"], "window.t"),  # 8 latent frames: window 3 does not tile without padding
+    (["--gpus", "16", "--model", "wan2.1-14b", "--proxy-parallel", "ulysses"], "ulysses_degree"),
+])
+def test_bad_input_exits_2_naming_the_field(args, field):
+    r = plan(*args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: ") and field in r.stderr and "Traceback" not in r.stderr
+
+
+def _write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_model_folder_shapes_are_read(tmp_path):
+    """--model DIR reads transformer/config.json (no weights); here a 14B-shaped folder of configs."""
+    root = tmp_path / "wan"
+    _write_json(root / "model_index.json", {k: ["diffusers", "X"] for k in
+                                            ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")})
+    _write_json(root / "transformer" / "config.json", {
+        "_class_name": "WanTransformer3DModel", "num_layers": 40, "num_attention_heads": 40,
+        "attention_head_dim": 128, "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+        "freq_dim": 256, "patch_size": [1, 2, 2]})
+    _write_json(root / "vae" / "config.json", {"_class_name": "AutoencoderKLWan", "z_dim": 16})
+    _write_json(root / "text_encoder" / "config.json", {"d_model": 4096})
+    _write_json(root / "tokenizer" / "tokenizer_config.json", {})
+    _write_json(root / "scheduler" / "scheduler_config.json", {})
+    from_dir = json.loads(plan("--model", str(root), "--gpus", "8", "--json").stdout)
+    preset = json.loads(plan("--model", "wan2.1-14b", "--gpus", "8", "--json").stdout)
+    assert from_dir["attention_flops_per_layer"] == preset["attention_flops_per_layer"]
+    assert from_dir["memory"]["detail_stage"]["weights"] == preset["memory"]["detail_stage"]["weights"]
+    (root / "transformer" / "config.json").unlink()
+    r = plan("--model", str(root))
+    assert r.exit_code == 2 and "config.json" in r.stderr

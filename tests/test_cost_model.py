@@ -1,0 +1,215 @@
+"""The cost model against hand-computed figures, the geometry, the halo plan and a measured H100 run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from atlasvid_dist.config import AtlasConfig, VideoSpec, model_preset
+from atlasvid_dist.config.parallel import ParallelPlan
+from atlasvid_dist.cost import RunSettings, estimate
+from atlasvid_dist.cost.model import linear_flops_per_layer
+from atlasvid_dist.cost.ranks import group_share
+from atlasvid_dist.errors import ConfigError, PlanError
+from atlasvid_dist.geometry import Grid, ProxyGeometry, WindowSpec, proxy_regions
+from atlasvid_dist.parallel.halo import halo_plan
+from atlasvid_dist.parallel.sharding import shard_windows
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+WAN13, WAN14 = model_preset("wan2.1-1.3b"), model_preset("wan2.1-14b")
+
+
+def gpu_plan(workers=1, **kw):
+    return ParallelPlan(workers=workers, device="cuda", gpus=max(workers, kw.pop("gpus", 1)), **kw)
+
+
+def est(res, frames, model=WAN13, workers=1, run=None, profile="h100", plan=None, **method):
+    method.setdefault("spatial_scale", 3)
+    return estimate(VideoSpec.from_res(res, frames=frames), model, AtlasConfig(**method),
+                    plan or gpu_plan(workers), run or RunSettings(), profile)
+
+
+# -- tokens ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("res,frames,kw,tokens", [
+    ("4k", 81, dict(spatial_scale=3), 680_400),            # 21 x 135 x 240
+    ("2k", 321, dict(spatial_scale=2), 1_166_400),         # 81 x 90 x 160
+    ("8k", 29, dict(spatial_scale=6, pad_windows=True), 1_036_800),  # 8 x 270 x 480
+])
+def test_detail_tokens_hand_computed(res, frames, kw, tokens):
+    r = est(res, frames, **kw)
+    assert r.detail_tokens == tokens == math.prod(r.detail_grid)
+
+
+def test_proxy_and_window_counts_4k():
+    r = est("4k", 81, workers=8)
+    assert r.proxy_grid == (6, 45, 80) and r.proxy_tokens == 21_600  # 720P proxy at 4 fps
+    assert (r.num_windows, r.window_tokens) == (7 * 9 * 15, 720)
+    assert r.windows_per_rank == math.ceil(945 / 8) and r.tokens_per_rank == 119 * 720
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------------------
+def test_full_attention_flops_formula_small_case():
+    # tiny model (2 heads x 12) at 480p x 9 frames: grid 3 x 30 x 52 = 4,680 tokens; 4 * 4680^2 * 24
+    r = est("480p", 9, model=model_preset("tiny"), mode="full", plan=ParallelPlan())
+    assert r.detail_tokens == 4_680
+    assert r.attention_flops_per_layer["full"] == 2_102_630_400
+
+
+def test_linear_flops_per_layer_hand_computed():
+    d, f, lt, n = 1536, 8960, 512, 1000
+    lin = linear_flops_per_layer(WAN13, n)
+    assert lin["qkvo"] == 2 * n * 4 * d * d
+    assert lin["ffn"] == 2 * n * 2 * d * f
+    assert lin["cross_attention"] == 2 * n * 2 * d * d + 2 * lt * 2 * d * d + 4 * n * lt * d
+
+
+def test_atlas_ratio_4k_matches_window_plus_aligned_context():
+    grid = Grid(21, 135, 240)
+    proxy = ProxyGeometry(grid, 4, 3).grid
+    base = WindowSpec(grid, (3, 15, 16))
+    _, size = proxy_regions(base, proxy, (4.0, 3.0, 3.0), (1, 1, 1))
+    ctx = math.prod(size)
+    assert ctx == 4 * 8 * 9
+    unshifted = est("4k", 81, shift=False)
+    assert unshifted.attention_flops_ratio == pytest.approx(680_400 / (720 + ctx))  # ~675x
+    # shifted layers (every other one) run partial windows padded: 8 x 10 x 16 windows instead of 7 x 9 x 15
+    shifted = est("4k", 81)
+    n_shift = WindowSpec(grid, (3, 15, 16), (1, 7, 8)).num_windows
+    assert n_shift == 1280
+    mean_windows = (945 + n_shift) / 2
+    assert shifted.attention_flops_ratio == pytest.approx(680_400 ** 2 / (mean_windows * 720 * (720 + ctx)), rel=1e-6)
+    assert 675 / 1.4 < shifted.attention_flops_ratio < 675
+
+
+def test_attention_free_limit_matches_design():
+    # DESIGN §7: even free self-attention leaves ~49x per step on 1.3B shapes and ~24x on 14B at 4K x 81
+    assert 48 < est("4k", 81, model=WAN13).attention_free_limit < 50.5
+    assert 23 < est("4k", 81, model=WAN14).attention_free_limit < 25
+
+
+def test_proxy_init_runs_fewer_detail_steps():
+    noise = est("4k", 81, run=RunSettings(steps=30))
+    proxy = est("4k", 81, run=RunSettings(steps=30, detail_init="proxy", init_strength=0.5))
+    assert proxy.detail_steps == 15
+    assert proxy.flops_per_video["detail_stage"] * 2 == noise.flops_per_video["detail_stage"]
+    with pytest.raises(ConfigError, match="detail_init"):
+        est("4k", 81, mode="full", run=RunSettings(detail_init="proxy"))
+
+
+def test_guidance_doubles_step_flops():
+    one = est("4k", 81, run=RunSettings(guidance=1.0))
+    two = est("4k", 81, run=RunSettings(guidance=5.0))
+    assert two.flops_per_step["detail"] == 2 * one.flops_per_step["detail"]
+
+
+# -- memory ---------------------------------------------------------------------------------------------------
+def test_memory_matches_measured_h100_step():
+    """benchmarks/results: 1.3B, 4K x 81 atlas (spatial scale 3), bf16, one forward, one H100."""
+    measured = json.loads((RESULTS / "step-wan2.1-1.3b-cuda-bf16.json").read_text())["rows"]
+    r = est("4k", 81, run=RunSettings(guidance=1.0, dtype="bf16"))
+    detail = r.memory["detail_stage"]
+    assert detail["proxy_kv_cache"] == measured["4k_atlas_proxy_cache_bytes"]  # 30 x 2 x 21,600 x 1536 x 2 B
+    assert detail["total"] == pytest.approx(measured["4k_atlas_peak_memory_bytes"], rel=0.1)
+
+
+@pytest.mark.parametrize("model,res,mode,scale,measured", [
+    # measured on one H100, bf16, one forward, random weights: python -m atlasvid_dist.cost.calibrate
+    (WAN13, "2k", "atlas", 2, 24_359_049_216),
+    (WAN14, "720p", "full", 1, 38_043_741_184),
+])
+def test_memory_matches_calibration_points(model, res, mode, scale, measured):
+    r = est(res, 81, model=model, mode=mode, spatial_scale=scale, run=RunSettings(guidance=1.0, dtype="bf16"))
+    assert r.memory["detail_stage"]["total"] == pytest.approx(measured, rel=0.1)
+
+
+def test_proxy_cache_per_rank_holds_only_what_its_windows_read():
+    full = est("4k", 81, workers=1).memory["detail_stage"]["proxy_kv_cache"]
+    per_rank = est("4k", 81, workers=8).memory["detail_stage"]["proxy_kv_cache"]
+    assert full / 8 < per_rank < full
+    everything = est("4k", 81, workers=8, proxy_context="all").memory["detail_stage"]["proxy_kv_cache"]
+    assert everything == full
+    joint = est("4k", 81, workers=8, proxy_mode="joint").memory["detail_stage"]
+    assert "proxy_kv_cache" not in joint
+
+
+def test_more_ranks_less_memory_and_fp32_more():
+    one, eight = est("4k", 81, workers=1), est("4k", 81, workers=8)
+    assert eight.memory_per_rank_bytes < one.memory_per_rank_bytes
+    fp32 = est("4k", 81, run=RunSettings(dtype="fp32"))
+    assert fp32.memory["detail_stage"]["weights"] == 2 * one.memory["detail_stage"]["weights"]
+
+
+def test_14b_8k_on_one_gpu_refused_with_reasons():
+    r = est("8k", 29, model=WAN14, spatial_scale=6, pad_windows=True)
+    assert not r.fits
+    assert r.memory_per_rank_bytes > r.memory_usable_bytes
+    assert any("detail_stage needs" in x and "GiB" in x for x in r.reasons)
+    assert any("--gpus" in x for x in r.reasons)
+    with pytest.raises(PlanError, match="does not fit"):
+        r.raise_if_unfit()
+    assert est("8k", 29, model=WAN14, workers=8, spatial_scale=6, pad_windows=True).fits
+
+
+def test_cpu_host_memory_is_shared_by_workers():
+    plan = ParallelPlan(workers=4, device="cpu")
+    r = est("480p", 9, model=model_preset("tiny"), plan=plan, profile="cpu", spatial_scale=2, pad_windows=True)
+    assert r.fits and r.memory_usable_bytes == int(32 * 2**30 * 0.8) // 4
+    assert r.inputs["dtype"] == "fp32"  # auto on CPU
+
+
+# -- communication --------------------------------------------------------------------------------------------
+def test_stage1_ulysses_bytes_hand_computed():
+    plan = gpu_plan(4, proxy_parallel="ulysses", ulysses_degree=4)
+    r = est("4k", 81, plan=plan, run=RunSettings(guidance=5.0))
+    # 2 passes x 30 layers x 4 all-to-alls x (21,600 / 4 tokens x 1536 x 2 B) x 3/4
+    assert r.comm_bytes_per_proxy_step_per_rank == 2 * 30 * 4 * (21_600 // 4) * 1536 * 2 * 3 // 4
+
+
+def test_unshifted_windows_need_no_halo_and_shifted_ones_do():
+    assert est("4k", 81, workers=8, shift=False).comm_bytes_per_step_per_rank["total"] == 0
+    assert est("4k", 81, workers=8).comm_bytes_per_step_per_rank["halo"] > 0
+    assert est("4k", 81, workers=1).comm_bytes_per_step_per_rank["total"] == 0
+
+
+def test_group_share_agrees_with_halo_plan():
+    grid = Grid(6, 30, 32)
+    base, shifted = WindowSpec(grid, (3, 15, 16)), WindowSpec(grid, (3, 15, 16), (1, 7, 8))
+    sharding = shard_windows(base, 3)
+    share = group_share(sharding, shifted, None, (1.0, 1.0, 1.0), (0, 0, 0), aligned=False)
+    plans = [halo_plan(sharding, shifted, r) for r in range(3)]
+    assert share.halo_tokens == max(p.num_halo for p in plans) > 0
+    assert share.touched_windows == max(int(p.windows.numel()) for p in plans)
+    assert share.tokens == max(sharding.tokens_per_rank)
+
+
+# -- the parallel plan ----------------------------------------------------------------------------------------
+def test_parallel_plan_refusals_print_every_factor():
+    with pytest.raises(ConfigError, match=r"workers = 9 > gpus = 8"):
+        ParallelPlan(workers=9, device="cuda", gpus=8)
+    with pytest.raises(ConfigError, match=r"ulysses_degree \(3\) x ring_degree \(1\) = 3 must divide workers = 8"):
+        ParallelPlan(workers=8, device="cuda", gpus=8, proxy_parallel="ulysses", ulysses_degree=3)
+    with pytest.raises(ConfigError, match="window_group"):
+        ParallelPlan(workers=8, window_group=3)
+    with pytest.raises(ConfigError, match="proxy_parallel"):
+        ParallelPlan(workers=4, ulysses_degree=4)
+    with pytest.raises(PlanError, match=r"ulysses_degree = 16 does not divide the model's heads = 40"):
+        ParallelPlan(workers=16, device="cuda", gpus=16, proxy_parallel="ulysses",
+                     ulysses_degree=16).check_against(WAN14, 945)
+    with pytest.raises(PlanError, match=r"8 window groups .* only 6 windows"):
+        ParallelPlan(workers=8).check_against(WAN13, 6)
+    ParallelPlan(workers=8, window_group=2).check_against(WAN13, 6)  # 4 groups of 2 ranks: fine
+
+
+def test_full_attention_over_ranks_needs_dividing_heads_or_ring():
+    with pytest.raises(PlanError, match="heads = 12"):
+        est("4k", 81, mode="full", workers=8)
+    ring = est("4k", 81, mode="full", plan=gpu_plan(8, window_parallel="ring"))
+    assert ring.tokens_per_rank == 680_400 // 8
+    # ring: keys and values of the 7 other shards pass through every rank, every layer, both passes
+    assert ring.comm_bytes_per_step_per_rank["window_split"] == 2 * 30 * 2 * (680_400 // 8) * 1536 * 2 * 7
+
+
+def test_estimate_checks_the_plan_before_costing():
+    with pytest.raises(PlanError, match="window groups"):
+        est("480p", 9, model=model_preset("tiny"), plan=ParallelPlan(workers=64), spatial_scale=2, pad_windows=True)
