@@ -5,12 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from atlasvid_dist.config import AtlasConfig, VideoSpec, model_preset
 from atlasvid_dist.config.parallel import ParallelPlan
 from atlasvid_dist.cost import RunSettings, estimate
 from atlasvid_dist.cost.model import linear_flops_per_layer
-from atlasvid_dist.cost.ranks import group_share
+from atlasvid_dist.cost.ranks import group_share, owner_of_tokens
 from atlasvid_dist.errors import ConfigError, PlanError
 from atlasvid_dist.geometry import Grid, ProxyGeometry, WindowSpec, proxy_regions
 from atlasvid_dist.parallel.halo import halo_plan
@@ -181,6 +182,7 @@ def test_group_share_agrees_with_halo_plan():
     assert share.halo_tokens == max(p.num_halo for p in plans) > 0
     assert share.touched_windows == max(int(p.windows.numel()) for p in plans)
     assert share.tokens == max(sharding.tokens_per_rank)
+    assert torch.equal(owner_of_tokens(sharding), sharding.owner)
 
 
 # -- the parallel plan ----------------------------------------------------------------------------------------

@@ -554,10 +554,12 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
             return (f"--gpus {w} fits the detail stage ({_gib(r.memory['detail_stage']['total'])} per rank"
                     + ("" if r.fits else "; other phases still need attention") + ")")
         w *= 2
-    weights = report.memory["detail_stage"]["weights"]
-    return (f"no worker count up to {min(limit, 1024)} fits: the detail stage needs the weights "
-            f"({_gib(weights)}) plus activations on every rank; use a device with more memory or --window-group "
-            f"to split windows")
+    fixed = {"weights": report.memory["detail_stage"]["weights"]}
+    if method.proxy_context == "all" and "proxy_kv_cache" in report.memory["detail_stage"]:
+        fixed["the whole proxy K/V cache"] = report.memory["detail_stage"]["proxy_kv_cache"]
+    parts = " and ".join(f"{k} ({_gib(v)})" for k, v in fixed.items())
+    return (f"no worker count up to {min(limit, 1024)} fits: every rank holds the {parts} whatever the rank count; "
+            f"use a device with more memory, or --window-group to split windows")
 
 
 def _notes(video: VideoSpec, geo: _Geometry, method: AtlasConfig, plan: ParallelPlan, dtype: str) -> list[str]:

@@ -37,13 +37,21 @@ def shard(base: WindowSpec, groups: int) -> WindowSharding:
     return shard_windows(base, groups)
 
 
+def owner_of_tokens(sharding: WindowSharding) -> torch.Tensor:
+    """(N,) group of every raster token: the block of base windows its window falls in (vectorised
+    ``WindowSharding.owner``)."""
+    lay = window_layout(sharding.spec)
+    window_of = torch.div(lay.inverse, lay.window_tokens, rounding_mode="floor")  # (N,) base window of each token
+    return torch.searchsorted(torch.tensor(sharding.bounds[1:]), window_of, right=True)
+
+
 def group_share(sharding: WindowSharding, spec: WindowSpec, proxy: Grid | None, scales: tuple[float, float, float],
                 margin: Triple, aligned: bool) -> GroupShare:
     """Count, for every group at once, what one layer grid ``spec`` asks of it; return the maxima."""
     g = sharding.world_size
     lay = window_layout(spec)
     nw, wt = lay.num_windows, lay.window_tokens
-    owner = torch.cat([sharding.owner, torch.tensor([-1])])  # (N + 1,) -1 at the padding sentinel
+    owner = torch.cat([owner_of_tokens(sharding), torch.tensor([-1])])  # (N + 1,) -1 at the padding sentinel
     slot_owner = owner[lay.order.view(nw, wt)]  # (nw, wt) group of every slot, -1 at padding
     code = torch.arange(nw)[:, None] * (g + 1) + (slot_owner + 1)  # (nw, wt)
     counts = torch.bincount(code.reshape(-1), minlength=nw * (g + 1)).view(nw, g + 1)[:, 1:]  # (nw, g) own slots
