@@ -10,7 +10,7 @@ from atlasvid_dist.cli.generate import DEFAULTS, build_config
 from atlasvid_dist.cli.main import main
 from atlasvid_dist.pipeline.generate import RunInterrupted, TwoStageGenerator
 
-SMALL = dict(res="256x256", frames=9, steps=2, proxy_steps=2, window="3,8,8", guidance=3.0)
+SMALL = dict(res="256x256", frames=9, steps=2, proxy_steps=2, window="3,8,8", guidance=3.0, spatial_scale=2)
 
 
 def config(tmp_path, name="out", **kw):
@@ -159,3 +159,25 @@ def test_cli_generate_with_config_file(tmp_path, capsys):
     assert out.exists() and "256x256" in capsys.readouterr().out
     (tmp_path / "bad.yaml").write_text("promt: typo\n")
     assert cli("generate", "--config", str(tmp_path / "bad.yaml"), "--quiet") == 2
+
+
+def test_preflight_refuses_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import atlasvid_dist.models.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the pre-flight refused the run")
+
+    monkeypatch.setattr(loading, "load_components", no_load)
+    small = tmp_path / "small.yaml"
+    small.write_text("name: small\npeak_flops: 1.0e+12\npeak_flops_fp32: 1.0e+12\nefficiency: 0.5\n"
+                     "window_efficiency: 0.1\nmemory_bytes: 1000000\nshared_memory: true\n")
+    out = tmp_path / "never.mp4"
+    code = cli("generate", "--prompt", "x", "--res", "256x256", "--frames", "9", "--window", "3,8,8", "--quiet",
+               "--device-profile", str(small), "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit" in err and not out.exists()
+
+
+def test_preflight_passes_a_run_that_fits(tmp_path):
+    report = TwoStageGenerator(config(tmp_path, "fits"), progress=False).preflight()
+    assert report.fits

@@ -20,13 +20,13 @@ from ..errors import AtlasError, ConfigError, RunFailure
 from .common import parse_triple
 
 DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_steps=30, guidance=5.0, seed=0,
-                attention="atlas", window="3,15,16", shift=True, temporal_scale=4, spatial_scale=2,
+                attention="atlas", window="3,15,16", shift=True, temporal_scale=4, spatial_scale=0,
                 proxy_context="aligned", pad_windows=False, detail_init="noise", init_strength=0.7, device="cpu",
                 dtype="auto", out="out.mp4", negative_prompt="", flow_shift=5.0, proxy_flow_shift=5.0,
                 backend="auto")
 RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", "steps", "proxy_steps", "guidance",
             "flow_shift", "proxy_flow_shift", "seed", "detail_init", "init_strength", "device", "dtype", "out",
-            "save_proxy", "save_latents", "run_dir", "text_len")
+            "save_proxy", "save_latents", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
 
 
 def build_config(values: dict) -> GenerateConfig:
@@ -35,8 +35,14 @@ def build_config(values: dict) -> GenerateConfig:
     video = VideoSpec.from_res(str(v.pop("res")), frames=_int("frames", v.pop("frames")), fps=_int("fps", v.pop("fps")))
     window = v.pop("window")
     window = parse_triple("window", window) if isinstance(window, str) else tuple(window)
+    scale = v.pop("spatial_scale")
+    if scale == 0:  # auto: a proxy of at most a 720P frame of tokens, aligned with the detail grid
+        from ..geometry.grid import latent_grid, token_grid
+        from .common import auto_spatial_scale
+
+        scale = auto_spatial_scale(token_grid(latent_grid(video.frames, video.gen_height, video.gen_width)))
     method = AtlasConfig(mode=v.pop("attention"), window=window, shift=v.pop("shift"),
-                         temporal_scale=v.pop("temporal_scale"), spatial_scale=v.pop("spatial_scale"),
+                         temporal_scale=v.pop("temporal_scale"), spatial_scale=scale,
                          proxy_context=v.pop("proxy_context"), pad_windows=v.pop("pad_windows"),
                          backend=v.pop("backend"))
     run = {k: v.pop(k) for k in RUN_KEYS if k in v}
@@ -74,7 +80,7 @@ def generate(
     shift: Optional[bool] = typer.Option(None, "--shift/--no-shift", help="Alternate half-shifted windows over layers. [default: shift]"),
     pad_windows: Optional[bool] = typer.Option(None, "--pad-windows/--no-pad-windows", help="Allow windows that do not tile the grid (masked padding). [default: no]"),
     temporal_scale: Optional[int] = typer.Option(None, help="r_t: proxy fps = fps / r_t. [default: 4]"),
-    spatial_scale: Optional[int] = typer.Option(None, help="Detail tokens per proxy token in height and width. [default: 2]"),
+    spatial_scale: Optional[int] = typer.Option(None, help="Detail tokens per proxy token in height and width; 0 = auto (a proxy of at most 720P: 4K -> 3, 2K -> 2, 8K -> 6). [default: 0]"),
     proxy_context: Optional[str] = typer.Option(None, help="all|aligned proxy keys per window. [default: aligned]"),
     backend: Optional[str] = typer.Option(None, help="auto|sdpa|flex|reference attention kernel. [default: auto]"),
     detail_init: Optional[str] = typer.Option(None, help="noise|proxy: detail start. [default: noise]"),
@@ -86,6 +92,7 @@ def generate(
     save_latents: Optional[str] = typer.Option(None, help="Also write the final detail latents (.safetensors), before decoding."),
     run_dir: Optional[str] = typer.Option(None, help="Commit a checkpoint after every step in this folder."),
     resume: Optional[str] = typer.Option(None, help="Continue the run in this folder from its last committed step."),
+    device_profile: Optional[str] = typer.Option(None, help="Pre-flight memory check profile: h100|h200|cpu|FILE.yaml. [default: by device]"),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file setting any option (options override it)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
 ) -> None:

@@ -69,6 +69,8 @@ class GenerateConfig:
     """Spatial decode tile in latent cells (0 = auto)."""
     decode_overlap: int = 4
     """Overlap of decode tiles in latent cells."""
+    device_profile: str = "auto"
+    """Cost-model device profile for the pre-flight memory check: h100|h200|cpu|FILE.yaml; auto = by device."""
 
     def __post_init__(self) -> None:
         check(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", self.prompt, "must not be empty")

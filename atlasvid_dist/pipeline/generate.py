@@ -79,6 +79,7 @@ class TwoStageGenerator:
     # ------------------------------------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> RunResult:
         cfg = self.cfg
+        self.preflight()
         ckpt = self._checkpointer(resume)
         t0 = time.perf_counter()
         comp = self._load()
@@ -100,6 +101,30 @@ class TwoStageGenerator:
                          f"{state['stage']} step {state['step']}" if state else None)
 
     # ------------------------------------------------------------------------------------------------ stages
+    def preflight(self):
+        """The cost model's fit check, before any model loads: PlanError (exit 2) with the numbers if it won't fit."""
+        from ..config.model import model_preset
+        from ..config.parallel import ParallelPlan
+        from ..cost.model import RunSettings, estimate
+
+        cfg = self.cfg
+        if cfg.model == "tiny":
+            spec = model_preset("tiny")
+        else:
+            from ..models.loading import read_model_spec
+
+            spec = read_model_spec(cfg.model)
+        profile = cfg.device_profile
+        if profile == "auto":
+            profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
+        plan = ParallelPlan(workers=1, device=cfg.device, gpus=1 if cfg.device == "cuda" else 0)
+        run = RunSettings(dtype=cfg.dtype, steps=cfg.steps, proxy_steps=cfg.proxy_steps, guidance=cfg.guidance,
+                          detail_init=cfg.detail_init, init_strength=cfg.init_strength,
+                          decode_tile=cfg.decode_tile or 32, decode_overlap=cfg.decode_overlap)
+        report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
+        report.raise_if_unfit()
+        return report
+
     def _load(self):
         if self.components is None:
             from ..models.loading import load_components
