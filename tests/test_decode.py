@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from atlasvid_dist.errors import ConfigError, InputError, RunFailure
-from atlasvid_dist.pipeline.decode import (DecodeTiling, Tile, TileBlender, crop_offset, decode_stream, decode_tile_stream,
-                                           plan_tiles, to_uint8, unnormalize_latents, vae_scale)
+from atlasvid_dist.pipeline.decode import (DecodeTiling, Tile, TileBlender, crop_offset, decode_stream,
+                                           decode_tile_stream, plan_tiles, to_uint8, unnormalize_latents, vae_scale)
 
 
 @pytest.fixture(scope="module")
@@ -256,9 +256,9 @@ def test_decode_memory_does_not_grow_with_frames(vae):
 def test_decode_stream_window_is_one_chunk(vae):
     lat = latents(5, 4, 6)
     tiling = DecodeTiling(tile=3, overlap=1, chunk_frames=2)
-    tiles = plan_tiles((4, 6), tiling)
-    blender = TileBlender(tiles, frames=17, scale=8, pixel_hw=(32, 48), max_window=8)
-    streams = [decode_tile_stream(vae, lat, t, tiling) for t in tiles]
+    blender = TileBlender.for_latents((5, 4, 6), tiling, vae_scale(vae), max_window=8)
+    assert (blender.frames, len(blender.tiles)) == (17, 6)
+    streams = [decode_tile_stream(vae, lat, t, tiling) for t in blender.tiles]
     out = []
     while not blender.done:
         i = blender.next_tile()

@@ -11,9 +11,11 @@ a feature cache (the last two input frames of each causal conv). Here every spat
   one chunk of frames (4 video frames per latent frame) is alive whatever the clip length.
 
 Memory, honestly: the frames alive are bounded, but the decoder state is not small. Each tile's cache holds
-~605 KB per latent cell in fp32 for the Wan2.1 VAE (measured: :func:`decoder_state_bytes_per_cell`), i.e. ~78 GB
-fp32 / ~39 GB bf16 for a whole 4K frame (270x480 cells) plus the tile overlaps, ~314/157 GB at 8K. It does not
-grow with the frame count, but a whole 8K frame's state does not fit on one GPU: spread the tiles over ranks.
+605,312 B per latent cell in fp32 (302,656 in bf16) for the Wan2.1 VAE (measured:
+:func:`decoder_state_bytes_per_cell`), i.e. ~39 GB bf16 for a whole 4K frame (270x480 cells) plus the tile
+overlaps, ~157 GB at 8K. It does not grow with the frame count (H100, bf16, random Wan2.1 VAE weights, 720p,
+tile 32 / overlap 4 = 24 tiles: peak 5.67 GiB for 13, 29 and 61 frames, ~0.17 s per frame), but a whole 8K
+frame's state does not fit on one GPU: spread the tiles over ranks.
 
 The library's modules are called as they are, with their own arguments (``post_quant_conv``, ``decoder`` with
 ``feat_cache``/``feat_idx``/``first_chunk``, exactly as its own ``_decode`` drives them); nothing is patched.
@@ -305,6 +307,14 @@ class TileBlender:
         """Most frames held at once so far (accumulators alive)."""
         self._acc: dict[int, np.ndarray] = {}
 
+    @classmethod
+    def for_latents(cls, latent_fhw: tuple[int, int, int], tiling: DecodeTiling, scale: VaeScale,
+                    out_hw: tuple[int, int] | None = None, max_window: int | None = None) -> "TileBlender":
+        """The blender for a (f, h, w) latent cut by ``plan_tiles`` (a writer needs no VAE, only its scale)."""
+        f, h, w = latent_fhw
+        return cls(plan_tiles((h, w), tiling), frames=scale.frames(f), scale=scale.spatial,
+                   pixel_hw=(h * scale.spatial, w * scale.spatial), out_hw=out_hw, max_window=max_window)
+
     def _placement(self, t: Tile) -> _Placement | None:
         py0, py1, px0, px1 = t.pixel_box(self.scale)
         s = self.scale
@@ -394,12 +404,9 @@ def decode_stream(vae, latents: torch.Tensor, tiling: DecodeTiling,
     """
     _check_latents(vae, latents)
     scale = vae_scale(vae)
-    f, h, w = latents.shape[2:]
-    tiles = plan_tiles((h, w), tiling)
-    pixel_hw = (h * scale.spatial, w * scale.spatial)
-    blender = TileBlender(tiles, frames=scale.frames(f), scale=scale.spatial, pixel_hw=pixel_hw, out_hw=out_hw,
-                          max_window=tiling.chunk_frames * scale.temporal)
-    streams = [decode_tile_stream(vae, latents, t, tiling) for t in tiles]
+    blender = TileBlender.for_latents(tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw,
+                                      max_window=tiling.chunk_frames * scale.temporal)
+    streams = [decode_tile_stream(vae, latents, t, tiling) for t in blender.tiles]
     return _drive(blender, streams)
 
 
