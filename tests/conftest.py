@@ -9,15 +9,13 @@ import torch  # noqa: E402
 
 
 def make_tiny_wan(num_layers: int = 2, seed: int = 0):
-    """diffusers' own test shapes: 2 heads x 12, text dim 32, ffn 32, 16 latent channels."""
+    """diffusers' own test shapes (the package's tiny config), with a chosen depth and seed."""
     from diffusers import WanTransformer3DModel
 
+    from atlasvid_dist.models.tiny import TINY_TRANSFORMER_CONFIG
+
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                  in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
-                                  num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                  rope_max_seq_len=64)
-    return model.eval()
+    return WanTransformer3DModel(**{**TINY_TRANSFORMER_CONFIG, "num_layers": num_layers}).eval()
 
 
 @pytest.fixture(scope="session")

@@ -18,17 +18,6 @@ from ..geometry.grid import ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 
 
-def tiny_transformer(seed: int = 0, num_layers: int = 2):
-    """diffusers' own test shapes (2 heads x 12, text dim 32): the tiny Wan used offline."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                 in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
-                                 num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                 rope_max_seq_len=1024).eval()
-
-
 def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080p|2k|4k|8k) or WxH, pixels."),
          frames: int = typer.Option(9, help="Frames (4k+1)."),
          window: str = typer.Option("3,15,16", help="Window in tokens T,H,W."),
@@ -47,7 +36,9 @@ def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080
     grid = token_grid(lat)
     proxy = ProxyGeometry(grid, temporal_scale, spatial_scale).grid
     spec = WindowSpec(grid, cfg.window, pad=pad_windows)
-    tr = tiny_transformer(seed)
+    from ..models.tiny import build_tiny_transformer
+
+    tr = build_tiny_transformer(seed)
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 16, lat.t, lat.h, lat.w, generator=g)
     proxy_lat = torch.randn(1, 16, proxy.t, proxy.h * 2, proxy.w * 2, generator=g)
