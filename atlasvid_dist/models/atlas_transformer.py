@@ -186,11 +186,27 @@ class AtlasTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def _run(self, latents, timestep, text, grid: Grid, attend: Attend, head: bool = True,
              checkpoint: bool = True) -> torch.Tensor | None:
+        x, temb, tproj, text = self.embed(latents, timestep, text)
+        x = self.run_blocks(x, text, tproj, attend, checkpoint=checkpoint)
+        if not head:
+            return None
+        return self.head(x, temb, grid, latents.shape[0])
+
+    # -------------------------------------------------------------- pieces for runtimes that shard the tokens
+    def embed(self, latents, timestep, text):
+        """Patch-embed latents to tokens (B, N, D) in raster order; embed timestep and text.
+
+        Returns (tokens, temb, tproj (B, 6, D), text (B, L, D)). Every later op but self-attention is per token,
+        so a runtime may keep only its own tokens and run :meth:`run_blocks` on them.
+        """
         tr = self.transformer
-        b = latents.shape[0]
         x = tr.patch_embedding(latents).flatten(2).transpose(1, 2)  # (B, N, D)
         temb, tproj, text, _ = tr.condition_embedder(timestep, text, None)
-        tproj = tproj.unflatten(1, (6, -1))  # (B, 6, D)
+        return x, temb, tproj.unflatten(1, (6, -1)), text  # tproj (B, 6, D)
+
+    def run_blocks(self, x, text, tproj, attend: Attend, checkpoint: bool = True) -> torch.Tensor:
+        """All blocks on tokens x (B, n, D); ``attend(layer, q, k, v)`` does the self-attention of those tokens."""
+        tr = self.transformer
         use_ckpt = checkpoint and torch.is_grad_enabled() and getattr(tr, "gradient_checkpointing", False)
         for i, block in enumerate(tr.blocks):
             if use_ckpt:
@@ -198,9 +214,7 @@ class AtlasTransformer(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = self._block(i, block, x, text, tproj, attend)
-        if not head:
-            return None
-        return self._head(x, temb, grid, b)
+        return x
 
     def _block(self, i: int, block: nn.Module, x, text, tproj, attend: Attend) -> torch.Tensor:
         """One WanTransformerBlock with its own layers, self-attention by ``attend`` (same arithmetic as diffusers)."""
@@ -227,7 +241,8 @@ class AtlasTransformer(nn.Module):
         out = attend(i, q, k, v).flatten(2, 3).type_as(q)  # (B, N, H*D)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _head(self, x, temb, grid: Grid, b: int) -> torch.Tensor:
+    def head(self, x, temb, grid: Grid, b: int) -> torch.Tensor:
+        """Tokens (B, N, D) in raster order -> velocity (B, C, f, h, w)."""
         tr = self.transformer
         shift, scale = (tr.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (tr.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
