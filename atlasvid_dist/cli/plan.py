@@ -27,7 +27,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
          steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
          detail_init: c.DetailInit = "noise", init_strength: c.InitStrength = 0.7, dtype: c.Dtype = "auto",
          device_profile_name: c.DeviceProfileOpt = None,
-         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table.")) -> None:
+         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+         plot: str = typer.Option(None, "--plot", help="Also draw the window-to-rank layout and the cost breakdown to FILE.png.")) -> None:
     """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
     video = c.build_video(res, frames, fps)
     spec = c.resolve_model(model)
@@ -41,6 +42,12 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
     report = estimate(video, spec, method, par, run, profile)
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else format_report(report))
+    if plot:
+        from ..cost.attention import layer_spec
+        from .plot import save_plan_plot
+
+        spec = layer_spec(method, c.detail_grid(video, spec), 0) if method.mode != "full" else None
+        save_plan_plot(plot, report, spec, max(1, par.num_window_groups))
     if not report.fits:
         raise PlanError("plan does not fit: " + "; ".join(report.reasons))
 
