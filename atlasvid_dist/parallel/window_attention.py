@@ -1,0 +1,153 @@
+"""Window attention of the detail branch on one rank of a window sharding: an ``attend`` callback for run_blocks.
+
+:class:`ShardedWindowAttention` is what :class:`~atlasvid_dist.models.attention.detail.DetailAttention` does for
+the whole grid, restricted to the tokens one rank owns (``WindowSharding.token_index(rank)``, local order). It
+is called by every block with that block's un-rotated q, k, v (B, N_local, H, D) and returns the attention
+output of the rank's own queries (B, N_local, H, D), in local order. Per layer:
+
+* the layer's window grid is the base grid (unshifted): every window the rank touches is its own, the halo plan
+  has no peers, and nothing is sent;
+* any other grid (shifted windows): the keys/values of foreign tokens in the rank's windows (the halo) arrive
+  from their owners through :func:`~atlasvid_dist.parallel.halo.halo_exchange` (keys already rotated, keys and
+  values in one message per peer), then the rank's own queries attend inside the layer's windows;
+* proxy keys/values (mode 'atlas'): the rank keeps, per layer, only the proxy rows its windows read (the aligned
+  regions of its windows, or all rows for proxy_context 'all'); they are copied once at construction.
+
+The module is model-agnostic: it needs the geometry (AtlasConfig, grid, Rotary3D) and a ProxyKV-like object with
+``keys[layer]`` / ``values[layer]`` (B, Np, H, D) and ``grid``. Bytes sent are counted in a CommStats (category
+``halo.fwd``) and per layer in :attr:`ShardedWindowAttention.layer_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config.method import AtlasConfig
+from ..errors import ConfigError
+from ..geometry.grid import Grid
+from ..geometry.windows import WindowSpec, proxy_regions
+from ..models.attention.kernels import windows_sdpa
+from ..models.rope import Rotary3D, apply_rotary
+from .comm import CommStats
+from .halo import HaloPlan, gather_keys, gather_queries, halo_exchange, halo_plan, scatter_output
+from .sharding import WindowSharding, shard_windows
+
+
+def base_spec(config: AtlasConfig, grid: Grid) -> WindowSpec:
+    """The unshifted window grid of the first schedule entry: the grid the windows are sharded by."""
+    window, _ = config.layer_entries()[0]
+    return WindowSpec(grid, window, (0, 0, 0), pad=config.pad_windows)
+
+
+def layer_spec(config: AtlasConfig, grid: Grid, layer: int) -> WindowSpec:
+    """The window grid of ``layer`` (same rule as DetailAttention.layer_spec)."""
+    entries = config.layer_entries()
+    window, shift = entries[layer % len(entries)]
+    return WindowSpec(grid, window, shift, pad=config.pad_windows)
+
+
+def shard_for(config: AtlasConfig, grid: Grid, world_size: int) -> WindowSharding:
+    """The window sharding of ``grid`` over ``world_size`` ranks (PlanError if there are fewer windows than ranks)."""
+    return shard_windows(base_spec(config, grid), world_size)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What one layer grid needs on this rank."""
+
+    plan: HaloPlan
+    proxy_rows: torch.Tensor | None
+    """(U,) proxy token rows the rank's windows read (None: no proxy)."""
+    proxy_index: torch.Tensor | None
+    """(W, C) rows of the rank's windows into the kept proxy rows (positions in ``proxy_rows``)."""
+
+
+class ShardedWindowAttention:
+    """``attend(layer, q, k, v)`` for one rank's tokens (see the module docstring)."""
+
+    def __init__(self, config: AtlasConfig, grid: Grid, rotary: Rotary3D, sharding: WindowSharding, rank: int,
+                 device: torch.device | str, proxy=None, scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 num_layers: int | None = None, group: dist.ProcessGroup | None = None,
+                 stats: CommStats | None = None, timeout: float | None = None):
+        if config.mode != "atlas":
+            raise ConfigError("method.mode", config.mode, "sharded window attention runs mode 'atlas' only")
+        if sharding.spec != base_spec(config, grid):
+            raise ConfigError("sharding.spec", sharding.spec, f"must be the base window grid {base_spec(config, grid)}")
+        self.config, self.grid, self.sharding, self.rank = config, grid, sharding, rank
+        self.device = torch.device(device)
+        self.group, self.timeout = group, timeout
+        self.stats = stats if stats is not None else CommStats()
+        self.layer_bytes: dict[int, int] = {}
+        self.token_index = sharding.token_index(rank)  # (N_local,) raster ids, local order
+        self.tables = rotary.for_grid(grid).index(self.token_index).to(self.device)
+        self.scales = scales
+        self._proxy_grid = None if proxy is None else proxy.grid
+        self._layers: dict[WindowSpec, _Layer] = {}
+        self._proxy_k: list[torch.Tensor] = []
+        self._proxy_v: list[torch.Tensor] = []
+        if proxy is not None:
+            n = len(proxy.keys) if num_layers is None else num_layers
+            for layer in range(n):  # keep only the proxy rows this rank's windows read
+                rows = self._layer(layer).proxy_rows.to(proxy.keys[layer].device)
+                self._proxy_k.append(proxy.keys[layer].index_select(1, rows).to(self.device))  # (B, U, H, D)
+                self._proxy_v.append(proxy.values[layer].index_select(1, rows).to(self.device))
+
+    @property
+    def num_local(self) -> int:
+        return int(self.token_index.numel())
+
+    def proxy_bytes(self) -> int:
+        """Bytes of proxy keys/values this rank keeps."""
+        return sum(t.numel() * t.element_size() for t in self._proxy_k + self._proxy_v)
+
+    # -- geometry -------------------------------------------------------------------------------------------------
+    def _layer(self, layer: int) -> _Layer:
+        spec = layer_spec(self.config, self.grid, layer)
+        if spec not in self._layers:
+            plan = halo_plan(self.sharding, spec, self.rank)
+            rows = index = None
+            if self._proxy_grid is not None:
+                if self.config.proxy_context == "aligned":
+                    full, _ = proxy_regions(spec, self._proxy_grid, self.scales, self.config.proxy_margin)
+                    mine = full[plan.windows]  # (W, C) proxy raster ids read by this rank's windows
+                    rows, index = torch.unique(mine, return_inverse=True)
+                else:  # 'all': every window reads every proxy token
+                    rows = torch.arange(self._proxy_grid.size)
+                    index = rows[None].expand(plan.windows.numel(), -1)
+                index = index.to(self.device)
+            self._layers[spec] = _Layer(plan.to(self.device), rows, index)
+        return self._layers[spec]
+
+    # -- the callback ---------------------------------------------------------------------------------------------
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, N_local, H, D) un-rotated, local order -> attention output (B, N_local, H, D)."""
+        lay = self._layer(layer)
+        plan = lay.plan
+        qr, kr = apply_rotary(q, self.tables), apply_rotary(k, self.tables)
+        b, _, h, d = kr.shape
+        before = self.stats.total()
+        if plan.peers:
+            kv = torch.cat([kr, v.to(kr.dtype)], dim=-1)  # (B, N_local, H, 2D): one message per peer
+            halo = halo_exchange(kv, plan, self.group, self.stats, step=f"layer {layer}", timeout=self.timeout)
+            hk, hv = halo[..., :d], halo[..., d:]  # (B, N_halo, H, D) each
+        else:  # base grid: own windows only, no communication
+            hk = hv = kr.new_empty(b, 0, h, d)
+        self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + self.stats.total() - before
+        qw = gather_queries(qr, plan)  # (B, W, Lq, H, D)
+        kw, vw = gather_keys(kr, hk, plan), gather_keys(v, hv.to(v.dtype), plan)  # (B, W, wt, H, D)
+        pk = pv = None
+        if lay.proxy_index is not None:
+            pk, pv = self._proxy_k[layer][:, lay.proxy_index], self._proxy_v[layer][:, lay.proxy_index]  # (B, W, C, H, D)
+            if pk.shape[0] != b:
+                pk, pv = pk.expand(b, *pk.shape[1:]), pv.expand(b, *pv.shape[1:])
+        out = torch.zeros_like(qw)
+        for w0, w1, lq in plan.buckets:  # windows with lq own tokens: no padded query rows computed
+            if lq == 0:
+                continue
+            out[:, w0:w1, :lq] = windows_sdpa(
+                qw[:, w0:w1, :lq], kw[:, w0:w1], vw[:, w0:w1], plan.key_valid[w0:w1], self.config.max_window_batch,
+                None if pk is None else pk[:, w0:w1], None if pv is None else pv[:, w0:w1])
+        return scatter_output(out, plan)  # (B, N_local, H, D)
