@@ -1,0 +1,104 @@
+"""Training settings (one frozen dataclass, read from YAML by config.files: unknown keys and wrong types refused)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import ConfigError, check
+
+BAD_DATA_POLICIES = ("skip", "stop")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One LoRA training run (stage 1: proxy; stage 2: detail reading the clean proxy through windows)."""
+
+    stage: int = 1
+    """1 trains the proxy (low fps, temporally scaled RoPE); 2 trains the detail branch with windows + proxy."""
+    data: str = ""
+    """Folder with the videos and captions.jsonl."""
+    model: str = "tiny"
+    """'tiny' or a diffusers-format Wan2.1 folder."""
+    output: str = "train_out"
+    """Folder for checkpoints, the log and adapter.safetensors."""
+    width: int = 1280
+    """Detail training width in pixels (stage 1 trains at width / spatial_scale)."""
+    height: int = 720
+    """Detail training height in pixels (stage 1 trains at height / spatial_scale)."""
+    frames: int = 81
+    """Detail clip length in frames (4k+1)."""
+    fps: float = 16.0
+    """Detail frame rate; source videos are sampled at this rate (stage 1 at fps / temporal_scale)."""
+    temporal_scale: int = 4
+    """r_t: proxy fps = fps / r_t."""
+    spatial_scale: int = 2
+    """Proxy size = detail size / spatial_scale."""
+    window: tuple = (3, 15, 16)
+    """Stage-2 window (t, h, w) in tokens."""
+    bad_data: str = "skip"
+    """Bad video/caption: 'skip' (counted in the log) or 'stop' (raise naming the file)."""
+    text_len: int = 512
+    """Text tokens per caption (Wan: 512)."""
+    lora_rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale = alpha / r)."""
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")
+    """Module names that get LoRA (attention projections)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_schedule: str = "constant"
+    """'constant' or 'cosine' (to 0 at max_steps) after warm-up."""
+    max_steps: int = 1000
+    """Optimizer steps in total."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables."""
+    seed: int = 0
+    """Seed of the LoRA init, clip sampling and noise (per step and rank, so resume is exact)."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Log loss / lr / tokens per second every N steps."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        check(self.stage in (1, 2), "stage", self.stage, "must be 1 or 2")
+        check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            check(v > 0 and v % (16 * self.spatial_scale) == 0, name, v,
+                  f"must be a positive multiple of 16 * spatial_scale = {16 * self.spatial_scale}")
+        for name in ("temporal_scale", "spatial_scale", "text_len", "lora_rank", "max_steps", "log_every"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        check(self.fps > 0 and self.lr > 0 and self.lora_alpha > 0, "fps/lr/lora_alpha",
+              (self.fps, self.lr, self.lora_alpha), "must all be > 0")
+        check(self.bad_data in BAD_DATA_POLICIES, "bad_data", self.bad_data, f"must be one of {BAD_DATA_POLICIES}")
+        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"must be one of {LR_SCHEDULES}")
+        check(len(self.window) == 3 and all(isinstance(v, int) and v >= 1 for v in self.window), "window",
+              self.window, "must be three integers >= 1 (t, h, w)")
+        check(len(self.lora_targets) >= 1 and all(isinstance(v, str) and v for v in self.lora_targets),
+              "lora_targets", self.lora_targets, "must be a non-empty list of module names")
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "tuple": (tuple, list)}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each field holds its declared type (YAML gives strings for quoted numbers, so this is checked here)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        want = _TYPES[f.type]
+        bad_bool = isinstance(value, bool) and f.type != "bool"
+        if bad_bool or not isinstance(value, want):
+            raise ConfigError(f.name, value, f"must be of type {f.type}")
+        if isinstance(value, list):
+            object.__setattr__(cfg, f.name, tuple(value))
