@@ -95,14 +95,39 @@ def generate(
     device_profile: Optional[str] = typer.Option(None, help="Pre-flight memory check profile: h100|h200|cpu|FILE.yaml. [default: by device]"),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file setting any option (options override it)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
+    workers: Optional[int] = typer.Option(None, help="Distributed on Ray: N detail workers on CPU (gloo)."),
+    gpus: Optional[int] = typer.Option(None, help="Distributed on Ray: N detail workers, one GPU each (NCCL)."),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto|ADDR); default: start Ray embedded."),
 ) -> None:
     """Generate a video: proxy (low fps, low resolution) then detail (windows + proxy), tiled decode, mp4."""
-    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "resume", "quiet")}
+    flags = {k: v for k, v in locals().items()
+             if v is not None and k not in ("config", "resume", "quiet", "workers", "gpus", "ray_address")}
+    ranks = _distributed(workers, gpus, flags)
     if resume:
         cfg = _resume_config(resume, flags)
     else:
         cfg = build_config({**DEFAULTS, **(read_mapping(config) if config else {}), **flags})
+    if ranks is not None:
+        if resume:
+            raise ConfigError("resume", resume, "is not supported with --workers/--gpus yet")
+        return run_distributed(cfg, ranks, ray_address, progress=not quiet)
     run(cfg, resume=bool(resume), progress=not quiet)
+
+
+def _distributed(workers, gpus, flags: dict) -> int | None:
+    """Detail ranks for --workers / --gpus (None: single process); --gpus sets the device to cuda."""
+    if workers is not None and gpus is not None:
+        raise ConfigError("gpus", gpus, "give either --workers (CPU) or --gpus (CUDA), not both")
+    n = workers if workers is not None else gpus
+    if n is None:
+        return None
+    if n < 1:
+        raise ConfigError("workers" if workers is not None else "gpus", n, "must be >= 1")
+    if gpus is not None:
+        if flags.get("device", "cuda") != "cuda":
+            raise ConfigError("device", flags["device"], "--gpus runs on cuda; use --workers for CPU")
+        flags["device"] = "cuda"
+    return n
 
 
 def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
@@ -121,6 +146,19 @@ def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True):
 
     try:
         result = TwoStageGenerator(cfg, progress=progress).run(resume=resume)
+    except AtlasError:
+        raise
+    except Exception as exc:  # a failure while running: exit code 1, with the cause
+        raise RunFailure(f"{type(exc).__name__}: {exc}") from exc
+    typer.echo(result.summary())
+    return result
+
+
+def run_distributed(cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True):
+    from ..runtime.driver import DistributedGenerator
+
+    try:
+        result = DistributedGenerator(cfg, workers, ray_address, progress=progress).run()
     except AtlasError:
         raise
     except Exception as exc:  # a failure while running: exit code 1, with the cause

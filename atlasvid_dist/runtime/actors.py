@@ -1,0 +1,93 @@
+"""The Ray actors of a distributed generation: one proxy worker (text + stage 1), N detail workers (stage 2 ranks).
+
+Plain classes; the driver (``driver.py``) wraps them with ``ray.remote`` and its placement group, so they can
+also be used in-process. Every worker builds its own TwoStageGenerator from the same GenerateConfig and reuses
+its stages (loading, text encoding, stage 1, the stage-2 helpers).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch
+
+
+def _generator(cfg):
+    from ..pipeline.generate import TwoStageGenerator
+
+    return TwoStageGenerator(cfg, progress=False)
+
+
+class ProxyWorker:
+    """Text encoding and stage 1 (the proxy) on one device."""
+
+    def __init__(self, cfg):
+        self.gen = _generator(cfg)
+
+    def run(self) -> dict:
+        """{'cond', 'uncond', 'proxy', 'seconds'}: CPU tensors (uncond / proxy may be None)."""
+        gen = self.gen
+        t0 = time.perf_counter()
+        comp = gen._load()
+        text = gen._encode(comp)
+        proxy = gen.stage1(comp, text, None, None) if gen.cfg.uses_proxy else None
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        gen.seconds["proxy actor"] = time.perf_counter() - t0
+        return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds}
+
+
+class DetailWorker:
+    """One rank of stage 2: joins the detail group, denoises its own windows, returns its tokens."""
+
+    def __init__(self, cfg, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.gen = _generator(cfg)
+        self.steps_done = 0
+
+    def address(self) -> tuple[str, int]:
+        """(node ip, a free TCP port) for the group's rendezvous (asked of rank 0)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("" if not ip.startswith("127.") else "127.0.0.1", 0))
+            return ip, s.getsockname()[1]
+
+    def run(self, master: tuple[str, int], text: dict, timeout_s: float) -> dict:
+        """Stage 2 on this rank; {'tokens' (B, n, C, pt, ph, pw) local order, 'sent', 'per_layer', 'seconds'}."""
+        from ..parallel import comm
+        from ..pipeline.text import TextEmbeddings
+        from .detail import denoise_rank
+
+        ip, port = master
+        if ip.startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        backend = "nccl" if self.cfg.device == "cuda" else "gloo"
+        device_id = None
+        if backend == "nccl":
+            torch.cuda.set_device(0)  # Ray gives each actor its own GPU (CUDA_VISIBLE_DEVICES)
+            device_id = torch.device("cuda", 0)
+        comm.init_group(backend, self.rank, self.world, f"tcp://{ip}:{port}", timeout_s=timeout_s,
+                        device_id=device_id)
+        try:
+            t0 = time.perf_counter()
+            comp = self.gen._load()
+            dev, dt = self.gen.device, self.gen.dtype
+            emb = TextEmbeddings(text["cond"].to(dev, dt),
+                                 None if text["uncond"] is None else text["uncond"].to(dev, dt))
+            proxy = None if text["proxy"] is None else text["proxy"].to(dev, dt)
+            stats = comm.CommStats()
+            tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
+                                             timeout_s, on_step=self._step)
+            return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
+                    "seconds": time.perf_counter() - t0, "rank": self.rank}
+        finally:
+            comm.teardown()
+
+    def _step(self, done: int) -> None:
+        self.steps_done = done
+
+    def progress(self) -> int:
+        return self.steps_done

@@ -1,0 +1,126 @@
+"""Stage 2 on one detail rank: the rank's own latent patches, denoised with window-sharded attention.
+
+Latents are held per rank as a *strip*: the rank's patches (token order = its local order from the sharding)
+laid side by side along width, (B, C, pt, ph, n * pw). The transformer's patch embedding (a convolution with
+stride = kernel = patch) and its output head are per token, so ``AtlasTransformer.embed`` and ``head`` (with a
+1 x 1 x n grid) run unchanged on a strip, and the scheduler's step is per element, so each rank steps its own
+strip with its own scheduler (same timesteps) and the result is the rank's slice of the single-process run.
+
+Process-group free apart from the attention callback; the Ray actors (``actors.py``) call :func:`denoise_rank`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+from ..geometry.grid import Grid
+from ..parallel.comm import CommStats
+from ..parallel.window_attention import ShardedWindowAttention, shard_for
+from ..pipeline import sampling
+from ..pipeline.text import TextEmbeddings
+
+
+# -- latent layout ------------------------------------------------------------------------------------------------
+def to_tokens(latents: torch.Tensor, patch) -> torch.Tensor:
+    """(B, C, t*pt, h*ph, w*pw) -> (B, N, C, pt, ph, pw), tokens in raster order."""
+    b, c, f, hh, ww = latents.shape
+    pt, ph, pw = patch
+    x = latents.reshape(b, c, f // pt, pt, hh // ph, ph, ww // pw, pw)  # (B, C, t, pt, h, ph, w, pw)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(1, 3)  # (B, N, C, pt, ph, pw)
+
+
+def from_tokens(tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Inverse of :func:`to_tokens`: (B, N, C, pt, ph, pw) raster order -> (B, C, t*pt, h*ph, w*pw)."""
+    b, _, c, pt, ph, pw = tokens.shape
+    x = tokens.reshape(b, grid.t, grid.h, grid.w, c, pt, ph, pw)  # (B, t, h, w, C, pt, ph, pw)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, grid.t * pt, grid.h * ph, grid.w * pw)
+
+
+def to_strip(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, n, C, pt, ph, pw) -> (B, C, pt, ph, n*pw): a latent of a 1 x 1 x n token grid."""
+    return tokens.permute(0, 2, 3, 4, 1, 5).flatten(4, 5)
+
+
+def from_strip(strip: torch.Tensor, patch) -> torch.Tensor:
+    """Inverse of :func:`to_strip`: (B, C, pt, ph, n*pw) -> (B, n, C, pt, ph, pw)."""
+    b, c, pt, ph, npw = strip.shape
+    pw = patch[2]
+    return strip.reshape(b, c, pt, ph, npw // pw, pw).permute(0, 4, 1, 2, 3, 5)
+
+
+# -- the stage --------------------------------------------------------------------------------------------------------
+def check_supported(cfg) -> None:
+    """Refuse what the window-sharded stage 2 does not run (before any actor starts)."""
+    m = cfg.method
+    if m.mode != "atlas":
+        raise ConfigError("attention", m.mode, "the distributed runtime runs 'atlas' only (windows shard by rank)")
+    if m.proxy_mode != "clean":
+        raise ConfigError("method.proxy_mode", m.proxy_mode, "the distributed runtime caches a clean proxy only")
+
+
+def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, rank: int, world: int,
+                 group=None, stats: CommStats | None = None, timeout: float | None = None,
+                 on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict[int, int]]:
+    """Stage 2 of ``gen`` (a TwoStageGenerator, for its config and stage helpers) on rank ``rank`` of ``world``.
+
+    Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer).
+    """
+    cfg = gen.cfg
+    check_supported(cfg)
+    model = gen._atlas(comp, cfg.method)
+    device, dtype = gen.device, gen.dtype
+    shape = (1, comp.transformer.config.in_channels, *cfg.latent.dims)
+    grid = model.token_grid(torch.empty(shape, device="meta"))
+    sharding = shard_for(cfg.method, grid, world)
+    stats = stats if stats is not None else CommStats()
+    attends = _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, timeout)
+    gen._adapter("stage2")
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device, dtype)
+    scfg = sampling.SamplerConfig(cfg.steps, cfg.guidance, cfg.flow_shift)
+    start = 0
+    if cfg.detail_init == "proxy":
+        start, noise = gen._proxy_init(proxy, noise, sampling.start_scheduler(comp.scheduler, scfg, device), scfg)
+    local = to_strip(sharding.shard(to_tokens(noise, model.patch), rank))  # (B, C, pt, ph, n*pw)
+    n = sharding.num_tokens(rank)
+
+    def forward(kind):
+        emb = getattr(text, kind)
+
+        def f(x, t):
+            tokens, temb, tproj, txt = model.embed(x, t, emb)
+            out = model.run_blocks(tokens, txt, tproj, attends[kind])
+            return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
+        return f
+
+    velocity = sampling.guided(forward("cond"), forward("uncond") if text.uncond is not None else None,
+                               cfg.guidance)
+    sched = sampling.start_scheduler(comp.scheduler, scfg, device)
+    if start and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start)
+    hook = (lambda done, lat, s: on_step(done)) if on_step is not None else None
+    with torch.no_grad():
+        local = sampling.denoise(velocity, local, sched, scfg.steps, start=start, on_step=hook)
+    per_layer: dict[int, int] = {}
+    for a in attends.values():
+        for layer, b in a.layer_bytes.items():
+            per_layer[layer] = per_layer.get(layer, 0) + b
+    return from_strip(local, model.patch).cpu(), per_layer
+
+
+def _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, timeout):
+    """One ShardedWindowAttention per text embedding (cond / uncond: their proxy keys differ)."""
+    cfg = gen.cfg
+    caches = {}
+    if proxy is not None:
+        gen._adapter("stage1")  # the proxy path is the stage-1 model
+        with torch.no_grad():
+            caches = {k: model.build_proxy_cache(proxy.to(gen.device, gen.dtype), e)
+                      for k, e in (("cond", text.cond), ("uncond", text.uncond)) if e is not None}
+    scales = model.proxy_geometry(grid).scales if caches else (1.0, 1.0, 1.0)
+    layers = len(comp.transformer.blocks)
+    return {k: ShardedWindowAttention(cfg.method, grid, model.rotary, sharding, rank, gen.device,
+                                      caches[k].kv if caches else None, scales, layers, group, stats, timeout)
+            for k in ("cond", "uncond") if getattr(text, k) is not None}

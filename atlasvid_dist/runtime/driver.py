@@ -1,0 +1,178 @@
+"""The driver of a distributed generation on Ray: plan checks, placement group, actors, gather, decode.
+
+    result = DistributedGenerator(cfg, workers=3).run()
+
+With no ``ray_address`` Ray starts embedded in this process (loopback, only the resources the run needs) and
+stops at the end; ``ray_address='auto'`` or an address joins an existing cluster. A placement group reserves one
+bundle per detail worker (PACK: within as few nodes as possible); the proxy worker shares bundle 0 with detail
+rank 0 (half of its CPU / GPU) and is gone before stage 2 starts. The clean proxy and the text embeddings reach
+every detail worker once through the object store. The detail ranks form a gloo (CPU) or NCCL (CUDA) group, run
+stage 2 on their own windows, and return their tokens; the driver reassembles the latents and decodes them with
+the single-process pipeline's decode (distributed decode is a later step).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config.generate import GenerateConfig
+from ..errors import ConfigError, PlanError, RunFailure, check
+
+#: seconds a rank may wait in one collective / rendezvous before the run fails naming it
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass
+class DistributedResult:
+    """A RunResult plus what the distribution did."""
+
+    result: object
+    """pipeline.generate.RunResult of the run."""
+    workers: int
+    """Detail ranks."""
+    bytes_sent: list[int] = field(default_factory=list)
+    """Bytes every rank sent to other ranks over the whole stage 2 (index = rank)."""
+    bytes_per_layer: list[dict[int, int]] = field(default_factory=list)
+    """Per rank: bytes sent by layer (unshifted layers send 0)."""
+    tokens: list[int] = field(default_factory=list)
+    """Detail tokens every rank owns."""
+
+    def summary(self) -> str:
+        sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB" for r, b in enumerate(self.bytes_sent))
+        return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
+                f"bytes sent per rank ({sent})")
+
+
+class DistributedGenerator:
+    """Runs one GenerateConfig over ``workers`` detail actors (see the module docstring)."""
+
+    def __init__(self, cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        check(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1, "workers", workers,
+              "must be an integer >= 1")
+        self.cfg, self.workers, self.address, self.progress = cfg, workers, ray_address, progress
+        self.timeout_s = timeout_s
+        self.sharding = None
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def preflight(self) -> None:
+        """Refuse bad plans before any actor starts (PlanError / ConfigError, exit code 2)."""
+        from ..parallel.window_attention import shard_for
+        from .detail import check_supported
+
+        check_supported(self.cfg)
+        if self.cfg.device == "cuda" and self.address is None:
+            have = torch.cuda.device_count()
+            if self.workers > have:
+                raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
+        self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self):
+        from ..pipeline.generate import TwoStageGenerator, _save_latents
+
+        self.preflight()
+        gen = TwoStageGenerator(self.cfg, progress=self.progress)
+        if self.cfg.run_dir:
+            raise ConfigError("run_dir", self.cfg.run_dir, "step checkpoints are not supported with --workers yet")
+        gen.preflight()
+        import ray
+
+        started = self._start_ray(ray)
+        try:
+            t0 = time.perf_counter()
+            latents, parts = self._generate(ray)
+            gen.seconds["distributed"] = time.perf_counter() - t0
+        finally:
+            if started:
+                ray.shutdown()
+        cfg = self.cfg
+        if cfg.save_latents:
+            _save_latents(cfg.save_latents, latents, cfg)
+        comp = gen._load()  # the VAE for the decode on the driver
+        out_bytes = gen.decode(comp, latents.to(gen.device, gen.dtype), cfg.out, cfg.video.fps,
+                               (cfg.video.height, cfg.video.width))
+        from ..pipeline.generate import RunResult
+
+        result = RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
+                           cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
+                           cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
+        return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
+                                 self.sharding.tokens_per_rank)
+
+    def _start_ray(self, ray) -> bool:
+        """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
+        if ray.is_initialized():
+            return False
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.address is not None:
+            ray.init(address=self.address, log_to_driver=True)
+            return True
+        gpus = self.workers if self.cfg.device == "cuda" else 0
+        ray.init(address="local", num_cpus=self.workers, num_gpus=gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+        return True
+
+    def _generate(self, ray):
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .actors import DetailWorker, ProxyWorker
+
+        cuda = self.cfg.device == "cuda"
+        bundle = {"CPU": 1.0, **({"GPU": 1.0} if cuda else {})}
+        pg = placement_group([dict(bundle) for _ in range(self.workers)], strategy="PACK")
+        if not self._wait(ray, pg.ready()):
+            remove_placement_group(pg)
+            raise PlanError(f"placement group of {self.workers} bundles {bundle} could not be reserved within "
+                            f"{self.timeout_s:g} s (cluster resources: {ray.cluster_resources()})")
+        try:
+            def on(i, share):
+                return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=0,
+                            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+
+            proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5)).remote(self.cfg)
+            ranks = [ray.remote(DetailWorker).options(**on(r, 0.5)).remote(self.cfg, r, self.workers)
+                     for r in range(self.workers)]
+            shared = self._wait(ray, proxy_actor.run.remote(), "proxy worker (text + stage 1)")
+            ray.kill(proxy_actor)
+            text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
+            master = self._wait(ray, ranks[0].address.remote(), "detail rank 0 (rendezvous)")
+            parts = self._wait_all(ray, [a.run.remote(master, text_ref, self.timeout_s) for a in ranks])
+        finally:
+            remove_placement_group(pg)
+        tokens = self.sharding.unshard([p["tokens"] for p in parts])  # (B, N, C, pt, ph, pw) raster order
+        from .detail import from_tokens
+
+        return from_tokens(tokens, self.sharding.spec.grid), parts
+
+    def _wait(self, ray, ref, what: str = ""):
+        ready, _ = ray.wait([ref], timeout=self.timeout_s)
+        if not what:
+            return bool(ready)
+        if not ready:
+            raise RunFailure(f"{what} did not finish within {self.timeout_s:g} s")
+        return self._get(ray, ref, what)
+
+    def _wait_all(self, ray, refs):
+        """Results of every rank; a failed rank fails the run naming it (the others' errors follow from it)."""
+        pending = list(refs)
+        deadline = time.monotonic() + self.timeout_s * 2
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(1.0, deadline - time.monotonic()))
+            if not ready:
+                raise RunFailure(f"detail ranks {[refs.index(r) for r in pending]} did not finish in time")
+            r = refs.index(ready[0])
+            self._get(ray, ready[0], f"detail rank {r}")
+        return [self._get(ray, ref, f"detail rank {i}") for i, ref in enumerate(refs)]
+
+    @staticmethod
+    def _get(ray, ref, what: str):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            raise RunFailure(f"{what} failed: {exc}") from exc
