@@ -24,8 +24,8 @@ class TrainConfig:
     """Folder for checkpoints, the log and adapter.safetensors."""
     width: int = 1280
     """Detail training width in pixels (stage 1 trains at width / spatial_scale)."""
-    height: int = 720
-    """Detail training height in pixels (stage 1 trains at height / spatial_scale)."""
+    height: int = 704
+    """Detail training height in pixels (720P cropped to 704 so the token rows divide by spatial_scale)."""
     frames: int = 81
     """Detail clip length in frames (4k+1)."""
     fps: float = 16.0

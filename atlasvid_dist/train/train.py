@@ -1,0 +1,285 @@
+"""LoRA training of AtlasVid's two stages under DeepSpeed ZeRO (script and importable module).
+
+    deepspeed atlasvid_dist/train/train.py --deepspeed_config configs/ds_zero2.json --config configs/train/stage1.yaml
+    torchrun --nproc_per_node 2 atlasvid_dist/train/train.py ...   (gloo on CPU, NCCL on GPUs)
+
+Objective (flow matching as Wan trains it): x_t = (1 - s) x0 + s eps, target v = eps - x0, timestep s * 1000,
+loss = mean squared error of the predicted v. Stage 1 predicts the proxy with ``proxy_forward`` (full attention,
+temporally scaled RoPE); stage 2 predicts the detail with ``forward(..., proxy=clean proxy latent)`` (windows
+reading the clean proxy), so the loss covers detail tokens only. Only the LoRA weights train (peft, added with
+``transformer.add_adapter``); the optimizer is a plain torch AdamW handed to DeepSpeed (no cpu_adam build).
+
+Exact resume: clip choice, timestep and noise of a step depend only on (seed, step, rank) and DeepSpeed restores
+LoRA weights, optimizer and lr schedule, so the step after a resume computes the same loss as without the stop.
+
+Compromises: timesteps are drawn uniformly in (0, 1) (Wan's released training code shifts them; not needed to
+show the method); one clip per rank per step (micro batch 1); the VAE and text encoder run every step (cheap at
+the tiny size; a prepare-data step that caches latents is not done yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from atlasvid_dist.config.files import from_mapping, read_mapping
+from atlasvid_dist.config.method import AtlasConfig
+from atlasvid_dist.errors import ConfigError
+from atlasvid_dist.train.config import TrainConfig
+from atlasvid_dist.train.data import LatentEncoder, sample_clip, scan_dataset, step_generator
+
+ADAPTER_NAME = "default"
+ADAPTER_FILE = "adapter.safetensors"
+CHECKPOINTS = "checkpoints"
+
+
+class FlowMatchingLoss(nn.Module):
+    """The module DeepSpeed wraps: AtlasTransformer + the flow-matching loss of one stage."""
+
+    def __init__(self, atlas: nn.Module, stage: int):
+        super().__init__()
+        self.atlas, self.stage = atlas, stage
+
+    def forward(self, x0, noise, sigma, text, proxy=None):
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1.0 - s) * x0 + s * noise  # (B, C, f, h, w)
+        t = sigma * 1000.0
+        if self.stage == 1:
+            pred = self.atlas.proxy_forward(xt, t, text)
+        else:
+            pred = self.atlas(xt, t, text, proxy=proxy)
+        return F.mse_loss(pred.float(), (noise - x0).float())
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the peak lr at a step: linear warm-up, then constant or cosine to 0 at max_steps."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def add_lora(transformer: nn.Module, cfg: TrainConfig) -> None:
+    """peft LoRA on the attention projections (same init on every rank: seeded)."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                           target_modules=list(cfg.lora_targets), init_lora_weights=True),
+                                adapter_name=ADAPTER_NAME)
+    if not any(p.requires_grad for p in transformer.parameters()):
+        raise ConfigError("lora_targets", cfg.lora_targets, "matched no module of the transformer")
+
+
+def deepspeed_config(path: str | os.PathLike, cfg: TrainConfig, world: int, device: torch.device) -> dict:
+    """The JSON file with the run's batch size, clipping and (on bf16-capable CUDA) bf16 filled in."""
+    ds = read_mapping(path)
+    if "zero_optimization" not in ds:
+        raise ConfigError(f"{path}: zero_optimization", None, "a DeepSpeed config needs a zero_optimization section")
+    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world,
+              gradient_clipping=cfg.grad_clip, zero_allow_untested_optimizer=True)
+    if "bf16" not in ds:
+        ds["bf16"] = {"enabled": device.type == "cuda" and torch.cuda.is_bf16_supported()}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+class Trainer:
+    """Builds the model, data and DeepSpeed engine of one rank; ``run()`` trains and returns the losses logged."""
+
+    def __init__(self, cfg: TrainConfig, ds_config_path: str, *, log=print):
+        import deepspeed
+        import torch.distributed as dist
+
+        from atlasvid_dist.models.atlas_transformer import AtlasTransformer
+        from atlasvid_dist.models.loading import load_components
+
+        self.cfg, self.log = cfg, log
+        self.data = scan_dataset(cfg.data, cfg)
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        comp = load_components(cfg.model, device=str(self.device))
+        self.transformer = comp.transformer
+        add_lora(self.transformer, cfg)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        atlas = AtlasTransformer(self.transformer, AtlasConfig(window=cfg.window, temporal_scale=cfg.temporal_scale,
+                                                               spatial_scale=cfg.spatial_scale))
+        ds = deepspeed_config(ds_config_path, cfg, self.world, self.device)
+        self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+        self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device,
+                                     self.dtype)
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=FlowMatchingLoss(atlas, cfg.stage),
+                                                                 optimizer=opt, lr_scheduler=sched, config=ds)
+        self.step = 0
+        self.out = Path(cfg.output)
+        if self.data.skipped and self.rank == 0:
+            log(f"skipped {len(self.data.skipped)} bad entries: "
+                + "; ".join(f"{f}: {r}" for f, r in self.data.skipped))
+
+    # ---------------------------------------------------------------------------------------------- batches
+    def batch(self, step: int) -> tuple[dict, int]:
+        """The inputs of this rank's clip at ``step`` and its token count."""
+        gen = step_generator(self.cfg.seed, step, self.rank)
+        clip = sample_clip(self.data, self.cfg, gen)
+        text = self.encoder.text(clip.caption)
+        proxy = self.encoder.video(clip.proxy)
+        x0 = proxy if self.cfg.stage == 1 else self.encoder.video(clip.detail)
+        sigma = torch.rand(1, generator=gen).clamp(1e-3, 1 - 1e-3)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.dtype)
+        inputs = dict(x0=x0, noise=noise.to(self.device), sigma=sigma.to(self.device, self.dtype), text=text)
+        if self.cfg.stage == 2:
+            inputs["proxy"] = proxy
+        tokens = x0[0, 0].numel() // 4  # latent cells / (1 x 2 x 2) patch
+        return inputs, tokens
+
+    # ---------------------------------------------------------------------------------------------- loop
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step; returns the loss averaged over ranks and this rank's token count."""
+        import torch.distributed as dist
+
+        inputs, tokens = self.batch(self.step)
+        loss = self.engine(**inputs)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        mean = loss.detach().float().clone()
+        dist.all_reduce(mean)
+        return float(mean) / self.world, tokens
+
+    @torch.no_grad()
+    def eval_loss(self, steps) -> float:
+        """Mean loss (over ranks and the given steps' batches) without training: a fixed yardstick for tests."""
+        import torch.distributed as dist
+
+        self.engine.eval()
+        total = torch.zeros(())
+        for s in steps:
+            total += self.engine(**self.batch(s)[0]).float().cpu()
+        self.engine.train()
+        dist.all_reduce(total)
+        return float(total) / (self.world * len(steps))
+
+    def run(self, max_steps: int | None = None) -> list[float]:
+        """Train to ``max_steps`` (default cfg.max_steps); checkpoint every save_every and at the end."""
+        cfg = self.cfg
+        stop = cfg.max_steps if max_steps is None else max_steps
+        losses = []
+        while self.step < stop:
+            t0 = time.perf_counter()
+            loss, tokens = self.train_step()
+            losses.append(loss)
+            if (self.step - 1) % cfg.log_every == 0 and self.rank == 0:
+                dt = time.perf_counter() - t0
+                self._log(dict(step=self.step, loss=loss, lr=self.scheduler.get_last_lr()[0],
+                               tokens_per_s=tokens * self.world / dt, step_s=dt))
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+        self.save()
+        return losses
+
+    def _log(self, record: dict) -> None:
+        line = json.dumps(record)
+        self.log(line)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(line + "\n")
+
+    # ---------------------------------------------------------------------------------------------- state
+    def save(self) -> None:
+        """DeepSpeed checkpoint tagged by the step (same on every rank; DeepSpeed writes ``latest`` last)."""
+        self.engine.save_checkpoint(str(self.out / CHECKPOINTS), tag=f"step_{self.step:08d}",
+                                    client_state={"step": self.step})
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of the output folder; False when there is none."""
+        folder = self.out / CHECKPOINTS
+        if not (folder / "latest").is_file():
+            return False
+        path, client = self.engine.load_checkpoint(str(folder))
+        if path is None:
+            raise ConfigError("resume", str(folder), "DeepSpeed could not load the latest checkpoint")
+        self.step = int(client["step"])
+        return True
+
+    def export(self) -> Path | None:
+        """Rank 0 writes OUTPUT/adapter.safetensors (diffusers LoRA format); returns its path there."""
+        import torch.distributed as dist
+
+        from atlasvid_dist.models.lora import save_lora
+
+        path = None
+        if self.rank == 0:
+            path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE)
+        dist.barrier()
+        return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="AtlasVid LoRA training under DeepSpeed ZeRO")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True)
+    p.add_argument("--config", default=None, help="training YAML (TrainConfig fields)")
+    p.add_argument("--stage", type=int, default=None)
+    p.add_argument("--data", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--output", default=None)
+    p.add_argument("--max-steps", "--max_steps", type=int, default=None, dest="max_steps")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    data = read_mapping(args.config) if args.config else {}
+    overrides = {k: v for k, v in dict(stage=args.stage, data=args.data, model=args.model, output=args.output,
+                                       max_steps=args.max_steps).items() if v is not None}
+    return from_mapping(TrainConfig, data, str(args.config or "arguments"), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
+    from atlasvid_dist.errors import AtlasError
+
+    args = parse_args(argv)
+    try:
+        cfg = load_train_config(args)
+        trainer = Trainer(cfg, args.deepspeed_config)
+        if args.resume and trainer.resume() and trainer.rank == 0:
+            print(f"resumed at step {trainer.step}", flush=True)
+        trainer.run()
+        trainer.export()
+    except AtlasError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
