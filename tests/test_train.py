@@ -4,6 +4,7 @@ adapter loads and changes generation, and bad inputs give typed errors naming th
 import os
 
 import pytest
+import torch
 
 from atlasvid_dist.errors import ConfigError
 from atlasvid_dist.train.config import TrainConfig
@@ -38,7 +39,36 @@ def test_loss_falls_zero2(stage, data_dir, tmp_path):
     cfg = dict(SMALL, stage=stage, data=data_dir, output=str(tmp_path / "out"), max_steps=30)
     (before, after, adapter), _ = run_ranks(_fit, 2, cfg, ZERO2, 30, timeout=240)
     assert after < 0.9 * before, (before, after)
-    assert adapter.endswith("adapter.safetensors")
+    assert adapter == str(tmp_path / "out" / "adapter.safetensors")
+    check_adapter(adapter, tmp_path, f"lora_stage{stage}")
+
+
+def check_adapter(adapter, tmp_path, option):
+    """The exported file loads with models.lora (same tensors) and changes what generate makes."""
+    from safetensors.torch import load_file
+
+    from atlasvid_dist.cli.generate import DEFAULTS, build_config
+    from atlasvid_dist.models import lora
+    from atlasvid_dist.models.loading import load_components
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+
+    saved = load_file(adapter)
+    assert saved and any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())
+    tr = load_components("tiny").transformer
+    lora.load_lora(tr, adapter, "trained")
+    loaded = {n: p for n, p in tr.named_parameters() if ".lora_" in n}
+    for key, value in saved.items():
+        name = key.removeprefix("transformer.").replace(".weight", ".trained.weight")
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
+    small = dict(res="256x256", frames=9, steps=2, proxy_steps=2, window="3,8,8", guidance=1.0, spatial_scale=2,
+                 prompt="a red disc moving right")
+    out = []
+    for name, extra in (("base", {}), ("tuned", {option: adapter})):
+        cfg = build_config({**DEFAULTS, **small, "out": str(tmp_path / f"{name}.mp4"),
+                            "save_latents": str(tmp_path / f"{name}.safetensors"), **extra})
+        TwoStageGenerator(cfg, progress=False).run()
+        out.append(load_file(cfg.save_latents)["latents"])
+    assert not torch.equal(out[0], out[1])
 
 
 def _resume(rank, world, cfg_kw, ds_config):
@@ -76,3 +106,57 @@ def test_config_errors_name_the_field(tmp_path):
     bad_type.write_text("stage: 1\nlora_rank: four\n")
     with pytest.raises(ConfigError, match="lora_rank"):
         load_train_config(parse_args(["--deepspeed_config", ZERO2, "--config", str(bad_type)]))
+
+
+def _cli_yaml(tmp_path):
+    import yaml
+
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_cli_trains_with_two_processes_and_resumes(data_dir, tmp_path):
+    from atlasvid_dist.cli.main import main
+
+    out = tmp_path / "run"
+    args = ["train", "--stage", "2", "--data", data_dir, "--output", str(out), "--num-processes", "2",
+            "--config", _cli_yaml(tmp_path), "--deepspeed-config", ZERO2]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--max-steps", "2"])
+    assert e.value.code in (0, None)
+    assert (out / "adapter.safetensors").is_file() and (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--max-steps", "3", "--resume"])
+    assert e.value.code in (0, None)
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    steps = [line for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(steps) == 3  # steps 1, 2, then 3 after the resume
+
+
+@pytest.mark.parametrize("problem, match", [("empty", "captions.jsonl"), ("key", "learning_rate"),
+                                            ("type", "lora_rank"), ("corrupt", "video_000.mp4: unreadable")])
+def test_cli_bad_inputs_exit_2_naming_the_problem(problem, match, data_dir, tmp_path, capsys):
+    import shutil
+
+    from atlasvid_dist.cli.main import main
+
+    data, config = data_dir, _cli_yaml(tmp_path)
+    if problem == "empty":
+        data = str(tmp_path / "empty")
+        os.mkdir(data)
+    elif problem in ("key", "type"):
+        extra = "learning_rate: 0.1\n" if problem == "key" else "lora_rank: four\n"
+        with open(config, "a") as f:
+            f.write(extra)
+    else:
+        data = str(shutil.copytree(data_dir, tmp_path / "d"))
+        (tmp_path / "d" / "video_000.mp4").write_bytes(b"\x00" * 100)
+        with open(config, "a") as f:
+            f.write("bad_data: stop\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "1", "--data", data, "--output", str(tmp_path / "o"), "--config", config,
+              "--deepspeed-config", ZERO2])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err

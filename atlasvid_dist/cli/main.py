@@ -16,6 +16,7 @@ from ..errors import AtlasError
 from .demo import demo
 from .generate import generate
 from .plan import plan
+from .train import train
 
 
 class _AtlasGroup(TyperGroup):
@@ -41,6 +42,7 @@ def _root() -> None:
 app.command("generate")(generate)
 app.command("plan")(plan)
 app.command("demo")(demo)
+app.command("train")(train)
 
 
 def main(argv: list[str] | None = None) -> None:
