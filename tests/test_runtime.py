@@ -19,6 +19,17 @@ def cli(*args):
     return e.value.code
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    """One embedded Ray for the module (the driver joins a running Ray instead of starting its own)."""
+    import ray
+
+    ray.init(address="local", num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     d = tmp_path_factory.mktemp("single")
@@ -27,8 +38,12 @@ def single(tmp_path_factory):
     return load_file(str(d / "a.safetensors"))["latents"]
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_workers_equal_single_process(tmp_path, capsys, single, workers):
+@pytest.mark.parametrize("workers,fault", [(2, None), (3, "1:1")])
+def test_workers_equal_single_process(tmp_path, capsys, monkeypatch, single, workers, fault):
+    """3 workers also lose rank 1 after its step 1 (ATLASVID_FAULT_INJECT): Ray restarts it, every rank resumes
+    from the newest common committed step, and the result is still the single-process one."""
+    if fault:
+        monkeypatch.setenv("ATLASVID_FAULT_INJECT", fault)
     out, lat = tmp_path / "b.mp4", tmp_path / "b.safetensors"
     code = cli("generate", *ARGS, "--workers", str(workers), "--out", str(out), "--save-latents", str(lat))
     text = capsys.readouterr().out
@@ -39,6 +54,7 @@ def test_workers_equal_single_process(tmp_path, capsys, single, workers):
     assert out.stat().st_size > 0
     sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB", text)]
     assert len(sent) == workers and all(s > 0 for s in sent), text  # shifted layers exchange a halo
+    assert ("worker of rank 1 was restarted" in text) == bool(fault), text
 
 
 def test_more_workers_than_windows_is_refused(tmp_path, capsys):
@@ -52,3 +68,9 @@ def test_more_workers_than_windows_is_refused(tmp_path, capsys):
 def test_workers_and_gpus_together_are_refused(tmp_path, capsys):
     code = cli("generate", *ARGS, "--workers", "2", "--gpus", "2", "--out", str(tmp_path / "d.mp4"))
     assert code == 2 and "gpus" in capsys.readouterr().err
+
+
+def test_bad_fault_injection_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ATLASVID_FAULT_INJECT", "5:1")
+    code = cli("generate", *ARGS, "--workers", "2", "--out", str(tmp_path / "g.mp4"))
+    assert code == 2 and "ATLASVID_FAULT_INJECT" in capsys.readouterr().err

@@ -41,10 +41,21 @@ class ProxyWorker:
 class DetailWorker:
     """One rank of stage 2: joins the detail group, denoises its own windows, returns its tokens."""
 
-    def __init__(self, cfg, rank: int, world: int):
+    def __init__(self, cfg, rank: int, world: int, ckpt_dir: str | None = None, fault_step: int | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.gen = _generator(cfg)
         self.steps_done = 0
+        self.ckpt = None
+        if ckpt_dir is not None:
+            from ..pipeline.checkpoint import StepCheckpointer
+
+            self.ckpt = StepCheckpointer(os.path.join(ckpt_dir, f"rank-{rank}"), keep=world + 2)
+        self.fault_step = fault_step
+        self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, f"fault-injected-rank-{rank}")
+
+    def committed_steps(self) -> list[int]:
+        """Stage-2 steps this rank has committed (empty without checkpoints)."""
+        return [] if self.ckpt is None else self.ckpt.committed_steps()
 
     def address(self) -> tuple[str, int]:
         """(node ip, a free TCP port) for the group's rendezvous (asked of rank 0)."""
@@ -55,7 +66,7 @@ class DetailWorker:
             s.bind(("" if not ip.startswith("127.") else "127.0.0.1", 0))
             return ip, s.getsockname()[1]
 
-    def run(self, master: tuple[str, int], text: dict, timeout_s: float) -> dict:
+    def run(self, master: tuple[str, int], text: dict, timeout_s: float, resume_step: int | None = None) -> dict:
         """Stage 2 on this rank; {'tokens' (B, n, C, pt, ph, pw) local order, 'sent', 'per_layer', 'seconds'}."""
         from ..parallel import comm
         from ..pipeline.text import TextEmbeddings
@@ -80,7 +91,7 @@ class DetailWorker:
             proxy = None if text["proxy"] is None else text["proxy"].to(dev, dt)
             stats = comm.CommStats()
             tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
-                                             timeout_s, on_step=self._step)
+                                             timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step)
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
                     "seconds": time.perf_counter() - t0, "rank": self.rank}
         finally:
@@ -88,6 +99,10 @@ class DetailWorker:
 
     def _step(self, done: int) -> None:
         self.steps_done = done
+        if done == self.fault_step and self.fault_marker and not os.path.exists(self.fault_marker):
+            with open(self.fault_marker, "w") as f:  # the first time only: the restarted worker goes on
+                f.write(f"rank {self.rank} step {done}\n")
+            os._exit(1)  # abrupt, as a crash: no cleanup, no reply
 
     def progress(self) -> int:
         return self.steps_done

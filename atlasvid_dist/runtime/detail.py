@@ -63,9 +63,12 @@ def check_supported(cfg) -> None:
 
 def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, rank: int, world: int,
                  group=None, stats: CommStats | None = None, timeout: float | None = None,
-                 on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict[int, int]]:
+                 on_step: Callable[[int], None] | None = None, ckpt=None,
+                 resume_step: int | None = None) -> tuple[torch.Tensor, dict[int, int]]:
     """Stage 2 of ``gen`` (a TwoStageGenerator, for its config and stage helpers) on rank ``rank`` of ``world``.
 
+    ``ckpt`` (a StepCheckpointer of this rank) commits the rank's strip and scheduler state after every step;
+    ``resume_step`` continues from that committed step. ``on_step(done)`` runs after each commit.
     Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer).
     """
     cfg = gen.cfg
@@ -100,7 +103,18 @@ def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, ra
     sched = sampling.start_scheduler(comp.scheduler, scfg, device)
     if start and hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
-    hook = (lambda done, lat, s: on_step(done)) if on_step is not None else None
+    if resume_step:
+        tensors, meta = ckpt.load(resume_step)
+        local = tensors["latents"].to(device, dtype)
+        sampling.restore_scheduler(sched, {k: v for k, v in tensors.items() if k.startswith("sched.")}, meta["sched"])
+        start = resume_step
+
+    def hook(done, lat, s):
+        if ckpt is not None:
+            tensors, meta = sampling.scheduler_state(s)
+            ckpt.commit(done, {**tensors, "latents": lat.detach().cpu().clone()}, {"step": done, "sched": meta})
+        if on_step is not None:
+            on_step(done)
     with torch.no_grad():
         local = sampling.denoise(velocity, local, sched, scfg.steps, start=start, on_step=hook)
     per_layer: dict[int, int] = {}

@@ -14,6 +14,7 @@ the single-process pipeline's decode (distributed decode is a later step).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -40,23 +41,28 @@ class DistributedResult:
     """Per rank: bytes sent by layer (unshifted layers send 0)."""
     tokens: list[int] = field(default_factory=list)
     """Detail tokens every rank owns."""
+    restarted: list[int] = field(default_factory=list)
+    """Ranks whose worker died and was restarted (once per restart)."""
 
     def summary(self) -> str:
         sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB" for r, b in enumerate(self.bytes_sent))
+        restarts = "".join(f"; worker of rank {r} was restarted" for r in self.restarted)
         return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
-                f"bytes sent per rank ({sent})")
+                f"bytes sent per rank ({sent}){restarts}")
 
 
 class DistributedGenerator:
     """Runs one GenerateConfig over ``workers`` detail actors (see the module docstring)."""
 
     def __init__(self, cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = 2):
         check(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1, "workers", workers,
               "must be an integer >= 1")
         self.cfg, self.workers, self.address, self.progress = cfg, workers, ray_address, progress
         self.timeout_s = timeout_s
         self.sharding = None
+        self.max_restarts = max_restarts
+        self.restarted: list[int] = []
 
     # ------------------------------------------------------------------------------------------------ checks
     def preflight(self) -> None:
@@ -70,6 +76,7 @@ class DistributedGenerator:
             if self.workers > have:
                 raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
         self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers)
+        self.fault = fault_injection(self.workers)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self):
@@ -102,7 +109,7 @@ class DistributedGenerator:
                            cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
                            cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
-                                 self.sharding.tokens_per_rank)
+                                 self.sharding.tokens_per_rank, list(self.restarted))
 
     def _start_ray(self, ray) -> bool:
         """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
@@ -118,6 +125,8 @@ class DistributedGenerator:
         return True
 
     def _generate(self, ray):
+        import tempfile
+
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -130,25 +139,77 @@ class DistributedGenerator:
             remove_placement_group(pg)
             raise PlanError(f"placement group of {self.workers} bundles {bundle} could not be reserved within "
                             f"{self.timeout_s:g} s (cluster resources: {ray.cluster_resources()})")
+        fault = self.fault
+        ckpt_dir = tempfile.mkdtemp(prefix="atlasvid-ranks-")
         try:
-            def on(i, share):
-                return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=0,
+            def on(i, share, restarts=0):
+                return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=restarts,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
 
             proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5)).remote(self.cfg)
-            ranks = [ray.remote(DetailWorker).options(**on(r, 0.5)).remote(self.cfg, r, self.workers)
-                     for r in range(self.workers)]
+            ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts)).remote(
+                self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None)
+                for r in range(self.workers)]
             shared = self._wait(ray, proxy_actor.run.remote(), "proxy worker (text + stage 1)")
             ray.kill(proxy_actor)
             text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
-            master = self._wait(ray, ranks[0].address.remote(), "detail rank 0 (rendezvous)")
-            parts = self._wait_all(ray, [a.run.remote(master, text_ref, self.timeout_s) for a in ranks])
+            parts = self._stage2(ray, ranks, text_ref)
         finally:
             remove_placement_group(pg)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         tokens = self.sharding.unshard([p["tokens"] for p in parts])  # (B, N, C, pt, ph, pw) raster order
         from .detail import from_tokens
 
         return from_tokens(tokens, self.sharding.spec.grid), parts
+
+    def _stage2(self, ray, ranks, text_ref) -> list[dict]:
+        """Run stage 2 on every rank; when a rank's process dies, Ray restarts it and every rank resumes from the
+        newest step all ranks committed (the surviving processes stay, they only rejoin a new group)."""
+        resume = None
+        while True:
+            master = self._call(ray, ranks[0].address, "detail rank 0 (rendezvous)")
+            refs = [a.run.remote(master, text_ref, self.timeout_s, resume) for a in ranks]
+            results, errors = self._collect(ray, refs)
+            if not errors:
+                return results
+            dead = [r for r, e in errors if isinstance(e, ray.exceptions.RayActorError)]
+            if not dead or len(self.restarted) + len(dead) > self.max_restarts * self.workers:
+                r, e = next(((d, e) for d, e in errors if d in dead), errors[0])
+                raise RunFailure(f"detail rank {r} failed: {e}")
+            self.restarted.extend(dead)
+            steps = [set(self._call(ray, a.committed_steps, f"detail rank {i} (checkpoints)"))
+                     for i, a in enumerate(ranks)]
+            common = set.intersection(*steps)
+            resume = max(common) if common else None
+
+    def _call(self, ray, method, what: str):
+        """Call an actor method, waiting while the actor restarts (it is unavailable meanwhile)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return ray.get(method.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise RunFailure(f"{what}: the worker did not come back within {self.timeout_s:g} s") from exc
+                time.sleep(0.5)
+            except ray.exceptions.GetTimeoutError as exc:
+                raise RunFailure(f"{what} did not answer within {self.timeout_s:g} s") from exc
+            except ray.exceptions.RayError as exc:
+                raise RunFailure(f"{what} failed: {exc}") from exc
+
+    def _collect(self, ray, refs):
+        """Wait for every rank's task; (results by rank, [(rank, error)]). Ranks that outlive a dead peer fail in
+        their next exchange (the group breaks), so every task ends."""
+        results, errors = [None] * len(refs), []
+        for i, ref in enumerate(refs):
+            ready, _ = ray.wait([ref], timeout=self.timeout_s * 2)
+            if not ready:
+                raise RunFailure(f"detail rank {i} did not finish within {self.timeout_s * 2:g} s")
+            try:
+                results[i] = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                errors.append((i, exc))
+        return results, errors
 
     def _wait(self, ray, ref, what: str = ""):
         ready, _ = ray.wait([ref], timeout=self.timeout_s)
@@ -158,21 +219,23 @@ class DistributedGenerator:
             raise RunFailure(f"{what} did not finish within {self.timeout_s:g} s")
         return self._get(ray, ref, what)
 
-    def _wait_all(self, ray, refs):
-        """Results of every rank; a failed rank fails the run naming it (the others' errors follow from it)."""
-        pending = list(refs)
-        deadline = time.monotonic() + self.timeout_s * 2
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(1.0, deadline - time.monotonic()))
-            if not ready:
-                raise RunFailure(f"detail ranks {[refs.index(r) for r in pending]} did not finish in time")
-            r = refs.index(ready[0])
-            self._get(ray, ready[0], f"detail rank {r}")
-        return [self._get(ray, ref, f"detail rank {i}") for i, ref in enumerate(refs)]
-
     @staticmethod
     def _get(ray, ref, what: str):
         try:
             return ray.get(ref)
         except ray.exceptions.RayError as exc:
             raise RunFailure(f"{what} failed: {exc}") from exc
+
+
+def fault_injection(workers: int) -> tuple[int, int] | None:
+    """ATLASVID_FAULT_INJECT=RANK:STEP (a test hook): that rank's worker exits abruptly after committing that
+    stage-2 step, the first time only. None when unset."""
+    raw = os.environ.get("ATLASVID_FAULT_INJECT", "").strip()
+    if not raw:
+        return None
+    parts = raw.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError("ATLASVID_FAULT_INJECT", raw, "must be RANK:STEP (two integers >= 0)")
+    rank, step = int(parts[0]), int(parts[1])
+    check(rank < workers, "ATLASVID_FAULT_INJECT", raw, f"rank must be < workers = {workers}")
+    return rank, step
