@@ -74,3 +74,28 @@ def test_bad_fault_injection_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ATLASVID_FAULT_INJECT", "5:1")
     code = cli("generate", *ARGS, "--workers", "2", "--out", str(tmp_path / "g.mp4"))
     assert code == 2 and "ATLASVID_FAULT_INJECT" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_strip_layout_runs_embed_and_head_per_token():
+    """A rank's patches laid side by side (a 1 x 1 x n strip) go through embed and head as in the full latent."""
+    from atlasvid_dist import AtlasConfig, AtlasTransformer
+    from atlasvid_dist.geometry.grid import Grid
+    from atlasvid_dist.models.tiny import build_tiny_transformer
+    from atlasvid_dist.runtime.detail import from_strip, from_tokens, to_strip, to_tokens
+
+    model = AtlasTransformer(build_tiny_transformer(0), AtlasConfig(window=(3, 4, 4)))
+    g = torch.Generator().manual_seed(3)
+    lat, enc, t = torch.randn(1, 16, 3, 8, 12, generator=g), torch.randn(1, 7, 32, generator=g), torch.tensor([500.0])
+    grid = model.token_grid(lat)
+    tokens = to_tokens(lat, model.patch)  # (B, N, C, pt, ph, pw)
+    assert torch.equal(from_tokens(tokens, grid), lat)
+    idx = torch.randperm(grid.size, generator=g)[:17]
+    strip = to_strip(tokens[:, idx])
+    assert torch.equal(from_strip(strip, model.patch), tokens[:, idx])
+    full_x, temb, _, _ = model.embed(lat, t, enc)
+    strip_x = model.embed(strip, t, enc)[0]
+    torch.testing.assert_close(strip_x, full_x[:, idx], atol=1e-6, rtol=0)
+    full_v = to_tokens(model.head(full_x, temb, grid, 1), model.patch)[:, idx]
+    strip_v = from_strip(model.head(full_x[:, idx], temb, Grid(1, 1, 17), 1), model.patch)
+    torch.testing.assert_close(strip_v, full_v, atol=1e-6, rtol=0)

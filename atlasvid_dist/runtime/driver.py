@@ -146,7 +146,8 @@ class DistributedGenerator:
                 return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=restarts,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
 
-            proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5)).remote(self.cfg)
+            # the proxy worker keeps no state across a crash: Ray restarts it and re-runs text + stage 1
+            proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5, 1), max_task_retries=1).remote(self.cfg)
             ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts)).remote(
                 self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None)
                 for r in range(self.workers)]
