@@ -226,14 +226,20 @@ class Trainer:
         return True
 
     def export(self) -> Path | None:
-        """Rank 0 writes OUTPUT/adapter.safetensors (diffusers LoRA format); returns its path there."""
+        """Rank 0 writes OUTPUT/adapter.safetensors (diffusers LoRA format; ZeRO-3 shards gathered first).
+
+        Every rank must call it. Returns the path on rank 0, None elsewhere."""
         import torch.distributed as dist
 
         from atlasvid_dist.models.lora import save_lora
 
+        import deepspeed
+
         path = None
-        if self.rank == 0:
-            path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE)
+        lora_params = [p for n, p in self.transformer.named_parameters() if ".lora_" in n]
+        with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):  # ZeRO-3 shards; else a no-op
+            if self.rank == 0:
+                path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE)
         dist.barrier()
         return path
 
