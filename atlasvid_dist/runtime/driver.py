@@ -63,6 +63,7 @@ class DistributedGenerator:
         self.sharding = None
         self.max_restarts = max_restarts
         self.restarted: list[int] = []
+        self.bar = None
 
     # ------------------------------------------------------------------------------------------------ checks
     def preflight(self) -> None:
@@ -83,7 +84,7 @@ class DistributedGenerator:
         from ..pipeline.generate import TwoStageGenerator, _save_latents
 
         self.preflight()
-        gen = TwoStageGenerator(self.cfg, progress=self.progress)
+        gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress)
         if self.cfg.run_dir:
             raise ConfigError("run_dir", self.cfg.run_dir, "step checkpoints are not supported with --workers yet")
         gen.preflight()
@@ -116,8 +117,9 @@ class DistributedGenerator:
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if self.address is not None:
-            ray.init(address=self.address, log_to_driver=True)
+        address = self.address or os.environ.get("RAY_ADDRESS")  # `ray job submit`: the job's own cluster
+        if address:
+            ray.init(address=address, log_to_driver=True)
             return True
         gpus = self.workers if self.cfg.device == "cuda" else 0
         ray.init(address="local", num_cpus=self.workers, num_gpus=gpus, include_dashboard=False,
@@ -148,13 +150,18 @@ class DistributedGenerator:
 
             # the proxy worker keeps no state across a crash: Ray restarts it and re-runs text + stage 1
             proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5, 1), max_task_retries=1).remote(self.cfg)
-            ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts)).remote(
+            # two threads: progress() answers while run() works
+            ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts), max_concurrency=2).remote(
                 self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None)
                 for r in range(self.workers)]
             shared = self._wait(ray, proxy_actor.run.remote(), "proxy worker (text + stage 1)")
             ray.kill(proxy_actor)
             text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
-            parts = self._stage2(ray, ranks, text_ref)
+            self.bar = self._gen._bar(self.cfg.steps, f"detail stage ({self.workers} workers)", "step")
+            try:
+                parts = self._stage2(ray, ranks, text_ref)
+            finally:
+                self.bar.close()
         finally:
             remove_placement_group(pg)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -170,8 +177,11 @@ class DistributedGenerator:
         while True:
             master = self._call(ray, ranks[0].address, "detail rank 0 (rendezvous)")
             refs = [a.run.remote(master, text_ref, self.timeout_s, resume) for a in ranks]
-            results, errors = self._collect(ray, refs)
+            results, errors = self._collect(ray, refs, ranks)
             if not errors:
+                if self.bar is not None:
+                    self.bar.n = self.cfg.steps
+                    self.bar.refresh()
                 return results
             dead = [r for r, e in errors if isinstance(e, ray.exceptions.RayActorError)]
             if not dead or len(self.restarted) + len(dead) > self.max_restarts * self.workers:
@@ -198,19 +208,35 @@ class DistributedGenerator:
             except ray.exceptions.RayError as exc:
                 raise RunFailure(f"{what} failed: {exc}") from exc
 
-    def _collect(self, ray, refs):
+    def _collect(self, ray, refs, ranks=None):
         """Wait for every rank's task; (results by rank, [(rank, error)]). Ranks that outlive a dead peer fail in
-        their next exchange (the group breaks), so every task ends."""
+        their next exchange (the group breaks), so every task ends. Meanwhile the progress bar shows the steps the
+        slowest rank has done."""
         results, errors = [None] * len(refs), []
-        for i, ref in enumerate(refs):
-            ready, _ = ray.wait([ref], timeout=self.timeout_s * 2)
-            if not ready:
-                raise RunFailure(f"detail rank {i} did not finish within {self.timeout_s * 2:g} s")
-            try:
-                results[i] = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                errors.append((i, exc))
+        pending = dict(enumerate(refs))
+        deadline = time.monotonic() + self.timeout_s * 2
+        while pending:
+            if time.monotonic() > deadline:
+                raise RunFailure(f"detail ranks {sorted(pending)} did not finish within {self.timeout_s * 2:g} s")
+            ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0.5)
+            for i in [i for i, ref in pending.items() if ref in ready]:
+                try:
+                    results[i] = ray.get(pending.pop(i))
+                except ray.exceptions.RayError as exc:
+                    errors.append((i, exc))
+            if ranks is not None and pending:
+                self._show_progress(ray, ranks)
         return results, errors
+
+    def _show_progress(self, ray, ranks) -> None:
+        """Best effort: a rank that is busy restarting is skipped."""
+        try:
+            done = ray.get([a.progress.remote() for a in ranks], timeout=2.0)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return
+        if self.bar is not None:
+            self.bar.n = min(done)
+            self.bar.refresh()
 
     def _wait(self, ray, ref, what: str = ""):
         ready, _ = ray.wait([ref], timeout=self.timeout_s)
