@@ -60,7 +60,7 @@ def check_adapter(adapter, tmp_path, option):
     for key, value in saved.items():
         name = key.removeprefix("transformer.").replace(".weight", ".trained.weight")
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
-    small = dict(res="256x256", frames=9, steps=2, proxy_steps=2, window="3,8,8", guidance=1.0, spatial_scale=2,
+    small = dict(res="128x128", frames=9, steps=2, proxy_steps=2, window="3,4,4", guidance=1.0, spatial_scale=2,
                  prompt="a red disc moving right")
     out = []
     for name, extra in (("base", {}), ("tuned", {option: adapter})):

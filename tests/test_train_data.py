@@ -96,3 +96,48 @@ def test_config_rejects_bad_values():
         cfg(lora_rank="4")
     with pytest.raises(ConfigError, match="bad_data"):
         cfg(bad_data="ignore")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from atlasvid_dist.train.train import lr_lambda
+
+    f = lr_lambda(cfg(warmup_steps=4, lr_schedule="cosine", max_steps=14))
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+    assert lr_lambda(cfg(lr_schedule="constant"))(100) == 1.0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradient_checkpointing_same_loss_and_grads(stage):
+    from atlasvid_dist.config.method import AtlasConfig
+    from atlasvid_dist.models.atlas_transformer import AtlasTransformer
+    from atlasvid_dist.models.loading import load_components
+    from atlasvid_dist.train.train import FlowMatchingLoss, add_lora
+
+    c = cfg(stage=stage, window=(3, 2, 2), lora_rank=4, lora_alpha=4.0)
+    tr = load_components("tiny").transformer
+    add_lora(tr, c)
+    with torch.no_grad():  # non-zero lora_B so every LoRA weight gets a gradient
+        for n, p in tr.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    loss_fn = FlowMatchingLoss(AtlasTransformer(tr, AtlasConfig(window=(3, 2, 2), temporal_scale=2)), stage)
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 16, 2, 4, 4) if stage == 1 else (1, 16, 3, 8, 8)
+    x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    inputs = dict(x0=x0, noise=noise, sigma=torch.tensor([0.4]), text=torch.randn(1, 16, 32, generator=g))
+    if stage == 2:
+        inputs["proxy"] = torch.randn(1, 16, 2, 4, 4, generator=g)
+    results = []
+    for ckpt in (False, True):
+        tr.gradient_checkpointing = ckpt
+        tr.zero_grad()
+        loss = loss_fn(**inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tr.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) == 2 * 2 * 4 * 2
+    for n in results[0][1]:
+        assert results[0][1][n].abs().sum() > 0, n
+        torch.testing.assert_close(results[0][1][n], results[1][1][n])
