@@ -72,12 +72,37 @@ class DistributedGenerator:
         from .detail import check_supported
 
         check_supported(self.cfg)
-        if self.cfg.device == "cuda" and self.address is None:
+        if self.cfg.device == "cuda" and self.address is None and not os.environ.get("RAY_ADDRESS"):
             have = torch.cuda.device_count()
             if self.workers > have:
                 raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
         self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers)
         self.fault = fault_injection(self.workers)
+
+    def _fit_check(self):
+        """The cost model's fit verdict for this worker count (PlanError, exit 2, with the numbers)."""
+        from ..config.model import model_preset
+        from ..config.parallel import ParallelPlan
+        from ..cost.model import RunSettings, estimate
+
+        cfg = self.cfg
+        if cfg.model == "tiny":
+            spec = model_preset("tiny")
+        else:
+            from ..models.loading import read_model_spec
+
+            spec = read_model_spec(cfg.model)
+        profile = cfg.device_profile
+        if profile == "auto":
+            profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
+        cuda = cfg.device == "cuda"
+        plan = ParallelPlan(workers=self.workers, device=cfg.device, gpus=self.workers if cuda else 0)
+        run = RunSettings(dtype=cfg.dtype, steps=cfg.steps, proxy_steps=cfg.proxy_steps, guidance=cfg.guidance,
+                          detail_init=cfg.detail_init, init_strength=cfg.init_strength,
+                          decode_tile=cfg.decode_tile or 32, decode_overlap=cfg.decode_overlap)
+        report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
+        report.raise_if_unfit()
+        return report
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self):
@@ -87,7 +112,7 @@ class DistributedGenerator:
         gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress)
         if self.cfg.run_dir:
             raise ConfigError("run_dir", self.cfg.run_dir, "step checkpoints are not supported with --workers yet")
-        gen.preflight()
+        self._fit_check()
         import ray
 
         started = self._start_ray(ray)
