@@ -54,6 +54,8 @@ def test_workers_equal_single_process(tmp_path, capsys, monkeypatch, single, wor
     assert out.stat().st_size > 0
     sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB", text)]
     assert len(sent) == workers and all(s > 0 for s in sent), text  # shifted layers exchange a halo
+    per_step = [float(m) for m in re.findall(r"([0-9.]+) MB/step", text)]
+    assert len(per_step) == workers and all(0 < p <= s for p, s in zip(per_step, sent)), text
     assert ("worker of rank 1 was restarted" in text) == bool(fault), text
 
 

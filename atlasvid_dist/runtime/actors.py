@@ -90,15 +90,18 @@ class DetailWorker:
                                  None if text["uncond"] is None else text["uncond"].to(dev, dt))
             proxy = None if text["proxy"] is None else text["proxy"].to(dev, dt)
             stats = comm.CommStats()
+            self.steps_run = 0
             tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
                                              timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step)
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
+                    "sent_per_step": stats.total() // max(1, self.steps_run),
                     "seconds": time.perf_counter() - t0, "rank": self.rank}
         finally:
             comm.teardown()
 
     def _step(self, done: int) -> None:
         self.steps_done = done
+        self.steps_run = getattr(self, "steps_run", 0) + 1
         if done == self.fault_step and self.fault_marker and not os.path.exists(self.fault_marker):
             with open(self.fault_marker, "w") as f:  # the first time only: the restarted worker goes on
                 f.write(f"rank {self.rank} step {done}\n")

@@ -36,16 +36,20 @@ class DistributedResult:
     workers: int
     """Detail ranks."""
     bytes_sent: list[int] = field(default_factory=list)
-    """Bytes every rank sent to other ranks over the whole stage 2 (index = rank)."""
+    """Bytes every rank sent to other ranks in stage 2 (index = rank; after a restart: since the resume)."""
     bytes_per_layer: list[dict[int, int]] = field(default_factory=list)
     """Per rank: bytes sent by layer (unshifted layers send 0)."""
     tokens: list[int] = field(default_factory=list)
     """Detail tokens every rank owns."""
     restarted: list[int] = field(default_factory=list)
     """Ranks whose worker died and was restarted (once per restart)."""
+    bytes_per_step: list[int] = field(default_factory=list)
+    """Bytes every rank sent per denoising step (cond + uncond passes)."""
 
     def summary(self) -> str:
-        sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB" for r, b in enumerate(self.bytes_sent))
+        per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
+        sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB, {s / 1e6:.3f} MB/step"
+                         for r, (b, s) in enumerate(zip(self.bytes_sent, per_step)))
         restarts = "".join(f"; worker of rank {r} was restarted" for r in self.restarted)
         return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
                 f"bytes sent per rank ({sent}){restarts}")
@@ -135,7 +139,8 @@ class DistributedGenerator:
                            cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
                            cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
-                                 self.sharding.tokens_per_rank, list(self.restarted))
+                                 self.sharding.tokens_per_rank, list(self.restarted),
+                                 [p["sent_per_step"] for p in parts])
 
     def _start_ray(self, ray) -> bool:
         """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
