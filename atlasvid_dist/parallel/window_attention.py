@@ -140,7 +140,8 @@ class ShardedWindowAttention:
         kw, vw = gather_keys(kr, hk, plan), gather_keys(v, hv.to(v.dtype), plan)  # (B, W, wt, H, D)
         pk = pv = None
         if lay.proxy_index is not None:
-            pk, pv = self._proxy_k[layer][:, lay.proxy_index], self._proxy_v[layer][:, lay.proxy_index]  # (B, W, C, H, D)
+            pk = self._proxy_k[layer][:, lay.proxy_index]  # (B, W, C, H, D)
+            pv = self._proxy_v[layer][:, lay.proxy_index]
             if pk.shape[0] != b:
                 pk, pv = pk.expand(b, *pk.shape[1:]), pv.expand(b, *pv.shape[1:])
         out = torch.zeros_like(qw)
