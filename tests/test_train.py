@@ -60,6 +60,18 @@ def check_adapter(adapter, tmp_path, option):
     for key, value in saved.items():
         name = key.removeprefix("transformer.").replace(".weight", ".trained.weight")
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
+    # diffusers' own reader (WanPipeline.lora_state_dict + load_lora_adapter) into a plain Wan transformer
+    from diffusers import WanPipeline
+
+    from atlasvid_dist.models.tiny import build_tiny_transformer
+
+    state = WanPipeline.lora_state_dict(adapter)
+    plain = build_tiny_transformer()
+    plain.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer",
+                            adapter_name="trained")
+    plain_params = dict(plain.named_parameters())
+    for name, value in loaded.items():
+        torch.testing.assert_close(plain_params[name], value, rtol=0, atol=0)
     small = dict(res="128x128", frames=9, steps=2, proxy_steps=2, window="3,4,4", guidance=1.0, spatial_scale=2,
                  prompt="a red disc moving right")
     out = []
