@@ -1,6 +1,7 @@
 """LoRA training under DeepSpeed ZeRO on 2 gloo processes: loss falls (both stages), resume is exact, the exported
 adapter loads and changes generation, and bad inputs give typed errors naming the file or field."""
 
+import json
 import os
 
 import pytest
@@ -176,6 +177,9 @@ def test_cli_trains_with_two_processes_and_resumes(data_dir, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
     steps = [line for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(steps) == 3  # steps 1, 2, then 3 after the resume
+    records = [json.loads(line) for line in steps]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 and r["lr"] == SMALL["lr"] for r in records)
 
 
 @pytest.mark.parametrize("problem, match", [("empty", "captions.jsonl"), ("key", "learning_rate"),

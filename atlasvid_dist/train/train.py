@@ -195,7 +195,7 @@ class Trainer:
             if (self.step - 1) % cfg.log_every == 0 and self.rank == 0:
                 dt = time.perf_counter() - t0
                 self._log(dict(step=self.step, loss=loss, lr=self.scheduler.get_last_lr()[0],
-                               tokens_per_s=tokens * self.world / dt, step_s=dt))
+                               tokens_per_s=tokens * self.world / dt, step_s=dt, peak_mem_gb=_peak_memory_gb()))
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
         self.save()
@@ -242,6 +242,15 @@ class Trainer:
                 path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE)
         dist.barrier()
         return path
+
+
+def _peak_memory_gb() -> float:
+    """Peak memory of this rank: CUDA allocator peak on a GPU, else the process's peak resident set (Linux)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
