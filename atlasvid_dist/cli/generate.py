@@ -144,21 +144,19 @@ def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
 def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True):
     from ..pipeline.generate import TwoStageGenerator
 
-    try:
-        result = TwoStageGenerator(cfg, progress=progress).run(resume=resume)
-    except AtlasError:
-        raise
-    except Exception as exc:  # a failure while running: exit code 1, with the cause
-        raise RunFailure(f"{type(exc).__name__}: {exc}") from exc
-    typer.echo(result.summary())
-    return result
+    return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume))
 
 
 def run_distributed(cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True):
     from ..runtime.driver import DistributedGenerator
 
+    return _report(lambda: DistributedGenerator(cfg, workers, ray_address, progress=progress).run())
+
+
+def _report(run_fn):
+    """Run, print the summary; a failure that is not a typed input error becomes RunFailure (exit code 1)."""
     try:
-        result = DistributedGenerator(cfg, workers, ray_address, progress=progress).run()
+        result = run_fn()
     except AtlasError:
         raise
     except Exception as exc:  # a failure while running: exit code 1, with the cause

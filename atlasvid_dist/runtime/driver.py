@@ -85,28 +85,7 @@ class DistributedGenerator:
 
     def _fit_check(self):
         """The cost model's fit verdict for this worker count (PlanError, exit 2, with the numbers)."""
-        from ..config.model import model_preset
-        from ..config.parallel import ParallelPlan
-        from ..cost.model import RunSettings, estimate
-
-        cfg = self.cfg
-        if cfg.model == "tiny":
-            spec = model_preset("tiny")
-        else:
-            from ..models.loading import read_model_spec
-
-            spec = read_model_spec(cfg.model)
-        profile = cfg.device_profile
-        if profile == "auto":
-            profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
-        cuda = cfg.device == "cuda"
-        plan = ParallelPlan(workers=self.workers, device=cfg.device, gpus=self.workers if cuda else 0)
-        run = RunSettings(dtype=cfg.dtype, steps=cfg.steps, proxy_steps=cfg.proxy_steps, guidance=cfg.guidance,
-                          detail_init=cfg.detail_init, init_strength=cfg.init_strength,
-                          decode_tile=cfg.decode_tile or 32, decode_overlap=cfg.decode_overlap)
-        report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
-        report.raise_if_unfit()
-        return report
+        return self._gen.preflight(workers=self.workers)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self):
