@@ -101,3 +101,17 @@ def test_strip_layout_runs_embed_and_head_per_token():
     full_v = to_tokens(model.head(full_x, temb, grid, 1), model.patch)[:, idx]
     strip_v = from_strip(model.head(full_x[:, idx], temb, Grid(1, 1, 17), 1), model.patch)
     torch.testing.assert_close(strip_v, full_v, atol=1e-6, rtol=0)
+
+
+def test_ulysses_degree_not_dividing_heads_is_refused_before_any_actor(tmp_path, capsys):
+    """The tiny model has 2 heads: Ulysses over 4 ranks cannot split them (PlanError, exit 2, nothing written)."""
+    out = tmp_path / "u.mp4"
+    code = cli("generate", *ARGS, "--workers", "4", "--proxy-parallel", "ulysses", "--out", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and "ulysses_degree = 4" in err and "heads = 2" in err, err
+    assert not out.exists()
+
+
+def test_distributed_flags_need_workers(tmp_path, capsys):
+    code = cli("generate", *ARGS, "--proxy-parallel", "ring", "--out", str(tmp_path / "r.mp4"))
+    assert code == 2 and "--workers" in capsys.readouterr().err

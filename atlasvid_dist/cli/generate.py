@@ -15,9 +15,10 @@ import typer
 from ..config.files import read_mapping
 from ..config.generate import GenerateConfig
 from ..config.method import AtlasConfig
+from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
 from ..errors import AtlasError, ConfigError, RunFailure
-from .common import parse_triple
+from .common import build_parallel, parse_triple
 
 DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_steps=30, guidance=5.0, seed=0,
                 attention="atlas", window="3,15,16", shift=True, temporal_scale=4, spatial_scale=0,
@@ -98,11 +99,18 @@ def generate(
     workers: Optional[int] = typer.Option(None, help="Distributed on Ray: N detail workers on CPU (gloo)."),
     gpus: Optional[int] = typer.Option(None, help="Distributed on Ray: N detail workers, one GPU each (NCCL)."),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto|ADDR); default: start Ray embedded."),
+    proxy_parallel: str = typer.Option("none", help="With --workers/--gpus: stage 1 over all ranks with sequence parallelism: none (one actor)|ulysses|ring."),
+    window_group: int = typer.Option(1, help="With --workers/--gpus: ranks sharing each window (split windows too big for one device)."),
+    window_parallel: str = typer.Option("ulysses", help="How a split window is shared by its group: ulysses|ring."),
 ) -> None:
     """Generate a video: proxy (low fps, low resolution) then detail (windows + proxy), tiled decode, mp4."""
+    dist_flags = dict(proxy_parallel=proxy_parallel, window_group=window_group, window_parallel=window_parallel)
     flags = {k: v for k, v in locals().items()
-             if v is not None and k not in ("config", "resume", "quiet", "workers", "gpus", "ray_address")}
+             if v is not None and k not in ("config", "resume", "quiet", "workers", "gpus", "ray_address", "dist_flags",
+                                            *dist_flags)}
     ranks = _distributed(workers, gpus, flags)
+    if ranks is None and dist_flags != dict(proxy_parallel="none", window_group=1, window_parallel="ulysses"):
+        raise ConfigError("proxy_parallel/window_group", dist_flags, "need --workers or --gpus (a distributed run)")
     if resume:
         cfg = _resume_config(resume, flags)
     else:
@@ -110,7 +118,9 @@ def generate(
     if ranks is not None:
         if resume:
             raise ConfigError("resume", resume, "is not supported with --workers/--gpus yet")
-        return run_distributed(cfg, ranks, ray_address, progress=not quiet)
+        plan = build_parallel(device=cfg.device, gpus=ranks if cfg.device == "cuda" else 0, workers=ranks,
+                              **dist_flags)
+        return run_distributed(cfg, plan, ray_address, progress=not quiet)
     run(cfg, resume=bool(resume), progress=not quiet)
 
 
@@ -147,10 +157,10 @@ def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True):
     return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume))
 
 
-def run_distributed(cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True):
+def run_distributed(cfg: GenerateConfig, plan: ParallelPlan, ray_address: str | None = None, progress: bool = True):
     from ..runtime.driver import DistributedGenerator
 
-    return _report(lambda: DistributedGenerator(cfg, workers, ray_address, progress=progress).run())
+    return _report(lambda: DistributedGenerator(cfg, plan.workers, ray_address, progress=progress, plan=plan).run())
 
 
 def _report(run_fn):

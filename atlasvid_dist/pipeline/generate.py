@@ -101,9 +101,10 @@ class TwoStageGenerator:
                          f"{state['stage']} step {state['step']}" if state else None)
 
     # ------------------------------------------------------------------------------------------------ stages
-    def preflight(self, workers: int = 1):
+    def preflight(self, workers: int = 1, plan=None):
         """The cost model's fit check for ``workers`` ranks, before any model loads: PlanError (exit 2) with the
-        numbers if the run won't fit. The distributed driver calls it with its worker count."""
+        numbers if the run won't fit, or if ``plan`` (a ParallelPlan; default: ``workers`` ranks, stage 1 on one)
+        cannot be carried by the model's heads or the windows. The distributed driver calls it with its plan."""
         from ..config.model import model_preset
         from ..config.parallel import ParallelPlan
         from ..cost.model import RunSettings, estimate
@@ -118,7 +119,8 @@ class TwoStageGenerator:
         profile = cfg.device_profile
         if profile == "auto":
             profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
-        plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
+        if plan is None:
+            plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
         run = RunSettings(dtype=cfg.dtype, steps=cfg.steps, proxy_steps=cfg.proxy_steps, guidance=cfg.guidance,
                           detail_init=cfg.detail_init, init_strength=cfg.init_strength,
                           decode_tile=cfg.decode_tile or 32, decode_overlap=cfg.decode_overlap)

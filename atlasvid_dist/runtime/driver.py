@@ -59,9 +59,15 @@ class DistributedGenerator:
     """Runs one GenerateConfig over ``workers`` detail actors (see the module docstring)."""
 
     def __init__(self, cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = 2):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = 2, plan=None):
+        from ..config.parallel import ParallelPlan
+
         check(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1, "workers", workers,
               "must be an integer >= 1")
+        if plan is None:
+            plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
+        check(plan.workers == workers, "plan.workers", plan.workers, f"must equal workers = {workers}")
+        self.plan = plan
         self.cfg, self.workers, self.address, self.progress = cfg, workers, ray_address, progress
         self.timeout_s = timeout_s
         self.sharding = None
@@ -85,7 +91,7 @@ class DistributedGenerator:
 
     def _fit_check(self):
         """The cost model's fit verdict for this worker count (PlanError, exit 2, with the numbers)."""
-        return self._gen.preflight(workers=self.workers)
+        return self._gen.preflight(workers=self.workers, plan=self.plan)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self):
@@ -96,6 +102,10 @@ class DistributedGenerator:
         if self.cfg.run_dir:
             raise ConfigError("run_dir", self.cfg.run_dir, "step checkpoints are not supported with --workers yet")
         self._fit_check()
+        check(self.plan.proxy_parallel == "none", "proxy_parallel", self.plan.proxy_parallel,
+              "stage 1 on several ranks is not wired into the runtime yet; use 'none'")
+        check(self.plan.window_group == 1, "window_group", self.plan.window_group,
+              "split windows are not wired into the runtime yet; use 1")
         import ray
 
         started = self._start_ray(ray)
