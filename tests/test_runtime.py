@@ -24,7 +24,7 @@ def ray_session():
     """One embedded Ray for the module (the driver joins a running Ray instead of starting its own)."""
     import ray
 
-    ray.init(address="local", num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False)
     yield
     ray.shutdown()
@@ -38,7 +38,7 @@ def single(tmp_path_factory):
     return load_file(str(d / "a.safetensors"))["latents"]
 
 
-@pytest.mark.parametrize("workers,fault", [(2, None), (3, "1:1")])
+@pytest.mark.parametrize("workers,fault", [(2, None), (3, "1:1"), pytest.param(4, None, marks=pytest.mark.slow)])
 def test_workers_equal_single_process(tmp_path, capsys, monkeypatch, single, workers, fault):
     """3 workers also lose rank 1 after its step 1 (ATLASVID_FAULT_INJECT): Ray restarts it, every rank resumes
     from the newest common committed step, and the result is still the single-process one."""
@@ -115,3 +115,26 @@ def test_ulysses_degree_not_dividing_heads_is_refused_before_any_actor(tmp_path,
 def test_distributed_flags_need_workers(tmp_path, capsys):
     code = cli("generate", *ARGS, "--proxy-parallel", "ring", "--out", str(tmp_path / "r.mp4"))
     assert code == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_unshifted_windows_send_nothing(tmp_path, capsys):
+    """--no-shift: every layer uses the base window grid, whose windows each rank owns whole: zero bytes sent,
+    and the result is still the single-process one."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert cli("generate", *ARGS, "--no-shift", "--out", str(tmp_path / "a.mp4"), "--save-latents", str(a)) == 0
+    capsys.readouterr()
+    code = cli("generate", *ARGS, "--no-shift", "--workers", "2", "--out", str(tmp_path / "b.mp4"),
+               "--save-latents", str(b))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB", text)]
+    assert sent == [0.0, 0.0], text
+    diff = (load_file(str(a))["latents"] - load_file(str(b))["latents"]).abs().max()
+    assert float(diff) <= 1e-5
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_at_once(tmp_path, capsys):
+    """The module's Ray has 4 CPUs: 5 workers can never be placed; refused (exit 2) instead of waiting."""
+    code = cli("generate", *ARGS, "--workers", "5", "--out", str(tmp_path / "e.mp4"))
+    err = capsys.readouterr().err
+    assert code == 2 and "need 5 CPU" in err, err

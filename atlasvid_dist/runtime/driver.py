@@ -155,6 +155,7 @@ class DistributedGenerator:
 
         cuda = self.cfg.device == "cuda"
         bundle = {"CPU": 1.0, **({"GPU": 1.0} if cuda else {})}
+        self._check_capacity(ray, bundle)
         pg = placement_group([dict(bundle) for _ in range(self.workers)], strategy="PACK")
         if not self._wait(ray, pg.ready()):
             remove_placement_group(pg)
@@ -188,6 +189,15 @@ class DistributedGenerator:
         from .detail import from_tokens
 
         return from_tokens(tokens, self.sharding.spec.grid), parts
+
+    def _check_capacity(self, ray, bundle: dict) -> None:
+        """Refuse at once (PlanError) a placement group the cluster can never hold, instead of waiting for it."""
+        total = ray.cluster_resources()
+        for name, per in bundle.items():
+            need, have = per * self.workers, total.get(name, 0.0)
+            if have < need:
+                raise PlanError(f"{self.workers} workers need {need:g} {name} in all; the Ray cluster has {have:g} "
+                                f"({total}); use fewer workers or add nodes")
 
     def _stage2(self, ray, ranks, text_ref) -> list[dict]:
         """Run stage 2 on every rank; when a rank's process dies, Ray restarts it and every rank resumes from the
