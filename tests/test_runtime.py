@@ -73,7 +73,7 @@ def test_workers_and_gpus_together_are_refused(tmp_path, capsys):
 
 
 def test_bad_fault_injection_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("ATLASVID_FAULT_INJECT", "5:1")
+    monkeypatch.setenv("ATLASVID_FAULT_INJECT", "5:1")  # rank 5 of 2
     code = cli("generate", *ARGS, "--workers", "2", "--out", str(tmp_path / "g.mp4"))
     assert code == 2 and "ATLASVID_FAULT_INJECT" in capsys.readouterr().err
 
@@ -138,3 +138,15 @@ def test_more_workers_than_the_cluster_holds_is_refused_at_once(tmp_path, capsys
     code = cli("generate", *ARGS, "--workers", "5", "--out", str(tmp_path / "e.mp4"))
     err = capsys.readouterr().err
     assert code == 2 and "need 5 CPU" in err, err
+
+
+def test_proxy_worker_crash_resumes_stage1_from_its_checkpoint(tmp_path, capsys, monkeypatch, single):
+    """ATLASVID_FAULT_INJECT=proxy:1: the proxy worker dies after committing stage-1 step 1; Ray restarts it, it
+    resumes stage 1 from that step, and the result is still the single-process one."""
+    monkeypatch.setenv("ATLASVID_FAULT_INJECT", "proxy:1")
+    lat = tmp_path / "p.safetensors"
+    code = cli("generate", *ARGS, "--workers", "2", "--out", str(tmp_path / "p.mp4"), "--save-latents", str(lat))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "proxy worker was restarted and resumed stage 1 from step 1" in text, text
+    assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5

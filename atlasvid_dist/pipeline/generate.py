@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -63,10 +64,12 @@ class RunInterrupted(RuntimeError):
 class TwoStageGenerator:
     """Runs one :class:`GenerateConfig`. ``components`` (a loading.WanComponents) may be given to skip loading.
 
-    ``interrupt_at=(stage, step)`` stops the run right after that step's checkpoint is committed.
+    ``interrupt_at=(stage, step)`` stops the run right after that step's checkpoint is committed;
+    ``on_commit(stage, step)``, when set, is called after every committed step (runtimes report progress with it).
     """
 
     interrupt_at: tuple[str, int] | None = None
+    on_commit: Callable[[str, int], None] | None = None
 
     def __init__(self, cfg: GenerateConfig, components=None, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -275,6 +278,8 @@ class TwoStageGenerator:
             bar.update(1)
             if ckpt is not None:
                 self._commit(ckpt, stage, done, lat, s, gen, proxy)
+            if self.on_commit is not None:
+                self.on_commit(stage, done)
             if self.interrupt_at == (stage, done):
                 raise RunInterrupted(f"interrupted after {stage} step {done}")
 

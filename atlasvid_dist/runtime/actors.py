@@ -20,22 +20,62 @@ def _generator(cfg):
     return TwoStageGenerator(cfg, progress=False)
 
 
-class ProxyWorker:
-    """Text encoding and stage 1 (the proxy) on one device."""
+def _reconstructed() -> bool:
+    """True inside an actor that Ray restarted after its process died (False outside Ray)."""
+    try:
+        import ray
 
-    def __init__(self, cfg):
+        return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not in an actor
+        return False
+
+
+class ProxyWorker:
+    """Text encoding and stage 1 (the proxy) on one device.
+
+    With ``ckpt_dir`` every stage-1 step is committed there (latents, scheduler, RNG; marker last), and a worker
+    that Ray restarts after a crash resumes stage 1 from the newest committed step instead of from noise.
+    ``fault_step`` (test hook, ATLASVID_FAULT_INJECT=proxy:STEP) makes the process exit abruptly after committing
+    that stage-1 step, the first time only.
+    """
+
+    def __init__(self, cfg, ckpt_dir: str | None = None, fault_step: int | None = None):
         self.gen = _generator(cfg)
+        self.ckpt = None
+        if ckpt_dir is not None:
+            from ..pipeline.checkpoint import StepCheckpointer
+
+            self.ckpt = StepCheckpointer(os.path.join(ckpt_dir, "proxy"))
+        self.fault_step = fault_step
+        self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, "fault-injected-proxy")
+        self.steps_done = 0
 
     def run(self) -> dict:
-        """{'cond', 'uncond', 'proxy', 'seconds'}: CPU tensors (uncond / proxy may be None)."""
+        """{'cond', 'uncond', 'proxy', 'seconds', 'resumed_step', 'restarted'}: CPU tensors (uncond / proxy may be
+        None); resumed_step is the stage-1 step this worker resumed from (None: it started from noise); restarted
+        is True when Ray restarted this worker after a crash."""
         gen = self.gen
         t0 = time.perf_counter()
         comp = gen._load()
         text = gen._encode(comp)
-        proxy = gen.stage1(comp, text, None, None) if gen.cfg.uses_proxy else None
+        state = gen._resume_state(self.ckpt) if self.ckpt is not None else None
+        gen.on_commit = self._committed
+        proxy = gen.stage1(comp, text, self.ckpt, state) if gen.cfg.uses_proxy else None
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         gen.seconds["proxy actor"] = time.perf_counter() - t0
-        return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds}
+        return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds,
+                "resumed_step": None if state is None else state["step"], "restarted": _reconstructed()}
+
+    def _committed(self, stage: str, step: int) -> None:
+        self.steps_done = step
+        if step == self.fault_step and self.fault_marker and not os.path.exists(self.fault_marker):
+            with open(self.fault_marker, "w") as f:  # the first time only: the restarted worker goes on
+                f.write(f"proxy {stage} step {step}\n")
+            os._exit(1)  # abrupt, as a crash: no cleanup, no reply
+
+    def progress(self) -> int:
+        """Stage-1 steps committed so far."""
+        return self.steps_done
 
 
 class DetailWorker:

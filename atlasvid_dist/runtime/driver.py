@@ -45,12 +45,16 @@ class DistributedResult:
     """Ranks whose worker died and was restarted (once per restart)."""
     bytes_per_step: list[int] = field(default_factory=list)
     """Bytes every rank sent per denoising step (cond + uncond passes)."""
+    proxy_resumed: int | None = None
+    """When the proxy worker died and was restarted: the stage-1 step it resumed from (0: from noise)."""
 
     def summary(self) -> str:
         per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
         sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB, {s / 1e6:.3f} MB/step"
                          for r, (b, s) in enumerate(zip(self.bytes_sent, per_step)))
         restarts = "".join(f"; worker of rank {r} was restarted" for r in self.restarted)
+        if self.proxy_resumed is not None:
+            restarts += f"; proxy worker was restarted and resumed stage 1 from step {self.proxy_resumed}"
         return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
                 f"bytes sent per rank ({sent}){restarts}")
 
@@ -73,6 +77,7 @@ class DistributedGenerator:
         self.sharding = None
         self.max_restarts = max_restarts
         self.restarted: list[int] = []
+        self.proxy_resumed: int | None = None
         self.bar = None
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -129,7 +134,7 @@ class DistributedGenerator:
                            cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
                                  self.sharding.tokens_per_rank, list(self.restarted),
-                                 [p["sent_per_step"] for p in parts])
+                                 [p["sent_per_step"] for p in parts], self.proxy_resumed)
 
     def _start_ray(self, ray) -> bool:
         """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
@@ -169,13 +174,17 @@ class DistributedGenerator:
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
 
             # the proxy worker keeps no state across a crash: Ray restarts it and re-runs text + stage 1
-            proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5, 1), max_task_retries=1).remote(self.cfg)
+            # a crashed proxy worker is restarted by Ray and its task retried: it resumes stage 1 from its checkpoint
+            proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5, 1), max_task_retries=1).remote(
+                self.cfg, ckpt_dir, fault[1] if fault and fault[0] == "proxy" else None)
             # two threads: progress() answers while run() works
             ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts), max_concurrency=2).remote(
                 self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None)
                 for r in range(self.workers)]
             shared = self._wait(ray, proxy_actor.run.remote(), "proxy worker (text + stage 1)")
             ray.kill(proxy_actor)
+            if shared["restarted"]:
+                self.proxy_resumed = shared["resumed_step"] or 0
             text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
             self.bar = self._gen._bar(self.cfg.steps, f"detail stage ({self.workers} workers)", "step")
             try:
@@ -283,15 +292,19 @@ class DistributedGenerator:
             raise RunFailure(f"{what} failed: {exc}") from exc
 
 
-def fault_injection(workers: int) -> tuple[int, int] | None:
+def fault_injection(workers: int) -> tuple[int | str, int] | None:
     """ATLASVID_FAULT_INJECT=RANK:STEP (a test hook): that rank's worker exits abruptly after committing that
-    stage-2 step, the first time only. None when unset."""
+    stage-2 step, the first time only; ``proxy:STEP`` does the same to the proxy worker in stage 1. None when
+    unset."""
     raw = os.environ.get("ATLASVID_FAULT_INJECT", "").strip()
     if not raw:
         return None
-    parts = raw.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError("ATLASVID_FAULT_INJECT", raw, "must be RANK:STEP (two integers >= 0)")
-    rank, step = int(parts[0]), int(parts[1])
+    parts = [p.strip() for p in raw.split(":")]
+    if len(parts) != 2 or not (parts[0].isdigit() or parts[0] == "proxy") or not parts[1].isdigit():
+        raise ConfigError("ATLASVID_FAULT_INJECT", raw, "must be RANK:STEP or proxy:STEP (integers >= 0)")
+    step = int(parts[1])
+    if parts[0] == "proxy":
+        return "proxy", step
+    rank = int(parts[0])
     check(rank < workers, "ATLASVID_FAULT_INJECT", raw, f"rank must be < workers = {workers}")
     return rank, step
