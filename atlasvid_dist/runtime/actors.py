@@ -50,8 +50,10 @@ class ProxyWorker:
         self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, "fault-injected-proxy")
         self.steps_done = 0
 
-    def run(self) -> dict:
-        """{'cond', 'uncond', 'proxy', 'seconds', 'resumed_step', 'restarted'}: CPU tensors (uncond / proxy may be
+    def run(self, stage1: bool = True) -> dict:
+        """Text encoding, then stage 1 unless ``stage1`` is False (--proxy-parallel: the detail ranks run it).
+
+        {'cond', 'uncond', 'proxy', 'seconds', 'resumed_step', 'restarted'}: CPU tensors (uncond / proxy may be
         None); resumed_step is the stage-1 step this worker resumed from (None: it started from noise); restarted
         is True when Ray restarted this worker after a crash."""
         gen = self.gen
@@ -60,7 +62,7 @@ class ProxyWorker:
         text = gen._encode(comp)
         state = gen._resume_state(self.ckpt) if self.ckpt is not None else None
         gen.on_commit = self._committed
-        proxy = gen.stage1(comp, text, self.ckpt, state) if gen.cfg.uses_proxy else None
+        proxy = gen.stage1(comp, text, self.ckpt, state) if gen.cfg.uses_proxy and stage1 else None
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         gen.seconds["proxy actor"] = time.perf_counter() - t0
         return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds,
@@ -81,8 +83,10 @@ class ProxyWorker:
 class DetailWorker:
     """One rank of stage 2: joins the detail group, denoises its own windows, returns its tokens."""
 
-    def __init__(self, cfg, rank: int, world: int, ckpt_dir: str | None = None, fault_step: int | None = None):
+    def __init__(self, cfg, rank: int, world: int, ckpt_dir: str | None = None, fault_step: int | None = None,
+                 proxy_parallel: str = "none"):
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.proxy_parallel = proxy_parallel
         self.gen = _generator(cfg)
         self.steps_done = 0
         self.ckpt = None
@@ -129,13 +133,19 @@ class DetailWorker:
             emb = TextEmbeddings(text["cond"].to(dev, dt),
                                  None if text["uncond"] is None else text["uncond"].to(dev, dt))
             proxy = None if text["proxy"] is None else text["proxy"].to(dev, dt)
+            proxy_stats = comm.CommStats()
+            if proxy is None and self.cfg.uses_proxy:  # --proxy-parallel: stage 1 over this group
+                from .proxy import denoise_proxy_rank
+
+                proxy = denoise_proxy_rank(self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None,
+                                           proxy_stats, timeout_s)
             stats = comm.CommStats()
             self.steps_run = 0
             tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
                                              timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step)
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
                     "sent_per_step": stats.total() // max(1, self.steps_run),
-                    "seconds": time.perf_counter() - t0, "rank": self.rank}
+                    "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank}
         finally:
             comm.teardown()
 

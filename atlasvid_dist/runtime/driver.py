@@ -47,6 +47,8 @@ class DistributedResult:
     """Bytes every rank sent per denoising step (cond + uncond passes)."""
     proxy_resumed: int | None = None
     """When the proxy worker died and was restarted: the stage-1 step it resumed from (0: from noise)."""
+    proxy_bytes: list[int] = field(default_factory=list)
+    """--proxy-parallel: bytes every rank sent in stage 1 (sequence parallelism and the final all-gather)."""
 
     def summary(self) -> str:
         per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
@@ -55,8 +57,12 @@ class DistributedResult:
         restarts = "".join(f"; worker of rank {r} was restarted" for r in self.restarted)
         if self.proxy_resumed is not None:
             restarts += f"; proxy worker was restarted and resumed stage 1 from step {self.proxy_resumed}"
+        proxy = ""
+        if any(self.proxy_bytes):
+            proxy = "; stage 1 on all ranks, bytes sent " + ", ".join(f"rank {r}: {b / 1e6:.3f} MB"
+                                                                       for r, b in enumerate(self.proxy_bytes))
         return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
-                f"bytes sent per rank ({sent}){restarts}")
+                f"bytes sent per rank ({sent}){proxy}{restarts}")
 
 
 class DistributedGenerator:
@@ -134,7 +140,8 @@ class DistributedGenerator:
                            cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
                                  self.sharding.tokens_per_rank, list(self.restarted),
-                                 [p["sent_per_step"] for p in parts], self.proxy_resumed)
+                                 [p["sent_per_step"] for p in parts], self.proxy_resumed,
+                                 [p["proxy_sent"] for p in parts])
 
     def _start_ray(self, ray) -> bool:
         """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
@@ -179,9 +186,12 @@ class DistributedGenerator:
                 self.cfg, ckpt_dir, fault[1] if fault and fault[0] == "proxy" else None)
             # two threads: progress() answers while run() works
             ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts), max_concurrency=2).remote(
-                self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None)
+                self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None,
+                self.plan.proxy_parallel)
                 for r in range(self.workers)]
-            shared = self._wait(ray, proxy_actor.run.remote(), "proxy worker (text + stage 1)")
+            stage1 = self.plan.proxy_parallel == "none"
+            shared = self._wait(ray, proxy_actor.run.remote(stage1),
+                                "proxy worker (text + stage 1)" if stage1 else "proxy worker (text)")
             ray.kill(proxy_actor)
             if shared["restarted"]:
                 self.proxy_resumed = shared["resumed_step"] or 0
