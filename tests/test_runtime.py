@@ -150,3 +150,20 @@ def test_proxy_worker_crash_resumes_stage1_from_its_checkpoint(tmp_path, capsys,
     assert code == 0, text
     assert "proxy worker was restarted and resumed stage 1 from step 1" in text, text
     assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5
+
+
+def test_worker_log_lines_carry_the_rank(capsys):
+    from atlasvid_dist.runtime.actors import rank_logger
+
+    rank_logger("rank 7").info("stage 2 done: %d tokens", 12)
+    assert "atlasvid rank 7: stage 2 done: 12 tokens" in capsys.readouterr().err
+
+
+def test_rank_bars_keep_a_silent_ranks_count():
+    from atlasvid_dist.runtime.progress import RankBars
+
+    bars = RankBars(total=5, ranks=3, desc="detail", enabled=False)
+    bars.update([2, 3, 1])
+    bars.update([3, None, 9])  # rank 1 busy restarting; rank 2's count is clipped to the total
+    assert bars.done == [3, 3, 5] and bars.slowest() == (0, 3)
+    bars.close()

@@ -7,11 +7,24 @@ its stages (loading, text encoding, stage 1, the stage-2 helpers).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 
 import torch
+
+
+def rank_logger(role: str) -> logging.LoggerAdapter:
+    """A logger whose lines carry the worker's role ('rank 3', 'proxy'); Ray forwards them to the driver."""
+    base = logging.getLogger(f"atlasvid_dist.runtime.{role.replace(' ', '')}")
+    if not base.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s atlasvid %(role)s: %(message)s", "%H:%M:%S"))
+        base.addHandler(handler)
+        base.setLevel(logging.INFO)
+        base.propagate = False
+    return logging.LoggerAdapter(base, {"role": role})
 
 
 def _generator(cfg):
@@ -49,6 +62,7 @@ class ProxyWorker:
         self.fault_step = fault_step
         self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, "fault-injected-proxy")
         self.steps_done = 0
+        self.log = rank_logger("proxy")
 
     def run(self, stage1: bool = True) -> dict:
         """Text encoding, then stage 1 unless ``stage1`` is False (--proxy-parallel: the detail ranks run it).
@@ -61,10 +75,13 @@ class ProxyWorker:
         comp = gen._load()
         text = gen._encode(comp)
         state = gen._resume_state(self.ckpt) if self.ckpt is not None else None
+        if state is not None:
+            self.log.info("restarted: resuming stage 1 from its committed step %d", state["step"])
         gen.on_commit = self._committed
         proxy = gen.stage1(comp, text, self.ckpt, state) if gen.cfg.uses_proxy and stage1 else None
         cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         gen.seconds["proxy actor"] = time.perf_counter() - t0
+        self.log.info("text%s done in %.1f s", " + stage 1" if proxy is not None else "", gen.seconds["proxy actor"])
         return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds,
                 "resumed_step": None if state is None else state["step"], "restarted": _reconstructed()}
 
@@ -87,6 +104,7 @@ class DetailWorker:
                  proxy_parallel: str = "none"):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.proxy_parallel = proxy_parallel
+        self.log = rank_logger(f"rank {rank}")
         self.gen = _generator(cfg)
         self.steps_done = 0
         self.ckpt = None
@@ -126,6 +144,8 @@ class DetailWorker:
             device_id = torch.device("cuda", 0)
         comm.init_group(backend, self.rank, self.world, f"tcp://{ip}:{port}", timeout_s=timeout_s,
                         device_id=device_id)
+        self.log.info("joined the %s group of %d ranks%s", backend, self.world,
+                      f"; resuming from committed step {resume_step}" if resume_step else "")
         try:
             t0 = time.perf_counter()
             comp = self.gen._load()
@@ -143,6 +163,8 @@ class DetailWorker:
             self.steps_run = 0
             tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
                                              timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step)
+            self.log.info("stage 2 done: %d tokens, %.1f s, %.3f MB sent", tokens.shape[1], time.perf_counter() - t0,
+                          stats.total() / 1e6)
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
                     "sent_per_step": stats.total() // max(1, self.steps_run),
                     "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank}

@@ -148,6 +148,7 @@ class DistributedGenerator:
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every rank's lines, not "[repeated 3x across cluster]"
         address = self.address or os.environ.get("RAY_ADDRESS")  # `ray job submit`: the job's own cluster
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -196,7 +197,9 @@ class DistributedGenerator:
             if shared["restarted"]:
                 self.proxy_resumed = shared["resumed_step"] or 0
             text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
-            self.bar = self._gen._bar(self.cfg.steps, f"detail stage ({self.workers} workers)", "step")
+            from .progress import RankBars
+
+            self.bar = RankBars(self.cfg.steps, self.workers, "detail stage", enabled=self.progress)
             try:
                 parts = self._stage2(ray, ranks, text_ref)
             finally:
@@ -228,8 +231,7 @@ class DistributedGenerator:
             results, errors = self._collect(ray, refs, ranks)
             if not errors:
                 if self.bar is not None:
-                    self.bar.n = self.cfg.steps
-                    self.bar.refresh()
+                    self.bar.finish()
                 return results
             dead = [r for r, e in errors if isinstance(e, ray.exceptions.RayActorError)]
             if not dead or len(self.restarted) + len(dead) > self.max_restarts * self.workers:
@@ -258,14 +260,15 @@ class DistributedGenerator:
 
     def _collect(self, ray, refs, ranks=None):
         """Wait for every rank's task; (results by rank, [(rank, error)]). Ranks that outlive a dead peer fail in
-        their next exchange (the group breaks), so every task ends. Meanwhile the progress bar shows the steps the
-        slowest rank has done."""
+        their next exchange (the group breaks), so every task ends. Meanwhile one bar per rank shows its steps."""
         results, errors = [None] * len(refs), []
         pending = dict(enumerate(refs))
         deadline = time.monotonic() + self.timeout_s * 2
         while pending:
             if time.monotonic() > deadline:
-                raise RunFailure(f"detail ranks {sorted(pending)} did not finish within {self.timeout_s * 2:g} s")
+                steps = "" if self.bar is None else f" (steps done by rank: {self.bar.done})"
+                raise RunFailure(f"detail ranks {sorted(pending)} did not finish within {self.timeout_s * 2:g} s"
+                                 f"{steps}")
             ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0.5)
             for i in [i for i, ref in pending.items() if ref in ready]:
                 try:
@@ -278,13 +281,16 @@ class DistributedGenerator:
 
     def _show_progress(self, ray, ranks) -> None:
         """Best effort: a rank that is busy restarting is skipped."""
-        try:
-            done = ray.get([a.progress.remote() for a in ranks], timeout=2.0)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-            return
+        refs = [a.progress.remote() for a in ranks]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        done = []
+        for ref in refs:
+            try:
+                done.append(ray.get(ref) if ref in ready else None)
+            except ray.exceptions.RayError:
+                done.append(None)
         if self.bar is not None:
-            self.bar.n = min(done)
-            self.bar.refresh()
+            self.bar.update(done)
 
     def _wait(self, ray, ref, what: str = ""):
         ready, _ = ray.wait([ref], timeout=self.timeout_s)
