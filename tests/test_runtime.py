@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,11 +32,20 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_run(tmp_path_factory):
+    """(latents, video frames, proxy video frames) of the one-process run."""
+    from atlasvid_dist.pipeline.video_io import read_mp4
+
     d = tmp_path_factory.mktemp("single")
-    code = cli("generate", *ARGS, "--out", str(d / "a.mp4"), "--save-latents", str(d / "a.safetensors"))
+    code = cli("generate", *ARGS, "--out", str(d / "a.mp4"), "--save-latents", str(d / "a.safetensors"),
+               "--save-proxy", str(d / "p.mp4"))
     assert code == 0
-    return load_file(str(d / "a.safetensors"))["latents"]
+    return load_file(str(d / "a.safetensors"))["latents"], read_mp4(d / "a.mp4"), read_mp4(d / "p.mp4")
+
+
+@pytest.fixture(scope="module")
+def single(single_run):
+    return single_run[0]
 
 
 @pytest.mark.parametrize("workers,fault", [(2, None), (3, "1:1"), pytest.param(4, None, marks=pytest.mark.slow)])
@@ -57,6 +67,7 @@ def test_workers_equal_single_process(tmp_path, capsys, monkeypatch, single, wor
     per_step = [float(m) for m in re.findall(r"([0-9.]+) MB/step", text)]
     assert len(per_step) == workers and all(0 < p <= s for p, s in zip(per_step, sent)), text
     assert ("worker of rank 1 was restarted" in text) == bool(fault), text
+    assert f"decode tiles per rank [{', '.join(['1'] + ['0'] * (workers - 1))}]" in text, text  # 256 px: one tile
 
 
 def test_more_workers_than_windows_is_refused(tmp_path, capsys):
@@ -167,3 +178,29 @@ def test_rank_bars_keep_a_silent_ranks_count():
     bars.update([3, None, 9])  # rank 1 busy restarting; rank 2's count is clipped to the total
     assert bars.done == [3, 3, 5] and bars.slowest() == (0, 3)
     bars.close()
+
+
+def test_decode_over_ranks_writes_the_one_process_videos(tmp_path, capsys):
+    """A decode tile of 8 latent cells: 25 tiles over 3 ranks, blended by the driver into the video the one-process
+    run writes with the same tiles (and the proxy video, decoded over the ranks too)."""
+    from atlasvid_dist.pipeline.video_io import read_mp4
+
+    d = tmp_path
+    tiles = str(write_yaml(d / "tiles.yaml", "decode_tile: 8\ndecode_overlap: 2\n"))
+    assert cli("generate", *ARGS, "--out", str(d / "a.mp4"), "--save-proxy", str(d / "p.mp4"), "--config", tiles) == 0
+    capsys.readouterr()
+    code = cli("generate", *ARGS, "--workers", "3", "--out", str(d / "b.mp4"), "--save-proxy", str(d / "q.mp4"),
+               "--config", tiles)
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "decode tiles per rank [9, 8, 8]" in text, text
+    for one, many in (("a.mp4", "b.mp4"), ("p.mp4", "q.mp4")):
+        want, got = read_mp4(d / one), read_mp4(d / many)
+        assert got.shape == want.shape
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.mean() < 0.05, (one, diff.mean())  # the blend order may round a pixel differently
+
+
+def write_yaml(path, text):
+    path.write_text(text)
+    return path

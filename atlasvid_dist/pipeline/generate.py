@@ -223,23 +223,28 @@ class TwoStageGenerator:
 
     def decode(self, comp, latents, path: str, fps: float, out_hw, label: str = "decode") -> int:
         """Tiled, streaming VAE decode into an mp4 written under a temporary name; returns the file size."""
-        from .decode import DecodeTiling, decode_stream
+        from .decode import decode_stream
         from .video_io import Mp4Writer
 
         t0 = time.perf_counter()
         frames = (latents.shape[2] - 1) * 4 + 1
         h, w = out_hw if out_hw else (latents.shape[3] * 8, latents.shape[4] * 8)
-        tile = self.cfg.decode_tile or 32
-        tiling = DecodeTiling(tile=tile, overlap=min(self.cfg.decode_overlap, tile // 2))
         bar = self._bar(frames, label, "frame")
         with Mp4Writer(path, fps=fps, width=w, height=h) as writer:
             with torch.no_grad():
-                for chunk in decode_stream(comp.vae, latents, tiling, out_hw=(h, w)):
+                for chunk in decode_stream(comp.vae, latents, self.decode_tiling(), out_hw=(h, w)):
                     writer.write(chunk)
                     bar.update(len(chunk))
         bar.close()
         self.seconds[label] = time.perf_counter() - t0
         return Path(path).stat().st_size
+
+    def decode_tiling(self):
+        """The decode's tiling from the config (tile side default 32 latent cells; overlap at most half a tile)."""
+        from .decode import DecodeTiling
+
+        tile = self.cfg.decode_tile or 32
+        return DecodeTiling(tile=tile, overlap=min(self.cfg.decode_overlap, tile // 2))
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _atlas(self, comp, method: AtlasConfig):

@@ -167,9 +167,32 @@ class DetailWorker:
                           stats.total() / 1e6)
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
                     "sent_per_step": stats.total() // max(1, self.steps_run),
-                    "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank}
+                    "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank,
+                    "proxy": proxy.cpu() if self.rank == 0 and text["proxy"] is None and proxy is not None else None}
         finally:
             comm.teardown()
+
+    def vae_scale(self) -> tuple[int, int]:
+        """(temporal, spatial) pixels per latent unit of this worker's VAE (the driver's blender needs them)."""
+        from ..pipeline.decode import vae_scale
+
+        s = vae_scale(self.gen._load().vae)
+        return s.temporal, s.spatial
+
+    def decode(self, latents: torch.Tensor, tile_ids: list[int], tiling: dict):
+        """Ray streaming generator: this rank's decode tiles of ``latents`` (model space, (1, C, f, h, w)), all
+        advancing together; yields (tile index, first video frame, pixels float32 (n, th, tw, 3))."""
+        from ..pipeline.decode import DecodeTiling, plan_tiles
+        from .decode import decode_tiles
+
+        t0 = time.perf_counter()
+        vae = self.gen._load().vae
+        cut = DecodeTiling(**tiling)
+        tiles = plan_tiles(tuple(latents.shape[3:]), cut)
+        lat = latents.to(self.gen.device, self.gen.dtype)
+        with torch.no_grad():
+            yield from decode_tiles(vae, lat, [tiles[i] for i in tile_ids], cut)
+        self.log.info("decoded %d tile(s) in %.1f s", len(tile_ids), time.perf_counter() - t0)
 
     def _step(self, done: int) -> None:
         self.steps_done = done

@@ -7,8 +7,9 @@ stops at the end; ``ray_address='auto'`` or an address joins an existing cluster
 bundle per detail worker (PACK: within as few nodes as possible); the proxy worker shares bundle 0 with detail
 rank 0 (half of its CPU / GPU) and is gone before stage 2 starts. The clean proxy and the text embeddings reach
 every detail worker once through the object store. The detail ranks form a gloo (CPU) or NCCL (CUDA) group, run
-stage 2 on their own windows, and return their tokens; the driver reassembles the latents and decodes them with
-the single-process pipeline's decode (distributed decode is a later step).
+stage 2 on their own windows, and return their tokens; the driver reassembles the latents, puts them once in the
+object store, and every rank decodes its share of the spatial tiles (``decode.py``) as a Ray streaming generator;
+the driver blends the chunks and writes the mp4 in frame order (one writer; no collective in the decode).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class DistributedResult:
     """When the proxy worker died and was restarted: the stage-1 step it resumed from (0: from noise)."""
     proxy_bytes: list[int] = field(default_factory=list)
     """--proxy-parallel: bytes every rank sent in stage 1 (sequence parallelism and the final all-gather)."""
+    tiles: list[int] = field(default_factory=list)
+    """Decode tiles every rank decoded (the output video)."""
 
     def summary(self) -> str:
         per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
@@ -61,8 +64,9 @@ class DistributedResult:
         if any(self.proxy_bytes):
             proxy = "; stage 1 on all ranks, bytes sent " + ", ".join(f"rank {r}: {b / 1e6:.3f} MB"
                                                                        for r, b in enumerate(self.proxy_bytes))
+        tiles = f"; decode tiles per rank {self.tiles}" if self.tiles else ""
         return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
-                f"bytes sent per rank ({sent}){proxy}{restarts}")
+                f"bytes sent per rank ({sent}){proxy}{tiles}{restarts}")
 
 
 class DistributedGenerator:
@@ -84,6 +88,7 @@ class DistributedGenerator:
         self.max_restarts = max_restarts
         self.restarted: list[int] = []
         self.proxy_resumed: int | None = None
+        self.tiles: list[int] = []
         self.bar = None
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -106,7 +111,7 @@ class DistributedGenerator:
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self):
-        from ..pipeline.generate import TwoStageGenerator, _save_latents
+        from ..pipeline.generate import TwoStageGenerator
 
         self.preflight()
         gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress)
@@ -122,17 +127,12 @@ class DistributedGenerator:
         started = self._start_ray(ray)
         try:
             t0 = time.perf_counter()
-            latents, parts = self._generate(ray)
+            latents, parts, out_bytes = self._generate(ray)
             gen.seconds["distributed"] = time.perf_counter() - t0
         finally:
             if started:
                 ray.shutdown()
         cfg = self.cfg
-        if cfg.save_latents:
-            _save_latents(cfg.save_latents, latents, cfg)
-        comp = gen._load()  # the VAE for the decode on the driver
-        out_bytes = gen.decode(comp, latents.to(gen.device, gen.dtype), cfg.out, cfg.video.fps,
-                               (cfg.video.height, cfg.video.width))
         from ..pipeline.generate import RunResult
 
         result = RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
@@ -141,7 +141,7 @@ class DistributedGenerator:
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
                                  self.sharding.tokens_per_rank, list(self.restarted),
                                  [p["sent_per_step"] for p in parts], self.proxy_resumed,
-                                 [p["proxy_sent"] for p in parts])
+                                 [p["proxy_sent"] for p in parts], self.tiles)
 
     def _start_ray(self, ray) -> bool:
         """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
@@ -181,7 +181,6 @@ class DistributedGenerator:
                 return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=restarts,
                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
 
-            # the proxy worker keeps no state across a crash: Ray restarts it and re-runs text + stage 1
             # a crashed proxy worker is restarted by Ray and its task retried: it resumes stage 1 from its checkpoint
             proxy_actor = ray.remote(ProxyWorker).options(**on(0, 0.5, 1), max_task_retries=1).remote(
                 self.cfg, ckpt_dir, fault[1] if fault and fault[0] == "proxy" else None)
@@ -204,13 +203,66 @@ class DistributedGenerator:
                 parts = self._stage2(ray, ranks, text_ref)
             finally:
                 self.bar.close()
+            tokens = self.sharding.unshard([p["tokens"] for p in parts])  # (B, N, C, pt, ph, pw) raster order
+            from .detail import from_tokens
+
+            latents = from_tokens(tokens, self.sharding.spec.grid)
+            out_bytes = self._outputs(ray, ranks, latents, shared["proxy"] if shared["proxy"] is not None
+                                      else parts[0].get("proxy"))
         finally:
             remove_placement_group(pg)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        tokens = self.sharding.unshard([p["tokens"] for p in parts])  # (B, N, C, pt, ph, pw) raster order
-        from .detail import from_tokens
+        return latents, parts, out_bytes
 
-        return from_tokens(tokens, self.sharding.spec.grid), parts
+    def _outputs(self, ray, ranks, latents, proxy) -> int:
+        """Save the latents if asked, decode the video (and the proxy video) over the ranks; the video's bytes."""
+        from ..pipeline.generate import _save_latents
+
+        cfg = self.cfg
+        if cfg.save_latents:
+            _save_latents(cfg.save_latents, latents, cfg)
+        out_bytes = self._decode(ray, ranks, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width),
+                                 "decode")
+        if cfg.save_proxy and proxy is not None:
+            self._decode(ray, ranks, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None,
+                         "decode proxy")
+        return out_bytes
+
+    def _decode(self, ray, ranks, latents, path: str, fps: float, out_hw, label: str) -> int:
+        """Tiles over the ranks (Ray streaming generators), blended and written in frame order here (one writer)."""
+        from dataclasses import asdict
+        from pathlib import Path
+
+        from ..pipeline.decode import TileBlender, VaeScale
+        from ..pipeline.video_io import Mp4Writer
+        from .decode import assign_tiles, ray_stream, stream_to_writer
+
+        t0 = time.perf_counter()
+        tiling = self._gen.decode_tiling()
+        scale = VaeScale(*self._call(ray, ranks[0].vae_scale, "detail rank 0 (VAE scale)"))
+        blender = TileBlender.for_latents(tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw)
+        per_rank = assign_tiles(blender.tiles, self.workers)
+        owner = [0] * len(blender.tiles)
+        for r, ids in enumerate(per_rank):
+            for i in ids:
+                owner[i] = r
+        ref = ray.put(latents.cpu())  # once; every rank reads it from the object store
+        streams = [ray_stream(ray, a.decode.options(num_returns="streaming",
+                                                    _generator_backpressure_num_objects=2 * len(ids)).remote(
+                       ref, ids, asdict(tiling)), r, self.timeout_s) if ids else iter(())
+                   for r, (a, ids) in enumerate(zip(ranks, per_rank))]
+        h, w = out_hw or blender.out_hw
+        bar = self._gen._bar(blender.frames, f"{label} ({self.workers} workers)", "frame")
+        with Mp4Writer(path, fps=fps, width=w, height=h) as writer:
+            def write(frames):
+                writer.write(frames)
+                bar.update(len(frames))
+            stream_to_writer(blender, owner, streams, write)
+        bar.close()
+        if label == "decode":
+            self.tiles = [len(ids) for ids in per_rank]
+        self._gen.seconds[label] = time.perf_counter() - t0
+        return Path(path).stat().st_size
 
     def _check_capacity(self, ray, bundle: dict) -> None:
         """Refuse at once (PlanError) a placement group the cluster can never hold, instead of waiting for it."""

@@ -1,0 +1,103 @@
+"""Decode spread over the detail ranks: spatial tiles (with overlap) streamed over time, blended by one writer.
+
+The unit of work is pipeline.decode's tile stream (one spatial tile decoded latent frame by latent frame with its
+own causal cache), so tiles are independent and need no collective at all:
+
+* :func:`assign_tiles` gives every rank a balanced set of tiles (by pixel area, deterministic);
+* :func:`decode_tiles` runs on a rank: it advances all of its tiles together, one temporal chunk at a time, and
+  yields ``(tile index, first video frame, pixels)`` chunks; the detail actor exposes it as a Ray streaming
+  generator, so chunks travel through the object store while the rank decodes the next ones;
+* :func:`stream_to_writer` runs on the driver: it always pulls from the rank that owns the tile furthest behind,
+  so the blender holds about one temporal chunk of frames whatever the clip length, and it hands finished frames
+  in frame order to one writer (the mp4 encoder).
+
+No rank waits for another: a rank that finishes its tiles is done; the driver alone waits, with a timeout per
+chunk that names the rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError, RunFailure
+from ..pipeline.decode import DecodeTiling, Tile, TileBlender, decode_tile_stream
+
+Chunk = tuple[int, int, np.ndarray]
+"""(tile index, first video frame, pixels float32 (n, th, tw, 3)) as decode_tile_stream yields them."""
+
+
+def assign_tiles(tiles: Sequence[Tile], ranks: int) -> list[list[int]]:
+    """Tile indices per rank, balanced by pixel area: largest tiles first, each to the least-loaded rank (ties:
+    lowest rank). Every rank's list is sorted. Ranks may get no tile when there are fewer tiles than ranks."""
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise InputError(f"assign_tiles: ranks must be an integer >= 1, got {ranks!r}")
+    if not tiles:
+        raise InputError("assign_tiles: no tiles")
+    load, out = [0] * ranks, [[] for _ in range(ranks)]
+    for t in sorted(tiles, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.index)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        load[r] += (t.y1 - t.y0) * (t.x1 - t.x0)
+        out[r].append(t.index)
+    return [sorted(ids) for ids in out]
+
+
+def decode_tiles(vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling) -> Iterator[Chunk]:
+    """Decode ``tiles`` of model-space ``latents`` (1, C, f, h, w), all tiles advancing together: chunk k of every
+    tile (in the given order) before chunk k + 1 of any."""
+    streams = [(t.index, decode_tile_stream(vae, latents, t, tiling)) for t in tiles]
+    while streams:
+        alive = []
+        for index, stream in streams:
+            item = next(stream, None)
+            if item is None:
+                continue
+            start, px = item
+            yield index, start, px
+            alive.append((index, stream))
+        streams = alive
+
+
+def stream_to_writer(blender: TileBlender, owner: Sequence[int], streams: Sequence[Iterator[Chunk]],
+                     write: Callable[[np.ndarray], None]) -> int:
+    """Blend chunks from every rank's stream and ``write`` finished frames (n, H, W, 3) uint8 in frame order.
+
+    ``owner[i]`` is the rank (index into ``streams``) that decodes tile i. Pulls from the owner of the tile
+    furthest behind (each rank's stream advances its tiles together, so its next chunk is that far behind too).
+    Returns the frames written. A stream that ends early or sends a tile it does not own is a RunFailure.
+    """
+    if len(owner) != len(blender.tiles):
+        raise InputError(f"stream_to_writer: owner has {len(owner)} entries for {len(blender.tiles)} tiles")
+    written = 0
+    while not blender.done:
+        r = owner[blender.next_tile()]
+        try:
+            index, start, px = next(streams[r])
+        except StopIteration:
+            raise RunFailure(f"decode: rank {r} ended its stream with frames missing (frame {blender.emitted} of "
+                             f"{blender.frames} not complete)") from None
+        if owner[index] != r:
+            raise RunFailure(f"decode: rank {r} sent tile {index}, which rank {owner[index]} owns")
+        frames = blender.add(index, start, px)
+        del px
+        if len(frames):
+            write(frames)
+            written += len(frames)
+    return written
+
+
+def ray_stream(ray, generator, rank: int, timeout_s: float) -> Iterator[Chunk]:
+    """The chunks of one rank's Ray streaming generator, each awaited with a timeout that names the rank."""
+    while True:
+        ready, _ = ray.wait([generator], timeout=timeout_s)
+        if not ready:
+            raise RunFailure(f"decode: rank {rank} sent no chunk within {timeout_s:g} s")
+        try:
+            ref = next(generator)
+        except StopIteration:
+            return
+        try:
+            yield ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.RayError as exc:
+            raise RunFailure(f"decode: rank {rank} failed: {exc}") from exc
