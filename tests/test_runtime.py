@@ -204,3 +204,22 @@ def test_decode_over_ranks_writes_the_one_process_videos(tmp_path, capsys):
 def write_yaml(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("mode,workers", [("ulysses", 2), pytest.param("ring", 4, marks=pytest.mark.slow)])
+def test_proxy_parallel_equals_single_process(tmp_path, capsys, single, mode, workers):
+    """Stage 1 over all ranks (the proxy actor only encodes the text): the same latents as one process."""
+    lat = tmp_path / "pp.safetensors"
+    code = cli("generate", *ARGS, "--workers", str(workers), "--proxy-parallel", mode, "--out",
+               str(tmp_path / "pp.mp4"), "--save-latents", str(lat))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5
+    sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB(?!/)", text.split("stage 1 on all ranks")[1])]
+    assert len(sent) == workers and all(s > 0 for s in sent), text
+
+
+def test_proxy_that_does_not_split_is_refused_before_any_actor(tmp_path, capsys):
+    code = cli("generate", *ARGS, "--workers", "3", "--proxy-parallel", "ring", "--out", str(tmp_path / "x.mp4"))
+    err = capsys.readouterr().err
+    assert code == 2 and "128 tokens do not split into 3 equal slices" in err, err

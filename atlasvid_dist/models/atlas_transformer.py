@@ -160,7 +160,7 @@ class AtlasTransformer(nn.Module):
     def _proxy_attend(self, grid: Grid, device, record: bool) -> tuple[Attend, ProxyKV]:
         """Attention of the proxy path: full attention over proxy tokens at stage-1 positions (time x r_t)."""
         geo = self.proxy_geometry_for_proxy(grid)
-        own = self.rotary.for_grid(grid, (geo[0], 1.0, 1.0)).to(device)
+        own = self.proxy_rotary(grid).to(device)
         detail = self.rotary.for_grid(grid, geo).to(device) if record else None
         kv = ProxyKV(grid)
         reference = self.config.backend == "reference"
@@ -173,6 +173,10 @@ class AtlasTransformer(nn.Module):
             return reference_attention(qr, kr, v) if reference else sdpa(qr, kr, v)
 
         return attend, kv
+
+    def proxy_rotary(self, grid: Grid) -> RotaryTables:
+        """RoPE tables of stage 1 for every proxy token (raster order): time scaled by r_t, space unscaled."""
+        return self.rotary.for_grid(grid, (float(self.config.temporal_scale), 1.0, 1.0))
 
     def proxy_geometry_for_proxy(self, grid: Grid) -> tuple[float, float, float]:
         s = float(self.config.spatial_scale)

@@ -108,17 +108,11 @@ class TwoStageGenerator:
         """The cost model's fit check for ``workers`` ranks, before any model loads: PlanError (exit 2) with the
         numbers if the run won't fit, or if ``plan`` (a ParallelPlan; default: ``workers`` ranks, stage 1 on one)
         cannot be carried by the model's heads or the windows. The distributed driver calls it with its plan."""
-        from ..config.model import model_preset
         from ..config.parallel import ParallelPlan
         from ..cost.model import RunSettings, estimate
 
         cfg = self.cfg
-        if cfg.model == "tiny":
-            spec = model_preset("tiny")
-        else:
-            from ..models.loading import read_model_spec
-
-            spec = read_model_spec(cfg.model)
+        spec = self.model_spec()
         profile = cfg.device_profile
         if profile == "auto":
             profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
@@ -130,6 +124,16 @@ class TwoStageGenerator:
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
         return report
+
+    def model_spec(self):
+        """The model's shapes (ModelSpec) without loading weights: the preset, or the folder's configs."""
+        from ..config.model import model_preset
+
+        if self.cfg.model == "tiny":
+            return model_preset("tiny")
+        from ..models.loading import read_model_spec
+
+        return read_model_spec(self.cfg.model)
 
     def _load(self):
         if self.components is None:

@@ -118,8 +118,11 @@ class DistributedGenerator:
         if self.cfg.run_dir:
             raise ConfigError("run_dir", self.cfg.run_dir, "step checkpoints are not supported with --workers yet")
         self._fit_check()
-        check(self.plan.proxy_parallel == "none", "proxy_parallel", self.plan.proxy_parallel,
-              "stage 1 on several ranks is not wired into the runtime yet; use 'none'")
+        if self.plan.proxy_parallel != "none" and self.cfg.uses_proxy:
+            from .proxy import check_proxy_split
+
+            check_proxy_split(self.cfg.proxy.grid.size, gen.model_spec().num_heads, self.workers,
+                              self.plan.proxy_parallel)
         check(self.plan.window_group == 1, "window_group", self.plan.window_group,
               "split windows are not wired into the runtime yet; use 1")
         import ray
