@@ -35,10 +35,14 @@ def _generator(cfg):
 
 def _reconstructed() -> bool:
     """True inside an actor that Ray restarted after its process died (False outside Ray)."""
+    import warnings
+
     try:
         import ray
 
-        return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own method calls its deprecated actor_id property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # noqa: BLE001 - not in an actor
         return False
 
