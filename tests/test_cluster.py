@@ -1,0 +1,121 @@
+"""cluster/: the launcher config passes Ray's own schema, the KubeRay RayJob is complete and its command parses
+and fits, the submission script builds the right request, and `ray job submit` against a local head node (started
+here, loopback) runs a tiny distributed generation to completion."""
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+sys.path.insert(0, str(CLUSTER))
+import submit_job  # noqa: E402
+
+
+def test_launcher_config_passes_rays_schema():
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    jsonschema.validate(cfg, schema)
+    gpu = cfg["available_node_types"]["h100x8"]
+    assert gpu["resources"]["GPU"] == 8 and cfg["available_node_types"][cfg["head_node_type"]]["resources"]["CPU"] == 0
+
+
+def _generate_params(args: list[str]) -> dict:
+    """Parse a generate command line with the CLI's own parser (types, choices), without running it."""
+    from typer.main import get_command
+
+    from atlasvid_dist.cli.main import app
+
+    group = get_command(app)
+    ctx = group.make_context("atlasvid-dist", list(args), resilient_parsing=False)
+    sub = group.get_command(ctx, args[0])
+    return sub.make_context(args[0], list(args[1:]), parent=ctx).params
+
+
+def test_rayjob_manifest_is_complete_and_its_run_fits():
+    from atlasvid_dist.cli.main import main
+
+    job = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    for key in ("entrypoint", "runtimeEnvYAML", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+                "activeDeadlineSeconds", "rayClusterSpec"):
+        assert key in spec, key
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    args = shlex.split(spec["entrypoint"])
+    assert args[:2] == ["atlasvid-dist", "generate"]
+    params = _generate_params(args[1:])
+    assert params["gpus"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # the same geometry on the model's shapes fits 8 H100s by the cost model (plan exits 0 when it fits)
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--model", "wan2.1-1.3b", "--res", params["res"], "--frames", str(params["frames"]),
+              "--gpus", "8", "--json"])
+    assert e.value.code == 0
+
+
+def test_submit_script_builds_the_request(capsys):
+    assert submit_job.main(["--address", "http://h:8265", "--dry-run", "generate", "--", "--gpus", "8",
+                            "--prompt", "a b"]) == 0
+    req = json.loads(capsys.readouterr().out)
+    assert req["entrypoint"] == "atlasvid-dist generate --gpus 8 --prompt 'a b'"
+    assert req["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1" and req["entrypoint_num_gpus"] == 0
+    ns = submit_job.parse(["--gpus", "8", "--working-dir", ".", "--pip", "train", "--", "--stage", "1"])
+    req = submit_job.request(ns)
+    assert req["entrypoint"] == "atlasvid-dist train --stage 1" and req["entrypoint_num_gpus"] == 8
+    assert req["runtime_env"]["pip"] == ["."]
+    with pytest.raises(SystemExit) as e:
+        submit_job.parse(["--pip", "generate"])
+    assert e.value.code == 2
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head on loopback with the job API, in its own temp dir; stopped afterwards."""
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}  # the job's shell finds atlasvid-dist
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _port(), _port()
+    temp = Path("/tmp") / f"atlasvid-head-{port}"  # short: Ray's socket paths have a length limit
+    start = [str(Path(bindir) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
+             "--include-dashboard", "true", "--temp-dir", str(temp), "--disable-usage-stats"]
+    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(Path(bindir) / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_tiny_distributed_generation(head, tmp_path):
+    address, env = head
+    out = tmp_path / "job.mp4"
+    cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "generate", "--",
+           "--prompt", "a red ball", "--res", "256x256", "--frames", "9", "--steps", "2", "--proxy-steps", "2",
+           "--window", "3,4,8", "--spatial-scale", "2", "--workers", "2", "--out", str(out), "--quiet"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert "SUCCEEDED" in log and "2 detail workers" in log and "atlasvid rank 1: stage 2 done" in log, log[-4000:]
+    assert out.stat().st_size > 0
