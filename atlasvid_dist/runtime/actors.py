@@ -164,7 +164,7 @@ class DetailWorker:
                 proxy = denoise_proxy_rank(self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None,
                                            proxy_stats, timeout_s)
             stats = comm.CommStats()
-            self.steps_run = 0
+            self.steps_run, self.step_times, self._t_last = 0, [], time.perf_counter()
             tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
                                              timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step)
             self.log.info("stage 2 done: %d tokens, %.1f s, %.3f MB sent", tokens.shape[1], time.perf_counter() - t0,
@@ -172,6 +172,7 @@ class DetailWorker:
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
                     "sent_per_step": stats.total() // max(1, self.steps_run),
                     "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank,
+                    "step_seconds": sorted(self.step_times)[len(self.step_times) // 2] if self.step_times else 0.0,
                     "proxy": proxy.cpu() if self.rank == 0 and text["proxy"] is None and proxy is not None else None}
         finally:
             comm.teardown()
@@ -199,6 +200,9 @@ class DetailWorker:
         self.log.info("decoded %d tile(s) in %.1f s", len(tile_ids), time.perf_counter() - t0)
 
     def _step(self, done: int) -> None:
+        now = time.perf_counter()
+        self.step_times.append(now - self._t_last)
+        self._t_last = now
         self.steps_done = done
         self.steps_run = getattr(self, "steps_run", 0) + 1
         if done == self.fault_step and self.fault_marker and not os.path.exists(self.fault_marker):

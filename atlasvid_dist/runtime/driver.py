@@ -52,6 +52,8 @@ class DistributedResult:
     """--proxy-parallel: bytes every rank sent in stage 1 (sequence parallelism and the final all-gather)."""
     tiles: list[int] = field(default_factory=list)
     """Decode tiles every rank decoded (the output video)."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Median seconds of one stage-2 step (checkpoint commit included), by rank."""
 
     def summary(self) -> str:
         per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
@@ -65,6 +67,8 @@ class DistributedResult:
             proxy = "; stage 1 on all ranks, bytes sent " + ", ".join(f"rank {r}: {b / 1e6:.3f} MB"
                                                                        for r, b in enumerate(self.proxy_bytes))
         tiles = f"; decode tiles per rank {self.tiles}" if self.tiles else ""
+        if self.step_seconds:
+            tiles += "; s/step per rank [" + ", ".join(f"{x:.3f}" for x in self.step_seconds) + "]"
         return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
                 f"bytes sent per rank ({sent}){proxy}{tiles}{restarts}")
 
@@ -144,7 +148,7 @@ class DistributedGenerator:
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
                                  self.sharding.tokens_per_rank, list(self.restarted),
                                  [p["sent_per_step"] for p in parts], self.proxy_resumed,
-                                 [p["proxy_sent"] for p in parts], self.tiles)
+                                 [p["proxy_sent"] for p in parts], self.tiles, [p["step_seconds"] for p in parts])
 
     def _start_ray(self, ray) -> bool:
         """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
