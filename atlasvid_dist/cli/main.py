@@ -16,7 +16,7 @@ from ..errors import AtlasError
 from .demo import demo
 from .generate import generate
 from .plan import plan
-from .train import train
+from .train import prepare_data, train
 
 
 class _AtlasGroup(TyperGroup):
@@ -43,6 +43,7 @@ app.command("generate")(generate)
 app.command("plan")(plan)
 app.command("demo")(demo)
 app.command("train")(train)
+app.command("prepare-data")(prepare_data)
 
 
 def main(argv: list[str] | None = None) -> None:

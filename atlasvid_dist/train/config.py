@@ -8,6 +8,7 @@ from ..errors import ConfigError, check
 
 BAD_DATA_POLICIES = ("skip", "stop")
 LR_SCHEDULES = ("constant", "cosine")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end)."""
     log_every: int = 1
     """Log loss / lr / tokens per second every N steps."""
+    timestep_sampling: str = "uniform"
+    """Base distribution of the flow-matching time s in (0, 1): 'uniform' or 'logit_normal' (sigmoid of N(0, 1))."""
+    timestep_shift: float = 1.0
+    """Wan's shift of the noise level: sigma = shift * s / (1 + (shift - 1) * s); 1 = none, 5 = Wan's 720P value."""
+    tensorboard: bool = False
+    """Also write loss / lr / tokens per second to OUTPUT/tensorboard (needs the tensorboard package)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -82,6 +89,9 @@ class TrainConfig:
         check(self.fps > 0 and self.lr > 0 and self.lora_alpha > 0, "fps/lr/lora_alpha",
               (self.fps, self.lr, self.lora_alpha), "must all be > 0")
         check(self.bad_data in BAD_DATA_POLICIES, "bad_data", self.bad_data, f"must be one of {BAD_DATA_POLICIES}")
+        check(self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling", self.timestep_sampling,
+              f"must be one of {TIMESTEP_SAMPLING}")
+        check(self.timestep_shift > 0, "timestep_shift", self.timestep_shift, "must be > 0")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"must be one of {LR_SCHEDULES}")
         check(len(self.window) == 3 and all(isinstance(v, int) and v >= 1 for v in self.window), "window",
               self.window, "must be three integers >= 1 (t, h, w)")

@@ -176,9 +176,23 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 def sample_clip(data: Dataset, cfg: TrainConfig, gen: torch.Generator) -> Clip:
     """Pick a video and a start frame with ``gen``; cut and resize the proxy (and for stage 2 the detail) clip."""
     rec = data.records[int(torch.randint(len(data.records), (1,), generator=gen))]
-    stride = source_stride(cfg, rec.fps)
     need = needed_source_frames(cfg, rec.fps)
     start = int(torch.randint(rec.frames - need + 1, (1,), generator=gen))
+    return cut_clip(rec, start, cfg)
+
+
+def clip_starts(rec: VideoRecord, cfg: TrainConfig, count: int) -> list[int]:
+    """``count`` start frames spread evenly over the video (the first and the last possible one included)."""
+    last = rec.frames - needed_source_frames(cfg, rec.fps)
+    if count == 1:
+        return [last // 2]
+    return sorted({round(k * last / (count - 1)) for k in range(count)})
+
+
+def cut_clip(rec: VideoRecord, start: int, cfg: TrainConfig) -> Clip:
+    """The clip of ``rec`` starting at source frame ``start``: proxy (and for stage 2 detail) pixels."""
+    stride = source_stride(cfg, rec.fps)
+    need = needed_source_frames(cfg, rec.fps)
     frames = read_mp4(rec.path)
     if len(frames) < start + need:  # probe and decode disagree (damaged tail)
         raise InputError(f"{rec.path}: decoded {len(frames)} frames, a clip at {start} needs {start + need}")

@@ -36,6 +36,7 @@ from atlasvid_dist.config.method import AtlasConfig
 from atlasvid_dist.errors import ConfigError
 from atlasvid_dist.train.config import TrainConfig
 from atlasvid_dist.train.data import LatentEncoder, sample_clip, scan_dataset, step_generator
+from atlasvid_dist.train.shards import PreparedData, is_prepared
 
 ADAPTER_NAME = "default"
 ADAPTER_FILE = "adapter.safetensors"
@@ -58,6 +59,32 @@ class FlowMatchingLoss(nn.Module):
         else:
             pred = self.atlas(xt, t, text, proxy=proxy)
         return F.mse_loss(pred.float(), (noise - x0).float())
+
+
+def tensorboard_writer(cfg: TrainConfig, out: Path):
+    """A SummaryWriter under OUTPUT/tensorboard when cfg.tensorboard, else None (ConfigError without the package)."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError("tensorboard", True, f"needs the tensorboard package (pip install tensorboard): {e}") from e
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's shifted noise level: sigma = shift * s / (1 + (shift - 1) * s) (identity for shift = 1)."""
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def sample_sigma(cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """The flow-matching noise level of one example, (1,), in [1e-3, 1 - 1e-3]: s ~ uniform or logit-normal,
+    then Wan's shift."""
+    if cfg.timestep_sampling == "logit_normal":
+        s = torch.sigmoid(torch.randn(1, generator=gen))
+    else:
+        s = torch.rand(1, generator=gen)
+    return shift_sigma(s, cfg.timestep_shift).clamp(1e-3, 1 - 1e-3)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -111,7 +138,8 @@ class Trainer:
         from atlasvid_dist.models.loading import load_components
 
         self.cfg, self.log = cfg, log
-        self.data = scan_dataset(cfg.data, cfg)
+        self.prepared = PreparedData(cfg.data, cfg) if is_prepared(cfg.data) else None
+        self.data = scan_dataset(cfg.data, cfg) if self.prepared is None else None
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -136,7 +164,8 @@ class Trainer:
                                                                  optimizer=opt, lr_scheduler=sched, config=ds)
         self.step = 0
         self.out = Path(cfg.output)
-        if self.data.skipped and self.rank == 0:
+        self.tb = tensorboard_writer(cfg, self.out) if self.rank == 0 else None
+        if self.data is not None and self.data.skipped and self.rank == 0:
             log(f"skipped {len(self.data.skipped)} bad entries: "
                 + "; ".join(f"{f}: {r}" for f, r in self.data.skipped))
 
@@ -144,11 +173,17 @@ class Trainer:
     def batch(self, step: int) -> tuple[dict, int]:
         """The inputs of this rank's clip at ``step`` and its token count."""
         gen = step_generator(self.cfg.seed, step, self.rank)
-        clip = sample_clip(self.data, self.cfg, gen)
-        text = self.encoder.text(clip.caption)
-        proxy = self.encoder.video(clip.proxy)
-        x0 = proxy if self.cfg.stage == 1 else self.encoder.video(clip.detail)
-        sigma = torch.rand(1, generator=gen).clamp(1e-3, 1 - 1e-3)
+        if self.prepared is not None:  # encoded once by prepare-data
+            rec = self.prepared.get(int(torch.randint(len(self.prepared), (1,), generator=gen)))
+            rec = {k: v.to(self.device, self.dtype) for k, v in rec.items()}
+            text, proxy = rec["text"], rec["proxy"]
+            x0 = proxy if self.cfg.stage == 1 else rec["detail"]
+        else:
+            clip = sample_clip(self.data, self.cfg, gen)
+            text = self.encoder.text(clip.caption)
+            proxy = self.encoder.video(clip.proxy)
+            x0 = proxy if self.cfg.stage == 1 else self.encoder.video(clip.detail)
+        sigma = sample_sigma(self.cfg, gen)
         noise = torch.randn(x0.shape, generator=gen).to(x0.dtype)
         inputs = dict(x0=x0, noise=noise.to(self.device), sigma=sigma.to(self.device, self.dtype), text=text)
         if self.cfg.stage == 2:
@@ -207,6 +242,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "log.jsonl", "a") as f:
             f.write(line + "\n")
+        if self.tb is not None:
+            for key in ("loss", "lr", "tokens_per_s", "step_s"):
+                self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+            self.tb.flush()
 
     # ---------------------------------------------------------------------------------------------- state
     def save(self) -> None:

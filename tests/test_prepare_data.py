@@ -1,0 +1,108 @@
+"""prepare-data: a dataset encoded once into sharded safetensors; training reads the shards (loss falls), the shards
+hold exactly what the encoder makes of each clip, and mismatched or damaged shards are refused naming the field or
+file. Also Wan's shifted timestep sampling."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from atlasvid_dist.cli.main import main
+from atlasvid_dist.errors import ConfigError, InputError
+from atlasvid_dist.train.config import TrainConfig
+from atlasvid_dist.train.shards import INDEX, PreparedData
+from atlasvid_dist.train.synthetic import write_synthetic_dataset
+from tests._dist import run_ranks
+from tests.test_train import SMALL, ZERO2, _fit
+
+
+def cli(*args) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    return e.value.code
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(raw data folder, prepared folder, config YAML) for stage 2 of the SMALL geometry: 2 videos x 3 clips."""
+    root = tmp_path_factory.mktemp("prep")
+    data = write_synthetic_dataset(root / "data", num_videos=2, frames=17)
+    conf = root / "small.yaml"
+    conf.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}))
+    out = root / "shards"
+    assert cli("prepare-data", "--data", str(data), "--output", str(out), "--stage", "2", "--config", str(conf),
+               "--clips-per-video", "3", "--shard-size", "4") == 0
+    return str(data), str(out), str(conf)
+
+
+def test_shards_hold_what_the_encoder_makes_of_each_clip(prepared):
+    from atlasvid_dist.models.loading import load_components
+    from atlasvid_dist.train.data import LatentEncoder, cut_clip, scan_dataset
+
+    data, out, _ = prepared
+    index = json.loads((__import__("pathlib").Path(out) / INDEX).read_text())
+    assert index["records"] == 6 and [s["count"] for s in index["shards"]] == [4, 2]
+    cfg = TrainConfig(**SMALL, stage=2, data=data)
+    shards = PreparedData(out, cfg)
+    comp = load_components("tiny", device="cpu")
+    enc = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, "cpu", torch.float32)
+    records = {str(r.path): r for r in scan_dataset(data, cfg).records}
+    for j in (0, 5):  # one clip of each shard
+        src = index["sources"][j]
+        clip = cut_clip(records[src["video"]], src["start"], cfg)
+        got = shards.get(j)
+        assert torch.equal(got["proxy"], enc.video(clip.proxy)) and torch.equal(got["detail"], enc.video(clip.detail))
+        assert torch.equal(got["text"], enc.text(clip.caption))
+    assert len({s["start"] for s in index["sources"]}) == 3  # starts spread over each video
+
+
+@pytest.mark.slow
+def test_training_from_shards_lowers_the_loss(prepared, tmp_path):
+    _, out, _ = prepared
+    cfg = dict(SMALL, stage=2, data=out, output=str(tmp_path / "run"), max_steps=25)
+    (before, after, adapter), _ = run_ranks(_fit, 2, cfg, ZERO2, 25, timeout=240)
+    assert after < 0.9 * before, (before, after)
+    assert adapter is not None
+
+
+def test_mismatched_or_damaged_shards_are_refused(prepared, tmp_path, capsys):
+    import shutil
+
+    data, out, conf = prepared
+    with pytest.raises(ConfigError, match="width"):
+        PreparedData(out, TrainConfig(**{**SMALL, "width": 128}, stage=2, data=out))
+    with pytest.raises(ConfigError, match="stage"):
+        PreparedData(out, TrainConfig(**SMALL, stage=1, data=out))
+    code = cli("train", "--stage", "1", "--data", out, "--output", str(tmp_path / "o"), "--config", conf)
+    assert code == 2 and "stage" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = bad / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="shard-00001.safetensors"):
+        PreparedData(bad, TrainConfig(**SMALL, stage=2, data=str(bad)))
+    (bad / INDEX).write_text("{not json")
+    with pytest.raises(InputError, match="index.json"):
+        PreparedData(bad, TrainConfig(**SMALL, stage=2, data=str(bad)))
+
+
+def test_wan_shifted_timesteps_follow_the_closed_form():
+    from atlasvid_dist.train.train import sample_sigma, shift_sigma
+
+    s = torch.linspace(0.01, 0.99, 50)
+    assert torch.allclose(shift_sigma(s, 1.0), s)
+    gen = torch.Generator().manual_seed(0)
+    cfg = TrainConfig(timestep_shift=5.0)
+    x = torch.cat([sample_sigma(cfg, gen) for _ in range(20000)])
+    for q in (0.25, 0.5, 0.75):  # P(sigma <= q) = P(s <= q / (shift - (shift - 1) q)) for uniform s
+        want = q / (5.0 - 4.0 * q)
+        assert abs(float((x <= q).float().mean()) - want) < 0.015, q
+    ln = torch.cat([sample_sigma(TrainConfig(timestep_sampling="logit_normal"), gen) for _ in range(20000)])
+    assert abs(float(ln.median()) - 0.5) < 0.02 and float((ln < 0.1).float().mean()) < 0.02  # sigmoid(N(0, 1))
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        TrainConfig(timestep_sampling="beta")
+    with pytest.raises(ConfigError, match="timestep_shift"):
+        TrainConfig(timestep_shift=0.0)
