@@ -223,3 +223,23 @@ def test_proxy_that_does_not_split_is_refused_before_any_actor(tmp_path, capsys)
     code = cli("generate", *ARGS, "--workers", "3", "--proxy-parallel", "ring", "--out", str(tmp_path / "x.mp4"))
     err = capsys.readouterr().err
     assert code == 2 and "128 tokens do not split into 3 equal slices" in err, err
+
+
+def test_windows_shared_by_groups_equal_single_process(tmp_path, capsys, single):
+    """--workers 4 --window-group 2: two groups of two ranks, each window split over its group with Ulysses."""
+    lat = tmp_path / "wg.safetensors"
+    code = cli("generate", *ARGS, "--workers", "4", "--window-group", "2", "--out", str(tmp_path / "wg.mp4"),
+               "--save-latents", str(lat))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "tokens per rank [192, 192, 192, 192]" in text, text
+    assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("flags,match", [(["--window-group", "4"], "window_group = 4 does not divide"),
+                                         (["--window-group", "2", "--window-parallel", "ring"], "window_parallel"),
+                                         (["--window-group", "3"], "window_group")])
+def test_bad_window_group_plans_are_refused(tmp_path, capsys, flags, match):
+    code = cli("generate", *ARGS, "--workers", "4", *flags, "--out", str(tmp_path / "z.mp4"))
+    err = capsys.readouterr().err
+    assert code == 2 and match in err, err

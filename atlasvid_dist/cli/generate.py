@@ -101,7 +101,7 @@ def generate(
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto|ADDR); default: start Ray embedded."),
     proxy_parallel: str = typer.Option("none", help="With --workers/--gpus: stage 1 over all ranks with sequence parallelism: none (one actor)|ulysses|ring."),
     window_group: int = typer.Option(1, help="With --workers/--gpus: ranks sharing each window (split windows too big for one device)."),
-    window_parallel: str = typer.Option("ulysses", help="How a split window is shared by its group: ulysses|ring."),
+    window_parallel: str = typer.Option("ulysses", help="How a split window is shared by its group: ulysses (ring is planned, refused for now)."),
 ) -> None:
     """Generate a video: proxy (low fps, low resolution) then detail (windows + proxy), tiled decode, mp4."""
     dist_flags = dict(proxy_parallel=proxy_parallel, window_group=window_group, window_parallel=window_parallel)

@@ -105,9 +105,9 @@ class DetailWorker:
     """One rank of stage 2: joins the detail group, denoises its own windows, returns its tokens."""
 
     def __init__(self, cfg, rank: int, world: int, ckpt_dir: str | None = None, fault_step: int | None = None,
-                 proxy_parallel: str = "none"):
+                 proxy_parallel: str = "none", window_group: int = 1, window_parallel: str = "ulysses"):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.proxy_parallel = proxy_parallel
+        self.proxy_parallel, self.window_group, self.window_parallel = proxy_parallel, window_group, window_parallel
         self.log = rank_logger(f"rank {rank}")
         self.gen = _generator(cfg)
         self.steps_done = 0
@@ -165,8 +165,15 @@ class DetailWorker:
                                            proxy_stats, timeout_s)
             stats = comm.CommStats()
             self.steps_run, self.step_times, self._t_last = 0, [], time.perf_counter()
+            groups = None
+            if self.window_group > 1:
+                from ..parallel.window_group import new_groups
+
+                groups = new_groups(self.world, self.window_group)
             tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
-                                             timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step)
+                                             timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step,
+                                             window_group=self.window_group, groups=groups,
+                                             window_parallel=self.window_parallel)
             self.log.info("stage 2 done: %d tokens, %.1f s, %.3f MB sent", tokens.shape[1], time.perf_counter() - t0,
                           stats.total() / 1e6)
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,

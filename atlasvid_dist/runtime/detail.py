@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..geometry.grid import Grid
 from ..parallel.comm import CommStats
 from ..parallel.window_attention import ShardedWindowAttention, shard_for
+from ..parallel.window_group import GroupedWindowAttention, group_layout
 from ..pipeline import sampling
 from ..pipeline.text import TextEmbeddings
 
@@ -64,12 +65,15 @@ def check_supported(cfg) -> None:
 def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, rank: int, world: int,
                  group=None, stats: CommStats | None = None, timeout: float | None = None,
                  on_step: Callable[[int], None] | None = None, ckpt=None,
-                 resume_step: int | None = None) -> tuple[torch.Tensor, dict[int, int]]:
+                 resume_step: int | None = None, window_group: int = 1, groups=None,
+                 window_parallel: str = "ulysses") -> tuple[torch.Tensor, dict[int, int]]:
     """Stage 2 of ``gen`` (a TwoStageGenerator, for its config and stage helpers) on rank ``rank`` of ``world``.
 
     ``ckpt`` (a StepCheckpointer of this rank) commits the rank's strip and scheduler state after every step;
     ``resume_step`` continues from that committed step. ``on_step(done)`` runs after each commit.
-    Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer).
+    ``window_group`` > 1 shares every window of a group of that many ranks (``parallel/window_group.py``); then
+    ``groups`` is (this rank's window group, its slot group) from ``new_groups`` and the rank holds its slice of
+    its group's tokens. Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer).
     """
     cfg = gen.cfg
     check_supported(cfg)
@@ -77,17 +81,20 @@ def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, ra
     device, dtype = gen.device, gen.dtype
     shape = (1, comp.transformer.config.in_channels, *cfg.latent.dims)
     grid = model.token_grid(torch.empty(shape, device="meta"))
-    sharding = shard_for(cfg.method, grid, world)
+    sharding = shard_for(cfg.method, grid, world // window_group)
+    layout = group_layout(sharding, rank, window_group) if window_group > 1 else None
     stats = stats if stats is not None else CommStats()
-    attends = _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, timeout)
+    split = None if layout is None else (layout, groups, window_parallel)
+    attends = _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, timeout, split)
     gen._adapter("stage2")
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device, dtype)
     scfg = sampling.SamplerConfig(cfg.steps, cfg.guidance, cfg.flow_shift)
     start = 0
     if cfg.detail_init == "proxy":
         start, noise = gen._proxy_init(proxy, noise, sampling.start_scheduler(comp.scheduler, scfg, device), scfg)
-    local = to_strip(sharding.shard(to_tokens(noise, model.patch), rank))  # (B, C, pt, ph, n*pw)
-    n = sharding.num_tokens(rank)
+    mine = _own_tokens(sharding, layout, rank, to_tokens(noise, model.patch))  # (B, n, C, pt, ph, pw)
+    local = to_strip(mine)  # (B, C, pt, ph, n*pw)
+    n = mine.shape[1]
 
     def forward(kind):
         emb = getattr(text, kind)
@@ -124,8 +131,17 @@ def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, ra
     return from_strip(local, model.patch).cpu(), per_layer
 
 
-def _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, timeout):
-    """One ShardedWindowAttention per text embedding (cond / uncond: their proxy keys differ)."""
+def _own_tokens(sharding, layout, rank: int, tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's tokens (B, n, ...) of all tokens (B, N, ...) in raster order: its windows' tokens in local
+    order, or with a window group its slice of the group's."""
+    if layout is None:
+        return sharding.shard(tokens, rank)
+    return sharding.shard(tokens, layout.group)[:, layout.start:layout.start + layout.count]
+
+
+def _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, timeout, split=None):
+    """One window attention per text embedding (cond / uncond: their proxy keys differ); ``split`` = (layout,
+    (window group, slot group), window_parallel) when windows are shared by a group."""
     cfg = gen.cfg
     caches = {}
     if proxy is not None:
@@ -135,6 +151,13 @@ def _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, 
                       for k, e in (("cond", text.cond), ("uncond", text.uncond)) if e is not None}
     scales = model.proxy_geometry(grid).scales if caches else (1.0, 1.0, 1.0)
     layers = len(comp.transformer.blocks)
+    kinds = [k for k in ("cond", "uncond") if getattr(text, k) is not None]
+    if split is not None:
+        layout, (wgroup, slot), window_parallel = split
+        heads = comp.transformer.config.num_attention_heads
+        return {k: GroupedWindowAttention(cfg.method, grid, model.rotary, sharding, layout, heads, gen.device,
+                                          caches[k].kv if caches else None, scales, layers, wgroup, slot, stats,
+                                          timeout, window_parallel) for k in kinds}
     return {k: ShardedWindowAttention(cfg.method, grid, model.rotary, sharding, rank, gen.device,
                                       caches[k].kv if caches else None, scales, layers, group, stats, timeout)
-            for k in ("cond", "uncond") if getattr(text, k) is not None}
+            for k in kinds}

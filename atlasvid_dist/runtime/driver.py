@@ -106,7 +106,14 @@ class DistributedGenerator:
             have = torch.cuda.device_count()
             if self.workers > have:
                 raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
-        self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers)
+        g = self.plan.window_group
+        self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers // g)  # over window groups
+        if g > 1:
+            from ..parallel.window_group import group_layout
+
+            check(self.plan.window_parallel == "ulysses", "window_parallel", self.plan.window_parallel,
+                  "only 'ulysses' splits a window over a group (ring inside windows is not implemented)")
+            self.layouts = [group_layout(self.sharding, r, g) for r in range(self.workers)]  # PlanError if too few
         self.fault = fault_injection(self.workers)
 
     def _fit_check(self):
@@ -127,8 +134,6 @@ class DistributedGenerator:
 
             check_proxy_split(self.cfg.proxy.grid.size, gen.model_spec().num_heads, self.workers,
                               self.plan.proxy_parallel)
-        check(self.plan.window_group == 1, "window_group", self.plan.window_group,
-              "split windows are not wired into the runtime yet; use 1")
         import ray
 
         started = self._start_ray(ray)
@@ -146,7 +151,7 @@ class DistributedGenerator:
                            cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
                            cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
-                                 self.sharding.tokens_per_rank, list(self.restarted),
+                                 [p["tokens"].shape[1] for p in parts], list(self.restarted),
                                  [p["sent_per_step"] for p in parts], self.proxy_resumed,
                                  [p["proxy_sent"] for p in parts], self.tiles, [p["step_seconds"] for p in parts])
 
@@ -194,7 +199,7 @@ class DistributedGenerator:
             # two threads: progress() answers while run() works
             ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, self.max_restarts), max_concurrency=2).remote(
                 self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None,
-                self.plan.proxy_parallel)
+                self.plan.proxy_parallel, self.plan.window_group, self.plan.window_parallel)
                 for r in range(self.workers)]
             stage1 = self.plan.proxy_parallel == "none"
             shared = self._wait(ray, proxy_actor.run.remote(stage1),
@@ -210,7 +215,9 @@ class DistributedGenerator:
                 parts = self._stage2(ray, ranks, text_ref)
             finally:
                 self.bar.close()
-            tokens = self.sharding.unshard([p["tokens"] for p in parts])  # (B, N, C, pt, ph, pw) raster order
+            g = self.plan.window_group  # a group's tokens: its members' slices, in order
+            groups = [torch.cat([parts[j * g + s]["tokens"] for s in range(g)], dim=1) for j in range(len(parts) // g)]
+            tokens = self.sharding.unshard(groups)  # (B, N, C, pt, ph, pw) raster order
             from .detail import from_tokens
 
             latents = from_tokens(tokens, self.sharding.spec.grid)
