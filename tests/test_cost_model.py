@@ -215,3 +215,16 @@ def test_full_attention_over_ranks_needs_dividing_heads_or_ring():
 def test_estimate_checks_the_plan_before_costing():
     with pytest.raises(PlanError, match="window groups"):
         est("480p", 9, model=model_preset("tiny"), plan=ParallelPlan(workers=64), spatial_scale=2, pad_windows=True)
+
+
+def test_decode_tile_caches_per_rank_hand_computed():
+    """4K: 270 x 480 latent cells cut into tiles of 32 every 28 cells: rows 9 x 32 + 18 = 306, columns 17 x 32
+    = 544 cells of tiles (overlaps counted in each), 166,464 in all; each cell of a tile holds 605,312 B of causal
+    cache (the Wan2.1 VAE, fp32). One rank holds them all (~92 GiB: the decode must spread); on 8 ranks at most an
+    eighth plus one tile."""
+    vae_scale = math.sqrt(WAN14.vae_params / 126_892_531)
+    r1 = est("4k", 81, model=WAN14, workers=1)
+    assert r1.memory["decode"]["tile_caches"] == int(306 * 544 * 605_312 * vae_scale)
+    assert not r1.fits and any(x.startswith("decode needs") for x in r1.reasons), r1.reasons
+    r8 = est("4k", 81, model=WAN14, workers=8)
+    assert r8.memory["decode"]["tile_caches"] == int((306 * 544 // 8 + 32 * 32) * 605_312 * vae_scale)

@@ -41,7 +41,7 @@ from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 from .attention import attention_flops, layer_attention_flops, layer_spec, proxy_context_tokens
 from .profiles import GiB, DeviceProfile, device_profile
-from .ranks import GroupShare, group_share, shard
+from .ranks import group_share, shard
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPES = ("auto", *DTYPE_BYTES)
@@ -62,6 +62,10 @@ VAE_DECODE_FLOPS_PER_PIXEL = 8.70e6
 #: VAE decode peak activation bytes per pixel of one spatial tile (fp32, latent frames decoded one at a time with
 #: the causal-conv cache). Measured on an H100: 22.2 KiB per pixel for a 256 x 256 tile (1.49 GB); rounded up.
 VAE_DECODE_BYTES_PER_TILE_PIXEL = 24 * 1024
+#: Causal-conv cache a decode tile keeps between latent frames, bytes per latent cell in fp32 (Wan2.1 VAE; measured
+#: by pipeline.decode.decoder_state_bytes_per_cell: 605,312). Every tile a rank decodes keeps its own while the
+#: rank's tiles advance together in time, so a rank holds tiles x cells x this (scaled like the peak below).
+VAE_DECODER_STATE_BYTES_PER_CELL = 605_312
 #: Parameters of the VAE both constants were measured on (diffusers' AutoencoderKLWan() default = Wan2.1's). Another
 #: VAE (the tiny one) scales them: FLOPs with its parameters (channels squared), bytes with their square root.
 VAE_REFERENCE_PARAMS = 126_892_531
@@ -390,12 +394,8 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
 def _decode_pixels(geo: _Geometry, run: RunSettings) -> float:
     """Output pixel-frames the tiled decoder computes (tile overlap counted twice)."""
     frames = (geo.grid.t - 1) * 4 + 1
-    lat_h, lat_w = geo.grid.h * 2, geo.grid.w * 2  # latent cells (patch 2x2)
-    stride = run.decode_tile - run.decode_overlap
-    tiles_h = max(1, math.ceil((lat_h - run.decode_overlap) / stride))
-    tiles_w = max(1, math.ceil((lat_w - run.decode_overlap) / stride))
-    tile_px = min(run.decode_tile, lat_h) * 8 * min(run.decode_tile, lat_w) * 8
-    return frames * tiles_h * tiles_w * tile_px
+    _, cells, _ = decode_tiles(geo, run)
+    return frames * cells * 64  # 8 x 8 pixels per latent cell
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def _activations(model: ModelSpec, tokens: int, b: int, extra_d_rows: float = 0.
 
 
 def _memory(geo, model, method, plan, run, b, shares) -> dict:
-    L, d, passes = model.num_layers, model.dim, run.passes
+    d, passes = model.dim, run.passes
     weights = model.transformer_params * b
     phases = {"text_encoder": {"weights": model.text_encoder_params * b,
                                "activations": _activations_text(model, b)}}
@@ -432,7 +432,8 @@ def _memory(geo, model, method, plan, run, b, shares) -> dict:
     detail["activations"] = _activations(model, rank_tokens, b, extra)
     phases["detail_stage"] = detail
     phases["decode"] = {"weights": model.vae_params * VAE_BYTES,
-                        "activations": _decode_tile_bytes(geo, run, model)}
+                        "activations": _decode_tile_bytes(geo, run, model),
+                        "tile_caches": _decode_cache_bytes(geo, run, model, plan.workers)}
     for phase in phases.values():
         phase["total"] = sum(phase.values())
     return phases
@@ -441,6 +442,35 @@ def _memory(geo, model, method, plan, run, b, shares) -> dict:
 def _activations_text(model: ModelSpec, b: int) -> int:
     """Text encoder at inference: a few hidden-state widths of the prompt (tiny next to its weights)."""
     return 16 * model.text_len * model.text_dim * b * 2
+
+
+def _span_lengths(size: int, tile: int, overlap: int) -> list[int]:
+    """Lengths of the decode tiles along one axis (as pipeline.decode cuts it: every tile - overlap cells, the last
+    one clipped)."""
+    out, start = [], 0
+    while True:
+        end = min(start + tile, size)
+        out.append(end - start)
+        if end == size:
+            return out
+        start += tile - overlap
+
+
+def decode_tiles(geo: _Geometry, run: RunSettings) -> tuple[int, int, int]:
+    """(tiles, latent cells of all tiles together, cells of the largest tile) of the tiled decode."""
+    lat_h, lat_w = geo.grid.h * 2, geo.grid.w * 2  # latent cells (patch 2x2)
+    hs = _span_lengths(lat_h, run.decode_tile, run.decode_overlap)
+    ws = _span_lengths(lat_w, run.decode_tile, run.decode_overlap)
+    return len(hs) * len(ws), sum(hs) * sum(ws), max(hs) * max(ws)
+
+
+def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int) -> int:
+    """The causal caches of the tiles one rank decodes together: tiles are balanced over the ranks by area, so a
+    rank holds at most its share of all tile cells plus one tile (the greedy balance's bound)."""
+    tiles, cells, largest = decode_tiles(geo, run)
+    mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
+    scale = math.sqrt(model.vae_params / VAE_REFERENCE_PARAMS)
+    return int(mine * VAE_DECODER_STATE_BYTES_PER_CELL * scale)
 
 
 def _decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec) -> int:
@@ -492,7 +522,6 @@ def _seconds(geo, model, method, plan, run, prof: DeviceProfile, flops, comm, dt
     peak = prof.peak_flops_fp32 if dtype == "fp32" else prof.peak_flops
     dense = peak * prof.efficiency
     bw = prof.link_bytes_per_s
-    n, L, passes = geo.grid.size, model.num_layers, run.passes
     out = {"text_encoder": flops["video"]["text_encoder"] / dense}
     if geo.proxy is not None:
         per_step = flops["step"]["proxy"] / plan.proxy_degree / dense + comm["proxy_step"] / bw
