@@ -12,7 +12,7 @@ from atlasvid_dist.train.data import (LatentEncoder, proxy_pixel_frames, resize_
                                       step_generator)
 from atlasvid_dist.train.synthetic import write_synthetic_dataset
 
-CFG = dict(width=64, height=64, frames=9, fps=16.0, temporal_scale=2, spatial_scale=2, text_len=16)
+CFG = dict(width=64, height=64, frames=9, fps=16.0, temporal_scale=2, spatial_scale=2, text_len=16, window=(3, 2, 2))
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,9 @@ def test_gradient_checkpointing_same_loss_and_grads(stage):
     for n in results[0][1]:
         assert results[0][1][n].abs().sum() > 0, n
         torch.testing.assert_close(results[0][1][n], results[1][1][n])
+
+
+def test_stage2_window_must_tile_the_detail_tokens():
+    with pytest.raises(ConfigError, match="window.h=15"):
+        TrainConfig(stage=2, window=(3, 15, 16))  # 1280x704: 44 token rows
+    assert TrainConfig(stage=2).window == (3, 11, 16)

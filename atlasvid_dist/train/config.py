@@ -35,8 +35,8 @@ class TrainConfig:
     """r_t: proxy fps = fps / r_t."""
     spatial_scale: int = 2
     """Proxy size = detail size / spatial_scale."""
-    window: tuple = (3, 15, 16)
-    """Stage-2 window (t, h, w) in tokens."""
+    window: tuple = (3, 11, 16)
+    """Stage-2 window (t, h, w) in tokens; must tile the detail token grid (1280x704 x 81: 21 x 44 x 80)."""
     bad_data: str = "skip"
     """Bad video/caption: 'skip' (counted in the log) or 'stop' (raise naming the file)."""
     text_len: int = 512
@@ -95,8 +95,19 @@ class TrainConfig:
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"must be one of {LR_SCHEDULES}")
         check(len(self.window) == 3 and all(isinstance(v, int) and v >= 1 for v in self.window), "window",
               self.window, "must be three integers >= 1 (t, h, w)")
+        if self.stage == 2:
+            self._check_window()
         check(len(self.lora_targets) >= 1 and all(isinstance(v, str) and v for v in self.lora_targets),
               "lora_targets", self.lora_targets, "must be a non-empty list of module names")
+
+
+    def _check_window(self) -> None:
+        """The window tiles the detail token grid (ConfigError naming the axis and the divisors otherwise)."""
+        from ..geometry.grid import Grid
+        from ..geometry.windows import WindowSpec
+
+        WindowSpec(Grid((self.frames - 1) // 4 + 1, self.height // 16, self.width // 16), tuple(self.window),
+                   (0, 0, 0))
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "tuple": (tuple, list)}
