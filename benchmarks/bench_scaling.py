@@ -103,8 +103,34 @@ def main() -> int:
                         "above the core count workers share cores; the tiny model's per-token compute is small "
                         "so fixed per-step costs weigh more than on GPUs."),
                "rows": rows, "unshifted": unshifted}
-    print(f"saved {save('scaling-cpu', payload, args.out)}")
+    path = save("scaling-cpu", payload, args.out)
+    print(f"saved {path} and {plot(rows, path.with_suffix('.png'))}")
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Seconds per step and bytes sent per rank against the worker count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["workers"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(n, [r["seconds_per_step"] for r in rows], "o-", label="measured (slowest rank)")
+    a.plot(n, [rows[0]["seconds_per_step"] / k for k in n], "--", color="grey", label="ideal")
+    a.set(xlabel="detail workers (CPU processes)", ylabel="s / stage-2 step", xticks=n, title="step time")
+    a.legend()
+    b.bar([k - 0.15 for k in n], [max(r["bytes_sent_per_step_by_rank"]) / 1e6 for r in rows], 0.3,
+          label="measured, sent (max rank)")
+    b.bar([k + 0.15 for k in n], [r["predicted_bytes_received_per_step_per_rank"] / 1e6 for r in rows], 0.3,
+          label="cost model, received")
+    b.set(xlabel="detail workers", ylabel="MB / step / rank", xticks=n, title="halo traffic")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
