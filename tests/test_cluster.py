@@ -119,3 +119,23 @@ def test_ray_job_submit_runs_a_tiny_distributed_generation(head, tmp_path):
     assert run.returncode == 0, log[-4000:]
     assert "SUCCEEDED" in log and "2 detail workers" in log and "atlasvid rank 1: stage 2 done" in log, log[-4000:]
     assert out.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_training(head, tmp_path):
+    """The same `atlasvid-dist train` command as on one machine, as a Ray job on the cluster's node."""
+    from atlasvid_dist.train.synthetic import write_synthetic_dataset
+
+    address, env = head
+    data = write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13)
+    conf = tmp_path / "small.yaml"
+    conf.write_text(yaml.safe_dump(dict(width=64, height=64, frames=9, temporal_scale=2, spatial_scale=2,
+                                        window=[3, 2, 2], text_len=16, lora_rank=4, lora_alpha=4.0)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "train", "--",
+           "--stage", "1", "--data", str(data), "--model", "tiny", "--output", str(out), "--config", str(conf),
+           "--max-steps", "2", "--num-processes", "2", "--deepspeed-config", str(ROOT / "configs" / "ds_zero2.json")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0 and "SUCCEEDED" in log, log[-4000:]
+    assert (out / "adapter.safetensors").stat().st_size > 0
