@@ -207,6 +207,9 @@ class DistributedGenerator:
             ray.kill(proxy_actor)
             if shared["restarted"]:
                 self.proxy_resumed = shared["resumed_step"] or 0
+            for k in ("load", "text", "proxy"):  # the proxy actor's own stage times
+                if k in shared["seconds"]:
+                    self._gen.seconds[k] = shared["seconds"][k]
             text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
             from .progress import RankBars
 
@@ -215,6 +218,7 @@ class DistributedGenerator:
                 parts = self._stage2(ray, ranks, text_ref)
             finally:
                 self.bar.close()
+            self._gen.seconds["detail (slowest rank)"] = max(p["seconds"] for p in parts)
             g = self.plan.window_group  # a group's tokens: its members' slices, in order
             groups = [torch.cat([parts[j * g + s]["tokens"] for s in range(g)], dim=1) for j in range(len(parts) // g)]
             tokens = self.sharding.unshard(groups)  # (B, N, C, pt, ph, pw) raster order
