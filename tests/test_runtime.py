@@ -243,3 +243,30 @@ def test_bad_window_group_plans_are_refused(tmp_path, capsys, flags, match):
     code = cli("generate", *ARGS, "--workers", "4", *flags, "--out", str(tmp_path / "z.mp4"))
     err = capsys.readouterr().err
     assert code == 2 and match in err, err
+
+
+def test_a_distributed_run_resumes_from_its_run_folder(tmp_path, capsys, monkeypatch, single):
+    """--run-dir with --workers: a run that dies (rank 1 crashes, no restarts allowed) leaves every rank's committed
+    steps; `--resume DIR --workers 2` finishes it with the single-process result. The folder refuses a resume on
+    another worker count, and a single-process resume."""
+    from atlasvid_dist.cli.generate import DEFAULTS, build_config
+    from atlasvid_dist.errors import RunFailure
+    from atlasvid_dist.runtime.driver import DistributedGenerator
+
+    run = tmp_path / "run"
+    values = dict(prompt="a red ball rolling", res="256x256", frames=9, steps=2, proxy_steps=2, window="3,4,8",
+                  guidance=3.0, spatial_scale=2, run_dir=str(run), out=str(tmp_path / "r.mp4"))
+    monkeypatch.setenv("ATLASVID_FAULT_INJECT", "1:1")
+    with pytest.raises(RunFailure, match="rank 1"):
+        DistributedGenerator(build_config({**DEFAULTS, **values}), 2, progress=False, max_restarts=0).run()
+    monkeypatch.delenv("ATLASVID_FAULT_INJECT")
+    assert (run / "rank-1" / "step-000001" / "COMMITTED").is_file() and not (tmp_path / "r.mp4").exists()
+    capsys.readouterr()
+    assert cli("generate", "--resume", str(run), "--workers", "3", "--quiet") == 2
+    assert "--workers 2" in capsys.readouterr().err
+    assert cli("generate", "--resume", str(run), "--quiet") == 2
+    lat = tmp_path / "r.safetensors"
+    code = cli("generate", "--resume", str(run), "--workers", "2", "--quiet", "--save-latents", str(lat))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5

@@ -30,6 +30,10 @@ RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", 
             "save_proxy", "save_latents", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
 
 
+RESUME_OVERRIDES = ("out", "save_latents", "save_proxy")
+"""What a resumed run may write elsewhere than the stored config says (its outputs; nothing that changes them)."""
+
+
 def build_config(values: dict) -> GenerateConfig:
     """Merged option values -> GenerateConfig; raises ConfigError naming the option."""
     v = dict(values)
@@ -116,11 +120,9 @@ def generate(
     else:
         cfg = build_config({**DEFAULTS, **(read_mapping(config) if config else {}), **flags})
     if ranks is not None:
-        if resume:
-            raise ConfigError("resume", resume, "is not supported with --workers/--gpus yet")
         plan = build_parallel(device=cfg.device, gpus=ranks if cfg.device == "cuda" else 0, workers=ranks,
                               **dist_flags)
-        return run_distributed(cfg, plan, ray_address, progress=not quiet)
+        return run_distributed(cfg, plan, ray_address, progress=not quiet, resume=bool(resume))
     run(cfg, resume=bool(resume), progress=not quiet)
 
 
@@ -146,8 +148,12 @@ def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
         raise ConfigError("resume", run_dir, "is not a run folder (no config.json)")
     stored = json.loads(path.read_text())
     stored["run_dir"] = run_dir
-    if "out" in flags:
-        stored["out"] = flags["out"]
+    others = sorted(set(flags) - set(RESUME_OVERRIDES) - {"device"})
+    if others:
+        raise ConfigError(others[0], flags[others[0]], f"--resume continues the stored run; only "
+                                                       f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} "
+                                                       f"may change")
+    stored.update({k: flags[k] for k in RESUME_OVERRIDES if k in flags})
     return GenerateConfig.from_dict(stored)
 
 
@@ -157,10 +163,12 @@ def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True):
     return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume))
 
 
-def run_distributed(cfg: GenerateConfig, plan: ParallelPlan, ray_address: str | None = None, progress: bool = True):
+def run_distributed(cfg: GenerateConfig, plan: ParallelPlan, ray_address: str | None = None, progress: bool = True,
+                    resume: bool = False):
     from ..runtime.driver import DistributedGenerator
 
-    return _report(lambda: DistributedGenerator(cfg, plan.workers, ray_address, progress=progress, plan=plan).run())
+    return _report(lambda: DistributedGenerator(cfg, plan.workers, ray_address, progress=progress,
+                                                plan=plan).run(resume=resume))
 
 
 def _report(run_fn):

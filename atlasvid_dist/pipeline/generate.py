@@ -304,7 +304,10 @@ class TwoStageGenerator:
                     leave=False)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _checkpointer(self, resume: bool):
+    def _checkpointer(self, resume: bool, workers: int | None = None):
+        """The run folder's checkpointer (None without --run-dir). ``workers``: a distributed run, whose ranks keep
+        their own checkpoints in subfolders; the folder records its worker count (``runtime.json``), and a folder
+        is resumed only by the kind of run that wrote it."""
         if not self.cfg.run_dir:
             if resume:
                 raise InputError("resume: needs a run folder (--resume DIR)")
@@ -312,6 +315,7 @@ class TwoStageGenerator:
         from .checkpoint import StepCheckpointer
 
         run = Path(self.cfg.run_dir)
+        _check_run_kind(run, resume, workers)
         run.mkdir(parents=True, exist_ok=True)
         cfg_file = run / "config.json"
         mine = self.cfg.to_dict()
@@ -339,6 +343,25 @@ class TwoStageGenerator:
         return {"stage": meta["stage"], "step": meta["step"], "latents": tensors["latents"],
                 "rng": tensors["rng"], "proxy": tensors.get("proxy"), "sched_tensors": sched_tensors,
                 "sched_meta": meta["sched"]}
+
+
+RUNTIME_FILE = "runtime.json"
+
+
+def _check_run_kind(run: Path, resume: bool, workers: int | None) -> None:
+    """A single-process folder is resumed without --workers, a distributed one with the same worker count."""
+    path = run / RUNTIME_FILE
+    if resume:
+        stored = json.loads(path.read_text())["workers"] if path.is_file() else None
+        if stored != workers:
+            have = "one process" if stored is None else f"--workers {stored}"
+            raise InputError(f"resume: {run} was written by a run on {have}; resume it with the same"
+                             + ("" if stored is None else f" (--workers {stored} or --gpus {stored})"))
+    elif workers is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"workers": workers}))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _cfg_velocity(fn, text: TextEmbeddings, scfg: sampling.SamplerConfig):

@@ -92,6 +92,7 @@ class DistributedGenerator:
         self.max_restarts = max_restarts
         self.restarted: list[int] = []
         self.proxy_resumed: int | None = None
+        self.resume = False
         self.tiles: list[int] = []
         self.bar = None
 
@@ -121,14 +122,16 @@ class DistributedGenerator:
         return self._gen.preflight(workers=self.workers, plan=self.plan)
 
     # ------------------------------------------------------------------------------------------------ run
-    def run(self):
+    def run(self, resume: bool = False):
+        """Generate; with the config's run_dir every rank's steps are committed there, and ``resume`` continues a
+        run whose driver died from the newest step every rank committed (stage 1 from its own checkpoint)."""
         from ..pipeline.generate import TwoStageGenerator
 
         self.preflight()
         gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress)
-        if self.cfg.run_dir:
-            raise ConfigError("run_dir", self.cfg.run_dir, "step checkpoints are not supported with --workers yet")
         self._fit_check()
+        gen._checkpointer(resume, workers=self.workers)  # the folder's config and worker count, checked or written
+        self.resume = resume
         if self.plan.proxy_parallel != "none" and self.cfg.uses_proxy:
             from .proxy import check_proxy_split
 
@@ -187,7 +190,7 @@ class DistributedGenerator:
             raise PlanError(f"placement group of {self.workers} bundles {bundle} could not be reserved within "
                             f"{self.timeout_s:g} s (cluster resources: {ray.cluster_resources()})")
         fault = self.fault
-        ckpt_dir = tempfile.mkdtemp(prefix="atlasvid-ranks-")
+        ckpt_dir = self.cfg.run_dir or tempfile.mkdtemp(prefix="atlasvid-ranks-")
         try:
             def on(i, share, restarts=0):
                 return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=restarts,
@@ -229,7 +232,8 @@ class DistributedGenerator:
                                       else parts[0].get("proxy"))
         finally:
             remove_placement_group(pg)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if not self.cfg.run_dir:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
         return latents, parts, out_bytes
 
     def _outputs(self, ray, ranks, latents, proxy) -> int:
@@ -294,7 +298,7 @@ class DistributedGenerator:
     def _stage2(self, ray, ranks, text_ref) -> list[dict]:
         """Run stage 2 on every rank; when a rank's process dies, Ray restarts it and every rank resumes from the
         newest step all ranks committed (the surviving processes stay, they only rejoin a new group)."""
-        resume = None
+        resume = self._common_step(ray, ranks) if self.resume else None
         while True:
             master = self._call(ray, ranks[0].address, "detail rank 0 (rendezvous)")
             refs = [a.run.remote(master, text_ref, self.timeout_s, resume) for a in ranks]
@@ -308,10 +312,13 @@ class DistributedGenerator:
                 r, e = next(((d, e) for d, e in errors if d in dead), errors[0])
                 raise RunFailure(f"detail rank {r} failed: {e}")
             self.restarted.extend(dead)
-            steps = [set(self._call(ray, a.committed_steps, f"detail rank {i} (checkpoints)"))
-                     for i, a in enumerate(ranks)]
-            common = set.intersection(*steps)
-            resume = max(common) if common else None
+            resume = self._common_step(ray, ranks)
+
+    def _common_step(self, ray, ranks) -> int | None:
+        """The newest stage-2 step every rank has committed (None: start stage 2 from the beginning)."""
+        steps = [set(self._call(ray, a.committed_steps, f"detail rank {i} (checkpoints)")) for i, a in enumerate(ranks)]
+        common = set.intersection(*steps)
+        return max(common) if common else None
 
     def _call(self, ray, method, what: str):
         """Call an actor method, waiting while the actor restarts (it is unavailable meanwhile)."""
