@@ -33,6 +33,15 @@ def _generator(cfg):
     return TwoStageGenerator(cfg, progress=False)
 
 
+def _maybe_crash(step: int, fault_step: int | None, marker: str | None, who: str) -> None:
+    """Fault injection (ATLASVID_FAULT_INJECT): exit abruptly, as a crash would (no cleanup, no reply), the first
+    time ``step`` reaches ``fault_step``; the marker file makes the restarted worker go on."""
+    if step == fault_step and marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"{who} step {step}\n")
+        os._exit(1)
+
+
 def _reconstructed() -> bool:
     """True inside an actor that Ray restarted after its process died (False outside Ray)."""
     import warnings
@@ -91,10 +100,7 @@ class ProxyWorker:
 
     def _committed(self, stage: str, step: int) -> None:
         self.steps_done = step
-        if step == self.fault_step and self.fault_marker and not os.path.exists(self.fault_marker):
-            with open(self.fault_marker, "w") as f:  # the first time only: the restarted worker goes on
-                f.write(f"proxy {stage} step {step}\n")
-            os._exit(1)  # abrupt, as a crash: no cleanup, no reply
+        _maybe_crash(step, self.fault_step, self.fault_marker, f"proxy {stage}")
 
     def progress(self) -> int:
         """Stage-1 steps committed so far."""
@@ -212,10 +218,7 @@ class DetailWorker:
         self._t_last = now
         self.steps_done = done
         self.steps_run = getattr(self, "steps_run", 0) + 1
-        if done == self.fault_step and self.fault_marker and not os.path.exists(self.fault_marker):
-            with open(self.fault_marker, "w") as f:  # the first time only: the restarted worker goes on
-                f.write(f"rank {self.rank} step {done}\n")
-            os._exit(1)  # abrupt, as a crash: no cleanup, no reply
+        _maybe_crash(done, self.fault_step, self.fault_marker, f"rank {self.rank}")
 
     def progress(self) -> int:
         return self.steps_done
