@@ -106,3 +106,11 @@ def test_wan_shifted_timesteps_follow_the_closed_form():
         TrainConfig(timestep_sampling="beta")
     with pytest.raises(ConfigError, match="timestep_shift"):
         TrainConfig(timestep_shift=0.0)
+
+
+@pytest.mark.parametrize("extra,match", [([], "captions.jsonl"), (["--stage", "3"], "stage=3"),
+                                         (["--shard-size", "0"], "shard_size=0")])
+def test_prepare_data_bad_inputs_exit_2(tmp_path, capsys, extra, match):
+    (tmp_path / "empty").mkdir()
+    code = cli("prepare-data", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "out"), *extra)
+    assert code == 2 and match in capsys.readouterr().err
