@@ -80,3 +80,14 @@ def test_model_folder_shapes_are_read(tmp_path):
     (root / "transformer" / "config.json").unlink()
     r = plan("--model", str(root))
     assert r.exit_code == 2 and "config.json" in r.stderr
+
+
+def test_plan_says_which_stage1_parallelism_is_faster():
+    """1.3B has 12 heads: Ulysses over 8 ranks is refused (None), ring beats one rank. 14B (40 heads) over 8: all
+    three are possible and the table names the fastest."""
+    d = json.loads(plan("--res", "4k", "--gpus", "8", "--json").stdout)["stage1_seconds_by_proxy_parallel"]
+    assert d["ulysses"] is None and 0 < d["ring"] < d["none"]
+    r = plan("--res", "4k", "--gpus", "8", "--model", "wan2.1-14b")
+    assert r.exit_code == 0 and "stage 1 by --proxy-parallel" in r.stdout and "fastest: ulysses" in r.stdout
+    single = json.loads(plan("--res", "720p", "--gpus", "1", "--json").stdout)
+    assert single["stage1_seconds_by_proxy_parallel"] == {}

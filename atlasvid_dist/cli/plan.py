@@ -6,6 +6,7 @@ fit is still printed in full, then refused (exit code 2) with the reasons.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import typer
@@ -13,7 +14,7 @@ import typer
 from ..config.parallel import ParallelPlan
 from ..cost.model import CostReport, RunSettings, estimate
 from ..cost.profiles import device_profile
-from ..errors import PlanError
+from ..errors import AtlasError, PlanError
 from . import common as c
 
 
@@ -41,7 +42,11 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
                       init_strength=init_strength if detail_init == "proxy" else RunSettings.init_strength)
     profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
     report = estimate(video, spec, method, par, run, profile)
-    typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else format_report(report))
+    options = stage1_options(video, spec, method, par, run, profile)
+    if json_out:
+        typer.echo(json.dumps({**report.to_dict(), "stage1_seconds_by_proxy_parallel": options}, indent=2))
+    else:
+        typer.echo(format_report(report) + _format_options(options))
     if plot:
         from ..cost.attention import layer_spec
         from .plot import save_plan_plot
@@ -50,6 +55,32 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
         save_plan_plot(plot, report, spec, max(1, par.num_window_groups))
     if not report.fits:
         raise PlanError("plan does not fit: " + "; ".join(report.reasons))
+
+
+def stage1_options(video, spec, method, par, run, profile) -> dict:
+    """Stage-1 seconds (cost model) with the proxy on one rank and over all workers with Ulysses or ring; None
+    where that plan is refused (e.g. heads not divisible) or there is no proxy stage / one worker."""
+    if par.workers == 1 or method.mode != "atlas":
+        return {}
+    out = {}
+    for mode in ("none", "ulysses", "ring"):
+        degree = 1 if mode == "none" else par.workers
+        try:
+            alt = dataclasses.replace(par, proxy_parallel=mode, ulysses_degree=degree if mode == "ulysses" else 1,
+                                      ring_degree=degree if mode == "ring" else 1)
+            out[mode] = estimate(video, spec, method, alt, run, profile, suggest=False).seconds.get("proxy_stage")
+        except AtlasError:
+            out[mode] = None
+    return out
+
+
+def _format_options(options: dict) -> str:
+    valid = {k: v for k, v in options.items() if v is not None}
+    if not valid:
+        return ""
+    best = min(valid, key=valid.get)
+    shown = "  ".join(f"{k} {_secs(v) if v is not None else 'n/a'}" for k, v in options.items())
+    return f"\nstage 1 by --proxy-parallel  {shown}  -> fastest: {best}"
 
 
 # -- the table ------------------------------------------------------------------------------------------------
