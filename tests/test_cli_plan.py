@@ -91,3 +91,13 @@ def test_plan_says_which_stage1_parallelism_is_faster():
     assert r.exit_code == 0 and "stage 1 by --proxy-parallel" in r.stdout and "fastest: ulysses" in r.stdout
     single = json.loads(plan("--res", "720p", "--gpus", "1", "--json").stdout)
     assert single["stage1_seconds_by_proxy_parallel"] == {}
+
+
+def test_plan_shows_the_halo_without_shifts_in_time():
+    d = json.loads(plan("--res", "4k", "--gpus", "8", "--json").stdout)
+    spatial = d["halo_bytes_per_step_per_rank_spatial_shift"]
+    assert 0 < spatial < d["comm_bytes_per_step_per_rank"]["halo"] / 5  # time shifts dominate at 8 ranks
+    hw = json.loads(plan("--res", "4k", "--gpus", "8", "--shift-axes", "hw", "--json").stdout)
+    assert hw["comm_bytes_per_step_per_rank"]["halo"] == spatial
+    assert hw["halo_bytes_per_step_per_rank_spatial_shift"] is None
+    assert plan("--res", "4k", "--shift-axes", "x").exit_code == 2

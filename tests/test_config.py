@@ -118,3 +118,14 @@ def test_no_assert_statements_in_package():
     offenders = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
                  if re.match(r"\s*assert\b", line)]
     assert offenders == []
+
+
+def test_shift_axes_choose_the_axes_the_shifted_grid_moves_along():
+    from atlasvid_dist.config.method import AtlasConfig
+
+    assert AtlasConfig(window=(3, 15, 16)).layer_entries()[1][1] == (1, 7, 8)
+    assert AtlasConfig(window=(3, 15, 16), shift_axes="hw").layer_entries()[1][1] == (0, 7, 8)
+    assert AtlasConfig(window=(3, 15, 16), shift_axes="t").layer_entries()[1][1] == (1, 0, 0)
+    for bad in ("", "xy", "tt", 3):
+        with pytest.raises(ConfigError, match="shift_axes"):
+            AtlasConfig(shift_axes=bad)

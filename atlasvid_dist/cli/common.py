@@ -30,6 +30,8 @@ Fps = Annotated[int, typer.Option(help="Frames per second of the output.")]
 Attention = Annotated[str, typer.Option(help="atlas|ultragen|full.")]
 Window = Annotated[str, typer.Option(help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px).")]
 Shift = Annotated[bool, typer.Option("--shift/--no-shift", help="Alternate half-shifted windows over layers.")]
+ShiftAxes = Annotated[str, typer.Option(help="Axes shifted windows move along: thw, or e.g. hw (no shift in time: "
+                                             "far less halo traffic between ranks).")]
 PadWindows = Annotated[bool, typer.Option("--pad-windows/--no-pad-windows",
                                           help="Allow windows that do not tile the grid (masked padding).")]
 TemporalScale = Annotated[int, typer.Option(help="r_t: proxy fps = fps / r_t.")]
@@ -97,6 +99,7 @@ def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> in
 
 
 def build_method(video: VideoSpec, model: ModelSpec, *, attention: str, window: str, shift: bool,
+                 shift_axes: str = "thw",
                  pad_windows: bool, temporal_scale: int, spatial_scale: int, proxy_context: str,
                  proxy_mode: str = "clean") -> AtlasConfig:
     """AtlasConfig from option values; ``spatial_scale`` 0 picks :func:`auto_spatial_scale`."""
@@ -104,7 +107,8 @@ def build_method(video: VideoSpec, model: ModelSpec, *, attention: str, window: 
     check(spatial_scale >= 0, "spatial_scale", spatial_scale, "must be >= 0 (0 = auto)")
     if spatial_scale == 0:
         spatial_scale = auto_spatial_scale(detail_grid(video, model))
-    return AtlasConfig(mode=attention, window=parse_triple("window", window), shift=shift, pad_windows=pad_windows,
+    return AtlasConfig(mode=attention, window=parse_triple("window", window), shift=shift, shift_axes=shift_axes,
+                       pad_windows=pad_windows,
                        temporal_scale=temporal_scale, spatial_scale=spatial_scale, proxy_context=proxy_context,
                        proxy_mode=proxy_mode)
 

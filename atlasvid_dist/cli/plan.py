@@ -21,6 +21,7 @@ from . import common as c
 def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 81, fps: c.Fps = 16,
          gpus: c.Gpus = 1, workers: c.Workers = None, device: c.Device = "cuda",
          attention: c.Attention = "atlas", window: c.Window = "3,15,16", shift: c.Shift = True,
+         shift_axes: c.ShiftAxes = "thw",
          pad_windows: c.PadWindows = False, temporal_scale: c.TemporalScale = 4, spatial_scale: c.SpatialScale = 0,
          proxy_context: c.ProxyContext = "aligned", proxy_mode: c.ProxyMode = "clean",
          proxy_parallel: c.ProxyParallel = "none", proxy_degree: c.ProxyDegree = 0,
@@ -33,7 +34,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
     video = c.build_video(res, frames, fps)
     spec = c.resolve_model(model)
-    method = c.build_method(video, spec, attention=attention, window=window, shift=shift, pad_windows=pad_windows,
+    method = c.build_method(video, spec, attention=attention, window=window, shift=shift, shift_axes=shift_axes,
+                            pad_windows=pad_windows,
                             temporal_scale=temporal_scale, spatial_scale=spatial_scale,
                             proxy_context=proxy_context, proxy_mode=proxy_mode)
     par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
@@ -43,10 +45,17 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
     report = estimate(video, spec, method, par, run, profile)
     options = stage1_options(video, spec, method, par, run, profile)
+    spatial = spatial_shift_halo(video, spec, method, par, run, profile)
     if json_out:
-        typer.echo(json.dumps({**report.to_dict(), "stage1_seconds_by_proxy_parallel": options}, indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "stage1_seconds_by_proxy_parallel": options,
+                               "halo_bytes_per_step_per_rank_spatial_shift": spatial}, indent=2))
     else:
-        typer.echo(format_report(report) + _format_options(options))
+        extra = ""
+        if spatial is not None:
+            extra = (f"\nwithout shifts in time      --shift-axes {method.shift_axes.replace('t', '')}: halo "
+                     f"{_bytes(spatial)} / step / rank (now {_bytes(report.comm_bytes_per_step_per_rank['halo'])}); "
+                     f"changes the method: windows never cross time blocks")
+        typer.echo(format_report(report) + _format_options(options) + extra)
     if plot:
         from ..cost.attention import layer_spec
         from .plot import save_plan_plot
@@ -72,6 +81,16 @@ def stage1_options(video, spec, method, par, run, profile) -> dict:
         except AtlasError:
             out[mode] = None
     return out
+
+
+def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
+    """Halo bytes per step per rank if the shifted grid did not move in time (None when it does not already, or
+    nothing is exchanged)."""
+    if par.workers == 1 or not method.uses_windows or not method.shift or "t" not in method.shift_axes \
+            or method.schedule is not None or len(method.shift_axes) == 1:
+        return None
+    alt = dataclasses.replace(method, shift_axes=method.shift_axes.replace("t", ""))
+    return estimate(video, spec, alt, par, run, profile, suggest=False).comm_bytes_per_step_per_rank["halo"]
 
 
 def _format_options(options: dict) -> str:

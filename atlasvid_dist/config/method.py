@@ -31,6 +31,9 @@ class AtlasConfig:
     """Window size in tokens (t, h, w). (3,15,16) tiles 720P, 2K, 4K and 8K grids in space."""
     shift: bool = True
     """Alternate unshifted and half-window-shifted grids over layers (Swin-style hierarchical locality)."""
+    shift_axes: str = "thw"
+    """Axes the shifted grid moves along: 'thw' (all, the default) or a subset, e.g. 'hw': windows never shift
+    across time, which removes most halo traffic between ranks (each rank owns slabs of time)."""
     schedule: tuple[tuple[Triple, Triple], ...] | None = None
     """General schedule of (window, shift) entries cycled over layers; overrides ``window``/``shift``."""
     temporal_scale: int = 4
@@ -58,6 +61,9 @@ class AtlasConfig:
         check(self.mode in MODES, "mode", self.mode, f"must be one of {MODES}")
         object.__setattr__(self, "window", _triple("window", self.window, minimum=1))
         check(isinstance(self.shift, bool), "shift", self.shift, "must be true or false")
+        check(isinstance(self.shift_axes, str) and self.shift_axes != "" and set(self.shift_axes) <= set("thw")
+              and len(set(self.shift_axes)) == len(self.shift_axes), "shift_axes", self.shift_axes,
+              "must be a non-empty subset of 'thw' (each axis once), e.g. 'thw' or 'hw'")
         if self.schedule is not None:
             check(isinstance(self.schedule, (tuple, list)) and len(self.schedule) > 0, "schedule", self.schedule,
                   "must be a non-empty list of (window, shift) pairs")
@@ -91,7 +97,7 @@ class AtlasConfig:
             return self.schedule
         if not self.shift:
             return ((self.window, (0, 0, 0)),)
-        half = tuple(w // 2 for w in self.window)
+        half = tuple(w // 2 if axis in self.shift_axes else 0 for w, axis in zip(self.window, "thw"))
         return ((self.window, (0, 0, 0)), (self.window, half))  # type: ignore[return-value]
 
     @property
