@@ -19,7 +19,6 @@ def _config():
 
 
 def _proxy_on_rank(rank, world, mode):
-
     from atlasvid_dist.parallel.comm import CommStats
     from atlasvid_dist.pipeline.generate import TwoStageGenerator
     from atlasvid_dist.runtime.proxy import denoise_proxy_rank
