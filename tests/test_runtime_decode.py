@@ -46,7 +46,7 @@ def test_tiles_over_three_ranks_equal_the_one_process_decode(vae):
         n = stream_to_writer(blender, [owner[i] for i in range(len(blender.tiles))], streams, got.append)
     got = np.concatenate(got)
     assert n == len(want) == 9 and got.shape == want.shape
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # blend order may differ by one float rounding
+    assert np.array_equal(got, want)  # the same tiles blended in the same order: the same bytes
     assert blender.max_held <= 4  # about one chunk of frames held, not the clip
 
 

@@ -49,6 +49,15 @@ def test_round_trip_count_size_fps_pixels(tmp_path, fps):
     assert shifted > 2 * err.mean()  # frames come back in order
 
 
+def test_crf_0_is_lossless(tmp_path):
+    """Lossless RGB H.264: what is read back is exactly what was written (noise, the hardest content)."""
+    frames = np.random.default_rng(0).integers(0, 256, (5, 24, 40, 3), dtype=np.uint8)
+    path = tmp_path / "v.mp4"
+    with Mp4Writer(path, fps=8, width=40, height=24, crf=0) as w:
+        w.write(frames)
+    assert np.array_equal(read_mp4(path), frames)
+
+
 def test_exception_mid_write_leaves_nothing(tmp_path):
     path = tmp_path / "v.mp4"
     frames = smooth_frames(3, 16, 16)

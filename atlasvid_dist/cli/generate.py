@@ -27,10 +27,10 @@ DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_ste
                 backend="auto")
 RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", "steps", "proxy_steps", "guidance",
             "flow_shift", "proxy_flow_shift", "seed", "detail_init", "init_strength", "device", "dtype", "out",
-            "save_proxy", "save_latents", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
+            "save_proxy", "save_latents", "crf", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
 
 
-RESUME_OVERRIDES = ("out", "save_latents", "save_proxy")
+RESUME_OVERRIDES = ("out", "save_latents", "save_proxy", "crf")
 """What a resumed run may write elsewhere than the stored config says (its outputs; nothing that changes them)."""
 
 
@@ -96,6 +96,7 @@ def generate(
     out: Optional[str] = typer.Option(None, help="Output .mp4 (written under a temporary name, renamed when complete). [default: out.mp4]"),
     save_proxy: Optional[str] = typer.Option(None, help="Also write the proxy video (.mp4)."),
     save_latents: Optional[str] = typer.Option(None, help="Also write the final detail latents (.safetensors), before decoding."),
+    crf: Optional[int] = typer.Option(None, help="H.264 quality, 0-51 (lower is better); 0 = lossless RGB. [default: 18]"),
     run_dir: Optional[str] = typer.Option(None, help="Commit a checkpoint after every step in this folder."),
     resume: Optional[str] = typer.Option(None, help="Continue the run in this folder from its last committed step."),
     device_profile: Optional[str] = typer.Option(None, help="Pre-flight memory check profile: h100|h200|cpu|FILE.yaml. [default: by device]"),

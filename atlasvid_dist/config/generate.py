@@ -61,6 +61,8 @@ class GenerateConfig:
     """Output mp4 path (written to a temporary name, renamed when complete)."""
     save_proxy: str | None = None
     """Also write the proxy video (mp4) here."""
+    crf: int = 18
+    """H.264 quality of the written videos (libx264 CRF, 0-51, lower is better); 0 = lossless RGB."""
     save_latents: str | None = None
     """Also write the final detail latents (safetensors) here, before decoding."""
     run_dir: str | None = None
@@ -88,6 +90,8 @@ class GenerateConfig:
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
         check(isinstance(self.text_len, int) and self.text_len >= 0, "text_len", self.text_len, "must be >= 0")
+        check(isinstance(self.crf, int) and not isinstance(self.crf, bool) and 0 <= self.crf <= 51, "crf", self.crf,
+              "must be an integer in [0, 51] (0 = lossless)")
         check(self.method.mode != "full" or self.detail_init == "noise", "detail_init", self.detail_init,
               "'proxy' needs a proxy; mode 'full' has none")
         self._check_paths()

@@ -94,7 +94,7 @@ class TwoStageGenerator:
             proxy = self.stage1(comp, text, ckpt, state)
         latents = self.stage2(comp, text, proxy, ckpt, state)
         if cfg.save_latents:
-            _save_latents(cfg.save_latents, latents, cfg)
+            _save_latents(cfg.save_latents, latents, cfg, proxy)
         out_bytes = self.decode(comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width))
         if cfg.save_proxy and proxy is not None:
             self.decode(comp, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy")
@@ -234,7 +234,7 @@ class TwoStageGenerator:
         frames = (latents.shape[2] - 1) * 4 + 1
         h, w = out_hw if out_hw else (latents.shape[3] * 8, latents.shape[4] * 8)
         bar = self._bar(frames, label, "frame")
-        with Mp4Writer(path, fps=fps, width=w, height=h) as writer:
+        with Mp4Writer(path, fps=fps, width=w, height=h, crf=self.cfg.crf) as writer:
             with torch.no_grad():
                 for chunk in decode_stream(comp.vae, latents, self.decode_tiling(), out_hw=(h, w)):
                     writer.write(chunk)
@@ -381,10 +381,12 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise RunFailure(f"{name}: contain NaN or inf")
 
 
-def _save_latents(path: str, latents: torch.Tensor, cfg: GenerateConfig) -> None:
+def _save_latents(path: str, latents: torch.Tensor, cfg: GenerateConfig, proxy: torch.Tensor | None = None) -> None:
+    """The final detail latents (key "latents") and, when the method has one, the proxy latents ("proxy")."""
     from safetensors.torch import save_file
 
     tmp = Path(path).with_name(f".{Path(path).name}.partial")
-    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp),
+    tensors = {"latents": latents, **({"proxy": proxy} if proxy is not None else {})}
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={"config": json.dumps(cfg.to_dict())})
     tmp.replace(path)

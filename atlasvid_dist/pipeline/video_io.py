@@ -38,7 +38,8 @@ class Mp4Writer:
     """Context manager: ``with Mp4Writer(path, fps=16, width=W, height=H) as w: w.write(frames)``.
 
     Frames are uint8 (H, W, 3) or (N, H, W, 3) RGB. Width and height must be even (yuv420p); there is no
-    resize of any kind (``macro_block_size=1``). ``crf`` and ``preset`` are libx264's.
+    resize of any kind (``macro_block_size=1``). ``crf`` and ``preset`` are libx264's; ``crf=0`` is lossless
+    (libx264rgb, RGB 4:4:4, quantiser 0): reading the file back gives exactly the frames that were written.
     """
 
     def __init__(self, path: str | os.PathLike, *, fps: float, width: int, height: int, crf: int = 18,
@@ -55,10 +56,12 @@ class Mp4Writer:
     def __enter__(self) -> "Mp4Writer":
         import imageio_ffmpeg
 
+        codec, pix_fmt, rate = ("libx264rgb", "rgb24", ["-qp", "0"]) if self.crf == 0 else \
+            ("libx264", "yuv420p", ["-crf", str(self.crf)])
         self._gen = imageio_ffmpeg.write_frames(
-            str(self.tmp), (self.width, self.height), fps=self.fps, codec="libx264", pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
-            ffmpeg_timeout=0, output_params=["-crf", str(self.crf), "-preset", self.preset, "-f", "mp4"])
+            str(self.tmp), (self.width, self.height), fps=self.fps, codec=codec, pix_fmt_in="rgb24",
+            pix_fmt_out=pix_fmt, quality=None, macro_block_size=1, ffmpeg_log_level="error",
+            ffmpeg_timeout=0, output_params=[*rate, "-preset", self.preset, "-f", "mp4"])
         try:
             self._gen.send(None)  # starts ffmpeg
         except BaseException:

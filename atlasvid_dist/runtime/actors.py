@@ -27,6 +27,20 @@ def rank_logger(role: str) -> logging.LoggerAdapter:
     return logging.LoggerAdapter(base, {"role": role})
 
 
+def pin_threads() -> int:
+    """Give torch as many CPU threads as Ray granted this worker (at least 1) and return that number.
+
+    Explicit rather than left to OMP_NUM_THREADS: the same worker then computes the same bytes wherever it runs
+    (a CPU convolution's result depends on its thread count) and shared cores are not oversubscribed.
+    """
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _generator(cfg):
     from ..pipeline.generate import TwoStageGenerator
 
@@ -66,6 +80,7 @@ class ProxyWorker:
     """
 
     def __init__(self, cfg, ckpt_dir: str | None = None, fault_step: int | None = None):
+        pin_threads()
         self.gen = _generator(cfg)
         self.ckpt = None
         if ckpt_dir is not None:
@@ -115,6 +130,7 @@ class DetailWorker:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.proxy_parallel, self.window_group, self.window_parallel = proxy_parallel, window_group, window_parallel
         self.log = rank_logger(f"rank {rank}")
+        pin_threads()
         self.gen = _generator(cfg)
         self.steps_done = 0
         self.ckpt = None

@@ -242,7 +242,7 @@ class DistributedGenerator:
 
         cfg = self.cfg
         if cfg.save_latents:
-            _save_latents(cfg.save_latents, latents, cfg)
+            _save_latents(cfg.save_latents, latents, cfg, proxy)
         out_bytes = self._decode(ray, ranks, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width),
                                  "decode")
         if cfg.save_proxy and proxy is not None:
@@ -275,7 +275,7 @@ class DistributedGenerator:
                    for r, (a, ids) in enumerate(zip(ranks, per_rank))]
         h, w = out_hw or blender.out_hw
         bar = self._gen._bar(blender.frames, f"{label} ({self.workers} workers)", "frame")
-        with Mp4Writer(path, fps=fps, width=w, height=h) as writer:
+        with Mp4Writer(path, fps=fps, width=w, height=h, crf=self.cfg.crf) as writer:
             def write(frames):
                 writer.write(frames)
                 bar.update(len(frames))
