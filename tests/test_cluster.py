@@ -86,25 +86,56 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+#: seconds a `ray start` / `ray stop` or a whole tiny job may take: deadlines against a hang, not a speed test (a
+#: loaded 2-core machine starts a head in minutes and runs the job in many)
+START_S, JOB_S = 600, 1800
+
+
+def _token_file(folder: Path) -> Path:
+    """A fresh Ray auth token in ``folder`` (mode 600, as Ray's own docs ask)."""
+    import secrets
+
+    path = folder / "ray-auth-token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
 @pytest.fixture
 def head(tmp_path):
-    """A Ray head on loopback with the job API, in its own temp dir; stopped afterwards."""
+    """A Ray head on loopback with the job API and token auth (a token made here), in its own temp dir; stopped
+    afterwards. The returned environment is a client's: RAY_AUTH_MODE=token and the token's path."""
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
+           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}  # the job's shell finds atlasvid-dist
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     port, dash = _port(), _port()
     temp = Path("/tmp") / f"atlasvid-head-{port}"  # short: Ray's socket paths have a length limit
     start = [str(Path(bindir) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
              "--include-dashboard", "true", "--temp-dir", str(temp), "--disable-usage-stats"]
-    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=START_S)
     assert out.returncode == 0, out.stdout + out.stderr
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([str(Path(bindir) / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([str(Path(bindir) / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=START_S)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_test_head_refuses_a_client_with_a_wrong_token(head):
+    """The head above enforces its token: a job API client with another token is turned away."""
+    address, env = head
+    anon = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
+    cmd = [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+           "C(sys.argv[1]).list_jobs()", address]
+    run = subprocess.run(cmd, env={**anon, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+                         capture_output=True, text=True, timeout=START_S)
+    assert run.returncode != 0 and ("auth" in run.stderr.lower() or "401" in run.stderr), run.stderr[-2000:]
+    ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=START_S)
+    assert ok.returncode == 0, ok.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -114,7 +145,7 @@ def test_ray_job_submit_runs_a_tiny_distributed_generation(head, tmp_path):
     cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "generate", "--",
            "--prompt", "a red ball", "--res", "256x256", "--frames", "9", "--steps", "2", "--proxy-steps", "2",
            "--window", "3,4,8", "--spatial-scale", "2", "--workers", "2", "--out", str(out), "--quiet"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
     assert "SUCCEEDED" in log and "2 detail workers" in log and "atlasvid rank 1: stage 2 done" in log, log[-4000:]
@@ -135,7 +166,7 @@ def test_ray_job_submit_runs_training(head, tmp_path):
     cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "train", "--",
            "--stage", "1", "--data", str(data), "--model", "tiny", "--output", str(out), "--config", str(conf),
            "--max-steps", "2", "--num-processes", "2", "--deepspeed-config", str(ROOT / "configs" / "ds_zero2.json")]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "SUCCEEDED" in log, log[-4000:]
     assert (out / "adapter.safetensors").stat().st_size > 0

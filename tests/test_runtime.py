@@ -25,8 +25,11 @@ def ray_session():
     """One embedded Ray for the module (the driver joins a running Ray instead of starting its own)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False)
+    from atlasvid_dist.runtime.local import init_with_retry
+
+    # a loaded machine occasionally fails a first start: retried once, as the driver does
+    init_with_retry(lambda: ray.init(address="local", num_cpus=4, include_dashboard=False,
+                                     _node_ip_address="127.0.0.1", configure_logging=False), cleanup=ray.shutdown)
     yield
     ray.shutdown()
 

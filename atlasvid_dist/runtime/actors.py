@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import torch
@@ -145,31 +144,31 @@ class DetailWorker:
         """Stage-2 steps this rank has committed (empty without checkpoints)."""
         return [] if self.ckpt is None else self.ckpt.committed_steps()
 
-    def address(self) -> tuple[str, int]:
-        """(node ip, a free TCP port) for the group's rendezvous (asked of rank 0)."""
+    def address(self, local: bool = False) -> tuple[str, str]:
+        """(host, init_method) of the group's rendezvous (asked of rank 0): loopback and a file store when every
+        rank is on this machine (``local``), else this node's address and a TCP store (``local.rendezvous``)."""
         import ray
 
-        ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("" if not ip.startswith("127.") else "127.0.0.1", 0))
-            return ip, s.getsockname()[1]
+        from .local import rendezvous
 
-    def run(self, master: tuple[str, int], text: dict, timeout_s: float, resume_step: int | None = None) -> dict:
+        return rendezvous(ray.util.get_node_ip_address(), local)
+
+    def run(self, master: tuple[str, str], text: dict, timeout_s: float, resume_step: int | None = None) -> dict:
         """Stage 2 on this rank; {'tokens' (B, n, C, pt, ph, pw) local order, 'sent', 'per_layer', 'seconds'}."""
         from ..parallel import comm
         from ..pipeline.text import TextEmbeddings
         from .detail import denoise_rank
+        from .local import is_loopback
 
-        ip, port = master
-        if ip.startswith("127."):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        host, init_method = master
+        if is_loopback(host):
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs listen on 127.0.0.1, not the LAN address
         backend = "nccl" if self.cfg.device == "cuda" else "gloo"
         device_id = None
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray gives each actor its own GPU (CUDA_VISIBLE_DEVICES)
             device_id = torch.device("cuda", 0)
-        comm.init_group(backend, self.rank, self.world, f"tcp://{ip}:{port}", timeout_s=timeout_s,
-                        device_id=device_id)
+        comm.init_group(backend, self.rank, self.world, init_method, timeout_s=timeout_s, device_id=device_id)
         self.log.info("joined the %s group of %d ranks%s", backend, self.world,
                       f"; resuming from committed step {resume_step}" if resume_step else "")
         try:

@@ -94,6 +94,8 @@ class DistributedGenerator:
         self.proxy_resumed: int | None = None
         self.resume = False
         self.tiles: list[int] = []
+        self.stores: list[str] = []
+        """Rendezvous init methods of this run (file stores are removed at its end)."""
         self.bar = None
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -137,6 +139,10 @@ class DistributedGenerator:
 
             check_proxy_split(self.cfg.proxy.grid.size, gen.model_spec().num_heads, self.workers,
                               self.plan.proxy_parallel)
+        if self._embedded():
+            from .local import loopback_ray_env
+
+            loopback_ray_env()  # before `import ray`: Ray keeps 127.0.0.1 as the node address
         import ray
 
         started = self._start_ray(ray)
@@ -158,20 +164,41 @@ class DistributedGenerator:
                                  [p["sent_per_step"] for p in parts], self.proxy_resumed,
                                  [p["proxy_sent"] for p in parts], self.tiles, [p["step_seconds"] for p in parts])
 
+    def _embedded(self) -> bool:
+        """True when this run starts (or found) Ray on this machine only (``local.embedded``)."""
+        from .local import embedded
+
+        return embedded(self.address)
+
     def _start_ray(self, ray) -> bool:
-        """Join ``ray_address`` or start Ray embedded; True when this call started it (and must stop it)."""
+        """Join ``ray_address`` or start Ray embedded (on loopback, one retry: ``local.init_with_retry``); True when
+        this call started it (and must stop it)."""
+        from .local import LOOPBACK, init_with_retry, is_loopback
+
         if ray.is_initialized():
             return False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every rank's lines, not "[repeated 3x across cluster]"
-        address = self.address or os.environ.get("RAY_ADDRESS")  # `ray job submit`: the job's own cluster
-        if address:
-            ray.init(address=address, log_to_driver=True)
+        if not self._embedded():  # `ray job submit`: RAY_ADDRESS is the job's own cluster
+            ray.init(address=self.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
             return True
         gpus = self.workers if self.cfg.device == "cuda" else 0
-        ray.init(address="local", num_cpus=self.workers, num_gpus=gpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+        init_with_retry(lambda: ray.init(address="local", num_cpus=self.workers, num_gpus=gpus,
+                                         include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=True,
+                                         configure_logging=False), cleanup=ray.shutdown)
+        node_ip = ray.util.get_node_ip_address()
+        if not is_loopback(node_ip):
+            import logging
+
+            logging.getLogger("atlasvid_dist.runtime").warning(
+                "embedded Ray runs on %s, not 127.0.0.1 (ray was imported before the run could keep it on "
+                "loopback); its ports listen there (docs/security.md)", node_ip)
         return True
+
+    @staticmethod
+    def _one_node(ray) -> bool:
+        """True when the Ray cluster is this one machine (every rank can rendezvous on loopback)."""
+        return len([n for n in ray.nodes() if n.get("Alive")]) == 1
 
     def _generate(self, ray):
         import tempfile
@@ -234,6 +261,10 @@ class DistributedGenerator:
             remove_placement_group(pg)
             if not self.cfg.run_dir:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
+            from .local import remove_store
+
+            for store in self.stores:
+                remove_store(store)
         return latents, parts, out_bytes
 
     def _outputs(self, ray, ranks, latents, proxy) -> int:
@@ -300,7 +331,8 @@ class DistributedGenerator:
         newest step all ranks committed (the surviving processes stay, they only rejoin a new group)."""
         resume = self._common_step(ray, ranks) if self.resume else None
         while True:
-            master = self._call(ray, ranks[0].address, "detail rank 0 (rendezvous)")
+            master = self._call(ray, ranks[0].address, "detail rank 0 (rendezvous)", self._one_node(ray))
+            self.stores.append(master[1])  # a file store's folder is removed after the run
             refs = [a.run.remote(master, text_ref, self.timeout_s, resume) for a in ranks]
             results, errors = self._collect(ray, refs, ranks)
             if not errors:
@@ -320,12 +352,12 @@ class DistributedGenerator:
         common = set.intersection(*steps)
         return max(common) if common else None
 
-    def _call(self, ray, method, what: str):
+    def _call(self, ray, method, what: str, *args):
         """Call an actor method, waiting while the actor restarts (it is unavailable meanwhile)."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                return ray.get(method.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return ray.get(method.remote(*args), timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.ActorUnavailableError as exc:
                 if time.monotonic() > deadline:
                     raise RunFailure(f"{what}: the worker did not come back within {self.timeout_s:g} s") from exc
