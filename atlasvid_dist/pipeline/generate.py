@@ -338,6 +338,7 @@ class TwoStageGenerator:
                 raise ConfigError("overwrite_run_dir", True, "needs --run-dir (there is no run folder to clear)")
             return None
         run, config = Path(self.cfg.run_dir), self.cfg.to_dict()
+        step_key(len(STAGES) - 1, max(self.cfg.steps, self.cfg.proxy_steps))  # ConfigError now, not at that step
         if resume and overwrite:
             raise ConfigError("overwrite_run_dir", True, "--resume continues the folder's run; it cannot clear it")
         manifest = open_run(run, config, workers) if resume else start_run(run, config, workers, overwrite)
