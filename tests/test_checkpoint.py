@@ -1,4 +1,5 @@
-"""StepCheckpointer: round trip, only committed and intact steps load, keep-K pruning, RNG state helpers."""
+"""StepCheckpointer: round trip, only committed and intact steps load, keep-K pruning, RNG state helpers, run
+identity (run id, config checksum) per step, fallback past a corrupt step."""
 
 import json
 import random
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from atlasvid_dist.errors import ConfigError, InputError
-from atlasvid_dist.pipeline.checkpoint import (MARKER, META, TENSORS, StepCheckpointer, generator_state,
-                                               python_rng_state, restore_generator, restore_python_rng)
+from atlasvid_dist.pipeline.checkpoint import (MARKER, META, TENSORS, StepCheckpointer, config_checksum,
+                                               generator_state, python_rng_state, restore_generator,
+                                               restore_python_rng, step_key)
 
 
 def state(step: int) -> tuple[dict, dict]:
@@ -123,3 +125,50 @@ def test_rng_helpers_restore_the_sequence(tmp_path):
         restore_generator(g2, torch.zeros(3))
     with pytest.raises(InputError, match="python RNG"):
         restore_python_rng(torch.zeros(5, dtype=torch.int64))
+
+
+def test_steps_of_another_run_are_neither_resumed_nor_outrank_this_runs(tmp_path):
+    """Issue 12: an old run's stage-2 steps (higher numbers) used to be 'latest' for a new run in the same folder,
+    and the new run's steps were pruned as soon as written. Steps carry the run id; each run sees its own."""
+    old = StepCheckpointer(tmp_path, run_id="old", config_sha256="a")
+    old.commit(step_key(1, 1), *state(1))
+    old.commit(step_key(1, 2), *state(2))
+    new = StepCheckpointer(tmp_path, run_id="new", config_sha256="b")
+    assert new.latest() is None
+    new.commit(step_key(0, 1), *state(3))
+    new.commit(step_key(0, 2), *state(4))
+    assert new.committed_steps() == [1, 2]  # not pruned by the old run's higher step numbers
+    assert new.load(2)[1]["step"] == 4
+    with pytest.raises(InputError, match="run_id='old'.*another run"):
+        new.load(step_key(1, 2))
+    marker = json.loads((tmp_path / "step-000002" / MARKER).read_text())
+    assert (marker["run_id"], marker["config_sha256"]) == ("new", "b")
+    same_run_other_config = StepCheckpointer(tmp_path, run_id="new", config_sha256="c")
+    assert same_run_other_config.committed_steps() == []
+
+
+def test_step_key_orders_by_stage_then_step():
+    assert step_key(0, 99999) < step_key(1, 0) < step_key(1, 1)
+    with pytest.raises(ConfigError, match="steps"):
+        step_key(0, 100000)
+
+
+def test_newest_loadable_falls_back_past_a_corrupt_step(tmp_path):
+    ck = StepCheckpointer(tmp_path, keep=3)
+    for s in (1, 2, 3):
+        ck.commit(s, *state(s))
+    f3 = tmp_path / "step-000003" / TENSORS
+    data = bytearray(f3.read_bytes())
+    data[-3] ^= 0xFF  # same size: only the checksum sees it
+    f3.write_bytes(bytes(data))
+    skipped = []
+    step, tensors, meta = ck.newest_loadable(on_skip=lambda s, why: skipped.append((s, why)))
+    assert step == 2 and meta["step"] == 2 and torch.equal(tensors["latents"], state(2)[0]["latents"])
+    assert len(skipped) == 1 and skipped[0][0] == 3 and "corrupt" in skipped[0][1]
+    assert ck.intact_steps() == [1, 2]
+
+
+def test_config_checksum_is_canonical():
+    assert config_checksum({"a": 1, "b": [1, 2]}) == config_checksum({"b": [1, 2], "a": 1})
+    assert config_checksum({"a": 1, "out": "x"}, ("out",)) == config_checksum({"a": 1, "out": "y"}, ("out",))
+    assert config_checksum({"a": 1}) != config_checksum({"a": 2})

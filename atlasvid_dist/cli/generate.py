@@ -6,7 +6,6 @@ underscores); options on the command line override the file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +16,7 @@ from ..config.generate import GenerateConfig
 from ..config.method import AtlasConfig
 from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
-from ..errors import AtlasError, ConfigError, RunFailure
+from ..errors import AtlasError, ConfigError, InputError, RunFailure
 from .common import build_parallel, parse_triple
 
 DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_steps=30, guidance=5.0, seed=0,
@@ -99,6 +98,7 @@ def generate(
     crf: Optional[int] = typer.Option(None, help="H.264 quality, 0-51 (lower is better); 0 = lossless RGB. [default: 18]"),
     run_dir: Optional[str] = typer.Option(None, help="Commit a checkpoint after every step in this folder."),
     resume: Optional[str] = typer.Option(None, help="Continue the run in this folder from its last committed step."),
+    overwrite_run_dir: bool = typer.Option(False, "--overwrite-run-dir", help="Clear the --run-dir folder of a previous run first (without it, a folder that holds a run is refused)."),
     device_profile: Optional[str] = typer.Option(None, help="Pre-flight memory check profile: h100|h200|cpu|FILE.yaml. [default: by device]"),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file setting any option (options override it)."),
     quiet: bool = typer.Option(False, help="No progress bars."),
@@ -113,7 +113,7 @@ def generate(
     dist_flags = dict(proxy_parallel=proxy_parallel, window_group=window_group, window_parallel=window_parallel)
     flags = {k: v for k, v in locals().items()
              if v is not None and k not in ("config", "resume", "quiet", "workers", "gpus", "ray_address", "dist_flags",
-                                            *dist_flags)}
+                                            "overwrite_run_dir", *dist_flags)}
     ranks = _distributed(workers, gpus, flags)
     if ranks is None and dist_flags != dict(proxy_parallel="none", window_group=1, window_parallel="ulysses"):
         raise ConfigError("proxy_parallel/window_group", dist_flags, "need --workers or --gpus (a distributed run)")
@@ -124,8 +124,9 @@ def generate(
     if ranks is not None:
         plan = build_parallel(device=cfg.device, gpus=ranks if cfg.device == "cuda" else 0, workers=ranks,
                               **dist_flags)
-        return run_distributed(cfg, plan, ray_address, progress=not quiet, resume=bool(resume))
-    run(cfg, resume=bool(resume), progress=not quiet)
+        return run_distributed(cfg, plan, ray_address, progress=not quiet, resume=bool(resume),
+                               overwrite=overwrite_run_dir)
+    run(cfg, resume=bool(resume), progress=not quiet, overwrite=overwrite_run_dir)
 
 
 def _distributed(workers, gpus, flags: dict) -> int | None:
@@ -145,10 +146,11 @@ def _distributed(workers, gpus, flags: dict) -> int | None:
 
 
 def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError("resume", run_dir, "is not a run folder (no config.json)")
-    stored = json.loads(path.read_text())
+    """The stored run's GenerateConfig with the outputs the flags move; a damaged config.json is InputError (exit
+    2) naming the file (the pipeline then checks it against the run's manifest checksum)."""
+    from ..pipeline.run_folder import CONFIG_FILE, read_config
+
+    stored = read_config(Path(run_dir))
     stored["run_dir"] = run_dir
     others = sorted(set(flags) - set(RESUME_OVERRIDES) - {"device"})
     if others:
@@ -156,21 +158,25 @@ def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
                                                        f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} "
                                                        f"may change")
     stored.update({k: flags[k] for k in RESUME_OVERRIDES if k in flags})
-    return GenerateConfig.from_dict(stored)
+    try:
+        return GenerateConfig.from_dict(stored)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # ConfigError is a ValueError
+        raise InputError(f"{Path(run_dir) / CONFIG_FILE}: damaged run configuration ({type(e).__name__}: {e}); "
+                         f"the run cannot be resumed") from e
 
 
-def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True):
+def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True, overwrite: bool = False):
     from ..pipeline.generate import TwoStageGenerator
 
-    return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume))
+    return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume, overwrite=overwrite))
 
 
 def run_distributed(cfg: GenerateConfig, plan: ParallelPlan, ray_address: str | None = None, progress: bool = True,
-                    resume: bool = False):
+                    resume: bool = False, overwrite: bool = False):
     from ..runtime.driver import DistributedGenerator
 
     return _report(lambda: DistributedGenerator(cfg, plan.workers, ray_address, progress=progress,
-                                                plan=plan).run(resume=resume))
+                                                plan=plan).run(resume=resume, overwrite=overwrite))
 
 
 def _report(run_fn):

@@ -4,7 +4,13 @@ Layout of ``run_dir``::
 
     step-000005/tensors.safetensors   tensors (safetensors: no pickle)
     step-000005/meta.json             {"step": 5, "meta": {...}}
-    step-000005/COMMITTED             {"step": 5, "files": {name: {"bytes": n, "sha256": hex}}}
+    step-000005/COMMITTED             {"step": 5, "files": {name: {"bytes": n, "sha256": hex}},
+                                       "run_id": id, "config_sha256": hex}
+
+A checkpointer opened with a ``run_id`` and ``config_sha256`` (the run folder's manifest) writes both into every
+marker and only sees steps that carry the same two values: steps of another run or another configuration left in
+the folder are never resumed from nor outrank this run's steps when pruning. Steps of successive stages use
+:func:`step_key` (stage, step) so a later stage's steps always sort after an earlier stage's.
 
 A commit writes and fsyncs both files, then writes the marker to a temporary name, fsyncs it and renames it
 (atomic), then fsyncs the folder. A crash at any point leaves either the previous committed steps untouched or
@@ -31,15 +37,32 @@ MARKER = "COMMITTED"
 TENSORS = "tensors.safetensors"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STAGE_SPAN = 100000
+"""Steps per stage in :func:`step_key`: stage ``k``'s step ``s`` is committed as ``k * STAGE_SPAN + s``."""
+
+
+def step_key(stage: int, step: int) -> int:
+    """The committed step number of (stage index, step): ordered by stage first, then step; never crosses stages."""
+    check(isinstance(step, int) and 0 <= step < STAGE_SPAN, "steps", step,
+          f"a checkpointed stage runs at most {STAGE_SPAN - 1} steps")
+    return stage * STAGE_SPAN + step
+
+
+def config_checksum(config: dict, ignore: tuple[str, ...] = ()) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of ``config`` without the keys in ``ignore``."""
+    kept = {k: v for k, v in config.items() if k not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class StepCheckpointer:
     """Commits, finds and loads step checkpoints in one run folder (one writer per folder)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2, run_id: str | None = None,
+                 config_sha256: str | None = None):
         check(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1, "keep", keep,
               "must be an integer >= 1 (committed steps kept)")
         self.run_dir, self.keep = Path(run_dir), keep
+        self.identity = {"run_id": run_id, "config_sha256": config_sha256}
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def step_dir(self, step: int) -> Path:
@@ -65,7 +88,7 @@ class StepCheckpointer:
         _write_synced(d / META, meta_text.encode())
         files = {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in (TENSORS, META)}
         tmp = d / f".{MARKER}.tmp"
-        _write_synced(tmp, json.dumps({"step": step, "files": files}).encode())
+        _write_synced(tmp, json.dumps({"step": step, "files": files, **self.identity}).encode())
         tmp.replace(d / MARKER)
         _fsync(d)
         _fsync(self.run_dir)
@@ -103,6 +126,8 @@ class StepCheckpointer:
             marker = self._read_marker(step)
         except InputError:
             return False
+        if any(marker.get(k) != v for k, v in self.identity.items() if v is not None):
+            return False  # another run's (or another configuration's) step
         d = self.step_dir(step)
         return all((d / n).is_file() and (d / n).stat().st_size == f["bytes"] for n, f in marker["files"].items())
 
@@ -111,10 +136,39 @@ class StepCheckpointer:
         steps = self.committed_steps()
         return steps[-1] if steps else None
 
-    def load(self, step: int, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, meta) of a committed step; files are checked against the marker (size and sha256)."""
+    def intact_steps(self, on_skip=None) -> list[int]:
+        """Committed steps whose files match their checksums, oldest first; ``on_skip(step, reason)`` is called
+        for every committed-looking step that fails the check (a corrupt step is never resumed from)."""
+        steps = []
+        for step in self.committed_steps():
+            try:
+                self.verify(step)
+            except InputError as e:
+                if on_skip is not None:
+                    on_skip(step, str(e))
+                continue
+            steps.append(step)
+        return steps
+
+    def newest_loadable(self, on_skip=None, device: str | torch.device = "cpu"):
+        """(step, tensors, meta) of the newest committed step that loads, or None; older steps are tried when a
+        newer one is damaged, and ``on_skip(step, reason)`` tells which steps were passed over and why."""
+        for step in reversed(self.committed_steps()):
+            try:
+                return (step, *self.load(step, device))
+            except InputError as e:
+                if on_skip is not None:
+                    on_skip(step, str(e))
+        return None
+
+    def verify(self, step: int) -> None:
+        """Raise InputError (naming the file) unless step ``step`` is committed and its files match the marker."""
         marker = self._read_marker(step)
         d = self.step_dir(step)
+        for key, want in self.identity.items():
+            if want is not None and marker.get(key) != want:
+                raise InputError(f"checkpoint {d / MARKER}: {key}={marker.get(key)!r}, this run has {want!r} "
+                                 f"(a step of another run or configuration)")
         for name, f in marker["files"].items():
             path = d / name
             if not path.is_file():
@@ -124,6 +178,11 @@ class StepCheckpointer:
                 raise InputError(f"checkpoint {path}: {size} bytes, {f['bytes']} were committed (truncated)")
             if _sha256(path) != f["sha256"]:
                 raise InputError(f"checkpoint {path}: content differs from the committed checksum (corrupt)")
+
+    def load(self, step: int, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta) of a committed step; files are checked against the marker (size and sha256)."""
+        self.verify(step)
+        d = self.step_dir(step)
         from safetensors.torch import load_file
 
         try:

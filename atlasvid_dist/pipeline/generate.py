@@ -18,12 +18,14 @@ import torch
 
 from ..config.generate import GenerateConfig
 from ..config.method import AtlasConfig
-from ..errors import InputError, ModelLoadError, RunFailure
+from ..errors import ConfigError, InputError, ModelLoadError, RunFailure
 from . import sampling
+from .checkpoint import StepCheckpointer, step_key
 from .text import TextEmbeddings, encode_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAGE1, STAGE2 = "proxy", "detail"
+STAGES = (STAGE1, STAGE2)
 
 
 @dataclass
@@ -80,10 +82,15 @@ class TwoStageGenerator:
         self.seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------------ run
-    def run(self, resume: bool = False) -> RunResult:
+    def run(self, resume: bool = False, overwrite: bool = False) -> RunResult:
+        """Generate; ``resume`` continues the run folder's run, ``overwrite`` clears a previous run's folder first.
+        Everything is checked (plan, outputs, run folder) before a model loads."""
+        from .outputs import check_outputs
+
         cfg = self.cfg
         self.preflight()
-        ckpt = self._checkpointer(resume)
+        check_outputs(cfg)
+        ckpt = self._checkpointer(resume, overwrite=overwrite)
         t0 = time.perf_counter()
         comp = self._load()
         self.seconds["load"] = time.perf_counter() - t0
@@ -95,9 +102,7 @@ class TwoStageGenerator:
         latents = self.stage2(comp, text, proxy, ckpt, state)
         if cfg.save_latents:
             _save_latents(cfg.save_latents, latents, cfg, proxy)
-        out_bytes = self.decode(comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width))
-        if cfg.save_proxy and proxy is not None:
-            self.decode(comp, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy")
+        out_bytes = self.write_videos(comp, latents, proxy)
         return RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
                          cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
                          cfg.proxy_steps if cfg.uses_proxy else 0, dict(self.seconds), out_bytes,
@@ -225,8 +230,23 @@ class TwoStageGenerator:
         self.seconds["detail"] = time.perf_counter() - t0
         return latents
 
-    def decode(self, comp, latents, path: str, fps: float, out_hw, label: str = "decode") -> int:
-        """Tiled, streaming VAE decode into an mp4 written under a temporary name; returns the file size."""
+    def write_videos(self, comp, latents, proxy) -> int:
+        """The video and (with --save-proxy) the proxy video, put in place together: when either fails, neither
+        is at its path. Returns the video's size in bytes."""
+        from .outputs import PendingOutputs
+
+        cfg = self.cfg
+        with PendingOutputs() as pending:
+            out_bytes = self.decode(comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width),
+                                    pending=pending)
+            if cfg.save_proxy and proxy is not None:
+                self.decode(comp, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None,
+                            "decode proxy", pending=pending)
+        return out_bytes
+
+    def decode(self, comp, latents, path: str, fps: float, out_hw, label: str = "decode", pending=None) -> int:
+        """Tiled, streaming VAE decode into an mp4 written under a temporary name (renamed at once, or with the
+        other outputs by ``pending``, an outputs.PendingOutputs); returns the file size."""
         from .decode import decode_stream
         from .video_io import Mp4Writer
 
@@ -234,14 +254,14 @@ class TwoStageGenerator:
         frames = (latents.shape[2] - 1) * 4 + 1
         h, w = out_hw if out_hw else (latents.shape[3] * 8, latents.shape[4] * 8)
         bar = self._bar(frames, label, "frame")
-        with Mp4Writer(path, fps=fps, width=w, height=h, crf=self.cfg.crf) as writer:
+        with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.cfg.crf) as writer:
             with torch.no_grad():
                 for chunk in decode_stream(comp.vae, latents, self.decode_tiling(), out_hw=(h, w)):
                     writer.write(chunk)
                     bar.update(len(chunk))
         bar.close()
         self.seconds[label] = time.perf_counter() - t0
-        return Path(path).stat().st_size
+        return writer.written.stat().st_size
 
     def decode_tiling(self):
         """The decode's tiling from the config (tile side default 32 latent cells; overlap at most half a tile)."""
@@ -304,64 +324,46 @@ class TwoStageGenerator:
                     leave=False)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _checkpointer(self, resume: bool, workers: int | None = None):
+    def _checkpointer(self, resume: bool, workers: int | None = None, overwrite: bool = False):
         """The run folder's checkpointer (None without --run-dir). ``workers``: a distributed run, whose ranks keep
-        their own checkpoints in subfolders; the folder records its worker count (``runtime.json``), and a folder
-        is resumed only by the kind of run that wrote it."""
+        their own checkpoints in subfolders; the folder's manifest (``run_folder.py``) records its run id, config
+        checksum and worker count, and a folder is resumed only by the kind of run that wrote it with the same
+        configuration. A fresh run refuses a folder holding another run unless ``overwrite`` (it is cleared)."""
+        from .run_folder import open_run, start_run
+
         if not self.cfg.run_dir:
             if resume:
                 raise InputError("resume: needs a run folder (--resume DIR)")
+            if overwrite:
+                raise ConfigError("overwrite_run_dir", True, "needs --run-dir (there is no run folder to clear)")
             return None
-        from .checkpoint import StepCheckpointer
-
-        run = Path(self.cfg.run_dir)
-        _check_run_kind(run, resume, workers)
-        run.mkdir(parents=True, exist_ok=True)
-        cfg_file = run / "config.json"
-        mine = self.cfg.to_dict()
-        if resume:
-            if not cfg_file.is_file():
-                raise InputError(f"resume: {cfg_file} not found; not a run folder")
-        else:
-            cfg_file.write_text(json.dumps(mine, indent=1))
-        return StepCheckpointer(run)
+        run, config = Path(self.cfg.run_dir), self.cfg.to_dict()
+        step_key(len(STAGES) - 1, max(self.cfg.steps, self.cfg.proxy_steps))  # ConfigError now, not at that step
+        if resume and overwrite:
+            raise ConfigError("overwrite_run_dir", True, "--resume continues the folder's run; it cannot clear it")
+        manifest = open_run(run, config, workers) if resume else start_run(run, config, workers, overwrite)
+        return StepCheckpointer(run, run_id=manifest["run_id"], config_sha256=manifest["config_sha256"])
 
     def _commit(self, ckpt, stage, step, latents, sched, gen, proxy) -> None:
         tensors, meta = sampling.scheduler_state(sched)
         tensors = {**tensors, "latents": latents.detach().cpu().clone(), "rng": gen.get_state()}
         if proxy is not None:
             tensors["proxy"] = proxy.detach().cpu().clone()
-        order = 0 if stage == STAGE1 else 1
-        ckpt.commit(order * 100000 + step, tensors, {"stage": stage, "step": step, "sched": meta})
+        ckpt.commit(step_key(STAGES.index(stage), step), tensors, {"stage": stage, "step": step, "sched": meta})
 
     def _resume_state(self, ckpt) -> dict | None:
-        latest = ckpt.latest()
-        if latest is None:
+        """The newest committed step that loads (a damaged newer step is skipped, saying which and why)."""
+        def skipped(step, reason):
+            print(f"resume: skipping {ckpt.step_dir(step)} ({reason}); trying an older step", file=sys.stderr)
+
+        found = ckpt.newest_loadable(on_skip=skipped)
+        if found is None:
             return None
-        tensors, meta = ckpt.load(latest)
+        _, tensors, meta = found
         sched_tensors = {k: v for k, v in tensors.items() if k.startswith("sched.")}
         return {"stage": meta["stage"], "step": meta["step"], "latents": tensors["latents"],
                 "rng": tensors["rng"], "proxy": tensors.get("proxy"), "sched_tensors": sched_tensors,
                 "sched_meta": meta["sched"]}
-
-
-RUNTIME_FILE = "runtime.json"
-
-
-def _check_run_kind(run: Path, resume: bool, workers: int | None) -> None:
-    """A single-process folder is resumed without --workers, a distributed one with the same worker count."""
-    path = run / RUNTIME_FILE
-    if resume:
-        stored = json.loads(path.read_text())["workers"] if path.is_file() else None
-        if stored != workers:
-            have = "one process" if stored is None else f"--workers {stored}"
-            raise InputError(f"resume: {run} was written by a run on {have}; resume it with the same"
-                             + ("" if stored is None else f" (--workers {stored} or --gpus {stored})"))
-    elif workers is not None:
-        run.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"workers": workers}))
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _cfg_velocity(fn, text: TextEmbeddings, scfg: sampling.SamplerConfig):
@@ -385,8 +387,13 @@ def _save_latents(path: str, latents: torch.Tensor, cfg: GenerateConfig, proxy: 
     """The final detail latents (key "latents") and, when the method has one, the proxy latents ("proxy")."""
     from safetensors.torch import save_file
 
-    tmp = Path(path).with_name(f".{Path(path).name}.partial")
-    tensors = {"latents": latents, **({"proxy": proxy} if proxy is not None else {})}
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"config": json.dumps(cfg.to_dict())})
-    tmp.replace(path)
+    from .outputs import partial_path
+
+    tmp = partial_path(path)
+    try:
+        tensors = {"latents": latents, **({"proxy": proxy} if proxy is not None else {})}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"config": json.dumps(cfg.to_dict())})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

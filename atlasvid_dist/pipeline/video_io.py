@@ -3,7 +3,9 @@
 The writer sends frames to ffmpeg as they come (nothing is buffered here), writes under a temporary name in the
 destination folder and renames it over ``path`` only after a clean close *and* a check that the file holds every
 frame that was sent (imageio-ffmpeg does not report ffmpeg's exit status, so a failed finalisation would
-otherwise go unnoticed). On any exception the temporary file is removed and nothing appears at ``path``.
+otherwise go unnoticed). On any exception the temporary file is removed and nothing appears at ``path``. With
+``pending`` (an outputs.PendingOutputs) the finished file stays under its temporary name and is renamed with the
+run's other outputs, all or none.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, RunFailure
+from .outputs import partial_path
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,13 @@ class Mp4Writer:
     """
 
     def __init__(self, path: str | os.PathLike, *, fps: float, width: int, height: int, crf: int = 18,
-                 preset: str = "medium", verify: bool = True):
+                 preset: str = "medium", verify: bool = True, pending=None):
         self.path = Path(path)
         _check_writer_args(self.path, fps, width, height, crf)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial.mp4")
+        self.tmp = partial_path(self.path)
+        self.pending = pending
+        self.written: Path | None = None
+        """Where the finished file lies after the block: ``path``, or the temporary name while ``pending``."""
         self.fps = Fraction(fps).limit_denominator(100000)
         self.width, self.height, self.crf, self.preset, self.verify = width, height, crf, preset, verify
         self.frames = 0
@@ -96,7 +102,11 @@ class Mp4Writer:
                 found = _count_frames(self.tmp)
                 if found != self.frames:
                     raise RunFailure(f"{self.path}: ffmpeg wrote {found} frames of the {self.frames} sent")
-            self.tmp.replace(self.path)
+            if self.pending is None:
+                self.tmp.replace(self.path)
+            else:
+                self.pending.add(self.tmp, self.path)
+            self.written = self.path if self.pending is None else self.tmp
         except BaseException:
             self._discard()
             raise

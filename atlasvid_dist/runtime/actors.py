@@ -83,9 +83,9 @@ class ProxyWorker:
         self.gen = _generator(cfg)
         self.ckpt = None
         if ckpt_dir is not None:
-            from ..pipeline.checkpoint import StepCheckpointer
+            from ..pipeline.run_folder import run_checkpointer
 
-            self.ckpt = StepCheckpointer(os.path.join(ckpt_dir, "proxy"))
+            self.ckpt = run_checkpointer(ckpt_dir, "proxy")  # tied to the run folder's run id and config checksum
         self.fault_step = fault_step
         self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, "fault-injected-proxy")
         self.steps_done = 0
@@ -134,15 +134,19 @@ class DetailWorker:
         self.steps_done = 0
         self.ckpt = None
         if ckpt_dir is not None:
-            from ..pipeline.checkpoint import StepCheckpointer
+            from ..pipeline.run_folder import run_checkpointer
 
-            self.ckpt = StepCheckpointer(os.path.join(ckpt_dir, f"rank-{rank}"), keep=world + 2)
+            self.ckpt = run_checkpointer(ckpt_dir, f"rank-{rank}", keep=world + 2)
         self.fault_step = fault_step
         self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, f"fault-injected-rank-{rank}")
 
     def committed_steps(self) -> list[int]:
-        """Stage-2 steps this rank has committed (empty without checkpoints)."""
-        return [] if self.ckpt is None else self.ckpt.committed_steps()
+        """Stage-2 steps this rank has committed and that are intact (empty without checkpoints); a damaged step
+        is logged with the reason and left out, so the run resumes from an older step every rank still has."""
+        def skipped(step, reason):
+            self.log.warning("skipping committed step %d: %s", step, reason)
+
+        return [] if self.ckpt is None else self.ckpt.intact_steps(on_skip=skipped)
 
     def address(self, local: bool = False) -> tuple[str, str]:
         """(host, init_method) of the group's rendezvous (asked of rank 0): loopback and a file store when every

@@ -14,10 +14,16 @@ the driver blends the chunks and writes the mp4 in frame order (one writer; no c
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -124,15 +130,19 @@ class DistributedGenerator:
         return self._gen.preflight(workers=self.workers, plan=self.plan)
 
     # ------------------------------------------------------------------------------------------------ run
-    def run(self, resume: bool = False):
+    def run(self, resume: bool = False, overwrite: bool = False):
         """Generate; with the config's run_dir every rank's steps are committed there, and ``resume`` continues a
-        run whose driver died from the newest step every rank committed (stage 1 from its own checkpoint)."""
+        run whose driver died from the newest step every rank committed (stage 1 from its own checkpoint);
+        ``overwrite`` clears a previous run's folder first."""
         from ..pipeline.generate import TwoStageGenerator
+        from ..pipeline.outputs import check_outputs
 
         self.preflight()
         gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress)
         self._fit_check()
-        gen._checkpointer(resume, workers=self.workers)  # the folder's config and worker count, checked or written
+        check_outputs(self.cfg)
+        # the folder's manifest (run id, config checksum, worker count), checked or written
+        gen._checkpointer(resume, workers=self.workers, overwrite=overwrite)
         self.resume = resume
         if self.plan.proxy_parallel != "none" and self.cfg.uses_proxy:
             from .proxy import check_proxy_split
@@ -201,8 +211,11 @@ class DistributedGenerator:
         return len([n for n in ray.nodes() if n.get("Alive")]) == 1
 
     def _generate(self, ray):
-        import tempfile
+        with rank_scratch(self.cfg.run_dir) as ckpt_dir:
+            return self._generate_in(ray, ckpt_dir)
 
+    def _generate_in(self, ray, ckpt_dir: str):
+        """The run on the cluster; every rank's checkpoints go to ``ckpt_dir``."""
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -217,7 +230,6 @@ class DistributedGenerator:
             raise PlanError(f"placement group of {self.workers} bundles {bundle} could not be reserved within "
                             f"{self.timeout_s:g} s (cluster resources: {ray.cluster_resources()})")
         fault = self.fault
-        ckpt_dir = self.cfg.run_dir or tempfile.mkdtemp(prefix="atlasvid-ranks-")
         try:
             def on(i, share, restarts=0):
                 return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=restarts,
@@ -259,8 +271,6 @@ class DistributedGenerator:
                                       else parts[0].get("proxy"))
         finally:
             remove_placement_group(pg)
-            if not self.cfg.run_dir:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
             from .local import remove_store
 
             for store in self.stores:
@@ -268,23 +278,25 @@ class DistributedGenerator:
         return latents, parts, out_bytes
 
     def _outputs(self, ray, ranks, latents, proxy) -> int:
-        """Save the latents if asked, decode the video (and the proxy video) over the ranks; the video's bytes."""
+        """Save the latents if asked, decode the video (and the proxy video) over the ranks; the video's bytes.
+        The two videos are put in place together (neither stays when either fails)."""
         from ..pipeline.generate import _save_latents
+        from ..pipeline.outputs import PendingOutputs
 
         cfg = self.cfg
         if cfg.save_latents:
             _save_latents(cfg.save_latents, latents, cfg, proxy)
-        out_bytes = self._decode(ray, ranks, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width),
-                                 "decode")
-        if cfg.save_proxy and proxy is not None:
-            self._decode(ray, ranks, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None,
-                         "decode proxy")
+        with PendingOutputs() as pending:
+            out_bytes = self._decode(ray, ranks, latents, cfg.out, cfg.video.fps,
+                                     (cfg.video.height, cfg.video.width), "decode", pending)
+            if cfg.save_proxy and proxy is not None:
+                self._decode(ray, ranks, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None,
+                             "decode proxy", pending)
         return out_bytes
 
-    def _decode(self, ray, ranks, latents, path: str, fps: float, out_hw, label: str) -> int:
+    def _decode(self, ray, ranks, latents, path: str, fps: float, out_hw, label: str, pending=None) -> int:
         """Tiles over the ranks (Ray streaming generators), blended and written in frame order here (one writer)."""
         from dataclasses import asdict
-        from pathlib import Path
 
         from ..pipeline.decode import TileBlender, VaeScale
         from ..pipeline.video_io import Mp4Writer
@@ -306,7 +318,7 @@ class DistributedGenerator:
                    for r, (a, ids) in enumerate(zip(ranks, per_rank))]
         h, w = out_hw or blender.out_hw
         bar = self._gen._bar(blender.frames, f"{label} ({self.workers} workers)", "frame")
-        with Mp4Writer(path, fps=fps, width=w, height=h, crf=self.cfg.crf) as writer:
+        with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.cfg.crf) as writer:
             def write(frames):
                 writer.write(frames)
                 bar.update(len(frames))
@@ -315,7 +327,7 @@ class DistributedGenerator:
         if label == "decode":
             self.tiles = [len(ids) for ids in per_rank]
         self._gen.seconds[label] = time.perf_counter() - t0
-        return Path(path).stat().st_size
+        return writer.written.stat().st_size
 
     def _check_capacity(self, ray, bundle: dict) -> None:
         """Refuse at once (PlanError) a placement group the cluster can never hold, instead of waiting for it."""
@@ -415,6 +427,43 @@ class DistributedGenerator:
             return ray.get(ref)
         except ray.exceptions.RayError as exc:
             raise RunFailure(f"{what} failed: {exc}") from exc
+
+
+SCRATCH_PREFIX = "atlasvid-ranks-"
+"""Temporary ranks' folders (runs without --run-dir) are named SCRATCH_PREFIX + driver pid + '-' + random."""
+
+
+@contextlib.contextmanager
+def rank_scratch(run_dir: str | None, base: str | None = None):
+    """The folder the ranks commit their steps to: the run folder when there is one; otherwise a temporary folder
+    (in ``base``, default the system temp folder) removed when the block ends and, failing that, at interpreter
+    exit. Folders of earlier drivers that died (killed: no cleanup ran) are removed first."""
+    if run_dir:
+        yield run_dir
+        return
+    remove_stale_scratch(base)
+    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base)
+    cleanup = functools.partial(shutil.rmtree, path, ignore_errors=True)
+    atexit.register(cleanup)
+    try:
+        yield path
+    finally:
+        cleanup()
+        atexit.unregister(cleanup)
+
+
+def remove_stale_scratch(base: str | None = None) -> list[Path]:
+    """Remove temporary ranks' folders in ``base`` (default: the system temp folder) whose driver is not alive."""
+    from ..pipeline.outputs import pid_alive
+
+    removed = []
+    pattern = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}(\d+)-")
+    for p in Path(base or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def fault_injection(workers: int) -> tuple[int | str, int] | None:
