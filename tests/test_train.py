@@ -140,6 +140,7 @@ def plant_pickles(checkpoints, step: int, marker) -> None:
 
     checkpoints = Path(checkpoints)
     tag = f"step_{step:08d}"
+    checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / "latest").write_text(tag)
     for folder in [checkpoints / tag, *checkpoints.glob("step-*")]:
         folder.mkdir(parents=True, exist_ok=True)
