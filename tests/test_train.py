@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atlasvid_dist.errors import ConfigError
+from atlasvid_dist.pipeline.checkpoint import StepCheckpointer
 from atlasvid_dist.train.config import TrainConfig
 from atlasvid_dist.train.synthetic import write_synthetic_dataset
 from tests._dist import run_ranks
@@ -117,7 +118,37 @@ def test_zero3_and_offload_train_as_zero2(tmp_path):
                                        atol=1e-5)
 
 
-def _resume(rank, world, cfg_kw, ds_config):
+class _Planted:
+    """Unpickling this creates the file ``path`` (what a crafted checkpoint could do with os.system)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+DEEPSPEED_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                   "zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                   "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+
+
+def plant_pickles(checkpoints, step: int, marker) -> None:
+    """Crafted pickles under every name DeepSpeed reads, in a DeepSpeed-style step folder named by ``latest``
+    and in every committed step folder."""
+    from pathlib import Path
+
+    checkpoints = Path(checkpoints)
+    tag = f"step_{step:08d}"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "latest").write_text(tag)
+    for folder in [checkpoints / tag, *checkpoints.glob("step-*")]:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in DEEPSPEED_NAMES:
+            torch.save(_Planted(str(marker)), folder / name)
+
+
+def _resume(rank, world, cfg_kw, ds_config, marker):
     os.environ["LOCAL_RANK"] = str(rank)
     from atlasvid_dist.train.train import Trainer
 
@@ -126,19 +157,46 @@ def _resume(rank, world, cfg_kw, ds_config):
     straight = full.run(6)
     first = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../stopped"), ds_config, **quiet)
     first.run(3)  # saves a checkpoint at step 3 and "stops"
+    if rank == 0:  # before the next engine starts (its initialisation synchronises the ranks)
+        plant_pickles(cfg_kw["data"] + "/../stopped/checkpoints", 3, marker)
     second = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../stopped"), ds_config, **quiet)
     assert second.resume() and second.step == 3
     resumed = second.run(6)
     return straight, resumed
 
 
-def test_resume_gives_the_same_next_losses(tmp_path):
+@pytest.mark.parametrize("ds", [ZERO2, pytest.param(ZERO3, marks=pytest.mark.slow)])
+def test_resume_gives_the_same_next_losses(ds, tmp_path):
+    """Exact resume from the safetensors state; DeepSpeed .pt pickles planted in the checkpoints never load."""
     data = str(write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13))
     cfg = dict(SMALL, stage=2, data=data, max_steps=6)
-    (straight, resumed), _ = run_ranks(_resume, 2, cfg, ZERO2, timeout=240)
+    marker = tmp_path / "planted-code-ran"
+    (straight, resumed), _ = run_ranks(_resume, 2, cfg, ds, str(marker), timeout=240)
     assert len(straight) == 6 and len(resumed) == 3
     assert straight[3:] == resumed, (straight, resumed)
     assert len(set(straight)) > 1  # the losses do change step to step
+    assert not marker.exists()
+    torch.load(tmp_path / "stopped" / "checkpoints" / "step_00000003" / DEEPSPEED_NAMES[0], weights_only=False)
+    assert marker.exists()  # the planted file does run code when unpickled
+
+
+def test_resume_refuses_a_folder_of_deepspeed_pickles(data_dir, tmp_path, monkeypatch, capsys):
+    """An output folder with only DeepSpeed .pt checkpoints: exit 2 naming it, before launching; nothing loaded."""
+    from atlasvid_dist.cli.main import main
+    from atlasvid_dist.train import launch
+
+    monkeypatch.setattr(launch, "run_launcher", _no_launch)
+    out, marker = tmp_path / "o", tmp_path / "planted-code-ran"
+    plant_pickles(out / "checkpoints", 2, marker)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "1", "--data", data_dir, "--output", str(out), "--config", _cli_yaml(tmp_path),
+              "--deepspeed-config", ZERO2, "--resume"])
+    assert e.value.code == 2
+    assert str(out / "checkpoints") in capsys.readouterr().err and not marker.exists()
+
+
+def _no_launch(*_args, **_kw):
+    raise AssertionError("launched although the inputs are bad")
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -172,11 +230,12 @@ def test_cli_trains_with_two_processes_and_resumes(data_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(args + ["--max-steps", "2"])
     assert e.value.code in (0, None)
-    assert (out / "adapter.safetensors").is_file() and (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    checkpoints = StepCheckpointer(out / "checkpoints")
+    assert (out / "adapter.safetensors").is_file() and checkpoints.latest() == 2
     with pytest.raises(SystemExit) as e:
         main(args + ["--max-steps", "3", "--resume"])
     assert e.value.code in (0, None)
-    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert checkpoints.latest() == 3
     steps = [line for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(steps) == 3  # steps 1, 2, then 3 after the resume
     records = [json.loads(line) for line in steps]

@@ -1,21 +1,25 @@
 """`atlasvid-dist train`: check the configuration and data here, then launch the DeepSpeed training script on N
 local processes with torch.distributed.run (gloo on CPU, NCCL on GPUs); the adapter lands in OUTPUT/adapter.safetensors.
 
-Bad configuration or data is reported before any process starts (exit 2, naming the field or file).
+Bad configuration, data or paths are reported before any process starts (exit 2, naming the field or file): the
+model folder (or "tiny"), the DeepSpeed JSON, the data folder and a writable output folder. The launcher runs in a
+session of its own and dies with this command (train/launch.py): SIGTERM/SIGINT are forwarded to it, and a
+SIGKILLed command takes it and its ranks down through parent-death signals.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..errors import ConfigError, RunFailure
+from ..errors import ConfigError, InputError, RunFailure
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "atlasvid_dist" / "train" / "train.py"
@@ -46,10 +50,10 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoints/latest."),
 ) -> None:
     """Train a LoRA adapter for stage 1 or 2 under DeepSpeed ZeRO."""
-    from ..config.files import read_mapping
     from ..train.data import scan_dataset
+    from ..train.launch import run_launcher, signal_name
     from ..train.shards import PreparedData, is_prepared
-    from ..train.train import load_train_config, parse_args, tensorboard_writer
+    from ..train.train import load_train_config, parse_args, resumable, tensorboard_writer
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError("num_processes", num_processes, "must be an integer >= 1")
@@ -58,7 +62,9 @@ def train(
     args += (["--config", config] if config else []) + (["--max-steps", str(max_steps)] if max_steps else [])
     args += ["--resume"] if resume else []
     cfg = load_train_config(parse_args(args))  # ConfigError naming the field, before anything starts
-    read_mapping(deepspeed_config)
+    check_paths(cfg, output, deepspeed_config)
+    if resume:
+        resumable(output)  # ConfigError for a folder holding only DeepSpeed .pt checkpoints (never loaded)
     if is_prepared(cfg.data):
         PreparedData(cfg.data, cfg)  # ConfigError if prepared with other geometry; InputError for a bad shard
     else:
@@ -66,9 +72,10 @@ def train(
     if cfg.tensorboard:
         tensorboard_writer(cfg, Path(cfg.output)).close()  # refused here, not in every rank later
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(launch_command(args, num_processes), env=env)
-    if proc.returncode != 0:
-        raise RunFailure(f"training exited with status {proc.returncode} (see the output above)")
+    status = run_launcher(launch_command(args, num_processes), env)
+    if status != 0:
+        by = signal_name(status)
+        raise RunFailure(f"training exited with status {status}" + (f" ({by})" if by else " (see the output above)"))
     typer.echo(f"adapter: {Path(output) / 'adapter.safetensors'}")
 
 
@@ -90,4 +97,49 @@ def prepare_data(
     args = ["--deepspeed_config", str(DEFAULT_DS), "--stage", str(stage), "--data", data, "--model", model,
             "--output", output] + (["--config", config] if config else [])
     cfg = load_train_config(parse_args(args))
+    check_paths(cfg, output)
     prepare(cfg, output, opts, log=typer.echo)
+
+
+def check_paths(cfg, output: str, deepspeed_config: str | None = None) -> None:
+    """Before any work: the model, the DeepSpeed JSON (when given), the data folder and a writable output folder,
+    each error naming the path (exit 2)."""
+    check_model(cfg.model)
+    if deepspeed_config is not None:
+        check_deepspeed_file(deepspeed_config)
+    if not Path(cfg.data).is_dir():
+        raise InputError(f"{cfg.data}: data folder does not exist (or is not a folder)")
+    check_writable(output)
+
+
+def check_model(model: str) -> None:
+    """'tiny', or a diffusers Wan2.1 folder that looks loadable (configs, components, weight files; nothing loaded)."""
+    from ..models.loading import validate_model_dir
+
+    if str(model) != "tiny":
+        validate_model_dir(model)  # ModelLoadError naming the folder or file
+
+
+def check_deepspeed_file(path: str) -> None:
+    """The DeepSpeed config exists, is a JSON object and has a zero_optimization section."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("deepspeed_config", str(p), "file not found")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError("deepspeed_config", str(p), f"is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "zero_optimization" not in data:
+        raise ConfigError("deepspeed_config", str(p), "must be a JSON object with a zero_optimization section")
+
+
+def check_writable(output: str) -> None:
+    """Create the output folder if needed and write (then remove) a probe file in it; ConfigError naming it if
+    either fails (a read-only folder, a path under a regular file, no permission)."""
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError("output", str(out), f"is not a writable folder ({e.strerror or e})") from None

@@ -9,8 +9,9 @@ temporally scaled RoPE); stage 2 predicts the detail with ``forward(..., proxy=c
 reading the clean proxy), so the loss covers detail tokens only. Only the LoRA weights train (peft, added with
 ``transformer.add_adapter``); the optimizer is a plain torch AdamW handed to DeepSpeed (no cpu_adam build).
 
-Exact resume: clip choice, timestep and noise of a step depend only on (seed, step, rank) and DeepSpeed restores
-LoRA weights, optimizer and lr schedule, so the step after a resume computes the same loss as without the stop.
+Exact resume: clip choice, timestep and noise of a step depend only on (seed, step, rank), and train/state.py
+restores LoRA weights, Adam moments and step, lr schedule and RNG from safetensors + JSON (never DeepSpeed's pickled
+.pt files), so the step after a resume computes the same loss as without the stop.
 
 Compromises: timesteps are drawn uniformly in (0, 1) (Wan's released training code shifts them; not needed to
 show the method); one clip per rank per step (micro batch 1); the VAE and text encoder run every step (cheap at
@@ -36,11 +37,12 @@ from atlasvid_dist.config.method import AtlasConfig
 from atlasvid_dist.errors import ConfigError
 from atlasvid_dist.train.config import TrainConfig
 from atlasvid_dist.train.data import LatentEncoder, sample_clip, scan_dataset, step_generator
+from atlasvid_dist.train.launch import die_with_parent
 from atlasvid_dist.train.shards import PreparedData, is_prepared
+from atlasvid_dist.train.state import CHECKPOINTS, commit_state, gather_state, load_state, restore_state, resumable
 
 ADAPTER_NAME = "default"
 ADAPTER_FILE = "adapter.safetensors"
-CHECKPOINTS = "checkpoints"
 
 
 class FlowMatchingLoss(nn.Module):
@@ -162,7 +164,8 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=FlowMatchingLoss(atlas, cfg.stage),
                                                                  optimizer=opt, lr_scheduler=sched, config=ds)
-        self.step = 0
+        self.optimizer = opt  # the torch AdamW inside DeepSpeed's ZeRO optimizer (its state is what Adam keeps)
+        self.step, self._committed = 0, None
         self.out = Path(cfg.output)
         self.tb = tensorboard_writer(cfg, self.out) if self.rank == 0 else None
         if self.data is not None and self.data.skipped and self.rank == 0:
@@ -249,19 +252,29 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- state
     def save(self) -> None:
-        """DeepSpeed checkpoint tagged by the step (same on every rank; DeepSpeed writes ``latest`` last)."""
-        self.engine.save_checkpoint(str(self.out / CHECKPOINTS), tag=f"step_{self.step:08d}",
-                                    client_state={"step": self.step})
+        """Commit this step's training state (train/state.py: safetensors + JSON, no pickle) from rank 0.
+
+        Every rank must call it (the full parameters and Adam moments are gathered from the ZeRO partitions)."""
+        import torch.distributed as dist
+
+        if self._committed == self.step:  # nothing changed since this step was loaded or saved
+            return
+        tensors, meta = gather_state(self)
+        if self.rank == 0:
+            commit_state(self.out / CHECKPOINTS, self.step, tensors, meta)
+        dist.barrier()
+        self._committed = self.step
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of the output folder; False when there is none."""
-        folder = self.out / CHECKPOINTS
-        if not (folder / "latest").is_file():
+        """Load the newest committed step of OUTPUT/checkpoints (safetensors only); False when there is none.
+
+        DeepSpeed .pt checkpoints are never loaded (torch.load can run code planted in them): a folder with only
+        those is refused (ConfigError)."""
+        step = resumable(self.out)
+        if step is None:
             return False
-        path, client = self.engine.load_checkpoint(str(folder))
-        if path is None:
-            raise ConfigError("resume", str(folder), "DeepSpeed could not load the latest checkpoint")
-        self.step = int(client["step"])
+        restore_state(self, *load_state(self.out / CHECKPOINTS, step))
+        self.step = self._committed = step
         return True
 
     def export(self) -> Path | None:
@@ -319,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     from atlasvid_dist.errors import AtlasError
 
     args = parse_args(argv)
+    die_with_parent()  # a rank never outlives its launcher (torchrun), even a SIGKILLed one
     try:
         cfg = load_train_config(args)
         trainer = Trainer(cfg, args.deepspeed_config)
