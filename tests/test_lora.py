@@ -2,6 +2,8 @@
 and refusal of adapters that do not fit."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -213,3 +215,26 @@ def test_mismatched_adapter_is_refused_and_model_unchanged(saved, tmp_path, inpu
     assert needle in str(err.value), str(err.value)
     assert adapter_names(model) == []
     torch.testing.assert_close(_run(model, inputs), base, rtol=0, atol=0)
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask set to 0o022 (a usual shared-storage setting) for one test, restored after."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_follow_the_umask(umask_022, tmp_path):
+    """Adapter, training checkpoint and tiny model folder are written through mkstemp/mkdtemp/safetensors (0600,
+    renamed into place), yet readable like any file: 0o644 files and 0o755 folders under umask 0o022."""
+    from atlasvid_dist.models.tiny import save_tiny_pipeline
+    from atlasvid_dist.pipeline.checkpoint import StepCheckpointer
+
+    path = save_lora(_with_adapter("s1"), "s1", tmp_path / "a.safetensors")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    step = StepCheckpointer(tmp_path / "ckpt").commit(1, {"w": torch.zeros(2)}, {"k": 1})
+    assert {stat.S_IMODE(p.stat().st_mode) for p in step.iterdir()} == {0o644}
+    folder = save_tiny_pipeline(tmp_path / "tiny")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()} == {0o644}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from ..pipeline.outputs import save_safetensors
 from .loading import check_safetensors_file
 
 PREFIX = "transformer"
@@ -146,7 +147,6 @@ def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.Pa
     Written to a temporary name and renamed when complete.
     """
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     if adapter_name not in adapter_names(transformer):
         raise ConfigError("adapter_name", adapter_name, f"is not loaded (loaded: {adapter_names(transformer)})")
@@ -161,7 +161,7 @@ def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.Pa
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=metadata)
+        save_safetensors(state, tmp, metadata=metadata)  # the umask's mode, not mkstemp's / safetensors' 0600
         os.replace(tmp, file)
     finally:
         if os.path.exists(tmp):

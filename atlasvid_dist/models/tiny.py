@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import check
+from ..pipeline.outputs import apply_umask
 
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
@@ -114,6 +115,12 @@ def build_tiny_components(seed: int = 0) -> dict:
                 tokenizer=tokenizer, scheduler=build_tiny_scheduler())
 
 
+def _apply_umask_tree(root: Path) -> None:
+    """Every folder and file under ``root`` (and root) gets the mode mkdir / open() would give it."""
+    for p in [root, *root.rglob("*")]:
+        apply_umask(p, 0o777 if p.is_dir() else 0o666)
+
+
 def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers-format WanPipeline folder (safetensors weights); returns its path.
 
@@ -128,6 +135,7 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         WanPipeline(**build_tiny_components(seed)).save_pretrained(tmp, safe_serialization=True)
+        _apply_umask_tree(tmp)  # mkdtemp makes it 0700, save_pretrained's safetensors 0600
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -81,9 +81,9 @@ class StepCheckpointer:
         d = self.step_dir(step)
         d.mkdir(exist_ok=True)
         (d / MARKER).unlink(missing_ok=True)  # re-committing a step: it is uncommitted while rewritten
-        from safetensors.torch import save_file
+        from .outputs import save_safetensors
 
-        save_file(tensors, str(d / TENSORS))
+        save_safetensors(tensors, d / TENSORS)
         _fsync(d / TENSORS)
         _write_synced(d / META, meta_text.encode())
         files = {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in (TENSORS, META)}

@@ -385,15 +385,13 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 def _save_latents(path: str, latents: torch.Tensor, cfg: GenerateConfig, proxy: torch.Tensor | None = None) -> None:
     """The final detail latents (key "latents") and, when the method has one, the proxy latents ("proxy")."""
-    from safetensors.torch import save_file
-
-    from .outputs import partial_path
+    from .outputs import partial_path, save_safetensors
 
     tmp = partial_path(path)
     try:
         tensors = {"latents": latents, **({"proxy": proxy} if proxy is not None else {})}
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"config": json.dumps(cfg.to_dict())})
+        save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp,
+                         metadata={"config": json.dumps(cfg.to_dict())})
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -27,6 +27,35 @@ def partial_path(path: str | os.PathLike, pid: int | None = None) -> Path:
     return p.with_name(f".{p.name}.{os.getpid() if pid is None else pid}.partial{p.suffix.lower()}")
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux /proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, base: int = 0o666) -> None:
+    """Give a file made by mkstemp or safetensors (0600), or a folder made by mkdtemp (0700, ``base=0o777``), the
+    mode a plain ``open()`` / ``mkdir`` would: ``base & ~umask``. Call before renaming it into place."""
+    os.chmod(path, base & ~current_umask())
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, then the umask's mode: safetensors >= 0.8 creates the file 0600 (a temporary file
+    renamed), which teammates on shared storage cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    apply_umask(path)
+
+
 def check_outputs(cfg) -> None:
     """Refuse, before any work, outputs that would overwrite each other or cannot be written (see module doc)."""
     outs = {k: Path(getattr(cfg, k)) for k in OUTPUTS if getattr(cfg, k, None)}

@@ -97,12 +97,12 @@ def prepare(cfg: TrainConfig, output: str | os.PathLike, opts: PrepareOptions = 
 
 
 def _write_shard(out: Path, n: int, items: list[dict]) -> dict:
-    from safetensors.torch import save_file
+    from ..pipeline.outputs import save_safetensors
 
     name = f"shard-{n:05d}.safetensors"
     tensors = {k: torch.stack([it[k] for it in items]).float().contiguous() for k in items[0]}  # (n, ...)
     tmp = out / f".{name}.tmp"
-    save_file(tensors, str(tmp))
+    save_safetensors(tensors, tmp)
     tmp.replace(out / name)
     return {"file": name, "count": len(items), "bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
 
