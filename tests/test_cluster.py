@@ -165,7 +165,7 @@ def test_ray_job_submit_runs_training(head, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "train", "--",
            "--stage", "1", "--data", str(data), "--model", "tiny", "--output", str(out), "--config", str(conf),
-           "--max-steps", "2", "--num-processes", "2", "--deepspeed-config", str(ROOT / "configs" / "ds_zero2.json")]
+           "--max-steps", "2", "--num-processes", "2", "--deepspeed-config", "zero2"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "SUCCEEDED" in log, log[-4000:]

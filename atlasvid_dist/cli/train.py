@@ -9,7 +9,6 @@ SIGKILLed command takes it and its ranks down through parent-death signals.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -21,9 +20,11 @@ import typer
 
 from ..errors import ConfigError, InputError, RunFailure
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "atlasvid_dist" / "train" / "train.py"
-DEFAULT_DS = REPO / "configs" / "ds_zero2.json"
+from ..configs import DEEPSPEED_PRESETS, DEFAULT_DEEPSPEED
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+"""The folder holding the atlasvid_dist package (site-packages for an install, the checkout for an editable one)."""
+SCRIPT = PACKAGE_ROOT / "atlasvid_dist" / "train" / "train.py"
 
 
 def _free_port() -> int:
@@ -45,7 +46,8 @@ def train(
     model: str = typer.Option("tiny", "--model", help="'tiny' or a diffusers Wan2.1 folder."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides the config)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Local ranks (one per GPU; CPU processes)."),
-    deepspeed_config: str = typer.Option(str(DEFAULT_DS), "--deepspeed-config", help="DeepSpeed JSON (ZeRO stage)."),
+    deepspeed_config: str = typer.Option(DEFAULT_DEEPSPEED, "--deepspeed-config", "--deepspeed_config",
+                                         help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)}."),
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (TrainConfig fields)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoints/latest."),
 ) -> None:
@@ -71,7 +73,7 @@ def train(
         scan_dataset(cfg.data, cfg)  # InputError naming the file under bad_data='stop'
     if cfg.tensorboard:
         tensorboard_writer(cfg, Path(cfg.output)).close()  # refused here, not in every rank later
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
     status = run_launcher(launch_command(args, num_processes), env)
     if status != 0:
         by = signal_name(status)
@@ -94,7 +96,7 @@ def prepare_data(
     from ..train.train import load_train_config, parse_args
 
     opts = PrepareOptions(clips_per_video=clips_per_video, shard_size=shard_size)
-    args = ["--deepspeed_config", str(DEFAULT_DS), "--stage", str(stage), "--data", data, "--model", model,
+    args = ["--stage", str(stage), "--data", data, "--model", model,
             "--output", output] + (["--config", config] if config else [])
     cfg = load_train_config(parse_args(args))
     check_paths(cfg, output)
@@ -120,17 +122,12 @@ def check_model(model: str) -> None:
         validate_model_dir(model)  # ModelLoadError naming the folder or file
 
 
-def check_deepspeed_file(path: str) -> None:
-    """The DeepSpeed config exists, is a JSON object and has a zero_optimization section."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("deepspeed_config", str(p), "file not found")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError("deepspeed_config", str(p), f"is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or "zero_optimization" not in data:
-        raise ConfigError("deepspeed_config", str(p), "must be a JSON object with a zero_optimization section")
+def check_deepspeed_file(spec: str) -> None:
+    """The DeepSpeed config (a packaged name or a file) exists, is a JSON object and has a zero_optimization
+    section."""
+    from ..configs import read_deepspeed_config
+
+    read_deepspeed_config(spec)
 
 
 def check_writable(output: str) -> None:

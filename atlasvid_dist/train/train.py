@@ -1,6 +1,6 @@
 """LoRA training of AtlasVid's two stages under DeepSpeed ZeRO (script and importable module).
 
-    deepspeed atlasvid_dist/train/train.py --deepspeed_config configs/ds_zero2.json --config configs/train/stage1.yaml
+    deepspeed atlasvid_dist/train/train.py --deepspeed --deepspeed_config zero2 --config configs/train/stage1.yaml
     torchrun --nproc_per_node 2 atlasvid_dist/train/train.py ...   (gloo on CPU, NCCL on GPUs)
 
 Objective (flow matching as Wan trains it): x_t = (1 - s) x0 + s eps, target v = eps - x0, timestep s * 1000,
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from atlasvid_dist.config.files import from_mapping, read_mapping
 from atlasvid_dist.config.method import AtlasConfig
+from atlasvid_dist.configs import DEEPSPEED_PRESETS, DEFAULT_DEEPSPEED, read_deepspeed_config
 from atlasvid_dist.errors import ConfigError
 from atlasvid_dist.train.config import TrainConfig
 from atlasvid_dist.train.data import LatentEncoder, sample_clip, scan_dataset, step_generator
@@ -118,9 +119,7 @@ def add_lora(transformer: nn.Module, cfg: TrainConfig) -> None:
 
 def deepspeed_config(path: str | os.PathLike, cfg: TrainConfig, world: int, device: torch.device) -> dict:
     """The JSON file with the run's batch size, clipping and (on bf16-capable CUDA) bf16 filled in."""
-    ds = read_mapping(path)
-    if "zero_optimization" not in ds:
-        raise ConfigError(f"{path}: zero_optimization", None, "a DeepSpeed config needs a zero_optimization section")
+    ds = read_deepspeed_config(str(path))
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world,
               gradient_clipping=cfg.grad_clip, zero_allow_untested_optimizer=True)
     if "bf16" not in ds:
@@ -307,7 +306,10 @@ def _peak_memory_gb() -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="AtlasVid LoRA training under DeepSpeed ZeRO")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=DEFAULT_DEEPSPEED,
+                   help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)} (default: %(default)s)")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="accepted as DeepSpeed's scripts pass it; DeepSpeed is always enabled here")
     p.add_argument("--config", default=None, help="training YAML (TrainConfig fields)")
     p.add_argument("--stage", type=int, default=None)
     p.add_argument("--data", default=None)
