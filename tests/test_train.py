@@ -286,3 +286,94 @@ def test_tensorboard_is_optional(tmp_path):
     w.close()
     assert any((tmp_path / "tensorboard").iterdir())
     assert tensorboard_writer(TrainConfig(**SMALL), tmp_path) is None
+
+
+USER_DS = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0}},
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
+                                                        "warmup_num_steps": 3}}}
+
+
+def _user_json(tmp_path, **changes) -> str:
+    path = tmp_path / "user_ds.json"
+    path.write_text(json.dumps({**USER_DS, **changes}))
+    return str(path)
+
+
+def test_deepspeed_json_keys_win_over_defaults(tmp_path):
+    """The user's batch, accumulation, optimizer and scheduler are used; the config follows them."""
+    from atlasvid_dist.train.train import deepspeed_config
+
+    ds, cfg = deepspeed_config(_user_json(tmp_path), TrainConfig(), world=2, device=torch.device("cpu"),
+                               explicit=set())
+    assert (cfg.batch, cfg.grad_accum, cfg.lr) == (2, 2, 3e-3)
+    assert ds["train_batch_size"] == 8 and ds["optimizer"]["params"]["lr"] == 3e-3
+    assert ds["scheduler"] == USER_DS["scheduler"] and ds["optimizer"]["params"]["torch_adam"] is True
+    plain, cfg = deepspeed_config("zero2", TrainConfig(lr=5e-4, batch=3), world=1, device=torch.device("cpu"))
+    assert "optimizer" not in plain and plain["train_micro_batch_size_per_gpu"] == 3 and cfg.lr == 5e-4
+
+
+@pytest.mark.parametrize("flags, key, field", [(["--lr", "1e-4"], "optimizer.params.lr", "lr=0.0001"),
+                                               (["--batch", "1"], "train_micro_batch_size_per_gpu", "batch=1"),
+                                               (["--warmup-steps", "5"], "scheduler", "warmup_steps=5")])
+def test_deepspeed_json_conflicting_with_the_config_exits_2(flags, key, field, data_dir, tmp_path, monkeypatch,
+                                                             capsys):
+    """A JSON key set differently on the command line: refused before launching, naming the key and the field."""
+    from atlasvid_dist.cli.main import main
+    from atlasvid_dist.train import launch
+
+    monkeypatch.setattr(launch, "run_launcher", _no_launch)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "1", "--data", data_dir, "--output", str(tmp_path / "o"),
+              "--deepspeed-config", _user_json(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert key in err and field in err, err
+
+
+def test_command_line_sets_training_fields_and_tiny_has_small_defaults(tmp_path):
+    from atlasvid_dist.train.train import load_train_config, parse_args
+
+    tiny = load_train_config(parse_args(["--deepspeed", "--stage", "1"]))
+    assert (tiny.width, tiny.height, tiny.frames) == (128, 128, 9)
+    args = parse_args(["--res", "64x96", "--frames", "5", "--lr", "0.01", "--batch", "2", "--grad-accum", "3",
+                       "--steps", "7", "--seed", "3", "--fps", "8", "--warmup-steps", "2", "--save-every", "4"])
+    cfg = load_train_config(args)
+    assert args.deepspeed_config == "zero2"
+    assert (cfg.width, cfg.height, cfg.frames, cfg.lr, cfg.batch, cfg.grad_accum, cfg.max_steps, cfg.seed, cfg.fps,
+            cfg.warmup_steps, cfg.save_every) == (64, 96, 5, 0.01, 2, 3, 7, 3, 8.0, 2, 4)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: some/folder\n")
+    wan = load_train_config(parse_args(["--config", str(yaml_file)]))
+    assert (wan.width, wan.height, wan.frames) == (1280, 704, 81)
+    with pytest.raises(ConfigError, match="res"):
+        load_train_config(parse_args(["--res", "64by64"]))
+
+
+def _user_deepspeed_resume(rank, world, cfg_kw, ds_path):
+    os.environ["LOCAL_RANK"] = str(rank)
+    from atlasvid_dist.train.train import Trainer
+
+    quiet = dict(log=lambda *_: None, explicit=set())
+    full = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../full"), ds_path, **quiet)
+    seen = (full.engine.train_micro_batch_size_per_gpu(), full.engine.gradient_accumulation_steps(),
+            type(full.optimizer).__name__, type(full.scheduler).__name__)
+    straight = full.run(4)
+    lrs = [json.loads(line)["lr"] for line in open(cfg_kw["data"] + "/../full/log.jsonl")] if rank == 0 else []
+    first = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../stopped"), ds_path, **quiet)
+    first.run(2)
+    second = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../stopped"), ds_path, **quiet)
+    assert second.resume() and second.step == 2
+    return seen, straight, second.run(4), lrs
+
+
+@pytest.mark.slow
+def test_user_deepspeed_json_trains_with_its_optimizer_and_scheduler_and_resumes(tmp_path):
+    """Micro batch 2 x accumulation 2, DeepSpeed's own AdamW and WarmupLR: used as given, and exact resume."""
+    data = str(write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13))
+    cfg = {k: v for k, v in SMALL.items() if k != "lr"}
+    (seen, straight, resumed, lrs), _ = run_ranks(_user_deepspeed_resume, 2, dict(cfg, stage=1, data=data),
+                                                  _user_json(tmp_path), timeout=400)
+    assert seen == (2, 2, "AdamW", "WarmupLR")
+    assert straight[2:] == resumed and len(set(straight)) > 1, (straight, resumed)
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(3e-3)  # WarmupLR's log warm-up over 3 steps

@@ -44,7 +44,17 @@ def train(
     data: str = typer.Option(..., "--data", help="Folder with videos and captions.jsonl, or one made by prepare-data."),
     output: str = typer.Option(..., "--output", help="Folder for checkpoints, log.jsonl and adapter.safetensors."),
     model: str = typer.Option("tiny", "--model", help="'tiny' or a diffusers Wan2.1 folder."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides the config)."),
+    max_steps: Optional[int] = typer.Option(None, "--steps", "--max-steps", help="Optimizer steps in total."),
+    res: Optional[str] = typer.Option(None, "--res", help="Detail training size WIDTHxHEIGHT. [default: 128x128 "
+                                      "for --model tiny, else 1280x704]"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Clip length, 4k+1. [default: 9 tiny, else 81]"),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Detail frame rate. [default: 16]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: 1e-4]"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Clips per rank per micro step. [default: 1]"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro steps per optimizer step. [default: 1]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of LoRA init, clips and noise. [default: 0]"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear lr warm-up steps. [default: 0]"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: at the end)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Local ranks (one per GPU; CPU processes)."),
     deepspeed_config: str = typer.Option(DEFAULT_DEEPSPEED, "--deepspeed-config", "--deepspeed_config",
                                          help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)}."),
@@ -55,16 +65,20 @@ def train(
     from ..train.data import scan_dataset
     from ..train.launch import run_launcher, signal_name
     from ..train.shards import PreparedData, is_prepared
-    from ..train.train import load_train_config, parse_args, resumable, tensorboard_writer
+    from ..configs import read_deepspeed_config
+    from ..train.train import given_fields, load_train_config, merge_deepspeed, parse_args, resumable, tensorboard_writer
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError("num_processes", num_processes, "must be an integer >= 1")
     args = ["--deepspeed_config", deepspeed_config, "--stage", str(stage), "--data", data, "--model", model,
-            "--output", output]
-    args += (["--config", config] if config else []) + (["--max-steps", str(max_steps)] if max_steps else [])
-    args += ["--resume"] if resume else []
-    cfg = load_train_config(parse_args(args))  # ConfigError naming the field, before anything starts
+            "--output", output] + (["--config", config] if config else []) + (["--resume"] if resume else [])
+    flags = dict(max_steps=max_steps, res=res, frames=frames, fps=fps, lr=lr, batch=batch, grad_accum=grad_accum,
+                 seed=seed, warmup_steps=warmup_steps, save_every=save_every)
+    args += [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
+    parsed = parse_args(args)
+    cfg = load_train_config(parsed)  # ConfigError naming the field, before anything starts
     check_paths(cfg, output, deepspeed_config)
+    cfg = merge_deepspeed(read_deepspeed_config(deepspeed_config), cfg, given_fields(parsed), num_processes)[1]
     if resume:
         resumable(output)  # ConfigError for a folder holding only DeepSpeed .pt checkpoints (never loaded)
     if is_prepared(cfg.data):

@@ -9,6 +9,9 @@ from ..errors import ConfigError, check
 BAD_DATA_POLICIES = ("skip", "stop")
 LR_SCHEDULES = ("constant", "cosine")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TINY_DEFAULTS = dict(width=128, height=128, frames=9, temporal_scale=2, window=(3, 4, 4))
+"""Geometry used with ``model: tiny`` where the YAML and the command line set none: the tiny model's natural size
+(short clips of 9 frames suffice) instead of Wan's 1280x704 x 81 frames."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class TrainConfig:
     """'constant' or 'cosine' (to 0 at max_steps) after warm-up."""
     max_steps: int = 1000
     """Optimizer steps in total."""
+    batch: int = 1
+    """Clips per rank per micro step (DeepSpeed train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro steps per optimizer step (DeepSpeed gradient_accumulation_steps)."""
     grad_clip: float = 1.0
     """Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables."""
     seed: int = 0
@@ -82,7 +89,8 @@ class TrainConfig:
             v = getattr(self, name)
             check(v > 0 and v % (16 * self.spatial_scale) == 0, name, v,
                   f"must be a positive multiple of 16 * spatial_scale = {16 * self.spatial_scale}")
-        for name in ("temporal_scale", "spatial_scale", "text_len", "lora_rank", "max_steps", "log_every"):
+        for name in ("temporal_scale", "spatial_scale", "text_len", "lora_rank", "max_steps", "log_every",
+                     "batch", "grad_accum"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")

@@ -138,7 +138,9 @@ def _probe(path: Path, caption: str, cfg: TrainConfig, skipped: list) -> VideoRe
         return None
     need = needed_source_frames(cfg, info.fps)
     if info.frames < need:
-        _bad(cfg.bad_data, skipped, str(path), f"too few frames: {info.frames}, a clip needs {need}")
+        _bad(cfg.bad_data, skipped, str(path), f"too few frames: {info.frames}, a clip needs {need} "
+             f"(frames={cfg.frames} at fps={cfg.fps:g}, temporal_scale={cfg.temporal_scale}: lower --frames or "
+             f"--fps, or set temporal_scale in --config)")
         return None
     return VideoRecord(path, caption, info.fps, info.frames)
 

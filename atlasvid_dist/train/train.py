@@ -21,8 +21,9 @@ the tiny size; a prepare-data step that caches latents is not done yet).
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ from atlasvid_dist.config.files import from_mapping, read_mapping
 from atlasvid_dist.config.method import AtlasConfig
 from atlasvid_dist.configs import DEEPSPEED_PRESETS, DEFAULT_DEEPSPEED, read_deepspeed_config
 from atlasvid_dist.errors import ConfigError
-from atlasvid_dist.train.config import TrainConfig
+from atlasvid_dist.train.config import TINY_DEFAULTS, TrainConfig
 from atlasvid_dist.train.data import LatentEncoder, sample_clip, scan_dataset, step_generator
 from atlasvid_dist.train.launch import die_with_parent
 from atlasvid_dist.train.shards import PreparedData, is_prepared
@@ -90,18 +91,17 @@ def sample_sigma(cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     return shift_sigma(s, cfg.timestep_shift).clamp(1e-3, 1 - 1e-3)
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Multiplier of the peak lr at a step: linear warm-up, then constant or cosine to 0 at max_steps."""
+DIFFUSERS_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
+"""lr_schedule -> diffusers.optimization.get_scheduler name (linear warm-up, then constant or cosine to 0)."""
 
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return f
+def lr_scheduler_factory(cfg: TrainConfig):
+    """The callable DeepSpeed calls with its optimizer to build our schedule (used when the DeepSpeed JSON has no
+    "scheduler" block): diffusers' get_scheduler, a LambdaLR whose state_dict is plain JSON."""
+    from diffusers.optimization import get_scheduler
+
+    return lambda optimizer: get_scheduler(DIFFUSERS_SCHEDULES[cfg.lr_schedule], optimizer,
+                                           num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
 
 
 def add_lora(transformer: nn.Module, cfg: TrainConfig) -> None:
@@ -117,35 +117,114 @@ def add_lora(transformer: nn.Module, cfg: TrainConfig) -> None:
         raise ConfigError("lora_targets", cfg.lora_targets, "matched no module of the transformer")
 
 
-def deepspeed_config(path: str | os.PathLike, cfg: TrainConfig, world: int, device: torch.device) -> dict:
-    """The JSON file with the run's batch size, clipping and (on bf16-capable CUDA) bf16 filled in."""
-    ds = read_deepspeed_config(str(path))
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world,
-              gradient_clipping=cfg.grad_clip, zero_allow_untested_optimizer=True)
+SHARED_KEYS = {("train_micro_batch_size_per_gpu",): "batch", ("gradient_accumulation_steps",): "grad_accum",
+               ("gradient_clipping",): "grad_clip", ("optimizer", "params", "lr"): "lr",
+               ("optimizer", "params", "weight_decay"): "weight_decay"}
+"""DeepSpeed JSON key path -> the TrainConfig field that sets the same thing."""
+SCHEDULE_FIELDS = ("warmup_steps", "lr_schedule")
+"""TrainConfig fields of our lr schedule (a JSON "scheduler" block replaces them)."""
+
+
+def explicit_fields(cfg: TrainConfig) -> set[str]:
+    """Fields of a config built in code that differ from the defaults (what its author chose)."""
+    return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
+def merge_deepspeed(ds: dict, cfg: TrainConfig, explicit: set[str], world: int) -> tuple[dict, TrainConfig]:
+    """The user's DeepSpeed keys win over TrainConfig defaults, explicit TrainConfig values fill what the JSON
+    lacks, and a key set differently in both is refused (ConfigError naming the JSON key and the field).
+
+    Returns the completed DeepSpeed dict and the config holding the values the run really uses."""
+    ds = copy.deepcopy(ds)
+    updates = {}
+    for path, field in SHARED_KEYS.items():
+        parent = _json_parent(ds, path)
+        if parent is None:  # e.g. optimizer.params without an optimizer block: our AdamW uses cfg.lr
+            continue
+        ours = getattr(cfg, field)
+        if path[-1] not in parent:
+            parent[path[-1]] = ours
+        elif field in explicit and parent[path[-1]] != ours:
+            raise ConfigError(f"deepspeed_config {'.'.join(path)}", parent[path[-1]],
+                              f"conflicts with the training config's {field}={ours!r}; set it in one place")
+        else:
+            updates[field] = parent[path[-1]]
+    _check_scheduler(ds, cfg, explicit)
+    cfg = _replace(cfg, updates)
+    total = cfg.batch * cfg.grad_accum * world
+    if ds.setdefault("train_batch_size", total) != total:
+        raise ConfigError("deepspeed_config train_batch_size", ds["train_batch_size"],
+                          f"must be train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks = "
+                          f"{cfg.batch} x {cfg.grad_accum} x {world} = {total}")
+    ds.setdefault("steps_per_print", 10**9)
+    ds["zero_allow_untested_optimizer"] = True
+    return ds, cfg
+
+
+def _json_parent(ds: dict, path: tuple) -> dict | None:
+    """The dict holding ``path``'s last key: ds itself, or the params of an existing block ("optimizer"), else
+    None."""
+    if len(path) == 1:
+        return ds
+    block = ds.get(path[0])
+    return block.setdefault(path[1], {}) if isinstance(block, dict) else None
+
+
+def _check_scheduler(ds: dict, cfg: TrainConfig, explicit: set[str]) -> None:
+    """A JSON "scheduler" block and an explicit warmup_steps / lr_schedule exclude each other; DeepSpeed's
+    decaying schedules get total_num_steps = max_steps unless the JSON sets it."""
+    sched = ds.get("scheduler")
+    if sched is None:
+        return
+    both = sorted(set(SCHEDULE_FIELDS) & explicit)
+    if both:
+        raise ConfigError("deepspeed_config scheduler", sched.get("type"),
+                          f"conflicts with the training config's {', '.join(f'{f}={getattr(cfg, f)!r}' for f in both)}"
+                          "; use one lr schedule (remove one of them)")
+    if sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        sched.setdefault("params", {}).setdefault("total_num_steps", cfg.max_steps)
+
+
+def _replace(cfg: TrainConfig, updates: dict) -> TrainConfig:
+    """cfg with the DeepSpeed JSON's values (ConfigError naming the field when one breaks its rule)."""
+    return dataclasses.replace(cfg, **updates) if updates else cfg
+
+
+def deepspeed_config(spec: str, cfg: TrainConfig, world: int, device: torch.device,
+                     explicit: set[str] | None = None) -> tuple[dict, TrainConfig]:
+    """The DeepSpeed dict of a run (a packaged name or a JSON file, merged with the config by merge_deepspeed;
+    bf16 on bf16-capable CUDA unless set; torch's AdamW for an Adam block on a machine without CUDA, where
+    DeepSpeed's fused Adam would need a compiled op) and the config the run uses."""
+    explicit = explicit_fields(cfg) if explicit is None else explicit
+    ds, cfg = merge_deepspeed(read_deepspeed_config(str(spec)), cfg, explicit, world)
     if "bf16" not in ds:
         ds["bf16"] = {"enabled": device.type == "cuda" and torch.cuda.is_bf16_supported()}
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
+    opt = ds.get("optimizer")
+    if opt and str(opt.get("type", "")).lower() in ("adam", "adamw") and device.type != "cuda":
+        opt.setdefault("params", {}).setdefault("torch_adam", True)
+    return ds, cfg
 
 
 class Trainer:
     """Builds the model, data and DeepSpeed engine of one rank; ``run()`` trains and returns the losses logged."""
 
-    def __init__(self, cfg: TrainConfig, ds_config_path: str, *, log=print):
+    def __init__(self, cfg: TrainConfig, ds_config_path: str, *, log=print, explicit: set[str] | None = None):
         import deepspeed
         import torch.distributed as dist
 
         from atlasvid_dist.models.atlas_transformer import AtlasTransformer
         from atlasvid_dist.models.loading import load_components
 
-        self.cfg, self.log = cfg, log
-        self.prepared = PreparedData(cfg.data, cfg) if is_prepared(cfg.data) else None
-        self.data = scan_dataset(cfg.data, cfg) if self.prepared is None else None
+        self.log = log
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        ds, cfg = deepspeed_config(ds_config_path, cfg, self.world, self.device, explicit)
+        self.cfg = cfg
+        self.prepared = PreparedData(cfg.data, cfg) if is_prepared(cfg.data) else None
+        self.data = scan_dataset(cfg.data, cfg) if self.prepared is None else None
         comp = load_components(cfg.model, device=str(self.device))
         self.transformer = comp.transformer
         add_lora(self.transformer, cfg)
@@ -154,16 +233,17 @@ class Trainer:
         self.transformer.train()
         atlas = AtlasTransformer(self.transformer, AtlasConfig(window=cfg.window, temporal_scale=cfg.temporal_scale,
                                                                spatial_scale=cfg.spatial_scale))
-        ds = deepspeed_config(ds_config_path, cfg, self.world, self.device)
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device,
                                      self.dtype)
         params = [p for p in self.transformer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        # The JSON's "optimizer" / "scheduler" blocks are built by DeepSpeed; without them, ours.
+        opt = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = None if "scheduler" in ds else lr_scheduler_factory(cfg)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=FlowMatchingLoss(atlas, cfg.stage),
-                                                                 optimizer=opt, lr_scheduler=sched, config=ds)
-        self.optimizer = opt  # the torch AdamW inside DeepSpeed's ZeRO optimizer (its state is what Adam keeps)
+                                                                 model_parameters=params, optimizer=opt,
+                                                                 lr_scheduler=sched, config=ds)
+        self.optimizer = self.engine.optimizer.optimizer  # the torch optimizer inside ZeRO (its state: Adam's)
         self.step, self._committed = 0, None
         self.out = Path(cfg.output)
         self.tb = tensorboard_writer(cfg, self.out) if self.rank == 0 else None
@@ -173,8 +253,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- batches
     def batch(self, step: int) -> tuple[dict, int]:
-        """The inputs of this rank's clip at ``step`` and its token count."""
+        """The inputs of this rank's ``cfg.batch`` clips at micro step ``step`` and their token count."""
         gen = step_generator(self.cfg.seed, step, self.rank)
+        examples = [self._example(gen) for _ in range(self.cfg.batch)]
+        inputs = {k: torch.cat([e[0][k] for e in examples]) for k in examples[0][0]}
+        return inputs, sum(e[1] for e in examples)
+
+    def _example(self, gen: torch.Generator) -> tuple[dict, int]:
+        """One clip's inputs (batch dimension 1) drawn with ``gen``, and its token count."""
         if self.prepared is not None:  # encoded once by prepare-data
             rec = self.prepared.get(int(torch.randint(len(self.prepared), (1,), generator=gen)))
             rec = {k: v.to(self.device, self.dtype) for k, v in rec.items()}
@@ -195,17 +281,21 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- loop
     def train_step(self) -> tuple[float, int]:
-        """One optimizer step; returns the loss averaged over ranks and this rank's token count."""
+        """One optimizer step (cfg.grad_accum micro steps; DeepSpeed steps the optimizer at the last); returns the
+        loss averaged over micro steps and ranks, and this rank's token count."""
         import torch.distributed as dist
 
-        inputs, tokens = self.batch(self.step)
-        loss = self.engine(**inputs)
-        self.engine.backward(loss)
-        self.engine.step()
+        total, tokens = torch.zeros(()), 0
+        for micro in range(self.cfg.grad_accum):
+            inputs, n = self.batch(self.step * self.cfg.grad_accum + micro)
+            loss = self.engine(**inputs)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float().cpu()
+            tokens += n
         self.step += 1
-        mean = loss.detach().float().clone()
-        dist.all_reduce(mean)
-        return float(mean) / self.world, tokens
+        dist.all_reduce(total)
+        return float(total) / (self.world * self.cfg.grad_accum), tokens
 
     @torch.no_grad()
     def eval_loss(self, steps) -> float:
@@ -224,15 +314,17 @@ class Trainer:
         """Train to ``max_steps`` (default cfg.max_steps); checkpoint every save_every and at the end."""
         cfg = self.cfg
         stop = cfg.max_steps if max_steps is None else max_steps
-        losses = []
+        losses, start = [], time.perf_counter()
         while self.step < stop:
             t0 = time.perf_counter()
             loss, tokens = self.train_step()
             losses.append(loss)
             if (self.step - 1) % cfg.log_every == 0 and self.rank == 0:
-                dt = time.perf_counter() - t0
-                self._log(dict(step=self.step, loss=loss, lr=self.scheduler.get_last_lr()[0],
-                               tokens_per_s=tokens * self.world / dt, step_s=dt, peak_mem_gb=_peak_memory_gb()))
+                now = time.perf_counter()
+                eta = (stop - self.step) * (now - start) / len(losses)  # remaining steps x mean step time
+                self._log(dict(step=self.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                               tokens_per_s=tokens * self.world / (now - t0), step_s=now - t0,
+                               peak_mem_gb=_peak_memory_gb(), eta_s=round(eta, 1), eta=_hms(eta)))
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
         self.save()
@@ -295,6 +387,12 @@ class Trainer:
         return path
 
 
+def _hms(seconds: float) -> str:
+    """'H:MM:SS' of a duration."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _peak_memory_gb() -> float:
     """Peak memory of this rank: CUDA allocator peak on a GPU, else the process's peak resident set (Linux)."""
     if torch.cuda.is_available():
@@ -315,17 +413,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--output", default=None)
-    p.add_argument("--max-steps", "--max_steps", type=int, default=None, dest="max_steps")
+    p.add_argument("--steps", "--max-steps", "--max_steps", type=int, default=None, dest="max_steps",
+                   help="optimizer steps in total")
+    for flag, typ, helptext in OVERRIDE_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=helptext)
+    p.add_argument("--res", default=None, help="detail training size WIDTHxHEIGHT, e.g. 128x128")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
 
+OVERRIDE_FLAGS = (("--frames", int, "detail clip length in frames (4k+1)"), ("--fps", float, "detail frame rate"),
+                  ("--lr", float, "peak learning rate"), ("--batch", int, "clips per rank per micro step"),
+                  ("--grad-accum", int, "micro steps per optimizer step"), ("--seed", int, "random seed"),
+                  ("--warmup-steps", int, "linear lr warm-up steps"), ("--save-every", int, "checkpoint every N steps"))
+"""Command-line flags that set the TrainConfig field of the same name (dashes for underscores)."""
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the command line sets (``--res WxH`` gives width and height)."""
+    names = ["stage", "data", "model", "output", "max_steps"] + [f[2:].replace("-", "_") for f, _, _ in OVERRIDE_FLAGS]
+    out = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if args.res is not None:
+        out["width"], out["height"] = parse_res(args.res)
+    return out
+
+
+def parse_res(res: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' -> (width, height) (ConfigError naming --res otherwise)."""
+    parts = str(res).lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ConfigError("res", res, "must be WIDTHxHEIGHT in pixels, e.g. 128x128")
+    return int(parts[0]), int(parts[1])
+
+
 def load_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The YAML (if any) with the command line over it; with model 'tiny', TINY_DEFAULTS for what neither sets."""
     data = read_mapping(args.config) if args.config else {}
-    overrides = {k: v for k, v in dict(stage=args.stage, data=args.data, model=args.model, output=args.output,
-                                       max_steps=args.max_steps).items() if v is not None}
+    overrides = cli_overrides(args)
+    if overrides.get("model", data.get("model", TrainConfig.model)) == "tiny":
+        data = {**{k: v for k, v in TINY_DEFAULTS.items() if k not in overrides}, **data}
     return from_mapping(TrainConfig, data, str(args.config or "arguments"), overrides)
+
+
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """The TrainConfig fields the YAML or the command line set explicitly (defaults excluded)."""
+    return set(read_mapping(args.config) if args.config else {}) | set(cli_overrides(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()  # a rank never outlives its launcher (torchrun), even a SIGKILLed one
     try:
         cfg = load_train_config(args)
-        trainer = Trainer(cfg, args.deepspeed_config)
+        trainer = Trainer(cfg, args.deepspeed_config, explicit=given_fields(args))
         if args.resume and trainer.resume() and trainer.rank == 0:
             print(f"resumed at step {trainer.step}", flush=True)
         trainer.run()
