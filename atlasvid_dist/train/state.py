@@ -8,7 +8,8 @@ into place; checksums verified on load) under OUTPUT/checkpoints/step-NNNNNN and
     tensors  param/NAME, exp_avg/NAME, exp_avg_sq/NAME   full (gathered) fp32 LoRA weights and Adam moments
              adam_step                                   Adam's step count (the same for every parameter)
              rng/cpu                                     (world, n) uint8: every rank's torch CPU RNG state
-    meta     {"step", "world", "scheduler": LR scheduler state_dict, "engine": DeepSpeed step counters}
+    meta     {"step", "world", "scheduler": LR scheduler state_dict (diffusers' LambdaLR or DeepSpeed's WarmupLR...),
+              "lr": every param group's current lr, "engine": DeepSpeed step counters}
 
 Saving gathers with deepspeed.utils.safe_get_full_fp32_param / safe_get_full_optimizer_state (collective: every
 rank calls) and rank 0 writes. Loading reads on every rank; each rank writes its ZeRO-2/3 partitions through
@@ -82,6 +83,7 @@ def gather_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
     tensors["rng/cpu"] = _gather_rows(torch.get_rng_state(), trainer.device)
     engine = trainer.engine
     meta = dict(step=trainer.step, world=trainer.world, scheduler=trainer.scheduler.state_dict(),
+                lr=[group["lr"] for group in trainer.optimizer.param_groups],
                 engine=dict(global_steps=engine.global_steps, global_samples=engine.global_samples,
                             skipped_steps=engine.skipped_steps))
     return tensors, meta
@@ -114,7 +116,7 @@ def restore_state(trainer, tensors: dict[str, torch.Tensor], meta: dict) -> None
     _restore_params(params, tensors)
     sched = meta["scheduler"]
     trainer.scheduler.load_state_dict(sched)
-    for group, lr in zip(trainer.optimizer.param_groups, sched["_last_lr"]):
+    for group, lr in zip(trainer.optimizer.param_groups, meta.get("lr") or sched["_last_lr"]):
         group["lr"] = lr
     for key, value in meta["engine"].items():
         setattr(trainer.engine, key, int(value))
