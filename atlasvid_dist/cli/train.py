@@ -57,7 +57,8 @@ def train(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: at the end)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Local ranks (one per GPU; CPU processes)."),
     deepspeed_config: str = typer.Option(DEFAULT_DEEPSPEED, "--deepspeed-config", "--deepspeed_config",
-                                         help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)}."),
+                                         help=f"DeepSpeed JSON file, or a packaged one: "
+                                              f"{'|'.join(DEEPSPEED_PRESETS)}."),
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (TrainConfig fields)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoints/latest."),
 ) -> None:
@@ -66,7 +67,8 @@ def train(
     from ..train.launch import run_launcher, signal_name
     from ..train.shards import PreparedData, is_prepared
     from ..configs import read_deepspeed_config
-    from ..train.train import given_fields, load_train_config, merge_deepspeed, parse_args, resumable, tensorboard_writer
+    from ..train.train import (given_fields, load_train_config, merge_deepspeed, parse_args, resumable,
+                               tensorboard_writer)
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError("num_processes", num_processes, "must be an integer >= 1")
