@@ -4,6 +4,7 @@ import torch
 
 from atlasvid_dist.cli.generate import DEFAULTS
 from atlasvid_dist.config.generate import WAN_NEGATIVE_PROMPT, GenerateConfig
+from atlasvid_dist.config.method import AtlasConfig
 from atlasvid_dist.models.tiny import build_tiny_components
 from atlasvid_dist.pipeline.text import encode_prompts
 
@@ -27,7 +28,7 @@ def test_messy_prompt_embeds_like_diffusers_wan_pipeline():
 
 def test_default_negative_prompt_is_wans_and_documented():
     assert WAN_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态") and WAN_NEGATIVE_PROMPT.endswith("背景人很多，倒着走")
-    assert GenerateConfig(prompt="x").negative_prompt == DEFAULTS["negative_prompt"] == WAN_NEGATIVE_PROMPT
+    assert GenerateConfig(prompt="x", method=AtlasConfig(mode="full")).negative_prompt == DEFAULTS["negative_prompt"] == WAN_NEGATIVE_PROMPT
     from pathlib import Path
 
     assert WAN_NEGATIVE_PROMPT in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
