@@ -46,7 +46,7 @@ def one_block_seconds(model, x, t, text, device, iters):
     grid = model.token_grid(x)
     from atlasvid_dist.models.attention.detail import DetailAttention
 
-    attend = DetailAttention(model.config, grid, model.rotary, x.device)
+    attend = DetailAttention(model.atlas_config, grid, model.rotary, x.device)
     h = tr.patch_embedding(x).flatten(2).transpose(1, 2)
     _, tproj, enc, _ = tr.condition_embedder(t, text, None)
     tproj = tproj.unflatten(1, (6, -1))

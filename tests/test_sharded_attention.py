@@ -34,9 +34,9 @@ def _sharded_forward(rank, world):
     ref = model(x, t, enc, proxy=proxy)
     grid = model.token_grid(x)
     cache = model.build_proxy_cache(proxy, enc)
-    sharding = shard_for(model.config, grid, world)
+    sharding = shard_for(model.atlas_config, grid, world)
     stats = CommStats()
-    attend = ShardedWindowAttention(model.config, grid, model.rotary, sharding, rank, "cpu", cache.kv,
+    attend = ShardedWindowAttention(model.atlas_config, grid, model.rotary, sharding, rank, "cpu", cache.kv,
                                     model.proxy_geometry(grid).scales, stats=stats, timeout=30)
     tokens, temb, tproj, text = model.embed(x, t, enc)
     mine = sharding.shard(tokens, rank)  # (B, N_local, D)
@@ -71,7 +71,7 @@ def test_refuses_other_modes_and_grids():
 
     model, x, *_ = _setup()
     grid = model.token_grid(x)
-    sharding = shard_for(model.config, grid, 2)
+    sharding = shard_for(model.atlas_config, grid, 2)
     with pytest.raises(ConfigError):
         ShardedWindowAttention(AtlasConfig(mode="full"), grid, model.rotary, sharding, 0, "cpu")
     with pytest.raises(ConfigError):

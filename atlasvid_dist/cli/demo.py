@@ -52,7 +52,7 @@ def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model(latents, t, text, proxy=proxy_lat if mode == "atlas" else None)
-        results[mode] = (out, time.perf_counter() - t0, layer_attention_flops(model.config, grid, 2, 12))
+        results[mode] = (out, time.perf_counter() - t0, layer_attention_flops(model.atlas_config, grid, 2, 12))
         typer.echo(f"{mode:5}: {results[mode][1]:.2f} s, attention {results[mode][2] / 1e9:.2f} GFLOP per layer")
     ratio = results["full"][2] / results["atlas"][2]
     diff = (results["full"][0] - results["atlas"][0]).abs().mean().item()

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from ..config.files import read_mapping
-from ..config.generate import GenerateConfig
+from ..config.generate import WAN_NEGATIVE_PROMPT, GenerateConfig
 from ..config.method import AtlasConfig
 from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
@@ -22,7 +22,7 @@ from .common import build_parallel, parse_triple
 DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_steps=30, guidance=5.0, seed=0,
                 attention="atlas", window="3,15,16", shift=True, shift_axes="thw", temporal_scale=4, spatial_scale=0,
                 proxy_context="aligned", pad_windows=False, detail_init="noise", init_strength=0.7, device="cpu",
-                dtype="auto", out="out.mp4", negative_prompt="", flow_shift=5.0, proxy_flow_shift=5.0,
+                dtype="auto", out="out.mp4", negative_prompt=WAN_NEGATIVE_PROMPT, flow_shift=5.0, proxy_flow_shift=5.0,
                 backend="auto")
 RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", "steps", "proxy_steps", "guidance",
             "flow_shift", "proxy_flow_shift", "seed", "detail_init", "init_strength", "device", "dtype", "out",
@@ -66,7 +66,7 @@ def _int(name, value):
 
 def generate(
     prompt: Optional[str] = typer.Option(None, help="Text prompt (required here or in --config)."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for guidance. [default: empty]"),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for guidance; '' for none. [default: Wan2.1's own, see README]"),
     model: Optional[str] = typer.Option(None, help="'tiny' (built in, offline) or a local diffusers Wan2.1 T2V folder. [default: tiny]"),
     lora_stage1: Optional[str] = typer.Option(None, help="LoRA safetensors for the proxy stage."),
     lora_stage2: Optional[str] = typer.Option(None, help="LoRA safetensors for the detail stage."),

@@ -15,6 +15,10 @@ from .video import VideoSpec
 DETAIL_INITS = ("noise", "proxy")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+                       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+"""Wan2.1's own default negative prompt (``sample_neg_prompt`` of its shared config), the default here too."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,8 @@ class GenerateConfig:
     """Output video (size, frames, fps)."""
     method: AtlasConfig = field(default_factory=AtlasConfig)
     """Attention method for stage 2 (stage 1 always uses full attention at the proxy size)."""
-    negative_prompt: str = ""
-    """Negative prompt for classifier-free guidance."""
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    """Negative prompt for classifier-free guidance (default: Wan2.1's own; "" for none)."""
     model: str = "tiny"
     """'tiny' (built in) or a local diffusers-format Wan2.1 T2V folder."""
     lora_stage1: str | None = None

@@ -13,6 +13,7 @@ denoising steps, so its keys/values are computed once and cached (see :meth:`Atl
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,31 +53,71 @@ class AtlasTransformer(nn.Module):
 
     ``model(latents, timestep, encoder_hidden_states, proxy=proxy_latents)`` returns the detail velocity, shaped
     like ``latents`` (B, C, f, h, w). ``proxy`` is the clean proxy latent (B or 1, C, f_p, h/s, w/s).
+
+    It also stands in for the transformer of a diffusers ``WanPipeline``: ``config`` is the wrapped transformer's
+    (diffusers reads ``in_channels``, ``patch_size``), ``dtype``/``device``/``cache_context`` are the transformer's,
+    and ``forward`` takes diffusers' keywords (``hidden_states=``, ``attention_kwargs=``, ``return_dict=``). The
+    method's settings are :attr:`atlas_config`.
     """
 
     def __init__(self, transformer: nn.Module, config: AtlasConfig | None = None):
         super().__init__()
         _check_transformer(transformer)
         self.transformer = transformer
-        self.config = config if config is not None else AtlasConfig()
+        self.atlas_config = config if config is not None else AtlasConfig()
         cfg = transformer.config
         self.patch = tuple(int(p) for p in cfg.patch_size)
         self.heads = int(cfg.num_attention_heads)
         self.rotary = Rotary3D(int(cfg.attention_head_dim))
         self._proxy_cache: ProxyCache | None = None
 
+    # ------------------------------------------------------------------------------ diffusers model interface
+    @property
+    def config(self):
+        """The wrapped transformer's diffusers config (what WanPipeline reads); the method's is ``atlas_config``."""
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def cache_context(self, name: str, **kwargs):
+        """The wrapped transformer's cache context (diffusers' pipelines enter it around each call)."""
+        if hasattr(self.transformer, "cache_context"):
+            return self.transformer.cache_context(name, **kwargs)
+        return contextlib.nullcontext()
+
     # ----------------------------------------------------------------------------------------------- public API
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                proxy: torch.Tensor | None = None, *, proxy_cache: ProxyCache | None = None,
-                proxy_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Detail velocity (B, C, f, h, w). See the class docstring; ``proxy_noise`` is used in 'joint' mode."""
+    def forward(self, latents: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, proxy: torch.Tensor | None = None, *,
+                proxy_cache: ProxyCache | None = None, proxy_noise: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None, attention_kwargs: dict | None = None,
+                return_dict: bool | None = None):
+        """Detail velocity (B, C, f, h, w). See the class docstring; ``proxy_noise`` is used in 'joint' mode.
+
+        ``hidden_states`` is diffusers' name for ``latents``; with ``return_dict`` given (as diffusers' pipelines
+        do) the result is wrapped as a diffusers transformer returns it: ``(velocity,)`` or an output object.
+        """
+        latents = _diffusers_latents(latents, hidden_states, timestep, encoder_hidden_states, attention_kwargs)
+        out = self._detail(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
+        if return_dict is None:
+            return out
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _detail(self, latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise) -> torch.Tensor:
         grid = self.token_grid(latents, "latents")
         timestep = self._check_inputs(latents, timestep, encoder_hidden_states)
         proxy_kv = None
         if proxy is not None or proxy_cache is not None:
             proxy_kv = self._proxy_kv(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
         scales = self.proxy_geometry(grid).scales if proxy_kv is not None else (1.0, 1.0, 1.0)
-        attend = DetailAttention(self.config, grid, self.rotary, latents.device, proxy_kv, scales)
+        attend = DetailAttention(self.atlas_config, grid, self.rotary, latents.device, proxy_kv, scales)
         return self._run(latents, timestep, encoder_hidden_states, grid, attend)
 
     def proxy_forward(self, latents: torch.Tensor, timestep: torch.Tensor,
@@ -101,7 +142,7 @@ class AtlasTransformer(nn.Module):
         self._proxy_cache = None
 
     def proxy_geometry(self, detail: Grid) -> ProxyGeometry:
-        return ProxyGeometry(detail, self.config.temporal_scale, self.config.spatial_scale)
+        return ProxyGeometry(detail, self.atlas_config.temporal_scale, self.atlas_config.spatial_scale)
 
     def token_grid(self, latents: torch.Tensor, name: str = "latents") -> Grid:
         if latents.ndim != 5:
@@ -128,14 +169,14 @@ class AtlasTransformer(nn.Module):
         return timestep
 
     def _check_proxy(self, latents: torch.Tensor, proxy: torch.Tensor) -> None:
-        if self.config.mode != "atlas":
-            raise InputError(f"proxy: given, but mode={self.config.mode!r} reads no proxy (use mode='atlas')")
+        if self.atlas_config.mode != "atlas":
+            raise InputError(f"proxy: given, but mode={self.atlas_config.mode!r} reads no proxy (use mode='atlas')")
         pg = self.proxy_geometry(self.token_grid(latents)).grid
         want = (latents.shape[1], *(n * p for n, p in zip(pg.dims, self.patch)))
         if proxy.ndim != 5 or tuple(proxy.shape[1:]) != want or proxy.shape[0] not in (1, latents.shape[0]):
             raise InputError(f"proxy: expected (B or 1, {', '.join(map(str, want))}) for latents "
-                             f"{tuple(latents.shape)} with temporal_scale={self.config.temporal_scale}, "
-                             f"spatial_scale={self.config.spatial_scale}; got {tuple(proxy.shape)}")
+                             f"{tuple(latents.shape)} with temporal_scale={self.atlas_config.temporal_scale}, "
+                             f"spatial_scale={self.atlas_config.spatial_scale}; got {tuple(proxy.shape)}")
 
     # ------------------------------------------------------------------------------------------------ proxy
     def _proxy_kv(self, latents, timestep, text, proxy, cache, noise) -> ProxyKV:
@@ -146,7 +187,7 @@ class AtlasTransformer(nn.Module):
             return cache.kv
         self._check_proxy(latents, proxy)
         b = latents.shape[0]
-        if self.config.proxy_mode == "joint":
+        if self.atlas_config.proxy_mode == "joint":
             sigma = (timestep.float() / 1000.0).reshape(b, 1, 1, 1, 1)
             noise = torch.randn_like(proxy.expand(b, *proxy.shape[1:])) if noise is None else noise
             noisy = ((1.0 - sigma) * proxy + sigma * noise).to(latents.dtype)
@@ -163,7 +204,7 @@ class AtlasTransformer(nn.Module):
         own = self.proxy_rotary(grid).to(device)
         detail = self.rotary.for_grid(grid, geo).to(device) if record else None
         kv = ProxyKV(grid)
-        reference = self.config.backend == "reference"
+        reference = self.atlas_config.backend == "reference"
 
         def attend(layer, q, k, v):
             if record:
@@ -176,11 +217,11 @@ class AtlasTransformer(nn.Module):
 
     def proxy_rotary(self, grid: Grid) -> RotaryTables:
         """RoPE tables of stage 1 for every proxy token (raster order): time scaled by r_t, space unscaled."""
-        return self.rotary.for_grid(grid, (float(self.config.temporal_scale), 1.0, 1.0))
+        return self.rotary.for_grid(grid, (float(self.atlas_config.temporal_scale), 1.0, 1.0))
 
     def proxy_geometry_for_proxy(self, grid: Grid) -> tuple[float, float, float]:
-        s = float(self.config.spatial_scale)
-        return (float(self.config.temporal_scale), s, s)
+        s = float(self.atlas_config.spatial_scale)
+        return (float(self.atlas_config.temporal_scale), s, s)
 
     def _record_proxy(self, proxy, timestep, text, grid) -> ProxyKV:
         attend, kv = self._proxy_attend(grid, proxy.device, record=True)
@@ -255,6 +296,18 @@ class AtlasTransformer(nn.Module):
         x = x.reshape(b, grid.t, grid.h, grid.w, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, f*pt, h*ph, w*pw)
+
+
+def _diffusers_latents(latents, hidden_states, timestep, text, attention_kwargs) -> torch.Tensor:
+    """The latents given by either name; the other inputs present; no attention_kwargs (LoRA scale) to ignore."""
+    if (latents is None) == (hidden_states is None):
+        raise InputError("latents: give exactly one of latents and hidden_states (diffusers' name)")
+    if timestep is None or text is None:
+        raise InputError("timestep and encoder_hidden_states are required")
+    scale = (attention_kwargs or {}).get("scale", 1.0)
+    if set(attention_kwargs or {}) - {"scale"} or scale != 1.0:
+        raise InputError(f"attention_kwargs={attention_kwargs!r}: not supported (set adapter weights instead)")
+    return latents if latents is not None else hidden_states
 
 
 def _check_transformer(tr: nn.Module) -> None:

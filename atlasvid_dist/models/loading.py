@@ -1,8 +1,11 @@
-"""Loading a Wan2.1 text-to-video model: the built-in tiny one, or a local diffusers-format folder.
+"""Loading a Wan2.1 text-to-video model: the built-in tiny one, a local diffusers-format folder, or a Hugging Face
+id already in the local cache (never downloaded here).
 
 A folder is validated completely before any weight is read (``validate_model_dir``): layout, configs, every
-safetensors header against its file size, sharded indexes, and the shapes the parts must agree on. Weights are
-read from safetensors only (never pickle). Every failure is a :class:`ModelLoadError` naming the file or field.
+safetensors header against its file size, sharded indexes, the shapes the parts must agree on, and the weight names
+against the model each config builds. Weights are read from safetensors only (never pickle), and code shipped in a
+folder is never run (``auto_map`` is refused; every loader gets ``trust_remote_code=False``). Every failure is a
+:class:`ModelLoadError` naming the file or field.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +128,46 @@ def _check_weights(folder: Path) -> None:
                 raise ModelLoadError(f"{index}: weight_map names shard {shard!r}, which is missing from {folder}")
 
 
+# --- where a model lives: a folder, or a Hugging Face id in the local cache ----------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (HF_HUB_CACHE, else HF_HOME/hub, else the
+    library's default), so a variable set after huggingface_hub was imported still counts."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def is_hub_id(model: str | os.PathLike) -> bool:
+    """``org/name`` that is not an existing path (a local folder always wins)."""
+    text = str(model)
+    return bool(_HUB_ID.match(text)) and ".." not in text and not Path(text).exists()
+
+
+def model_folder(model: str | os.PathLike) -> Path:
+    """The folder to read for ``model``: a local path as given, or a Hugging Face id (``Wan-AI/Wan2.1-T2V-1.3B-
+    Diffusers``) resolved in the local cache without any network access; ModelLoadError names the id and the cache
+    folder when the id is not cached."""
+    if not is_hub_id(model):
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(str(model), cache_dir=str(cache), local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, or a damaged cache entry
+        raise ModelLoadError(f"model={str(model)!r}: not a local folder, and this Hugging Face id is not in the "
+                             f"local cache {cache} (HF_HUB_CACHE); download it into that cache once (e.g. `hf "
+                             f"download {model}`) or pass a folder ({type(e).__name__})") from None
+
+
 # --- folder layout and configs -------------------------------------------------------------------------------
 
 
@@ -154,13 +198,24 @@ def _read_configs(root: Path) -> dict[str, dict]:
         if name == "tokenizer":
             if not any((sub / f).is_file() for f in _TOKENIZER_FILES):
                 raise ModelLoadError(f"{sub}: no tokenizer file (expected one of {list(_TOKENIZER_FILES)})")
+            if (sub / "tokenizer_config.json").is_file():
+                _refuse_custom_code(sub / "tokenizer_config.json", _read_json(sub / "tokenizer_config.json"))
             continue
         configs[name] = _read_json(sub / _CONFIG_FILE[name])
+        _refuse_custom_code(sub / _CONFIG_FILE[name], configs[name])
     for name, cls in _CLASS_NAMES.items():
         got = configs[name].get("_class_name", cls)
         if got != cls:
             raise ModelLoadError(f"{root / name / 'config.json'}: field _class_name is {got!r}, expected {cls!r}")
     return configs
+
+
+def _refuse_custom_code(path: Path, config: dict) -> None:
+    """A config that maps classes to code shipped in the folder (``auto_map``) is refused: model folders are data,
+    their Python files are never imported (every loader below also gets ``trust_remote_code=False``)."""
+    if "auto_map" in config:
+        raise ModelLoadError(f"{path}: field auto_map declares custom code ({config['auto_map']!r}); code from a "
+                             f"model folder is never run - remove auto_map to load the built-in classes")
 
 
 def _field(configs: dict, part: str, key: str, source: str) -> int:
@@ -185,18 +240,71 @@ def check_compatible(configs: dict[str, dict], source: str) -> None:
                              f"config field d_model={d_model}")
 
 
-def validate_model_dir(path: str | os.PathLike) -> None:
-    """Check a diffusers-format Wan2.1 folder completely without loading weights; raises ModelLoadError."""
-    root = Path(path)
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a loader reads: the shards a sharded index names, else every *.safetensors file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return sorted({folder / str(s) for i in indexes for s in _read_json(i)["weight_map"].values()})
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _meta_model(folder: Path, name: str, config: dict) -> torch.nn.Module:
+    """The module the config describes, built on the meta device (no memory, no weights) to list its keys."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device("meta"):
+        if name == "text_encoder":
+            return UMT5EncoderModel(UMT5Config.from_dict({k: v for k, v in config.items() if k != "auto_map"}))
+        cls = WanTransformer3DModel if name == "transformer" else AutoencoderKLWan
+        return cls.from_config(config)
+
+
+def _ignored(key: str, patterns) -> bool:
+    return any(re.search(p, key) for p in patterns or ())
+
+
+def check_weight_names(folder: Path, name: str, config: dict) -> None:
+    """The weight files hold exactly the tensors the config's model has: a config declaring fewer (or more) layers
+    than the weights is refused instead of running a truncated model. Compares names from the safetensors headers
+    with the state dict of the model built on the meta device; tied weights and the patterns the library itself
+    ignores on load are allowed."""
+    model = _meta_model(folder, name, config)
+    expected = set(model.state_dict())
+    where = {k: f for f in _weight_files(folder) for k in check_safetensors_file(f) if k != "__metadata__"}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    unexpected = sorted(k for k in set(where) - expected
+                        if not _ignored(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None)))
+    missing = sorted(k for k in expected - set(where) if not (tied.get(k) in where or _ignored(
+        k, getattr(model, "_keys_to_ignore_on_load_missing", None))))
+    if unexpected:
+        raise ModelLoadError(f"{where[unexpected[0]]}: {len(unexpected)} unexpected weight(s) that the model of "
+                             f"{folder / 'config.json'} does not have, e.g. {unexpected[:5]} (config and weights "
+                             f"disagree, e.g. on num_layers)")
+    if missing:
+        raise ModelLoadError(f"{folder}: {len(missing)} weight(s) of the model of {folder / 'config.json'} are "
+                             f"missing from {[f.name for f in _weight_files(folder)]}, e.g. {missing[:5]}")
+
+
+def _validate(root: Path) -> dict[str, dict]:
+    """Layout, configs, compatibility, weight files and weight names; returns the configs."""
     configs = _read_configs(root)
     check_compatible(configs, str(root))
     for name in _WEIGHTED:
         _check_weights(root / name)
+        check_weight_names(root / name, name, configs[name])
+    return configs
+
+
+def validate_model_dir(path: str | os.PathLike) -> None:
+    """Check a diffusers-format Wan2.1 folder (or a cached Hugging Face id) completely without loading weights;
+    raises ModelLoadError."""
+    _validate(model_folder(path))
 
 
 def read_model_spec(path: str | os.PathLike) -> ModelSpec:
     """Transformer shapes of a model folder, from its configs only (for planning before anything loads)."""
-    root = Path(path)
+    root = model_folder(path)
     cfg = _read_configs(root)["transformer"]
     try:
         return ModelSpec(name=str(root), num_layers=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
@@ -235,22 +343,22 @@ def _load_folder(root: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> WanC
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    configs = _read_configs(root)
-    check_compatible(configs, str(root))
-    for name in _WEIGHTED:
-        _check_weights(root / name)
+    configs = _validate(root)
     scheduler_cls = _scheduler_class(root, configs["scheduler"])
     return WanComponents(
         transformer=_load_part(root / "transformer", lambda: WanTransformer3DModel.from_pretrained(
-            root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True)),
+            root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True,
+            trust_remote_code=False)),
         vae=_load_part(root / "vae", lambda: AutoencoderKLWan.from_pretrained(
-            root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True, local_files_only=True)),
+            root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True, local_files_only=True,
+            trust_remote_code=False)),
         text_encoder=_load_part(root / "text_encoder", lambda: UMT5EncoderModel.from_pretrained(
-            root / "text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True)),
+            root / "text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True,
+            trust_remote_code=False)),
         tokenizer=_load_part(root / "tokenizer", lambda: AutoTokenizer.from_pretrained(
-            root / "tokenizer", local_files_only=True)),
+            root / "tokenizer", local_files_only=True, trust_remote_code=False)),
         scheduler=_load_part(root / "scheduler", lambda: scheduler_cls.from_pretrained(
-            root, subfolder="scheduler", local_files_only=True)),
+            root, subfolder="scheduler", local_files_only=True, trust_remote_code=False)),
         source=str(root),
     )
 
@@ -274,15 +382,17 @@ def _build_tiny(dtype: torch.dtype, vae_dtype: torch.dtype) -> WanComponents:
 
 def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     vae_dtype: torch.dtype = torch.float32) -> WanComponents:
-    """Load ``"tiny"`` (built in memory) or a diffusers-format Wan2.1 folder onto ``device`` in eval mode.
+    """Load ``"tiny"`` (built in memory), a diffusers-format Wan2.1 folder, or a Hugging Face id found in the local
+    cache (see :func:`model_folder`) onto ``device`` in eval mode.
 
     ``dtype`` applies to the transformer and the text encoder; the VAE stays in ``vae_dtype`` (float32 by
     default, as Wan's reference code decodes). Weights come back frozen (``requires_grad=False``); LoRA adapters
     added later (peft) are trainable. The name ``"tiny"`` always means the built-in model, never a folder.
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
-        raise ModelLoadError(f"model={model!r}: expected 'tiny' or the path of a model folder")
-    parts = _build_tiny(dtype, vae_dtype) if str(model) == "tiny" else _load_folder(Path(model), dtype, vae_dtype)
+        raise ModelLoadError(f"model={model!r}: expected 'tiny', the path of a model folder or a Hugging Face id")
+    parts = _build_tiny(dtype, vae_dtype) if str(model) == "tiny" else _load_folder(model_folder(model), dtype,
+                                                                                    vae_dtype)
     for module in (parts.transformer, parts.vae, parts.text_encoder):
         module.to(device).eval().requires_grad_(False)
         if torch.device(device).type == "cpu":

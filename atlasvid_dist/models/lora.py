@@ -5,7 +5,8 @@ reads): one safetensors file, keys ``transformer.<module>.lora_A.weight`` (r, in
 ``transformer.<module>.lora_B.weight`` (out, r), and the peft LoraConfig as JSON under the file metadata key
 ``lora_adapter_metadata`` with every field prefixed ``transformer.``. ``load_lora`` also accepts keys without
 the prefix (``transformer.save_lora_adapter`` writes those) and original-Wan / musubi key styles, which
-diffusers converts.
+diffusers converts. A folder written by peft's own ``PeftModel.save_pretrained`` (``adapter_model.safetensors`` with
+keys ``base_model.model.<module>.lora_A.weight`` and ``adapter_config.json``) is read too.
 
 Every key and shape is checked against the transformer before anything is injected: diffusers itself only warns
 about keys that match no module.
@@ -27,12 +28,48 @@ from .loading import check_safetensors_file
 PREFIX = "transformer"
 METADATA_KEY = "lora_adapter_metadata"
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 
 
 def _adapter_file(path: str | os.PathLike) -> Path:
-    """A .safetensors file, or a folder holding diffusers' default LoRA file name."""
+    """A .safetensors file, a folder saved by peft (its adapter_model.safetensors), or a folder holding diffusers'
+    default LoRA file name."""
     p = Path(path)
-    return p / DEFAULT_FILE if p.is_dir() else p
+    if p.is_dir():
+        return p / PEFT_WEIGHTS if (p / PEFT_CONFIG).is_file() else p / DEFAULT_FILE
+    return p
+
+
+def _peft_config(path: Path) -> dict:
+    """adapter_config.json of a peft folder as LoraConfig arguments; only LoRA adapters are accepted."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict) or str(raw.get("peft_type", "")).upper() != "LORA":
+        got = raw.get("peft_type") if isinstance(raw, dict) else raw
+        raise ModelLoadError(f"{path}: field peft_type is {got!r}; only LORA adapters are supported")
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    return {k: v for k, v in raw.items() if k in fields}
+
+
+def _read_adapter(path: str | os.PathLike) -> tuple[Path, dict, dict | None]:
+    """(file, state relative to the transformer, LoraConfig metadata or None) of any accepted adapter layout."""
+    file = _adapter_file(path)
+    if file.name != PEFT_WEIGHTS or not (file.parent / PEFT_CONFIG).is_file():
+        return (file, *_unprefixed(file, *_read(file)))
+    if not file.is_file() and (file.parent / "adapter_model.bin").is_file():
+        raise ModelLoadError(f"{file.parent / 'adapter_model.bin'}: pickle adapter files are not read; save with "
+                             f"safe_serialization=True (adapter_model.safetensors)")
+    state, _ = _read(file)
+    stray = next((k for k in state if not k.startswith(PEFT_PREFIX)), None)
+    if stray is not None:
+        raise ModelLoadError(f"{file}: key {stray!r} lacks peft's prefix {PEFT_PREFIX!r}")
+    return file, {k[len(PEFT_PREFIX):]: v for k, v in state.items()}, _peft_config(file.parent / PEFT_CONFIG)
 
 
 def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -116,7 +153,8 @@ def adapter_names(transformer: torch.nn.Module) -> list[str]:
 
 
 def load_lora(transformer: torch.nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
-    """Load a diffusers/peft LoRA safetensors file as adapter ``adapter_name``; afterwards it is the only active one.
+    """Load a LoRA as adapter ``adapter_name``; afterwards it is the only active one. ``path``: a diffusers-format
+    safetensors file (or folder holding one), or a folder written by peft's ``save_pretrained``.
 
     Raises ModelLoadError naming the file (and the first offending key) for a missing, non-safetensors,
     corrupt or mismatched adapter, or a name that is already loaded; the transformer is then unchanged.
@@ -127,7 +165,7 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike, adapter_nam
     if adapter_name in adapter_names(transformer):
         raise ModelLoadError(f"{file}: adapter name {adapter_name!r} is already loaded "
                              f"(loaded: {adapter_names(transformer)})")
-    state, metadata = _unprefixed(file, *_read(file))
+    file, state, metadata = _read_adapter(path)
     check_lora_state(transformer, state, str(file))
     try:
         transformer.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=metadata)

@@ -1,5 +1,6 @@
-"""Stage: text encoding (prompt, negative prompt) with UMT5, as Wan does it: pad to a fixed length and zero the
-embeddings past each prompt's own tokens."""
+"""Stage: text encoding (prompt, negative prompt) with UMT5, as Wan does it: clean the text as diffusers'
+WanPipeline does (its own ``prompt_clean``: ftfy when installed, HTML unescape, whitespace collapsed), pad to a fixed
+length and zero the embeddings past each prompt's own tokens."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ class TextEmbeddings:
 
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int, device, dtype) -> torch.Tensor:
-    """(len(prompts), max_length, dim) embeddings; positions past a prompt's tokens are zero."""
-    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+    """(len(prompts), max_length, dim) embeddings of the cleaned prompts; positions past a prompt's tokens are zero."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    batch = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length, truncation=True,
                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     hidden = text_encoder(ids, mask).last_hidden_state.to(dtype)  # (B, L, dim)
@@ -36,8 +39,10 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int, de
 
 def encode_prompts(tokenizer, text_encoder, prompt: str, negative_prompt: str, *, max_length: int,
                    use_cfg: bool, device, dtype) -> TextEmbeddings:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("prompt: must be a non-empty text")
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    if not isinstance(prompt, str) or not prompt_clean(prompt):
+        raise InputError("prompt: must be a non-empty text (after cleaning)")
     prompts = [prompt] + ([negative_prompt or ""] if use_cfg else [])
     emb = encode_text(tokenizer, text_encoder, prompts, max_length, device, dtype)
     out = TextEmbeddings(emb[:1], emb[1:2] if use_cfg else None)
