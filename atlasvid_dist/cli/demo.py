@@ -15,7 +15,12 @@ from ..config.method import AtlasConfig
 from ..config.video import VideoSpec
 from ..cost.attention import layer_attention_flops
 from ..geometry.grid import ProxyGeometry, latent_grid, token_grid
+from ..errors import check
 from ..geometry.windows import WindowSpec
+
+#: Most tokens the demo runs: it runs plain full attention over every token on the CPU (quadratic in time), and
+#: allocates the latents before that. 1080P x 9 frames is 24,480 tokens; `plan` sizes anything larger.
+DEMO_MAX_TOKENS = 32_768
 
 
 def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080p|2k|4k|8k) or WxH, pixels."),
@@ -30,6 +35,7 @@ def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080
     from .common import parse_triple
 
     video = VideoSpec.from_res(res, frames=frames)
+    _check_demo_size(video)
     cfg = AtlasConfig(mode="atlas", window=parse_triple("window", window), temporal_scale=temporal_scale,
                       spatial_scale=spatial_scale, pad_windows=pad_windows)
     lat = latent_grid(video.frames, video.gen_height, video.gen_width)
@@ -57,3 +63,11 @@ def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080
     ratio = results["full"][2] / results["atlas"][2]
     diff = (results["full"][0] - results["atlas"][0]).abs().mean().item()
     typer.echo(f"atlas reads {ratio:.1f}x fewer attention FLOPs; mean |full - atlas| velocity difference {diff:.3f}")
+
+
+def _check_demo_size(video: VideoSpec) -> None:
+    """Refuse, by arithmetic before any tensor exists, a demo of more than DEMO_MAX_TOKENS tokens."""
+    tokens = video.token_count_upper_bound()
+    check(tokens <= DEMO_MAX_TOKENS, "res/frames", f"{video.width}x{video.height} x {video.frames} frames",
+          f"{tokens:,} tokens; the demo runs full attention over all of them on the CPU and takes at most "
+          f"{DEMO_MAX_TOKENS:,} (e.g. 1080p x 9 frames); use `atlasvid-dist plan` to size larger runs")

@@ -6,6 +6,7 @@ underscores); options on the command line override the file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -29,14 +30,31 @@ RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", 
             "save_proxy", "save_latents", "crf", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
 
 
+#: The kind of value every option takes in a --config file (the command line's parser already enforces them).
+OPTION_KINDS = {
+    **dict.fromkeys(("frames", "fps", "steps", "proxy_steps", "seed", "temporal_scale", "spatial_scale", "crf",
+                     "text_len", "decode_tile", "decode_overlap"), "int"),
+    **dict.fromkeys(("guidance", "flow_shift", "proxy_flow_shift", "init_strength"), "float"),
+    **dict.fromkeys(("shift", "pad_windows"), "bool"),
+    **dict.fromkeys(("prompt", "negative_prompt", "model", "res", "attention", "shift_axes", "proxy_context",
+                     "backend", "detail_init", "device", "dtype", "out", "device_profile"), "str"),
+    **dict.fromkeys(("lora_stage1", "lora_stage2", "save_proxy", "save_latents", "run_dir"), "str?"),
+    "window": "triple",
+}
+KIND_RULES = {"int": "must be an integer", "float": "must be a finite number", "bool": "must be true or false",
+              "str": "must be a text (quote it in YAML)", "str?": "must be a text (a path) or null",
+              "triple": "must be three integers T,H,W: '3,15,16' or [3, 15, 16]"}
+
+
 RESUME_OVERRIDES = ("out", "save_latents", "save_proxy", "crf")
 """What a resumed run may write elsewhere than the stored config says (its outputs; nothing that changes them)."""
 
 
 def build_config(values: dict) -> GenerateConfig:
     """Merged option values -> GenerateConfig; raises ConfigError naming the option."""
+    check_kinds(values)
     v = dict(values)
-    video = VideoSpec.from_res(str(v.pop("res")), frames=_int("frames", v.pop("frames")), fps=_int("fps", v.pop("fps")))
+    video = VideoSpec.from_res(v.pop("res"), frames=v.pop("frames"), fps=v.pop("fps"))
     window = v.pop("window")
     window = parse_triple("window", window) if isinstance(window, str) else tuple(window)
     scale = v.pop("spatial_scale")
@@ -58,10 +76,29 @@ def build_config(values: dict) -> GenerateConfig:
     return GenerateConfig(video=video, method=method, **run)
 
 
-def _int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, value, "must be an integer")
-    return value
+def check_kinds(values: dict) -> None:
+    """Refuse (ConfigError naming the option) a value of the wrong kind, e.g. ``out: 123`` or ``window: 5`` in a
+    --config file, before any of them is used; unknown options are left to :func:`build_config`."""
+    for name, value in values.items():
+        kind = OPTION_KINDS.get(name)
+        if kind is not None and not _is_kind(kind, value):
+            raise ConfigError(name, value, KIND_RULES[kind])
+
+
+def _is_kind(kind: str, value: object) -> bool:
+    """True when ``value`` is of ``kind`` (see OPTION_KINDS); bools are not numbers, floats must be finite."""
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "str?":
+        return value is None or isinstance(value, str)
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) == 3
+                                      and all(_is_kind("int", x) for x in value))
 
 
 def generate(

@@ -32,6 +32,10 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
          json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
          plot: str = typer.Option(None, "--plot", help="Also draw the window-to-rank layout and the cost breakdown to FILE.png.")) -> None:
     """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
+    if plot:
+        from .plot import check_plot_path
+
+        check_plot_path(plot)  # before minutes of cost model: a bad destination is refused first
     video = c.build_video(res, frames, fps)
     spec = c.resolve_model(model)
     method = c.build_method(video, spec, attention=attention, window=window, shift=shift, shift_axes=shift_axes,

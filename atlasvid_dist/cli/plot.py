@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +25,33 @@ def window_owner_grid(spec: WindowSpec, ranks: int) -> np.ndarray:
     return owner.reshape(spec.counts)
 
 
-def save_plan_plot(path: str, report: CostReport, spec: WindowSpec | None, ranks: int) -> Path:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plot", path, "needs matplotlib: pip install 'atlasvid-dist[plot]'") from None
+def check_plot_path(path: str) -> Path:
+    """Refuse (ConfigError) a --plot destination that cannot be written: not .png, a folder that does not exist,
+    or one where a file cannot be created (read-only), or no matplotlib. Called before the plan is computed."""
+    _pyplot(path)
     out = Path(path)
     if out.suffix.lower() != ".png" or not out.parent.resolve().is_dir():
         raise ConfigError("plot", path, "must be a .png in an existing folder")
+    if out.is_dir():
+        raise ConfigError("plot", path, "is a folder; give a FILE.png")
+    try:  # the one reliable test (root ignores permission bits, a read-only mount does not)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".plot-check-", suffix=".png"):
+            pass
+    except OSError as exc:
+        raise ConfigError("plot", path, folder_write_rule(out.parent, exc)) from None
+    return out
+
+
+def folder_write_rule(folder: Path, exc: OSError) -> str:
+    """The rule a failed write into ``folder`` broke, from its errno (read-only, permission, full disk...)."""
+    reasons = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
+               errno.EPERM: "is not writable (operation not permitted)", errno.ENOSPC: "has no space left on device"}
+    return f"folder {folder} {reasons.get(exc.errno, f'cannot be written: {exc.strerror or exc}')}"
+
+
+def save_plan_plot(path: str, report: CostReport, spec: WindowSpec | None, ranks: int) -> Path:
+    out = check_plot_path(path)
+    plt = _pyplot(path)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
     _layout(axes[0], spec, ranks)
     _bars(axes[1], report.flops_per_video, "FLOPs per video", 1e15, "PFLOP")
@@ -42,9 +60,25 @@ def save_plan_plot(path: str, report: CostReport, spec: WindowSpec | None, ranks
     fig.suptitle(f"detail {report.detail_tokens:,} tokens, proxy {report.proxy_tokens:,}; attention FLOPs "
                  f"{report.attention_flops_ratio:.0f}x fewer than full; fits: {report.fits}")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as exc:
+        raise ConfigError("plot", path, folder_write_rule(out.parent, exc)) from None
+    finally:
+        plt.close(fig)
     return out
+
+
+def _pyplot(path: str):
+    """matplotlib.pyplot on the Agg backend, or a ConfigError saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plot", path, "needs matplotlib: pip install 'atlasvid-dist[plot]'") from None
+    return plt
 
 
 def _layout(ax, spec: WindowSpec | None, ranks: int) -> None:

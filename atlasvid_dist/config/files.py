@@ -17,7 +17,7 @@ def read_mapping(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config", str(p), "file not found")
-    text = p.read_text()
+    text = _read_text(p)
     try:
         if p.suffix == ".json":
             data = json.loads(text)
@@ -32,6 +32,21 @@ def read_mapping(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError("config", str(p), "must hold a mapping of field: value")
     return data
+
+
+def _read_text(p: Path) -> str:
+    """The file's text as UTF-8; a binary, non-UTF-8 or unreadable file is a ConfigError naming it."""
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", str(p), f"cannot be read: {exc.strerror or exc}") from None
+    if b"\x00" in raw:
+        raise ConfigError("config", str(p), "is a binary file, not YAML/JSON text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", str(p), f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                                            f"{exc.start}); save it as UTF-8 YAML/JSON") from None
 
 
 def from_mapping(cls: type[T], data: dict, source: str = "config", overrides: dict | None = None) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,16 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
                        "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 """Wan2.1's own default negative prompt (``sample_neg_prompt`` of its shared config), the default here too."""
+#: Longest prompt (characters) accepted. The text encoder reads at most 512 tokens (Wan2.1's UMT5: ~4 characters
+#: a token in English); a longer text is cut there anyway, and tokenizing megabytes of it before the cut cost
+#: tens of GB. Refused, not silently cut.
+MAX_PROMPT_CHARS = 10_000
+#: Most text tokens per prompt (Wan2.1's UMT5 is trained with 512).
+MAX_TEXT_LEN = 512
+#: Most denoising steps per stage (Wan uses 30-50; more is a typo, not a setting).
+MAX_STEPS = 10_000
+#: Seeds are 64-bit (torch.Generator.manual_seed).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -79,27 +90,47 @@ class GenerateConfig:
     """Cost-model device profile for the pre-flight memory check: h100|h200|cpu|FILE.yaml; auto = by device."""
 
     def __post_init__(self) -> None:
-        check(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt", self.prompt, "must not be empty")
+        self._check_texts()
         for name in ("steps", "proxy_steps"):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
-        check(isinstance(self.guidance, (int, float)) and self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
+            check(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STEPS, name, v,
+                  f"must be an integer in [1, {MAX_STEPS}]")
+        check(_finite(self.guidance) and self.guidance >= 0, "guidance", self.guidance, "must be a finite number >= 0")
         for name in ("flow_shift", "proxy_flow_shift"):
             v = getattr(self, name)
-            check(isinstance(v, (int, float)) and v > 0, name, v, "must be > 0")
-        check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "must be an integer >= 0")
+            check(_finite(v) and v > 0, name, v, "must be a finite number > 0")
+        check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED, "seed",
+              self.seed, "must be an integer in [0, 2**63 - 1]")
         check(self.detail_init in DETAIL_INITS, "detail_init", self.detail_init, f"must be one of {DETAIL_INITS}")
         check(isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1, "init_strength",
               self.init_strength, "must be in (0, 1]")
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        check(isinstance(self.text_len, int) and self.text_len >= 0, "text_len", self.text_len, "must be >= 0")
+        check(isinstance(self.text_len, int) and not isinstance(self.text_len, bool)
+              and 0 <= self.text_len <= MAX_TEXT_LEN, "text_len", self.text_len,
+              f"must be an integer in [0, {MAX_TEXT_LEN}] (0 = the tokenizer's maximum)")
         check(isinstance(self.crf, int) and not isinstance(self.crf, bool) and 0 <= self.crf <= 51, "crf", self.crf,
               "must be an integer in [0, 51] (0 = lossless)")
         check(self.method.mode != "full" or self.detail_init == "noise", "detail_init", self.detail_init,
               "'proxy' needs a proxy; mode 'full' has none")
         self._check_paths()
         self._check_geometry()
+
+    def _check_texts(self) -> None:
+        """Prompt: a non-empty text of at most MAX_PROMPT_CHARS; every other text/path field: a str (or None)."""
+        check(isinstance(self.prompt, str), "prompt", self.prompt, "must be a text")
+        check(self.prompt.strip() != "", "prompt", self.prompt, "must not be empty")
+        for name in ("prompt", "negative_prompt"):
+            v = getattr(self, name)
+            check(isinstance(v, str), name, v, "must be a text")
+            check(len(v) <= MAX_PROMPT_CHARS, name, f"{v[:40]}... ({len(v):,} characters)",
+                  f"must be at most {MAX_PROMPT_CHARS:,} characters (the text encoder reads {MAX_TEXT_LEN} tokens; "
+                  f"the rest would be cut)")
+        for name in ("model", "out", "device_profile"):
+            check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a text (a name or path)")
+        for name in ("lora_stage1", "lora_stage2", "save_proxy", "save_latents", "run_dir"):
+            v = getattr(self, name)
+            check(v is None or isinstance(v, str), name, v, "must be a text (a path) or None")
 
     def _check_paths(self) -> None:
         for name, suffix in (("out", ".mp4"), ("save_proxy", ".mp4"), ("save_latents", ".safetensors")):
@@ -148,3 +179,8 @@ class GenerateConfig:
             m["schedule"] = tuple((tuple(w), tuple(s)) for w, s in m["schedule"])
         method = AtlasConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
         return cls(video=video, method=method, **d)
+
+
+def _finite(v: object) -> bool:
+    """A finite int or float (not a bool, not NaN or inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

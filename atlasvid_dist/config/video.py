@@ -24,6 +24,12 @@ RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
 PAD_AND_CROP_PRESETS = frozenset({"1080p"})
 PIXELS_PER_TOKEN = 16  # VAE spatial 8x times patch 2x
 VAE_TEMPORAL = 4
+#: Frames per second an output may have: players and H.264 levels stop well before; 1e9 wrote a 0-second mp4.
+MAX_FPS = 240
+#: Most detail tokens a video may have (2**23; 8K x 241 frames is 7.9M). Checked by arithmetic before anything is
+#: built: window layouts, proxy regions and latents all grow with the tokens (256x256 x 400001 frames, 25.6M
+#: tokens, took 170 s and 22.4 GB in ``plan`` before it refused).
+MAX_TOKENS = 8_388_608
 
 
 def _round_up(x: int, m: int) -> int:
@@ -64,6 +70,8 @@ class VideoSpec:
         for name in ("width", "height", "frames", "fps"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
+        check(self.fps <= MAX_FPS, "fps", self.fps, f"must be at most {MAX_FPS} frames per second")
+        self._check_tokens()
         check((self.frames - 1) % VAE_TEMPORAL == 0, "frames", self.frames,
               f"must be 4k+1 (e.g. {self._near_frames()}); Wan's VAE compresses time 4x after the first frame")
         gw, gh = self.width, self.height
@@ -75,6 +83,18 @@ class VideoSpec:
                   f"nearest: {v // 16 * 16 or 16} or {_round_up(v, 16)}")
         object.__setattr__(self, "gen_width", gw)
         object.__setattr__(self, "gen_height", gh)
+
+    def _check_tokens(self) -> None:
+        """Refuse, from arithmetic alone, a video of more than MAX_TOKENS detail tokens (sizes rounded up)."""
+        tokens = self.token_count_upper_bound()
+        check(tokens <= MAX_TOKENS, "res/frames", f"{self.width}x{self.height} x {self.frames} frames",
+              f"{tokens:,} detail tokens; at most {MAX_TOKENS:,} (e.g. 8K x 241 frames, 720P x 9,000 frames): "
+              f"lower the resolution or the frame count")
+
+    def token_count_upper_bound(self) -> int:
+        """Detail tokens of this size (latent frames x 16-pixel cells), sizes rounded up: pure arithmetic."""
+        cells = -(-self.width // PIXELS_PER_TOKEN) * -(-self.height // PIXELS_PER_TOKEN)
+        return ((self.frames - 1) // VAE_TEMPORAL + 1) * cells
 
     def _near_frames(self) -> str:
         lo = (self.frames - 1) // 4 * 4 + 1

@@ -99,7 +99,9 @@ class RunSettings:
         for name in ("steps", "proxy_steps", "decode_tile"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
-        check(isinstance(self.guidance, (int, float)) and self.guidance >= 0, "guidance", self.guidance, "must be >= 0")
+        check(isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
+              and math.isfinite(self.guidance) and self.guidance >= 0, "guidance", self.guidance,
+              "must be a finite number >= 0")
         check(self.detail_init in DETAIL_INITS, "detail_init", self.detail_init, f"must be one of {DETAIL_INITS}")
         check(isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1, "init_strength",
               self.init_strength, "must be in (0, 1]")

@@ -1,11 +1,12 @@
 """Device profiles for the cost model: peak FLOP/s, the fraction of it our kernels reach, memory, link bandwidth.
 
-Presets are settings, not measurements of the machine the plan runs on; a YAML/JSON file with the same fields
-(``--device-profile my_gpu.yaml``) replaces them. Sources of the preset numbers are given per field.
+Presets are settings, not measurements of the machine the plan runs on (except the CPU preset's memory, read
+from this machine); a YAML/JSON file with the same fields (``--device-profile my_gpu.yaml``) replaces them. Sources of the preset numbers are given per field.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,29 @@ class DeviceProfile:
         return int(self.memory_bytes * self.usable_fraction)
 
 
+#: Host memory assumed when the machine cannot tell (no sysconf, no cgroup limit readable).
+FALLBACK_HOST_MEMORY = 32 * GiB
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_memory_bytes() -> int:
+    """Memory of this machine: physical RAM (sysconf), lowered to the container's cgroup limit when one is set;
+    FALLBACK_HOST_MEMORY when neither can be read."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        physical = 0
+    limits = [physical] if physical > 0 else []
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 2**60:  # 'max' or a huge number: no limit
+            limits.append(int(text))
+    return min(limits) if limits else FALLBACK_HOST_MEMORY
+
+
 PROFILES: dict[str, DeviceProfile] = {
     # H100 SXM: 989 TFLOP/s dense bf16, 495 TF32 (NVIDIA datasheet); 81,559 MiB as nvidia-smi reports it.
     # efficiency 0.55: our dense attention ran at 516-549 TFLOP/s (benchmarks/results/attention-wan-*-cuda-bf16);
@@ -60,10 +84,11 @@ PROFILES: dict[str, DeviceProfile] = {
     # H200: same compute as H100, 141 GB HBM3e (143,771 MiB), same NVLink.
     "h200": DeviceProfile("h200", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
                           window_efficiency=0.08, memory_bytes=143_771 * 2**20, link_bytes_per_s=300e9),
-    # A small CPU host (2 AVX2 cores ~ 0.1 TFLOP/s fp32, no fast bf16), 32 GiB shared by all workers, gloo
-    # over loopback.
+    # A small CPU host (2 AVX2 cores ~ 0.1 TFLOP/s fp32, no fast bf16), gloo over loopback; its memory is this
+    # machine's (host_memory_bytes), shared by all workers. A profile file with memory_bytes overrides it.
     "cpu": DeviceProfile("cpu", peak_flops=1e11, peak_flops_fp32=1e11, efficiency=0.3, window_efficiency=0.2,
-                         memory_bytes=32 * GiB, usable_fraction=0.8, link_bytes_per_s=2e9, shared_memory=True),
+                         memory_bytes=host_memory_bytes(), usable_fraction=0.8, link_bytes_per_s=2e9,
+                         shared_memory=True),
 }
 
 

@@ -10,8 +10,10 @@ run's other outputs, all or none.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.video import MAX_FPS
 from ..errors import InputError, RunFailure
 from .outputs import partial_path
 
@@ -85,9 +88,12 @@ class Mp4Writer:
         if frames.dtype != np.uint8 or frames.shape[1:] != (self.height, self.width, 3):
             raise InputError(f"{self.path}: frames must be uint8 (N, {self.height}, {self.width}, 3) or "
                              f"({self.height}, {self.width}, 3), got {frames.dtype} {frames.shape}")
-        for f in frames:
-            self._gen.send(np.ascontiguousarray(f))
-            self.frames += 1
+        try:
+            for f in frames:
+                self._gen.send(np.ascontiguousarray(f))
+                self.frames += 1
+        except OSError as exc:  # ffmpeg died (imageio reports a broken pipe with ffmpeg's stderr)
+            raise RunFailure(write_failure_message(self.path, str(exc), exc.errno)) from exc
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
@@ -98,6 +104,8 @@ class Mp4Writer:
             self._gen = None
             if self.frames == 0:
                 raise InputError(f"{self.path}: no frames were written; an empty mp4 is not a video")
+            if _disk_full(self.tmp.parent):
+                raise RunFailure(write_failure_message(self.path, "", errno.ENOSPC))
             if self.verify:
                 found = _count_frames(self.tmp)
                 if found != self.frames:
@@ -127,10 +135,34 @@ def _check_writer_args(path: Path, fps, width, height, crf) -> None:
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 2 or v % 2:
             raise InputError(f"{path}: {name}={v!r}: yuv420p needs an even integer >= 2")
-    if not isinstance(fps, (int, float, Fraction)) or isinstance(fps, bool) or not fps > 0:
-        raise InputError(f"{path}: fps={fps!r}: must be a number > 0")
+    if not isinstance(fps, (int, float, Fraction)) or isinstance(fps, bool) or not 0 < fps <= MAX_FPS:
+        raise InputError(f"{path}: fps={fps!r}: must be a number in (0, {MAX_FPS}]")
     if not isinstance(crf, int) or not 0 <= crf <= 51:
         raise InputError(f"{path}: crf={crf!r}: libx264 takes an integer in [0, 51]")
+
+
+def write_failure_message(path: Path, detail: str, err: int | None = None) -> str:
+    """One line for a failed write of ``path``: 'No space left on device' (with the folder's free bytes) when
+    ``err`` is ENOSPC or ffmpeg's text ``detail`` says so, else ffmpeg's last line."""
+    lines = [ln.strip() for ln in str(detail).splitlines() if ln.strip()]
+    if err == errno.ENOSPC or any("No space left on device" in ln for ln in lines):
+        return f"{path}: No space left on device (writing in {path.parent}, {_free_bytes(path.parent)} free)"
+    return f"{path}: writing failed: {lines[-1] if lines else 'ffmpeg stopped'}"
+
+
+def _free_bytes(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free:,} bytes"
+    except OSError:
+        return "unknown bytes"
+
+
+def _disk_full(folder: Path) -> bool:
+    """True when the folder's file system has no free byte left (a write there was cut short)."""
+    try:
+        return shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
 
 
 def _count_frames(path: Path) -> int:
@@ -142,6 +174,8 @@ def _count_frames(path: Path) -> int:
     res = subprocess.run(cmd, capture_output=True)
     text = res.stderr.decode(errors="replace")
     if res.returncode != 0:
+        if _disk_full(path.parent):
+            raise RunFailure(write_failure_message(path, text, errno.ENOSPC))
         raise InputError(f"{path}: ffmpeg cannot read it: {text.strip().splitlines()[-1:] or text}")
     found = re.findall(r"frame=\s*(\d+)", text)
     if not found:
