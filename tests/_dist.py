@@ -39,6 +39,7 @@ def _entry(fn, rank: int, world: int, port: int, pg_timeout: float, backend: str
         comm.init_group(backend, rank, world, f"tcp://127.0.0.1:{port}", timeout_s=pg_timeout)
         out = fn(rank, world, *args)
         results.put((rank, "ok", out))
+        _linger()
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -46,6 +47,17 @@ def _entry(fn, rank: int, world: int, port: int, pg_timeout: float, backend: str
             comm.teardown()
         except Exception:  # noqa: BLE001 - a broken group after a failure; the result is already sent
             pass
+
+
+def _linger() -> None:
+    """Rank 0 hosts the rendezvous store: no rank leaves while another may still use it (a sub-group's creation,
+    say), whatever the load on the machine. Best effort: a test that broke the group on purpose has its result."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - the result is already sent
+        pass
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0,
