@@ -212,12 +212,14 @@ def _stop_node(proc: subprocess.Popen) -> None:
             continue
 
 
-def _wait_for(what: str, predicate, timeout: float = START_S) -> None:
+def _wait_for(what: str, predicate, node: subprocess.Popen, log: Path, timeout: float = START_S) -> None:
+    """Poll ``predicate`` until it holds; fail at once when ``node`` (its `ray start --block`) has exited."""
     import time
 
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        assert node.poll() is None, f"{what}: `ray start` exited with {node.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} within {timeout} s: {log.read_text()[-3000:]}"
         time.sleep(2)
 
 
@@ -228,10 +230,10 @@ def gpu_cluster(tmp_path):
     Token auth as in ``head``. Yields (job API address, client environment, log of both nodes)."""
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "CUDA_VISIBLE_DEVICES"):  # a node declaring GPUs checks this
         env.pop(key, None)
     port, dash, log = str(_port()), str(_port()), tmp_path / "nodes.log"
     temp = Path("/tmp") / f"atlasvid-head-{port}"
@@ -240,11 +242,12 @@ def gpu_cluster(tmp_path):
     nodes = [head]
     try:
         status = [str(Path(bindir) / "ray"), "status", "--address", f"127.0.0.1:{port}"]
-        _wait_for("the head started", lambda: subprocess.run(status, env=env, capture_output=True).returncode == 0)
+        _wait_for("the head started", lambda: subprocess.run(status, env=env, capture_output=True).returncode == 0,
+                  head, log)
         nodes.append(_start_node(f"{README_NODE} --node-ip-address 127.0.0.1 --num-cpus 3 --num-gpus 2", env, log,
                                  HEAD="127.0.0.1", **{"6379": port}))
         _wait_for("the GPU node joined", lambda: "/2.0 GPU" in subprocess.run(status, env=env, capture_output=True,
-                                                                               text=True).stdout)
+                                                                               text=True).stdout, nodes[-1], log)
         yield f"http://127.0.0.1:{dash}", env, log
     finally:
         for proc in reversed(nodes):
