@@ -87,3 +87,14 @@ def test_quiet_prints_nothing_on_stderr(tmp_path):
     run = _generate(tmp_path, "--out", "q.mp4", "--quiet")
     assert run.returncode == 0 and run.stderr == "", run.stderr[-3000:]
     assert (tmp_path / "q.mp4").stat().st_size > 0
+
+
+def test_silence_libraries_turns_off_their_bars_and_warnings():
+    """In a fresh process (the switches are process-wide): errors only, and no bars, from the three libraries."""
+    code = ("from atlasvid_dist.cli.quiet import silence_libraries; silence_libraries(); import logging\n"
+            "import diffusers.utils.logging as d, transformers.utils.logging as t, huggingface_hub.utils as h\n"
+            "print(t.get_verbosity() == logging.ERROR, d.get_verbosity() == logging.ERROR,\n"
+            "      t.is_progress_bar_enabled(), d.is_progress_bar_enabled(), h.are_progress_bars_disabled())")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=RUN_S)
+    assert run.stdout.split() == ["True", "True", "False", "False", "True"], run.stderr[-2000:]
