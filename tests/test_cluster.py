@@ -170,3 +170,134 @@ def test_ray_job_submit_runs_training(head, tmp_path):
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "SUCCEEDED" in log, log[-4000:]
     assert (out / "adapter.safetensors").stat().st_size > 0
+
+
+#: cluster/README.md's commands for a cluster by hand (a CPU-only head that only schedules, then every GPU node),
+#: which the GPU test below starts as they are, adding only what a test on one machine needs (see _start_node)
+README_HEAD = "ray start --head --port 6379 --dashboard-host 127.0.0.1 --num-cpus 0"
+README_NODE = "ray start --address HEAD:6379"
+README_SUBMIT = "ray job submit --address http://127.0.0.1:8265 --runtime-env-json '{\"env_vars\": {\"HF_HUB_OFFLINE\": \"1\"}}' --"
+
+
+def test_readme_gives_the_commands_the_gpu_cluster_test_runs():
+    text = " ".join((CLUSTER / "README.md").read_text().replace("\\\n", " ").split())
+    for command in (README_HEAD, README_NODE, README_SUBMIT):
+        assert command in text, command
+
+
+def _start_node(command: str, env: dict, log: Path, **subs) -> subprocess.Popen:
+    """One of README's `ray start` commands with --block, in its own process group (``_stop_node`` ends that group,
+    only the processes this test started); ``subs`` replace the README's placeholders (HEAD, 6379, 8265)."""
+    args = shlex.split(command)
+    for old, new in subs.items():
+        args = [a.replace(old, new) for a in args]
+    args[0] = str(Path(sys.executable).parent / "ray")
+    with open(log, "ab") as out:
+        return subprocess.Popen([*args, "--block", "--disable-usage-stats"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for(what: str, predicate, node: subprocess.Popen, log: Path, timeout: float = START_S) -> None:
+    """Poll ``predicate`` until it holds; fail at once when ``node`` (its `ray start --block`) has exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert node.poll() is None, f"{what}: `ray start` exited with {node.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} within {timeout} s: {log.read_text()[-3000:]}"
+        time.sleep(2)
+
+
+@pytest.fixture
+def gpu_cluster(tmp_path):
+    """README's layout on loopback: a head with no CPUs and no GPUs (it only schedules; the job's driver runs
+    there), and a second node declaring 2 GPUs it does not have (the placement group forms; CUDA does not exist).
+    Token auth as in ``head``. Yields (job API address, client environment, log of both nodes)."""
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
+           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "CUDA_VISIBLE_DEVICES"):  # a node declaring GPUs checks this
+        env.pop(key, None)
+    port, dash, log = str(_port()), str(_port()), tmp_path / "nodes.log"
+    temp = Path("/tmp") / f"atlasvid-head-{port}"
+    head = _start_node(f"{README_HEAD} --node-ip-address 127.0.0.1 --dashboard-port {dash} --include-dashboard true "
+                       f"--temp-dir {temp} --num-gpus 0", env, log, **{"6379": port})
+    nodes = [head]
+    try:
+        status = [str(Path(bindir) / "ray"), "status", "--address", f"127.0.0.1:{port}"]
+        _wait_for("the head started", lambda: subprocess.run(status, env=env, capture_output=True).returncode == 0,
+                  head, log)
+        nodes.append(_start_node(f"{README_NODE} --node-ip-address 127.0.0.1 --num-cpus 3 --num-gpus 2", env, log,
+                                 HEAD="127.0.0.1", **{"6379": port}))
+        _wait_for("the GPU node joined", lambda: "/2.0 GPU" in subprocess.run(status, env=env, capture_output=True,
+                                                                               text=True).stdout, nodes[-1], log)
+        yield f"http://127.0.0.1:{dash}", env, log
+    finally:
+        for proc in reversed(nodes):
+            _stop_node(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_gpu_job_on_a_cpu_only_head_asks_the_cluster_and_fails_in_the_workers(gpu_cluster, tmp_path):
+    """`ray job submit -- atlasvid-dist generate --gpus 2` with the driver on a head without CUDA: the driver's
+    check asks Ray (2 GPUs: enough) instead of refusing for want of its own CUDA; the run reaches the workers,
+    which report that their torch finds no CUDA device (none exists here): exit 1, naming every worker."""
+    address, env, log = gpu_cluster
+    submit = shlex.split(README_SUBMIT.replace("http://127.0.0.1:8265", address))
+    submit[0] = str(Path(sys.executable).parent / "ray")
+    cmd = [*submit, "atlasvid-dist", "generate", "--gpus", "2", "--prompt", "a red ball", "--res", "256x256",
+           "--frames", "9", "--steps", "1", "--proxy-steps", "1", "--window", "3,4,8", "--spatial-scale", "2",
+           "--out", str(tmp_path / "never.mp4")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out[-4000:] + log.read_text()[-2000:]
+    assert "requested but no CUDA device is available" not in out, out[-4000:]
+    import re
+
+    for worker in ("proxy worker", "detail rank 0", "detail rank 1"):  # Ray may name the node by its LAN address
+        assert re.search(rf"(error: |; ){worker} on node [0-9.]+: --gpus runs on CUDA", out), out[-4000:]
+    assert "finds no usable CUDA device" in out and not (tmp_path / "never.mp4").exists()
+
+
+def test_driver_on_a_cluster_refuses_more_gpus_than_ray_has(tmp_path):
+    """The cluster check counts the cluster's GPUs (as Ray reports them), naming what the run needs and has."""
+    from atlasvid_dist.cli.generate import DEFAULTS, build_config
+    from atlasvid_dist.errors import PlanError
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+    from atlasvid_dist.runtime.driver import DistributedGenerator
+
+    class Cluster:
+        """What the check asks of ``ray``: the cluster's resources (2 GPUs on a node, a CPU-only head)."""
+
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 16.0, "GPU": 2.0, "accelerator_type:H200": 1.0}
+
+    cfg = build_config({**DEFAULTS, "prompt": "x", "device": "cuda", "out": str(tmp_path / "x.mp4")})
+    for workers, refused in ((8, True), (2, False)):
+        driver = DistributedGenerator(cfg, workers, ray_address="auto")
+        driver._gen = TwoStageGenerator(cfg, local_device=False)  # no CUDA needed here
+        if refused:
+            with pytest.raises(PlanError, match=r"8 workers need 8 GPU in all; the Ray cluster has 2"):
+                driver._check_cluster(Cluster())
+        else:
+            driver._check_cluster(Cluster())
+            assert driver._gen.gpu_name == "H200"

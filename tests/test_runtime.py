@@ -295,3 +295,22 @@ def test_spatial_only_shift_equals_single_process(tmp_path, capsys):
     assert float((load_file(str(a))["latents"] - load_file(str(b))["latents"]).abs().max()) <= 1e-5
     sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB", text)]
     assert len(sent) == 2 and all(s > 0 for s in sent), text
+
+
+@pytest.mark.slow
+def test_workers_json_summary_has_every_ranks_memory_and_bytes(tmp_path, capsys):
+    """`generate --workers 2 --json`: the last stdout line is one JSON object with the ranks' numbers."""
+    import json
+
+    code = cli("generate", *ARGS, "--workers", "2", "--out", str(tmp_path / "j.mp4"), "--save-proxy",
+               str(tmp_path / "jp.mp4"), "--json")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["workers"] == 2 and summary["paths"]["video"] == str(tmp_path / "j.mp4")
+    assert summary["paths"]["proxy"] == str(tmp_path / "jp.mp4") and summary["paths"]["latents"] is None
+    assert len(summary["bytes_sent"]) == 2 and all(b > 0 for b in summary["bytes_sent"])  # shifted layers' halo
+    assert [m["rank"] for m in summary["peak_memory"]] == [0, 1]
+    assert all(m["cpu_max_rss_bytes"] > 1e6 and m["cuda_max_allocated_bytes"] is None for m in summary["peak_memory"])
+    assert summary["median_step_seconds"]["detail"] > 0 and summary["median_step_seconds"]["proxy"] > 0
+    assert summary["model"]["random_weights"] is True and summary["wall_seconds"] > 0

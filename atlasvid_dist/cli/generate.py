@@ -138,7 +138,8 @@ def generate(
     overwrite_run_dir: bool = typer.Option(False, "--overwrite-run-dir", help="Clear the --run-dir folder of a previous run first (without it, a folder that holds a run is refused)."),
     device_profile: Optional[str] = typer.Option(None, help="Pre-flight memory check profile: h100|h200|cpu|FILE.yaml. [default: by device]"),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file setting any option (options override it)."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    quiet: bool = typer.Option(False, help="No progress bars or lines, and no library bars or warnings."),
+    json_out: bool = typer.Option(False, "--json", help="Print, last, one JSON object: paths, geometry, seconds, peak memory per rank, model, seed, bytes sent per rank."),
     workers: Optional[int] = typer.Option(None, help="Distributed on Ray: N detail workers on CPU (gloo)."),
     gpus: Optional[int] = typer.Option(None, help="Distributed on Ray: N detail workers, one GPU each (NCCL)."),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto|ADDR); default: start Ray embedded."),
@@ -150,7 +151,7 @@ def generate(
     dist_flags = dict(proxy_parallel=proxy_parallel, window_group=window_group, window_parallel=window_parallel)
     flags = {k: v for k, v in locals().items()
              if v is not None and k not in ("config", "resume", "quiet", "workers", "gpus", "ray_address", "dist_flags",
-                                            "overwrite_run_dir", *dist_flags)}
+                                            "overwrite_run_dir", "json_out", *dist_flags)}
     ranks = _distributed(workers, gpus, flags)
     if ranks is None and dist_flags != dict(proxy_parallel="none", window_group=1, window_parallel="ulysses"):
         raise ConfigError("proxy_parallel/window_group", dist_flags, "need --workers or --gpus (a distributed run)")
@@ -158,12 +159,16 @@ def generate(
         cfg = _resume_config(resume, flags)
     else:
         cfg = build_config({**DEFAULTS, **(read_mapping(config) if config else {}), **flags})
+    if quiet:
+        from .quiet import silence_libraries
+
+        silence_libraries()
     if ranks is not None:
         plan = build_parallel(device=cfg.device, gpus=ranks if cfg.device == "cuda" else 0, workers=ranks,
                               **dist_flags)
         return run_distributed(cfg, plan, ray_address, progress=not quiet, resume=bool(resume),
-                               overwrite=overwrite_run_dir)
-    run(cfg, resume=bool(resume), progress=not quiet, overwrite=overwrite_run_dir)
+                               overwrite=overwrite_run_dir, json_out=json_out)
+    run(cfg, resume=bool(resume), progress=not quiet, overwrite=overwrite_run_dir, json_out=json_out)
 
 
 def _distributed(workers, gpus, flags: dict) -> int | None:
@@ -202,27 +207,38 @@ def _resume_config(run_dir: str, flags: dict) -> GenerateConfig:
                          f"the run cannot be resumed") from e
 
 
-def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True, overwrite: bool = False):
+def run(cfg: GenerateConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+        json_out: bool = False):
     from ..pipeline.generate import TwoStageGenerator
 
-    return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume, overwrite=overwrite))
+    return _report(lambda: TwoStageGenerator(cfg, progress=progress).run(resume=resume, overwrite=overwrite),
+                   json_out)
 
 
 def run_distributed(cfg: GenerateConfig, plan: ParallelPlan, ray_address: str | None = None, progress: bool = True,
-                    resume: bool = False, overwrite: bool = False):
+                    resume: bool = False, overwrite: bool = False, json_out: bool = False):
     from ..runtime.driver import DistributedGenerator
 
     return _report(lambda: DistributedGenerator(cfg, plan.workers, ray_address, progress=progress,
-                                                plan=plan).run(resume=resume, overwrite=overwrite))
+                                                plan=plan).run(resume=resume, overwrite=overwrite), json_out)
 
 
-def _report(run_fn):
-    """Run, print the summary; a failure that is not a typed input error becomes RunFailure (exit code 1)."""
+def _report(run_fn, json_out: bool = False):
+    """Run, print the summary (and with ``json_out`` the result's JSON object as the last line, its wall time
+    included); a failure that is not a typed input error becomes RunFailure (exit code 1)."""
+    import time
+
+    t0 = time.perf_counter()
     try:
         result = run_fn()
     except AtlasError:
         raise
     except Exception as exc:  # a failure while running: exit code 1, with the cause
         raise RunFailure(f"{type(exc).__name__}: {exc}") from exc
+    wall = time.perf_counter() - t0
     typer.echo(result.summary())
+    if json_out:
+        import json
+
+        typer.echo(json.dumps({**result.to_dict(), "wall_seconds": wall}))
     return result

@@ -44,6 +44,41 @@ class RunResult:
     seconds: dict = field(default_factory=dict)
     out_bytes: int = 0
     resumed_from: str | None = None
+    proxy_out: str | None = None
+    """--save-proxy's video (None: not written)."""
+    latents_out: str | None = None
+    """--save-latents' file (None: not written)."""
+    seed: int = 0
+    model: str = "tiny"
+    """--model as given: 'tiny' or a folder."""
+    step_seconds: dict = field(default_factory=dict)
+    """Median seconds of one denoising step, by stage (checkpoint commit included)."""
+    peak_memory: list = field(default_factory=list)
+    """Per rank (one entry on one process): ``report.peak_memory`` of the process that ran it."""
+    wall_seconds: float | None = None
+    """The whole run as the caller timed it (set by the CLI)."""
+
+    @classmethod
+    def for_config(cls, cfg: GenerateConfig, seconds: dict, out_bytes: int, **extra) -> "RunResult":
+        """The result of a run of ``cfg`` (sizes, paths, seed and model from the configuration)."""
+        return cls(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps, cfg.detail_grid.size,
+                   cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps, cfg.proxy_steps if cfg.uses_proxy else 0,
+                   dict(seconds), out_bytes, proxy_out=cfg.save_proxy if cfg.uses_proxy else None,
+                   latents_out=cfg.save_latents, seed=cfg.seed, model=cfg.model, **extra)
+
+    def to_dict(self) -> dict:
+        """The machine-readable summary (``generate --json``): paths, geometry, times, memory, model, seed."""
+        from .report import model_info, path_or_none
+
+        return {"paths": {"video": path_or_none(self.out), "proxy": path_or_none(self.proxy_out),
+                          "latents": path_or_none(self.latents_out)},
+                "width": self.width, "height": self.height, "frames": self.frames, "fps": self.fps,
+                "out_bytes": self.out_bytes, "steps": self.steps, "proxy_steps": self.proxy_steps,
+                "detail_tokens": self.detail_tokens, "proxy_tokens": self.proxy_tokens,
+                "seconds": dict(self.seconds), "median_step_seconds": dict(self.step_seconds),
+                "wall_seconds": self.wall_seconds, "peak_memory": list(self.peak_memory),
+                "model": model_info(self.model), "seed": self.seed, "resumed_from": self.resumed_from,
+                "workers": 1, "bytes_sent": None}
 
     def summary(self) -> str:
         t = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
@@ -73,13 +108,24 @@ class TwoStageGenerator:
     interrupt_at: tuple[str, int] | None = None
     on_commit: Callable[[str, int], None] | None = None
 
-    def __init__(self, cfg: GenerateConfig, components=None, progress: bool = True):
+    def __init__(self, cfg: GenerateConfig, components=None, progress: bool = True, local_device: bool = True):
+        """``local_device=False``: this process does not run the model (a Ray cluster's driver, whose GPUs are on
+        other nodes), so it neither needs CUDA itself nor checks for it; the workers check their own."""
         self.cfg, self.progress = cfg, progress
         self.device, self.dtype = torch.device(cfg.device), resolve_dtype(cfg)
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+        if local_device and cfg.device == "cuda" and not torch.cuda.is_available():
             raise InputError("device: 'cuda' requested but no CUDA device is available")
         self.components = components
         self.seconds: dict[str, float] = {}
+        self.step_times: dict[str, list[float]] = {}
+        """Seconds of every denoising step run, by stage."""
+        self.gpu_name: str | None = None
+        """The GPUs' name for the 'auto' device profile when they are not this process's (a cluster's driver)."""
+
+    def say(self, line: str) -> None:
+        """One progress line on stderr (nothing with progress off, e.g. --quiet)."""
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -94,7 +140,9 @@ class TwoStageGenerator:
         t0 = time.perf_counter()
         comp = self._load()
         self.seconds["load"] = time.perf_counter() - t0
+        self.say(f"loading model {cfg.model} ... {self.seconds['load']:.1f} s")
         text = self._encode(comp)
+        self.say(f"encoding prompt ... {self.seconds['text']:.1f} s")
         state = self._resume_state(ckpt) if resume else None
         proxy = None
         if cfg.uses_proxy:
@@ -103,10 +151,12 @@ class TwoStageGenerator:
         if cfg.save_latents:
             _save_latents(cfg.save_latents, latents, cfg, proxy)
         out_bytes = self.write_videos(comp, latents, proxy)
-        return RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
-                         cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
-                         cfg.proxy_steps if cfg.uses_proxy else 0, dict(self.seconds), out_bytes,
-                         f"{state['stage']} step {state['step']}" if state else None)
+        from .report import median, peak_memory
+
+        return RunResult.for_config(cfg, self.seconds, out_bytes,
+                                    resumed_from=f"{state['stage']} step {state['step']}" if state else None,
+                                    step_seconds={k: median(v) for k, v in self.step_times.items()},
+                                    peak_memory=[{"rank": 0, **peak_memory(cfg.device)}])
 
     # ------------------------------------------------------------------------------------------------ stages
     def preflight(self, workers: int = 1, plan=None):
@@ -120,7 +170,7 @@ class TwoStageGenerator:
         spec = self.model_spec()
         profile = cfg.device_profile
         if profile == "auto":
-            profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in torch.cuda.get_device_name() else "h100")
+            profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in self._gpu_name() else "h100")
         if plan is None:
             plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
         run = RunSettings(dtype=cfg.dtype, steps=cfg.steps, proxy_steps=cfg.proxy_steps, guidance=cfg.guidance,
@@ -129,6 +179,12 @@ class TwoStageGenerator:
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
         return report
+
+    def _gpu_name(self) -> str:
+        """The GPUs' name: :attr:`gpu_name` when set, else this process's CUDA device's ('' without one)."""
+        if self.gpu_name is not None:
+            return self.gpu_name
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
 
     def model_spec(self):
         """The model's shapes (ModelSpec) without loading weights: the preset, or the folder's configs."""
@@ -302,6 +358,7 @@ class TwoStageGenerator:
             gen.set_state(state["rng"])
             start = state["step"]
         bar = self._bar(scfg.steps, f"{stage} stage", "step", initial=start)
+        times, last = self.step_times.setdefault(stage, []), [time.perf_counter()]
 
         def on_step(done, lat, s):
             bar.update(1)
@@ -309,6 +366,9 @@ class TwoStageGenerator:
                 self._commit(ckpt, stage, done, lat, s, gen, proxy)
             if self.on_commit is not None:
                 self.on_commit(stage, done)
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
             if self.interrupt_at == (stage, done):
                 raise RunInterrupted(f"interrupted after {stage} step {done}")
 
@@ -318,10 +378,10 @@ class TwoStageGenerator:
         return latents
 
     def _bar(self, total, desc, unit, initial=0):
-        from tqdm.auto import tqdm
+        """A tqdm bar on a terminal, plain lines at every 10 % elsewhere (``progress.progress_bar``)."""
+        from .progress import progress_bar
 
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not self.progress, file=sys.stderr,
-                    leave=False)
+        return progress_bar(total, desc, unit, initial=initial, enabled=self.progress)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _checkpointer(self, resume: bool, workers: int | None = None, overwrite: bool = False):

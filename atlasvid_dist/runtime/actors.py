@@ -41,9 +41,23 @@ def pin_threads() -> int:
 
 
 def _generator(cfg):
+    """The worker's TwoStageGenerator; its CUDA check is :func:`device_problem`'s (reported, not raised here)."""
     from ..pipeline.generate import TwoStageGenerator
 
-    return TwoStageGenerator(cfg, progress=False)
+    return TwoStageGenerator(cfg, progress=False, local_device=False)
+
+
+def device_problem(cfg, role: str) -> str | None:
+    """Why this worker cannot run on ``cfg.device`` (None: it can): a CUDA run needs a CUDA device in every
+    worker. The message names the worker's role, its node and what it sees."""
+    if cfg.device != "cuda" or torch.cuda.is_available():
+        return None
+    import ray
+
+    node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
+    return (f"{role} on node {node}: --gpus runs on CUDA, but this worker's torch finds no usable CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); check the node's driver and that Ray gave the worker a GPU")
 
 
 def _maybe_crash(step: int, fault_step: int | None, marker: str | None, who: str) -> None:
@@ -81,6 +95,7 @@ class ProxyWorker:
     def __init__(self, cfg, ckpt_dir: str | None = None, fault_step: int | None = None):
         pin_threads()
         self.gen = _generator(cfg)
+        self.problem = device_problem(cfg, "proxy worker")
         self.ckpt = None
         if ckpt_dir is not None:
             from ..pipeline.run_folder import run_checkpointer
@@ -110,7 +125,12 @@ class ProxyWorker:
         gen.seconds["proxy actor"] = time.perf_counter() - t0
         self.log.info("text%s done in %.1f s", " + stage 1" if proxy is not None else "", gen.seconds["proxy actor"])
         return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds,
+                "step_times": list(gen.step_times.get("proxy", [])),
                 "resumed_step": None if state is None else state["step"], "restarted": _reconstructed()}
+
+    def device_check(self) -> str | None:
+        """Why this worker cannot run (``device_problem``); None when it can."""
+        return self.problem
 
     def _committed(self, stage: str, step: int) -> None:
         self.steps_done = step
@@ -131,6 +151,7 @@ class DetailWorker:
         self.log = rank_logger(f"rank {rank}")
         pin_threads()
         self.gen = _generator(cfg)
+        self.problem = device_problem(cfg, f"detail rank {rank}")
         self.steps_done = 0
         self.ckpt = None
         if ckpt_dir is not None:
@@ -139,6 +160,10 @@ class DetailWorker:
             self.ckpt = run_checkpointer(ckpt_dir, f"rank-{rank}", keep=world + 2)
         self.fault_step = fault_step
         self.fault_marker = None if ckpt_dir is None else os.path.join(ckpt_dir, f"fault-injected-rank-{rank}")
+
+    def device_check(self) -> str | None:
+        """Why this worker cannot run (``device_problem``); None when it can."""
+        return self.problem
 
     def committed_steps(self) -> list[int]:
         """Stage-2 steps this rank has committed and that are intact (empty without checkpoints); a damaged step
@@ -160,6 +185,7 @@ class DetailWorker:
     def run(self, master: tuple[str, str], text: dict, timeout_s: float, resume_step: int | None = None) -> dict:
         """Stage 2 on this rank; {'tokens' (B, n, C, pt, ph, pw) local order, 'sent', 'per_layer', 'seconds'}."""
         from ..parallel import comm
+        from ..pipeline.report import peak_memory
         from ..pipeline.text import TextEmbeddings
         from .detail import denoise_rank
         from .local import is_loopback
@@ -204,6 +230,7 @@ class DetailWorker:
             return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
                     "sent_per_step": stats.total() // max(1, self.steps_run),
                     "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank,
+                    "peak_memory": peak_memory(self.cfg.device),
                     "step_seconds": sorted(self.step_times)[len(self.step_times) // 2] if self.step_times else 0.0,
                     "proxy": proxy.cpu() if self.rank == 0 and text["proxy"] is None and proxy is not None else None}
         finally:

@@ -61,6 +61,13 @@ class DistributedResult:
     step_seconds: list[float] = field(default_factory=list)
     """Median seconds of one stage-2 step (checkpoint commit included), by rank."""
 
+    def to_dict(self) -> dict:
+        """The run's machine-readable summary (``RunResult.to_dict``) with the distribution's numbers by rank."""
+        return {**self.result.to_dict(), "workers": self.workers, "bytes_sent": list(self.bytes_sent),
+                "bytes_sent_per_step": list(self.bytes_per_step), "proxy_bytes_sent": list(self.proxy_bytes),
+                "tokens": list(self.tokens), "decode_tiles": list(self.tiles),
+                "median_step_seconds_by_rank": list(self.step_seconds), "restarted": list(self.restarted)}
+
     def summary(self) -> str:
         per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
         sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB, {s / 1e6:.3f} MB/step"
@@ -135,21 +142,13 @@ class DistributedGenerator:
         run whose driver died from the newest step every rank committed (stage 1 from its own checkpoint);
         ``overwrite`` clears a previous run's folder first."""
         from ..pipeline.generate import TwoStageGenerator
-        from ..pipeline.outputs import check_outputs
 
         self.preflight()
-        gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress)
-        self._fit_check()
-        check_outputs(self.cfg)
-        # the folder's manifest (run id, config checksum, worker count), checked or written
-        gen._checkpointer(resume, workers=self.workers, overwrite=overwrite)
-        self.resume = resume
-        if self.plan.proxy_parallel != "none" and self.cfg.uses_proxy:
-            from .proxy import check_proxy_split
-
-            check_proxy_split(self.cfg.proxy.grid.size, gen.model_spec().num_heads, self.workers,
-                              self.plan.proxy_parallel)
-        if self._embedded():
+        embedded = self._embedded()
+        # a cluster's driver may be a CPU-only head: the GPUs (and the CUDA check) are the workers'
+        gen = self._gen = TwoStageGenerator(self.cfg, progress=self.progress, local_device=embedded)
+        if embedded:
+            self._checks(resume, overwrite)
             from .local import loopback_ray_env
 
             loopback_ray_env()  # before `import ray`: Ray keeps 127.0.0.1 as the node address
@@ -157,18 +156,53 @@ class DistributedGenerator:
 
         started = self._start_ray(ray)
         try:
+            if not embedded:  # the fit check needs the cluster's GPUs: joining is not yet any work
+                self._check_cluster(ray)
+                self._checks(resume, overwrite)
             t0 = time.perf_counter()
             latents, parts, out_bytes = self._generate(ray)
             gen.seconds["distributed"] = time.perf_counter() - t0
         finally:
             if started:
                 ray.shutdown()
-        cfg = self.cfg
-        from ..pipeline.generate import RunResult
+        return self._result(latents, parts, out_bytes)
 
-        result = RunResult(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps,
-                           cfg.detail_grid.size, cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps,
-                           cfg.proxy_steps if cfg.uses_proxy else 0, dict(gen.seconds), out_bytes)
+    def _checks(self, resume: bool, overwrite: bool) -> None:
+        """Everything refused before any actor starts: fit, outputs, the run folder, the proxy's split."""
+        from ..pipeline.outputs import check_outputs
+
+        self._fit_check()
+        check_outputs(self.cfg)
+        # the folder's manifest (run id, config checksum, worker count), checked or written
+        self._gen._checkpointer(resume, workers=self.workers, overwrite=overwrite)
+        self.resume = resume
+        if self.plan.proxy_parallel != "none" and self.cfg.uses_proxy:
+            from .proxy import check_proxy_split
+
+            check_proxy_split(self.cfg.proxy.grid.size, self._gen.model_spec().num_heads, self.workers,
+                              self.plan.proxy_parallel)
+
+    def _check_cluster(self, ray) -> None:
+        """A joined cluster must hold the run's GPUs (PlanError naming what it needs and has; asked of Ray, not of
+        this process, which may have none); the GPUs' name (Ray's ``accelerator_type:`` resource) picks the
+        'auto' device profile."""
+        if self.cfg.device != "cuda":
+            return
+        self._check_capacity(ray, {"GPU": 1.0})
+        kinds = sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))
+        self._gen.gpu_name = " ".join(kinds)
+
+    def _result(self, latents, parts, out_bytes) -> DistributedResult:
+        """The DistributedResult of a finished run from the ranks' reports."""
+        from ..pipeline.generate import RunResult
+        from ..pipeline.report import median
+
+        gen = self._gen
+        steps = {"proxy": median(gen.step_times.get("proxy", [])),
+                 "detail": median(p["step_seconds"] for p in parts)}
+        result = RunResult.for_config(self.cfg, gen.seconds, out_bytes,
+                                      step_seconds={k: v for k, v in steps.items() if v is not None},
+                                      peak_memory=[{"rank": p["rank"], **p["peak_memory"]} for p in parts])
         return DistributedResult(result, self.workers, [p["sent"] for p in parts], [p["per_layer"] for p in parts],
                                  [p["tokens"].shape[1] for p in parts], list(self.restarted),
                                  [p["sent_per_step"] for p in parts], self.proxy_resumed,
@@ -243,6 +277,8 @@ class DistributedGenerator:
                 self.cfg, r, self.workers, ckpt_dir, fault[1] if fault and fault[0] == r else None,
                 self.plan.proxy_parallel, self.plan.window_group, self.plan.window_parallel)
                 for r in range(self.workers)]
+            self._check_devices(ray, [("proxy worker", proxy_actor)] +
+                                [(f"detail rank {r}", a) for r, a in enumerate(ranks)])
             stage1 = self.plan.proxy_parallel == "none"
             shared = self._wait(ray, proxy_actor.run.remote(stage1),
                                 "proxy worker (text + stage 1)" if stage1 else "proxy worker (text)")
@@ -252,6 +288,8 @@ class DistributedGenerator:
             for k in ("load", "text", "proxy"):  # the proxy actor's own stage times
                 if k in shared["seconds"]:
                     self._gen.seconds[k] = shared["seconds"][k]
+            self._gen.step_times["proxy"] = shared["step_times"]
+            self._say_proxy_times(shared["seconds"])
             text_ref = ray.put({k: shared[k] for k in ("cond", "uncond", "proxy")})  # once, in the object store
             from .progress import RankBars
 
@@ -276,6 +314,21 @@ class DistributedGenerator:
             for store in self.stores:
                 remove_store(store)
         return latents, parts, out_bytes
+
+    def _check_devices(self, ray, actors) -> None:
+        """Every worker runs on the run's device: RunFailure (exit 1) naming each worker (and its node) that
+        cannot, e.g. a --gpus worker whose torch finds no CUDA device."""
+        problems = [self._call(ray, a.device_check, f"{role} (device check)") for role, a in actors]
+        problems = [p for p in problems if p]
+        if problems:
+            raise RunFailure("; ".join(problems))
+
+    def _say_proxy_times(self, seconds: dict) -> None:
+        """The proxy worker's model loading and prompt encoding, one line each (as a one-process run says them)."""
+        if "load" in seconds:
+            self._gen.say(f"loading model {self.cfg.model} (proxy worker) ... {seconds['load']:.1f} s")
+        if "text" in seconds:
+            self._gen.say(f"encoding prompt (proxy worker) ... {seconds['text']:.1f} s")
 
     def _outputs(self, ray, ranks, latents, proxy) -> int:
         """Save the latents if asked, decode the video (and the proxy video) over the ranks; the video's bytes.
