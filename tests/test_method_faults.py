@@ -213,3 +213,134 @@ def test_ultragen_equals_dense_definition():
     centre = member @ pos
     glob = dense_attention(qr, ref_rotate(kp, centre), vp)
     torch.testing.assert_close(out.double(), (1 - wgt) * local + wgt * glob, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- 7. flow matching
+def _scheduler(kind):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from atlasvid_dist.models.tiny import TINY_SCHEDULER_CONFIG
+
+    if kind == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG)
+
+
+@pytest.mark.parametrize("kind", ["euler", "unipc"])
+def test_one_step_with_the_training_target_lands_on_the_flow_line(kind):
+    from atlasvid_dist.pipeline import sampling
+    from atlasvid_dist.train.train import FlowMatchingLoss
+
+    g = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(1, 4, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(1, 4, 2, 4, 4, generator=g,
+                                                                                          dtype=torch.float64)
+    # training: the loss is zero exactly for a model predicting the target the pipeline's sampler expects
+    seen = {}
+
+    class Oracle(torch.nn.Module):
+        def proxy_forward(self, xt, t, text):
+            seen.update(xt=xt, t=t)
+            return eps - x0
+
+    sigma = torch.tensor([0.3], dtype=torch.float64)
+    loss = FlowMatchingLoss(Oracle(), stage=1)(x0, eps, sigma, None)
+    assert loss.item() == 0.0
+    torch.testing.assert_close(seen["xt"], 0.7 * x0 + 0.3 * eps)
+    torch.testing.assert_close(seen["t"], sigma * 1000)
+
+    def velocity(x, t):  # the training target at (x, t): x must be on the line at sigma = t / 1000
+        s = float(t[0]) / 1000.0  # UniPC rounds timesteps to integers: t / 1000 is sigma to ~1e-3
+        torch.testing.assert_close(x, (1 - s) * x0 + s * eps, atol=1e-4 if kind == "euler" else 2e-2, rtol=0)
+        return eps - x0
+
+    sched = sampling.start_scheduler(_scheduler(kind), sampling.SamplerConfig(steps=5, flow_shift=3.0), "cpu")
+    s0, s1 = float(sched.sigmas[0]), float(sched.sigmas[1])
+    x = sampling.denoise(velocity, (1 - s0) * x0 + s0 * eps, sched, 5, stop_after=1)
+    torch.testing.assert_close(x, (1 - s1) * x0 + s1 * eps, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- 8-11. pipeline
+def _generator(tmp_path, **kw):
+    from atlasvid_dist.config.generate import GenerateConfig
+    from atlasvid_dist.config.video import VideoSpec
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+
+    method = dict(mode="atlas", window=(5, 4, 4), temporal_scale=4, spatial_scale=2)
+    method.update(kw.pop("method", {}))
+    run = dict(prompt="p", video=VideoSpec.from_res("128x128", frames=17), method=AtlasConfig(**method), steps=2,
+               proxy_steps=1, guidance=3.0, out=str(tmp_path / "o.mp4"))
+    run.update(kw)
+    cfg = GenerateConfig(**run)
+    comp = types.SimpleNamespace(transformer=make_tiny_wan(), scheduler=_scheduler("unipc"))
+    gen = TwoStageGenerator(cfg, components=comp, progress=False)
+    return gen, comp
+
+
+def _texts(cfg=True):
+    from atlasvid_dist.pipeline.text import TextEmbeddings
+
+    g = torch.Generator().manual_seed(7)
+    cond, uncond = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+    return TextEmbeddings(cond, uncond if cfg else None)
+
+
+def _spy(monkeypatch):
+    calls = []
+    forward = AtlasTransformer.forward
+
+    def spy(self, latents, timestep, text, proxy=None, **kw):
+        calls.append(dict(latents=latents.clone(), t=timestep.clone(), text=text, proxy=proxy, **kw))
+        return forward(self, latents, timestep, text, proxy, **kw)
+
+    monkeypatch.setattr(AtlasTransformer, "forward", spy)
+    return calls
+
+
+def _proxy(cfg):
+    g = cfg.proxy.grid
+    return torch.randn(1, 16, g.t, g.h * 2, g.w * 2, generator=torch.Generator().manual_seed(8))
+
+
+def test_stage2_cfg_unconditional_pass_reads_the_unconditional_proxy_cache(tmp_path, monkeypatch):
+    gen, comp = _generator(tmp_path, steps=1)
+    text = _texts()
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        gen.stage2(comp, text, _proxy(gen.cfg), None, None)
+    assert len(calls) == 2
+    kinds = set()
+    for c in calls:
+        assert c["proxy_cache"] is not None and torch.equal(c["proxy_cache"].text, c["text"])
+        kinds.add("cond" if torch.equal(c["text"], text.cond) else "uncond")
+    assert kinds == {"cond", "uncond"}
+
+
+def test_detail_init_proxy_steps_sigma_and_frame_placement(tmp_path, monkeypatch):
+    from atlasvid_dist.pipeline import sampling
+
+    gen, comp = _generator(tmp_path, steps=4, detail_init="proxy", init_strength=0.5, guidance=1.0)
+    cfg = gen.cfg
+    proxy = _proxy(cfg)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        gen.stage2(comp, _texts(cfg=False), proxy, None, None)
+    assert len(calls) == 2  # round(4 * 0.5) steps, no CFG
+    sched = sampling.start_scheduler(comp.scheduler, sampling.SamplerConfig(4, 1.0, cfg.flow_shift), "cpu")
+    torch.testing.assert_close(calls[0]["t"], sched.timesteps[2:3])  # starts at step 2 of 4
+    sigma = float(sched.sigmas[2])
+    assert abs(float(calls[0]["t"][0]) / 1000.0 - sigma) < 1e-3
+    # upsampled proxy, reference: time linear with frame j on detail frame j * r_t, space bilinear (centre anchor)
+    lat, r = cfg.latent, cfg.method.temporal_scale
+    up_t = F.interpolate(proxy, size=((proxy.shape[2] - 1) * r + 1, proxy.shape[3], proxy.shape[4]),
+                         mode="trilinear", align_corners=True)[:, :, :lat.t]
+    up = F.interpolate(up_t.flatten(1, 2), size=(lat.h, lat.w), mode="bilinear",
+                       align_corners=False).unflatten(1, up_t.shape[1:3])
+    noise = torch.randn(1, 16, *lat.dims, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    torch.testing.assert_close(calls[0]["latents"], (1 - sigma) * up + sigma * noise, atol=1e-5, rtol=0)
+    # frame j of the proxy lands on detail frame j * r_t (bilinear in space); frames in between are linear in time
+    flat = torch.randn(1, 1, 2, 3, 3, generator=torch.Generator().manual_seed(9))
+    got = upsample_proxy(flat, ProxyAnchor(r, 2), (r + 1, 6, 6))
+    space = F.interpolate(flat[:, :, 0:2].flatten(1, 2), size=(6, 6), mode="bilinear", align_corners=False)[0]
+    for j in range(2):
+        torch.testing.assert_close(got[0, 0, j * r], space[j], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[0, 0, 1], 0.75 * space[0] + 0.25 * space[1], atol=1e-6, rtol=0)
