@@ -344,3 +344,64 @@ def test_detail_init_proxy_steps_sigma_and_frame_placement(tmp_path, monkeypatch
     for j in range(2):
         torch.testing.assert_close(got[0, 0, j * r], space[j], atol=1e-6, rtol=0)
     torch.testing.assert_close(got[0, 0, 1], 0.75 * space[0] + 0.25 * space[1], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- 10. cache key
+def _detail_inputs():
+    g = torch.Generator().manual_seed(10)
+    return (torch.randn(1, 16, 9, 16, 16, generator=g), torch.tensor([700.0]), torch.randn(1, 7, 32, generator=g),
+            torch.randn(1, 16, 3, 8, 8, generator=g))
+
+
+def _model(tr):
+    return AtlasTransformer(tr, AtlasConfig(mode="atlas", window=(3, 4, 4), temporal_scale=4, spatial_scale=2))
+
+
+@torch.no_grad()
+def test_automatic_proxy_cache_follows_in_place_weight_edits():
+    x, t, enc, proxy = _detail_inputs()
+    model = _model(make_tiny_wan())
+    before = model(x, t, enc, proxy=proxy)  # builds the automatic cache
+    model.transformer.blocks[0].attn1.to_k.weight.mul_(1.5)  # in place: same tensor, new values
+    after = model(x, t, enc, proxy=proxy)
+    fresh = _model(make_tiny_wan())
+    fresh.transformer.load_state_dict(model.transformer.state_dict())
+    ref = fresh(x, t, enc, proxy=proxy)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, ref, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_automatic_proxy_cache_follows_adapter_switches():
+    from peft import LoraConfig
+
+    x, t, enc, proxy = _detail_inputs()
+    tr = make_tiny_wan()
+    tr.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"], init_lora_weights=False), "a")
+    model = _model(tr)
+    tr.disable_adapters()
+    base = model(x, t, enc, proxy=proxy)  # cache built without the adapter
+    tr.enable_adapters()
+    with_adapter = model(x, t, enc, proxy=proxy)
+    model.clear_proxy_cache()
+    torch.testing.assert_close(with_adapter, model(x, t, enc, proxy=proxy), atol=0, rtol=0)
+    assert (with_adapter - base).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- 11. joint proxy
+def test_joint_proxy_mode_reachable_from_generate_config(tmp_path, monkeypatch):
+    from atlasvid_dist.config.generate import GenerateConfig
+
+    gen, comp = _generator(tmp_path, steps=1, method=dict(proxy_mode="joint"))
+    assert GenerateConfig.from_dict(gen.cfg.to_dict()).method.proxy_mode == "joint"
+    gen.preflight()  # the cost model accepts it
+    calls = _spy(monkeypatch)
+    proxy = _proxy(gen.cfg)
+    with torch.no_grad():
+        joint = gen.stage2(comp, _texts(), proxy, None, None)
+    assert len(calls) == 2 and all(c.get("proxy_cache") is None and c["proxy"] is proxy
+                                   and c["proxy_noise"] is not None for c in calls)
+    clean_gen, _ = _generator(tmp_path, steps=1)
+    with torch.no_grad():
+        clean = clean_gen.stage2(comp, _texts(), proxy, None, None)
+    assert torch.isfinite(joint).all() and (joint - clean).abs().max() > 1e-4
