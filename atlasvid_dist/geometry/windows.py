@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import check
-from .grid import Grid
+from .grid import Grid, ProxyAnchor
 
 Triple = tuple[int, int, int]
 
@@ -120,13 +120,16 @@ def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple)
     size per axis. The region covers the proxy tokens above the window's real tokens plus ``margin`` on each
     side; it has the same size for every window (clamped inside the proxy grid) so windows batch together.
     """
+    check(scales[1] == scales[2] and all(float(r).is_integer() for r in scales), "scales", scales,
+          "must be integers, equal in h and w")
+    anchor = ProxyAnchor(int(scales[0]), int(scales[1]))
     starts = spec.starts()  # (n_win, 3)
     axes, sizes = [], []
     for ax in range(3):
-        n, w, r, m, np_ = spec.grid.dims[ax], spec.window[ax], scales[ax], margin[ax], proxy.dims[ax]
+        n, w, r, m, np_ = spec.grid.dims[ax], spec.window[ax], anchor.scale(ax), margin[ax], proxy.dims[ax]
         size = min(np_, math.ceil(w / r) + 1 + 2 * m)
         lo = starts[:, ax].clamp(min=0)
-        first = torch.div(lo, r, rounding_mode="floor").long() - m
+        first = anchor.covering(lo, ax).long() - m  # the proxy cell whose covered block holds the window's start
         first = first.clamp(min=0, max=np_ - size)
         axes.append(first[:, None] + torch.arange(size)[None, :])  # (n_win, size)
         sizes.append(size)

@@ -6,9 +6,12 @@ LoRA adapters loaded into the transformer apply here too. Only the self-attentio
 :class:`~atlasvid_dist.models.attention.detail.DetailAttention` (full / atlas / ultragen).
 
 Proxy path (asymmetric attention): proxy queries attend only proxy keys, with the stage-1 positions (time x r_t),
-exactly as the stage-1 model; its per-layer keys (rotated at detail coordinates: time x r_t, space x
-spatial_scale) and values are what detail windows read. A clean proxy (timestep 0) does not change across
-denoising steps, so its keys/values are computed once and cached (see :meth:`AtlasTransformer.build_proxy_cache`).
+exactly as the stage-1 model; its per-layer keys (rotated at detail coordinates given by
+:class:`~atlasvid_dist.geometry.grid.ProxyAnchor`: time j * r_t, space i * s + (s - 1) / 2, the centre of the
+detail block a proxy token covers) and values are what detail windows read. A clean proxy (timestep 0) does not change across
+denoising steps, so its keys/values are computed once and cached (see :meth:`AtlasTransformer.build_proxy_cache`);
+the automatic cache is keyed on the proxy and text tensors and on the transformer's weights and adapters
+(:func:`weights_key`), so editing a weight in place or switching a LoRA adapter rebuilds it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.utils.checkpoint
 
 from ..config.method import AtlasConfig
 from ..errors import ConfigError, InputError
-from ..geometry.grid import Grid, ProxyGeometry
+from ..geometry.grid import Grid, ProxyAnchor, ProxyGeometry
 from .attention.detail import DetailAttention, ProxyKV
 from .attention.kernels import reference_attention, sdpa
 from .rope import RotaryTables, Rotary3D, apply_rotary
@@ -36,16 +39,37 @@ class ProxyCache:
     """Cached per-layer proxy keys/values for one (proxy latent, text embedding) pair.
 
     ``matches`` compares the tensors exactly (shape, dtype, device, values), so a cache is never reused for a
-    different proxy or prompt.
+    different proxy or prompt; ``weights`` (see :func:`weights_key`) records the weights and adapters it was
+    built with.
     """
 
     kv: ProxyKV
     proxy: torch.Tensor
     text: torch.Tensor
+    weights: tuple | None = None
 
     def matches(self, proxy: torch.Tensor, text: torch.Tensor) -> bool:
         return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
                    for a, b in ((self.proxy, proxy), (self.text, text)))
+
+
+def weights_key(module: nn.Module) -> tuple:
+    """Changes whenever the module's weights or active adapters may have changed.
+
+    Per parameter and buffer: identity, storage address and autograd version counter (bumped by every in-place
+    write: ``copy_`` in ``load_state_dict``, optimizer steps, ``with no_grad(): p.add_(...)``); plus every peft
+    tuner layer's active adapters, enabled flag and scalings. Writes through ``p.data`` bypass the version
+    counter (as they bypass autograd) and are not seen.
+    """
+    tensors = tuple((id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    adapters = []
+    for m in module.modules():
+        active = getattr(m, "active_adapters", None)
+        if active is not None and hasattr(m, "disable_adapters") and not callable(active):
+            scaling = getattr(m, "scaling", {})
+            adapters.append((tuple(active), bool(m.disable_adapters),
+                             tuple(sorted(scaling.items())) if isinstance(scaling, dict) else ()))
+    return tensors, tuple(adapters)
 
 
 class AtlasTransformer(nn.Module):
@@ -135,8 +159,9 @@ class AtlasTransformer(nn.Module):
         t0 = torch.zeros(b, device=proxy.device)
         proxy_b = proxy.expand(b, *proxy.shape[1:])
         self._check_inputs(proxy_b, t0, encoder_hidden_states)
+        weights = weights_key(self.transformer)
         kv = self._record_proxy(proxy_b, t0, encoder_hidden_states, grid)
-        return ProxyCache(kv, proxy.detach().clone(), encoder_hidden_states.detach().clone())
+        return ProxyCache(kv, proxy.detach().clone(), encoder_hidden_states.detach().clone(), weights)
 
     def clear_proxy_cache(self) -> None:
         self._proxy_cache = None
@@ -194,15 +219,15 @@ class AtlasTransformer(nn.Module):
             return self._record_proxy(noisy, timestep, text, self.token_grid(noisy))
         if torch.is_grad_enabled():  # training: keys/values must carry gradients; no cache
             return self.build_proxy_cache(proxy, text).kv
-        if self._proxy_cache is None or not self._proxy_cache.matches(proxy, text):
+        cache = self._proxy_cache
+        if cache is None or not cache.matches(proxy, text) or cache.weights != weights_key(self.transformer):
             self._proxy_cache = self.build_proxy_cache(proxy, text)
         return self._proxy_cache.kv
 
     def _proxy_attend(self, grid: Grid, device, record: bool) -> tuple[Attend, ProxyKV]:
         """Attention of the proxy path: full attention over proxy tokens at stage-1 positions (time x r_t)."""
-        geo = self.proxy_geometry_for_proxy(grid)
         own = self.proxy_rotary(grid).to(device)
-        detail = self.rotary.for_grid(grid, geo).to(device) if record else None
+        detail = self.proxy_detail_rotary(grid).to(device) if record else None
         kv = ProxyKV(grid)
         reference = self.atlas_config.backend == "reference"
 
@@ -219,9 +244,13 @@ class AtlasTransformer(nn.Module):
         """RoPE tables of stage 1 for every proxy token (raster order): time scaled by r_t, space unscaled."""
         return self.rotary.for_grid(grid, (float(self.atlas_config.temporal_scale), 1.0, 1.0))
 
-    def proxy_geometry_for_proxy(self, grid: Grid) -> tuple[float, float, float]:
-        s = float(self.atlas_config.spatial_scale)
-        return (float(self.atlas_config.temporal_scale), s, s)
+    def proxy_anchor(self) -> ProxyAnchor:
+        return ProxyAnchor(self.atlas_config.temporal_scale, self.atlas_config.spatial_scale)
+
+    def proxy_detail_rotary(self, grid: Grid) -> RotaryTables:
+        """RoPE tables of the proxy keys detail queries read: each proxy token at its detail position
+        (:class:`ProxyAnchor`: time j * r_t, space i * s + (s - 1) / 2)."""
+        return self.rotary.tables(self.proxy_anchor().positions(grid))
 
     def _record_proxy(self, proxy, timestep, text, grid) -> ProxyKV:
         attend, kv = self._proxy_attend(grid, proxy.device, record=True)

@@ -337,12 +337,19 @@ class TwoStageGenerator:
         return (g.t, g.h * 2, g.w * 2)
 
     def _proxy_init(self, proxy, noise, sched, scfg):
-        """Start the detail stage from the proxy upsampled to the detail grid, noised to init_strength."""
+        """Start the detail stage from the proxy upsampled to the detail grid, noised to init_strength.
+
+        The upsampling places proxy cells with the same anchor as the proxy keys' RoPE (ProxyAnchor): proxy frame j
+        on detail latent frame j * r_t, proxy cell i at the centre of the s x s detail block it covers (linear in
+        between; in space this is bilinear with align_corners=False). Runs the last round(steps * init_strength)
+        steps (at least one), starting at that step's sigma.
+        """
+        from ..geometry.grid import ProxyAnchor, upsample_proxy
+
         start = scfg.steps - max(1, round(scfg.steps * self.cfg.init_strength))
-        r = self.cfg.method.temporal_scale
         lat = self.cfg.latent
-        up = torch.nn.functional.interpolate(proxy.float(), size=((proxy.shape[2] - 1) * r + 1, lat.h, lat.w),
-                                             mode="trilinear", align_corners=True)[:, :, :lat.t]
+        anchor = ProxyAnchor(self.cfg.method.temporal_scale, self.cfg.method.spatial_scale)
+        up = upsample_proxy(proxy, anchor, lat.dims)
         sigma = float(sched.sigmas[start])
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config.method import AtlasConfig
-from ...geometry.grid import Grid
+from ...geometry.grid import Grid, ProxyAnchor
 from ...geometry.windows import WindowSpec, proxy_regions, window_layout
 from ..rope import RotaryTables, Rotary3D, apply_rotary
 from . import masks
@@ -180,5 +180,5 @@ def pooled_positions(grid: Grid, pool) -> torch.Tensor:
 
 
 def proxy_rotary_tables(rotary: Rotary3D, grid: Grid, scales) -> RotaryTables:
-    """Tables for proxy tokens placed at ``index * scales`` (temporal scale r_t; spatial scale as given)."""
-    return rotary.for_grid(grid, scales)
+    """Tables for proxy tokens at their detail positions (:class:`ProxyAnchor` of ``scales`` (r_t, s, s))."""
+    return rotary.tables(ProxyAnchor(int(scales[0]), int(scales[1])).positions(grid))
