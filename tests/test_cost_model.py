@@ -84,7 +84,7 @@ def test_atlas_ratio_4k_matches_window_plus_aligned_context():
 
 
 def test_attention_free_limit_matches_design():
-    # DESIGN §7: even free self-attention leaves ~49x per step on 1.3B shapes and ~24x on 14B at 4K x 81
+    # the physical limit (README, Measured): even free self-attention leaves ~49x per step on 1.3B shapes and ~24x on 14B at 4K x 81
     assert 48 < est("4k", 81, model=WAN13).attention_free_limit < 50.5
     assert 23 < est("4k", 81, model=WAN14).attention_free_limit < 25
 

@@ -23,7 +23,7 @@ def _triple(field: str, value, *, minimum: int) -> Triple:
 
 @dataclass(frozen=True)
 class AtlasConfig:
-    """Method settings. Every value is a setting (DESIGN §3 'decision'), validated here, before any work."""
+    """Method settings. Every value is a setting (docs/method.md), validated here, before any work."""
 
     mode: str = "atlas"
     """'full' (plain Wan attention, the native baseline), 'atlas' (windows + proxy) or 'ultragen'."""

@@ -4,7 +4,7 @@ It checks itself when built (degrees are integers, their products divide the wor
 GPUs) and prints every factor when it refuses. What needs the model or the window grid is checked by
 :meth:`ParallelPlan.check_against`, before any model loads. No torch.distributed here: this is arithmetic.
 
-Layout of the ranks (DESIGN §5):
+Layout of the ranks (docs/distribution.md):
 
 * stage 1 (proxy): ``proxy_parallel`` = 'none' runs the proxy on one rank; 'ulysses' / 'ring' spread its sequence
   over ``proxy_degree`` ranks (Ulysses all-to-all over heads, or a ring pass of keys/values);

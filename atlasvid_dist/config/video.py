@@ -1,6 +1,6 @@
 """Video specification: resolution preset or WxH, frame count, fps; validated on creation.
 
-Wan2.1 geometry (DESIGN §2): frames F = 4k+1; pixel sizes multiples of 16 (VAE 8x, patch 2x). The 1080p preset
+Wan2.1 geometry (docs/method.md, geometry): frames F = 4k+1; pixel sizes multiples of 16 (VAE 8x, patch 2x). The 1080p preset
 (1920x1080) is the one documented exception: it is generated at 1920x1088 and cropped when decoded.
 """
 

@@ -1,1 +1,3 @@
-"""See DESIGN §4 for this layer."""
+"""Layer 2: AtlasTransformer around diffusers' WanTransformer3DModel, RoPE, attention kernels, loading, LoRA.
+
+No torch.distributed here. See docs/method.md and docs/architecture.md."""

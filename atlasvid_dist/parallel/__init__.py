@@ -1,1 +1,3 @@
-"""See DESIGN §4 for this layer."""
+"""Layer 3: model-agnostic distributed pieces: window sharding, halo exchange, Ulysses, ring attention, split windows.
+
+See docs/distribution.md."""

@@ -1,4 +1,4 @@
-"""Committed step checkpoints (DESIGN §6): a step is loadable only once its marker, written last, exists.
+"""Committed step checkpoints (docs/reliability.md): a step is loadable only once its marker, written last, exists.
 
 Layout of ``run_dir``::
 

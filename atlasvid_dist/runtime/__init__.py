@@ -1,4 +1,4 @@
-"""Distributed generation on Ray (DESIGN §5-§6): one proxy worker, N window-sharded detail workers.
+"""Distributed generation on Ray (docs/distribution.md): one proxy worker, N window-sharded detail workers.
 
 * ``driver.DistributedGenerator(cfg, workers, ray_address=None).run()`` -> ``DistributedResult`` (summary with
   the bytes every rank sent); ``atlasvid-dist generate --workers N`` / ``--gpus N`` call it.

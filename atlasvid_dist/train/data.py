@@ -2,7 +2,7 @@
 
 Layout: ``DIR/captions.jsonl`` holds one JSON object a line, ``{"video": "relative/path.mp4", "caption": "..."}``.
 
-Clips (DESIGN §3): the detail clip is ``frames`` frames at ``fps`` and ``width x height``; its proxy is the same
+Clips (docs/method.md): the detail clip is ``frames`` frames at ``fps`` and ``width x height``; its proxy is the same
 clip reduced in time by r_t (every r_t-th detail frame) and in space by ``spatial_scale``, with
 ``ProxyGeometry``'s frame count (one more latent frame when (f-1) is not a multiple of r_t, so the proxy spans
 a little past the clip, as at generation). Stage 1 trains on the proxy clip alone (fps / r_t); stage 2 on the
