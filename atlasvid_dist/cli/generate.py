@@ -33,13 +33,13 @@ RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", 
 #: The kind of value every option takes in a --config file (the command line's parser already enforces them).
 OPTION_KINDS = {
     **dict.fromkeys(("frames", "fps", "steps", "proxy_steps", "seed", "temporal_scale", "spatial_scale", "crf",
-                     "text_len", "decode_tile", "decode_overlap"), "int"),
-    **dict.fromkeys(("guidance", "flow_shift", "proxy_flow_shift", "init_strength"), "float"),
+                     "text_len", "decode_tile", "decode_overlap", "max_window_batch"), "int"),
+    **dict.fromkeys(("guidance", "flow_shift", "proxy_flow_shift", "init_strength", "ultragen_weight"), "float"),
     **dict.fromkeys(("shift", "pad_windows"), "bool"),
     **dict.fromkeys(("prompt", "negative_prompt", "model", "res", "attention", "shift_axes", "proxy_context",
-                     "backend", "detail_init", "device", "dtype", "out", "device_profile"), "str"),
+                     "backend", "detail_init", "device", "dtype", "out", "device_profile", "proxy_mode"), "str"),
     **dict.fromkeys(("lora_stage1", "lora_stage2", "save_proxy", "save_latents", "run_dir"), "str?"),
-    "window": "triple",
+    **dict.fromkeys(("window", "proxy_margin", "ultragen_pool"), "triple"),
 }
 KIND_RULES = {"int": "must be an integer", "float": "must be a finite number", "bool": "must be true or false",
               "str": "must be a text (quote it in YAML)", "str?": "must be a text (a path) or null",
@@ -50,11 +50,47 @@ RESUME_OVERRIDES = ("out", "save_latents", "save_proxy", "crf")
 """What a resumed run may write elsewhere than the stored config says (its outputs; nothing that changes them)."""
 
 
+#: Method settings a --config file (or its ``method:`` section) may set beyond the options above; AtlasConfig's
+#: own defaults apply when they are absent.
+EXTRA_METHOD_KEYS = ("schedule", "proxy_margin", "proxy_mode", "max_window_batch", "ultragen_pool", "ultragen_weight")
+
+
+def flatten_config_file(mapping: dict) -> dict:
+    """A --config mapping with its optional ``method:`` section (AtlasConfig's own field names, as in
+    configs/method/*.yaml) lifted to option names; ``mode`` is the option ``attention``. A key set twice (at the top
+    and in ``method:``) is refused by name."""
+    out = dict(mapping)
+    section = out.pop("method", None)
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError("method", section, "must be a mapping of method settings (AtlasConfig fields)")
+    for key, value in {**section, **({"mode": out.pop("mode")} if "mode" in out else {})}.items():
+        name = "attention" if key == "mode" else key
+        if name in out:
+            raise ConfigError(f"method.{key}", value, f"is also set at the top level as {name!r}; set it once")
+        out[name] = value
+    return out
+
+
 def build_config(values: dict) -> GenerateConfig:
     """Merged option values -> GenerateConfig; raises ConfigError naming the option."""
     check_kinds(values)
     v = dict(values)
     video = VideoSpec.from_res(v.pop("res"), frames=v.pop("frames"), fps=v.pop("fps"))
+    method = _method(v, video)
+    run = {k: v.pop(k) for k in RUN_KEYS if k in v}
+    if v:
+        key = sorted(v)[0]
+        known = sorted(set(DEFAULTS) | set(RUN_KEYS) | set(EXTRA_METHOD_KEYS))
+        raise ConfigError(key, v[key], f"unknown option; known: {known}")
+    if run.get("prompt") is None:
+        raise ConfigError("prompt", None, "is required (--prompt TEXT or 'prompt:' in --config)")
+    return GenerateConfig(video=video, method=method, **run)
+
+
+def _method(v: dict, video: VideoSpec) -> AtlasConfig:
+    """Pop the method options from ``v`` (option names) and build the AtlasConfig (spatial scale 0: auto)."""
     window = v.pop("window")
     window = parse_triple("window", window) if isinstance(window, str) else tuple(window)
     scale = v.pop("spatial_scale")
@@ -63,17 +99,14 @@ def build_config(values: dict) -> GenerateConfig:
         from .common import auto_spatial_scale
 
         scale = auto_spatial_scale(token_grid(latent_grid(video.frames, video.gen_height, video.gen_width)))
-    method = AtlasConfig(mode=v.pop("attention"), window=window, shift=v.pop("shift"), shift_axes=v.pop("shift_axes"),
-                         temporal_scale=v.pop("temporal_scale"), spatial_scale=scale,
-                         proxy_context=v.pop("proxy_context"), pad_windows=v.pop("pad_windows"),
-                         backend=v.pop("backend"))
-    run = {k: v.pop(k) for k in RUN_KEYS if k in v}
-    if v:
-        key = sorted(v)[0]
-        raise ConfigError(key, v[key], f"unknown option; known: {sorted(set(DEFAULTS) | set(RUN_KEYS))}")
-    if run.get("prompt") is None:
-        raise ConfigError("prompt", None, "is required (--prompt TEXT or 'prompt:' in --config)")
-    return GenerateConfig(video=video, method=method, **run)
+    extra = {k: v.pop(k) for k in EXTRA_METHOD_KEYS if k in v}
+    for name in ("proxy_margin", "ultragen_pool"):
+        if isinstance(extra.get(name), str):
+            extra[name] = parse_triple(name, extra[name])
+    return AtlasConfig(mode=v.pop("attention"), window=window, shift=v.pop("shift"), shift_axes=v.pop("shift_axes"),
+                       temporal_scale=v.pop("temporal_scale"), spatial_scale=scale,
+                       proxy_context=v.pop("proxy_context"), pad_windows=v.pop("pad_windows"),
+                       backend=v.pop("backend"), **extra)
 
 
 def check_kinds(values: dict) -> None:
@@ -124,6 +157,11 @@ def generate(
     temporal_scale: Optional[int] = typer.Option(None, help="r_t: proxy fps = fps / r_t. [default: 4]"),
     spatial_scale: Optional[int] = typer.Option(None, help="Detail tokens per proxy token in height and width; 0 = auto (a proxy of at most 720P: 4K -> 3, 2K -> 2, 8K -> 6). [default: 0]"),
     proxy_context: Optional[str] = typer.Option(None, help="all|aligned proxy keys per window. [default: aligned]"),
+    proxy_margin: Optional[str] = typer.Option(None, help="Extra proxy tokens T,H,W on each side of the aligned region. [default: 1,1,1]"),
+    proxy_mode: Optional[str] = typer.Option(None, help="clean (proxy at timestep 0, keys/values cached once) | joint (re-noised to each detail step, no cache; one process only). [default: clean]"),
+    max_window_batch: Optional[int] = typer.Option(None, help="Windows per attention call (bounds transient memory); 0 = all. [default: 0]"),
+    ultragen_pool: Optional[str] = typer.Option(None, help="--attention ultragen: pooling T,H,W of the global branch. [default: 1,4,4]"),
+    ultragen_weight: Optional[float] = typer.Option(None, help="--attention ultragen: weight w of the global branch, output = (1-w) local + w global. [default: 0.5]"),
     backend: Optional[str] = typer.Option(None, help="auto|sdpa|flex|reference attention kernel. [default: auto]"),
     detail_init: Optional[str] = typer.Option(None, help="noise|proxy: detail start. [default: noise]"),
     init_strength: Optional[float] = typer.Option(None, help="With --detail-init proxy: fraction of steps run. [default: 0.7]"),
@@ -158,7 +196,7 @@ def generate(
     if resume:
         cfg = _resume_config(resume, flags)
     else:
-        cfg = build_config({**DEFAULTS, **(read_mapping(config) if config else {}), **flags})
+        cfg = build_config({**DEFAULTS, **(flatten_config_file(read_mapping(config)) if config else {}), **flags})
     if quiet:
         from .quiet import silence_libraries
 
