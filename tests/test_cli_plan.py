@@ -46,7 +46,7 @@ def test_14b_8k_on_one_gpu_is_refused_with_reasons():
     (["--window", "3,15"], "window"), (["--attention", "sparse"], "attention"), (["--dtype", "fp8"], "dtype"),
     (["--gpus", "2", "--workers", "4"], "workers"), (["--spatial-scale", "7"], "spatial_scale"),
     (["--device-profile", "a100"], "device_profile"), (["--model", "/nonexistent/wan"], "model"),
-    (["--res", "8k", "--frames", "29"], "window.t"),  # 8 latent frames: window 3 does not tile without padding
+    (["--res", "8k", "--frames", "29", "--window", "3,15,16"], "window.t"),  # 8 latent frames: 3 does not tile them
     (["--gpus", "16", "--model", "wan2.1-14b", "--proxy-parallel", "ulysses"], "ulysses_degree"),
 ])
 def test_bad_input_exits_2_naming_the_field(args, field):

@@ -51,3 +51,23 @@ def test_bad_method_settings_are_refused_by_name(mapping, field):
     with pytest.raises(ConfigError) as e:
         config_from(mapping, res="4k")
     assert e.value.field == field, e.value
+
+
+@pytest.mark.parametrize("res,window", [("720p", (3, 15, 16)), ("4k", (3, 15, 16)), ("832x480", (3, 15, 13)),
+                                        ("1080p", (3, 17, 15))])
+def test_the_default_window_tiles_the_requested_size(res, window):
+    """Wan's own 480p and 1080p sizes failed with a fixed (3, 15, 16) default; 'auto' tiles them, unpadded."""
+    cfg = config_from({}, res=res)
+    assert (cfg.method.window, cfg.method.pad_windows) == (window, False)
+
+
+def test_plan_and_generate_build_the_same_method():
+    from typer.testing import CliRunner
+
+    from atlasvid_dist.cli.main import app
+
+    out = CliRunner().invoke(app, ["plan", "--model", "wan2.1-1.3b", "--res", "832x480", "--frames", "81", "--json"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    assert json.loads(out.output)["inputs"]["method"]["window"] == [3, 15, 13]

@@ -18,6 +18,7 @@ from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
 from ..errors import ConfigError, check
 from ..geometry.grid import Grid, latent_grid, token_grid
+from ..geometry.windows import auto_window
 
 #: Proxy tokens per frame the automatic spatial scale aims at: a 720P frame (45 x 80 tokens), what Wan saw.
 PROXY_FRAME_TOKENS = 45 * 80
@@ -28,7 +29,7 @@ Res = Annotated[str, typer.Option(help="480p|720p|1080p|2k|4k|8k or WIDTHxHEIGHT
 Frames = Annotated[int, typer.Option(help="Frames, 4k+1.")]
 Fps = Annotated[int, typer.Option(help="Frames per second of the output.")]
 Attention = Annotated[str, typer.Option(help="atlas|ultragen|full.")]
-Window = Annotated[str, typer.Option(help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px).")]
+Window = Annotated[str, typer.Option(help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px), or auto: near 3,15,16 and tiling the size.")]
 Shift = Annotated[bool, typer.Option("--shift/--no-shift", help="Alternate half-shifted windows over layers.")]
 ShiftAxes = Annotated[str, typer.Option(help="Axes shifted windows move along: thw, or e.g. hw (no shift in time: "
                                              "far less halo traffic between ranks).")]
@@ -98,19 +99,29 @@ def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> in
     return g
 
 
-def build_method(video: VideoSpec, model: ModelSpec, *, attention: str, window: str, shift: bool,
-                 shift_axes: str = "thw",
-                 pad_windows: bool, temporal_scale: int, spatial_scale: int, proxy_context: str,
-                 proxy_mode: str = "clean") -> AtlasConfig:
-    """AtlasConfig from option values; ``spatial_scale`` 0 picks :func:`auto_spatial_scale`."""
+def build_method(grid: Grid, *, attention: str, window, spatial_scale: int, pad_windows: bool = False,
+                 **settings) -> AtlasConfig:
+    """AtlasConfig from option values over the detail token ``grid`` (the one builder of generate and plan).
+
+    ``window``: 'auto' (a window near (3, 15, 16) that tiles the grid: :func:`auto_window`; padded only when no
+    such window exists), 'T,H,W' or a triple. ``spatial_scale`` 0 picks :func:`auto_spatial_scale`. Other
+    ``settings`` are AtlasConfig fields; ``proxy_margin``/``ultragen_pool`` may be 'T,H,W' strings.
+    """
     check(attention in MODES, "attention", attention, f"must be one of {MODES}")
-    check(spatial_scale >= 0, "spatial_scale", spatial_scale, "must be >= 0 (0 = auto)")
+    check(isinstance(spatial_scale, int) and spatial_scale >= 0, "spatial_scale", spatial_scale,
+          "must be an integer >= 0 (0 = auto)")
     if spatial_scale == 0:
-        spatial_scale = auto_spatial_scale(detail_grid(video, model))
-    return AtlasConfig(mode=attention, window=parse_triple("window", window), shift=shift, shift_axes=shift_axes,
-                       pad_windows=pad_windows,
-                       temporal_scale=temporal_scale, spatial_scale=spatial_scale, proxy_context=proxy_context,
-                       proxy_mode=proxy_mode)
+        spatial_scale = auto_spatial_scale(grid)
+    if window == "auto":
+        window, padded = auto_window(grid)
+        pad_windows = pad_windows or padded
+    elif isinstance(window, str):
+        window = parse_triple("window", window)
+    for name in ("proxy_margin", "ultragen_pool"):
+        if isinstance(settings.get(name), str):
+            settings[name] = parse_triple(name, settings[name])
+    return AtlasConfig(mode=attention, window=tuple(window), spatial_scale=spatial_scale, pad_windows=pad_windows,
+                       **settings)
 
 
 def build_parallel(*, device: str, gpus: int, workers: int | None, proxy_parallel: str = "none",

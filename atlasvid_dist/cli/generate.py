@@ -18,10 +18,10 @@ from ..config.method import AtlasConfig
 from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
 from ..errors import AtlasError, ConfigError, InputError, RunFailure
-from .common import build_parallel, parse_triple
+from .common import build_method, build_parallel
 
 DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_steps=30, guidance=5.0, seed=0,
-                attention="atlas", window="3,15,16", shift=True, shift_axes="thw", temporal_scale=4, spatial_scale=0,
+                attention="atlas", window="auto", shift=True, shift_axes="thw", temporal_scale=4, spatial_scale=0,
                 proxy_context="aligned", pad_windows=False, detail_init="noise", init_strength=0.7, device="cpu",
                 dtype="auto", out="out.mp4", negative_prompt=WAN_NEGATIVE_PROMPT, flow_shift=5.0, proxy_flow_shift=5.0,
                 backend="auto")
@@ -90,23 +90,15 @@ def build_config(values: dict) -> GenerateConfig:
 
 
 def _method(v: dict, video: VideoSpec) -> AtlasConfig:
-    """Pop the method options from ``v`` (option names) and build the AtlasConfig (spatial scale 0: auto)."""
-    window = v.pop("window")
-    window = parse_triple("window", window) if isinstance(window, str) else tuple(window)
-    scale = v.pop("spatial_scale")
-    if scale == 0:  # auto: a proxy of at most a 720P frame of tokens, aligned with the detail grid
-        from ..geometry.grid import latent_grid, token_grid
-        from .common import auto_spatial_scale
+    """Pop the method options from ``v`` (option names) and build the AtlasConfig (plan's builder too)."""
+    from ..geometry.grid import latent_grid, token_grid
 
-        scale = auto_spatial_scale(token_grid(latent_grid(video.frames, video.gen_height, video.gen_width)))
+    grid = token_grid(latent_grid(video.frames, video.gen_height, video.gen_width))
     extra = {k: v.pop(k) for k in EXTRA_METHOD_KEYS if k in v}
-    for name in ("proxy_margin", "ultragen_pool"):
-        if isinstance(extra.get(name), str):
-            extra[name] = parse_triple(name, extra[name])
-    return AtlasConfig(mode=v.pop("attention"), window=window, shift=v.pop("shift"), shift_axes=v.pop("shift_axes"),
-                       temporal_scale=v.pop("temporal_scale"), spatial_scale=scale,
-                       proxy_context=v.pop("proxy_context"), pad_windows=v.pop("pad_windows"),
-                       backend=v.pop("backend"), **extra)
+    return build_method(grid, attention=v.pop("attention"), window=v.pop("window"), shift=v.pop("shift"),
+                        shift_axes=v.pop("shift_axes"), temporal_scale=v.pop("temporal_scale"),
+                        spatial_scale=v.pop("spatial_scale"), proxy_context=v.pop("proxy_context"),
+                        pad_windows=v.pop("pad_windows"), backend=v.pop("backend"), **extra)
 
 
 def check_kinds(values: dict) -> None:
@@ -150,7 +142,7 @@ def generate(
     proxy_flow_shift: Optional[float] = typer.Option(None, help="Flow-matching shift, proxy stage. [default: 5.0]"),
     seed: Optional[int] = typer.Option(None, help="Random seed. [default: 0]"),
     attention: Optional[str] = typer.Option(None, help="atlas|ultragen|full. [default: atlas]"),
-    window: Optional[str] = typer.Option(None, help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px). [default: 3,15,16]"),
+    window: Optional[str] = typer.Option(None, help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px), or auto: near 3,15,16 and tiling the size (3,15,16 at 720P/2K/4K/8K). [default: auto]"),
     shift: Optional[bool] = typer.Option(None, "--shift/--no-shift", help="Alternate half-shifted windows over layers. [default: shift]"),
     shift_axes: Optional[str] = typer.Option(None, help="Axes shifted windows move along: thw or e.g. hw (no shift in time: far less halo traffic between ranks). [default: thw]"),
     pad_windows: Optional[bool] = typer.Option(None, "--pad-windows/--no-pad-windows", help="Allow windows that do not tile the grid (masked padding). [default: no]"),

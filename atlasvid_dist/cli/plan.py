@@ -20,7 +20,7 @@ from . import common as c
 
 def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 81, fps: c.Fps = 16,
          gpus: c.Gpus = 1, workers: c.Workers = None, device: c.Device = "cuda",
-         attention: c.Attention = "atlas", window: c.Window = "3,15,16", shift: c.Shift = True,
+         attention: c.Attention = "atlas", window: c.Window = "auto", shift: c.Shift = True,
          shift_axes: c.ShiftAxes = "thw",
          pad_windows: c.PadWindows = False, temporal_scale: c.TemporalScale = 4, spatial_scale: c.SpatialScale = 0,
          proxy_context: c.ProxyContext = "aligned", proxy_mode: c.ProxyMode = "clean",
@@ -38,10 +38,9 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
         check_plot_path(plot)  # before minutes of cost model: a bad destination is refused first
     video = c.build_video(res, frames, fps)
     spec = c.resolve_model(model)
-    method = c.build_method(video, spec, attention=attention, window=window, shift=shift, shift_axes=shift_axes,
-                            pad_windows=pad_windows,
-                            temporal_scale=temporal_scale, spatial_scale=spatial_scale,
-                            proxy_context=proxy_context, proxy_mode=proxy_mode)
+    method = c.build_method(c.detail_grid(video, spec), attention=attention, window=window, shift=shift,
+                            shift_axes=shift_axes, pad_windows=pad_windows, temporal_scale=temporal_scale,
+                            spatial_scale=spatial_scale, proxy_context=proxy_context, proxy_mode=proxy_mode)
     par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
                            proxy_degree=proxy_degree, window_group=window_group, window_parallel=window_parallel)
     run = RunSettings(dtype=dtype, steps=steps, proxy_steps=proxy_steps, guidance=guidance, detail_init=detail_init,

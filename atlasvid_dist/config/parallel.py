@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import PlanError, check
+from ..geometry.grid import divisors
 from .model import ModelSpec
 
 DEVICES = ("cpu", "cuda")
@@ -68,7 +69,7 @@ class ParallelPlan:
         self._check_proxy_degrees()
         check(self.workers % self.window_group == 0, "window_group", self.window_group,
               f"must divide workers: workers = {self.workers} is not num_window_groups x window_group "
-              f"(window_group = {self.window_group}; divisors of {self.workers}: {_divisors(self.workers)})")
+              f"(window_group = {self.window_group}; divisors of {self.workers}: {divisors(self.workers)})")
 
     def _check_proxy_degrees(self) -> None:
         u, r, mode = self.ulysses_degree, self.ring_degree, self.proxy_parallel
@@ -102,15 +103,15 @@ class ParallelPlan:
         if num_heads % u:
             raise PlanError(f"ulysses_degree = {u} does not divide the model's heads = {num_heads}: Ulysses gives "
                             f"each rank heads / ulysses_degree heads; use a divisor of {num_heads} "
-                            f"({_divisors(num_heads)}) or --proxy-parallel ring")
+                            f"({divisors(num_heads)}) or --proxy-parallel ring")
         if g > 1 and self.window_parallel == "ulysses" and num_heads % g:
             raise PlanError(f"window_group = {g} does not divide the model's heads = {num_heads} (window_parallel "
-                            f"'ulysses' splits heads); use a divisor of {num_heads} ({_divisors(num_heads)}) or "
+                            f"'ulysses' splits heads); use a divisor of {num_heads} ({divisors(num_heads)}) or "
                             f"window_parallel 'ring' (--window-parallel ring)")
         if num_windows is None and self.window_parallel == "ulysses" and num_heads % self.workers:
             raise PlanError(f"full attention splits the whole sequence over workers = {self.workers} with Ulysses, "
                             f"which must divide the model's heads = {num_heads}; use a divisor of {num_heads} "
-                            f"({_divisors(num_heads)}) or window_parallel 'ring' (--window-parallel ring)")
+                            f"({divisors(num_heads)}) or window_parallel 'ring' (--window-parallel ring)")
         if num_windows is not None and self.num_window_groups > num_windows:
             raise PlanError(f"{self.num_window_groups} window groups (workers = {self.workers} / window_group = "
                             f"{g}) but only {num_windows} windows: every group needs at least one window; use "
@@ -125,5 +126,3 @@ class ParallelPlan:
                   f"rank(s)" + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else ""))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]

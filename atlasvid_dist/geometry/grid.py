@@ -166,6 +166,11 @@ class ProxyGeometry:
         return (self.grid.t - 1) * VAE_TEMPORAL + 1
 
 
+def divisors(n: int) -> list[int]:
+    """Every divisor of ``n`` >= 1, ascending (the one helper for messages and choices that need them)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _common_divisors(a: int, b: int) -> list[int]:
     g = math.gcd(a, b)
     return [d for d in range(1, g + 1) if g % d == 0]

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import check
-from .grid import Grid, ProxyAnchor
+from .grid import Grid, ProxyAnchor, divisors
 
 Triple = tuple[int, int, int]
 
@@ -45,7 +45,7 @@ class WindowSpec:
             elif s == 0 and not self.pad:
                 check(n % w == 0, f"window.{names[ax]}", w,
                       f"does not tile the token grid's {names[ax]} = {n} (token grid {self.grid.dims}); choose a "
-                      f"divisor ({_divisors(n)}) or allow padding (pad_windows)")
+                      f"divisor ({divisors(n)}) or allow padding (pad_windows)")
         object.__setattr__(self, "shift", tuple(shift))
 
     @property
@@ -138,5 +138,27 @@ def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple)
     return index.reshape(spec.num_windows, -1), tuple(sizes)  # type: ignore[return-value]
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+DEFAULT_WINDOW: Triple = (3, 15, 16)
+"""The window the method starts from: it tiles 720P, 2K, 4K and 8K token grids in space (docs/method.md)."""
+
+
+def auto_window(grid: Grid, target: Triple = DEFAULT_WINDOW) -> tuple[Triple, bool]:
+    """A window near ``target`` that tiles ``grid``, and whether padding is still needed.
+
+    Per axis: the divisor of the axis closest to the target within [target/2, 2*target] (the smaller one on a tie);
+    an axis with none keeps the target and the window is padded (masked). 720P/2K/4K/8K keep (3, 15, 16); Wan's
+    480p (30 x 52 tokens) gets (3, 15, 13); 1080p (68 x 120) gets (3, 17, 15).
+    """
+    out, pad = [], False
+    for n, want in zip(grid.dims, target):
+        size = _axis_window(n, want)
+        pad = pad or size is None
+        out.append(want if size is None else size)
+    return tuple(out), pad  # type: ignore[return-value]
+
+
+def _axis_window(n: int, want: int) -> int | None:
+    if n <= want:
+        return n  # the whole axis
+    near = [d for d in divisors(n) if (want + 1) // 2 <= d <= 2 * want]
+    return min(near, key=lambda d: (abs(d - want), d)) if near else None
