@@ -58,6 +58,10 @@ class FlowMatchingLoss(nn.Module):
                  atlases: dict | None = None):
         super().__init__()
         self.atlas, self.stage = atlas, stage
+        if adapter is None:  # the adapter active now is the one trained
+            from atlasvid_dist.models.lora import active_adapter
+
+            adapter = active_adapter(atlas.transformer)
         self.adapter, self.proxy_adapter = adapter, proxy_adapter
         self._atlases = dict(atlases or {atlas.config.spatial_scale: atlas})  # plain dict: weights registered once
 
