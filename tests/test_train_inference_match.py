@@ -198,3 +198,22 @@ def test_short_clip_is_refused_naming_the_file(tmp_path):
     cfg = dataclasses.replace(_shipped("stage1.yaml"), data=str(data), bad_data="stop")
     with pytest.raises(InputError, match=r"video_000\.mp4: too few frames: 161, a clip needs 321"):
         scan_dataset(data, cfg)
+
+
+@pytest.mark.parametrize("flag, message", [([], "lora_stage1"), (["--lora-stage1", "missing.safetensors"],
+                                                                  "missing.safetensors")])
+def test_train_stage2_without_its_stage1_adapter_exits_2_before_launching(flag, message, tmp_path, monkeypatch,
+                                                                         capsys):
+    from atlasvid_dist.cli.main import main
+    from atlasvid_dist.train import launch
+    from atlasvid_dist.train.synthetic import write_synthetic_dataset
+
+    def no_launch(*_a, **_k):
+        raise AssertionError("launched although the stage-1 adapter is missing")
+
+    monkeypatch.setattr(launch, "run_launcher", no_launch)
+    data = write_synthetic_dataset(tmp_path / "d", num_videos=1, frames=13)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--stage", "2", "--data", str(data), "--output", str(tmp_path / "o"), "--res", "64x64",
+              "--frames", "9", *flag])
+    assert e.value.code == 2 and message in capsys.readouterr().err
