@@ -217,3 +217,26 @@ def test_train_stage2_without_its_stage1_adapter_exits_2_before_launching(flag, 
         main(["train", "--stage", "2", "--data", str(data), "--output", str(tmp_path / "o"), "--res", "64x64",
               "--frames", "9", *flag])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_spatial_scale_is_drawn_per_step_and_each_scale_trains(tmp_path):
+    from types import SimpleNamespace
+
+    from atlasvid_dist.train.data import step_generator
+    from atlasvid_dist.train.train import FlowMatchingLoss, Trainer, add_lora
+
+    cfg = TrainConfig(**{**SMALL, "spatial_scales": (1, 2)}, lora_stage1="none")
+    draw = lambda step: Trainer._spatial_scale(SimpleNamespace(cfg=cfg), step_generator(0, step, 0))  # noqa: E731
+    drawn = [draw(step) for step in range(16)]
+    assert set(drawn) == {1, 2} and drawn == [draw(step) for step in range(16)]
+    tr = build_tiny_transformer()
+    add_lora(tr, cfg, "stage2")
+    atlases = {s: AtlasTransformer(tr, AtlasConfig(window=(3, 2, 2), temporal_scale=2, spatial_scale=s))
+               for s in cfg.scales}
+    loss = FlowMatchingLoss(atlases[1], 2, "stage2", None, atlases)
+    x = _inputs(tr)
+    for s, size in ((1, 8), (2, 4)):
+        proxy = torch.randn(1, tr.config.in_channels, 2, size, size)
+        assert torch.isfinite(loss(**{**x, "proxy": proxy}, spatial_scale=s))
+    with pytest.raises(InputError, match="proxy"):
+        loss(**{**x, "proxy": torch.randn(1, tr.config.in_channels, 2, 4, 4)}, spatial_scale=1)
