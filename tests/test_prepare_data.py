@@ -60,8 +60,8 @@ def test_shards_hold_what_the_encoder_makes_of_each_clip(prepared):
 @pytest.mark.slow
 def test_training_from_shards_lowers_the_loss(prepared, tmp_path):
     _, out, _ = prepared
-    cfg = dict(SMALL, stage=2, data=out, output=str(tmp_path / "run"), max_steps=25)
-    (before, after, adapter), _ = run_ranks(_fit, 2, cfg, ZERO2, 25, timeout=240)
+    cfg = dict(SMALL, stage=2, data=out, output=str(tmp_path / "run"), max_steps=25, lora_stage1="none")
+    (before, after, adapter, _), _ = run_ranks(_fit, 2, cfg, ZERO2, 25, timeout=240)
     assert after < 0.9 * before, (before, after)
     assert adapter is not None
 

@@ -34,17 +34,52 @@ def _fit(rank, world, cfg_kw, ds_config, steps):
     trainer.run(steps)
     after = trainer.eval_loss(probe)
     path = trainer.export()
-    return before, after, str(path) if path else None
+    return before, after, str(path) if path else None, frozen_unchanged(trainer, cfg_kw.get("lora_stage1"))
+
+
+def frozen_unchanged(trainer, stage1_file) -> bool | None:
+    """Stage 2: the frozen stage-1 adapter's weights in the trained model still equal its file (None in stage 1)."""
+    if not stage1_file:
+        return None
+    from safetensors.torch import load_file
+
+    params = dict(trainer.transformer.named_parameters())
+    saved = load_file(stage1_file)
+    return len(saved) > 0 and all(
+        torch.equal(params[k.removeprefix("transformer.").replace(".weight", ".stage1.weight")].detach().cpu(), v)
+        for k, v in saved.items())
 
 
 @pytest.mark.parametrize("stage,ds", [(1, ZERO2), (2, ZERO2), pytest.param(1, ZERO3, marks=pytest.mark.slow),
                                       pytest.param(2, ZERO3, marks=pytest.mark.slow)])
 def test_loss_falls(stage, ds, data_dir, tmp_path):
+    from atlasvid_dist.pipeline.adapter_geometry import read_geometry, training_geometry
+
     cfg = dict(SMALL, stage=stage, data=data_dir, output=str(tmp_path / "out"), max_steps=30)
-    (before, after, adapter), _ = run_ranks(_fit, 2, cfg, ds, 30, timeout=240)
+    if stage == 2:  # a non-trivial stage-1 adapter: the proxy keys/values come from it, frozen
+        cfg["lora_stage1"] = stage1_adapter(tmp_path)
+    (before, after, adapter, frozen_ok), _ = run_ranks(_fit, 2, cfg, ds, 30, timeout=240)
     assert after < 0.9 * before, (before, after)
     assert adapter == str(tmp_path / "out" / "adapter.safetensors")
+    assert frozen_ok is (True if stage == 2 else None)
+    assert read_geometry(adapter) == training_geometry(TrainConfig(**cfg))
     check_adapter(adapter, tmp_path, f"lora_stage{stage}")
+
+
+def stage1_adapter(tmp_path) -> str:
+    """A stage-1 adapter file with non-zero lora_B (a fresh one would leave the base model unchanged)."""
+    from atlasvid_dist.models import lora
+    from atlasvid_dist.models.tiny import build_tiny_transformer
+    from atlasvid_dist.train.train import add_lora
+
+    tr = build_tiny_transformer()
+    add_lora(tr, TrainConfig(**SMALL), "stage1")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tr.named_parameters():
+            if ".lora_B.stage1." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return str(lora.save_lora(tr, "stage1", tmp_path / "stage1.safetensors"))
 
 
 def check_adapter(adapter, tmp_path, option):
@@ -106,7 +141,8 @@ def _zero3_matches_zero2(rank, world, cfg_kw):
 @pytest.mark.slow
 def test_zero3_and_offload_train_as_zero2(tmp_path):
     data = str(write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13))
-    out, _ = run_ranks(_zero3_matches_zero2, 2, dict(SMALL, stage=2, data=data, max_steps=4), timeout=240)
+    out, _ = run_ranks(_zero3_matches_zero2, 2, dict(SMALL, stage=2, data=data, max_steps=4, lora_stage1="none"),
+                       timeout=240)
     ref_losses, ref_adapter = out["ds_zero2"]
     assert len(set(ref_losses)) > 1
     for name in ("ds_zero3", "ds_zero3_offload"):
@@ -169,7 +205,7 @@ def _resume(rank, world, cfg_kw, ds_config, marker):
 def test_resume_gives_the_same_next_losses(ds, tmp_path):
     """Exact resume from the safetensors state; DeepSpeed .pt pickles planted in the checkpoints never load."""
     data = str(write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13))
-    cfg = dict(SMALL, stage=2, data=data, max_steps=6)
+    cfg = dict(SMALL, stage=2, data=data, max_steps=6, lora_stage1="none")
     marker = tmp_path / "planted-code-ran"
     (straight, resumed), _ = run_ranks(_resume, 2, cfg, ds, str(marker), timeout=240)
     assert len(straight) == 6 and len(resumed) == 3
@@ -226,7 +262,7 @@ def test_cli_trains_with_two_processes_and_resumes(data_dir, tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--stage", "2", "--data", data_dir, "--output", str(out), "--num-processes", "2",
-            "--config", _cli_yaml(tmp_path), "--deepspeed-config", ZERO2]
+            "--config", _cli_yaml(tmp_path), "--deepspeed-config", ZERO2, "--no-stage1-adapter"]
     with pytest.raises(SystemExit) as e:
         main(args + ["--max-steps", "2"])
     assert e.value.code in (0, None)

@@ -15,6 +15,7 @@ from ..config.parallel import ParallelPlan
 from ..cost.model import CostReport, RunSettings, estimate
 from ..cost.profiles import device_profile
 from ..errors import AtlasError, PlanError
+from ..pipeline.adapter_geometry import run_geometry, warn_adapter_geometry
 from . import common as c
 
 
@@ -29,6 +30,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
          steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
          detail_init: c.DetailInit = "noise", init_strength: c.InitStrength = 0.7, dtype: c.Dtype = "auto",
          device_profile_name: c.DeviceProfileOpt = None,
+         lora_stage1: str = typer.Option(None, "--lora-stage1", help="Stage-1 adapter: warn if trained otherwise."),
+         lora_stage2: str = typer.Option(None, "--lora-stage2", help="Stage-2 adapter: warn if trained otherwise."),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
          plot: str = typer.Option(None, "--plot", help="Also draw the window-to-rank layout and the cost breakdown to FILE.png.")) -> None:
     """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
@@ -41,6 +44,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     method = c.build_method(c.detail_grid(video, spec), attention=attention, window=window, shift=shift,
                             shift_axes=shift_axes, pad_windows=pad_windows, temporal_scale=temporal_scale,
                             spatial_scale=spatial_scale, proxy_context=proxy_context, proxy_mode=proxy_mode)
+    warn_adapter_geometry({1: lora_stage1, 2: lora_stage2},
+                          run_geometry(method, video.width, video.height, video.frames))  # stderr; exit 2 if unreadable
     par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
                            proxy_degree=proxy_degree, window_group=window_group, window_parallel=window_parallel)
     run = RunSettings(dtype=dtype, steps=steps, proxy_steps=proxy_steps, guidance=guidance, detail_init=detail_init,

@@ -61,6 +61,10 @@ def train(
                                               f"{'|'.join(DEEPSPEED_PRESETS)}."),
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (TrainConfig fields)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoints/latest."),
+    lora_stage1: Optional[str] = typer.Option(None, "--lora-stage1", help="Stage 2: the frozen stage-1 adapter "
+                                              "(required; its proxy keys/values are what generate reads)."),
+    no_stage1_adapter: bool = typer.Option(False, "--no-stage1-adapter", help="Stage 2 without a stage-1 adapter "
+                                           "(the proxy from the base weights)."),
 ) -> None:
     """Train a LoRA adapter for stage 1 or 2 under DeepSpeed ZeRO."""
     from ..train.data import scan_dataset
@@ -77,9 +81,12 @@ def train(
     flags = dict(max_steps=max_steps, res=res, frames=frames, fps=fps, lr=lr, batch=batch, grad_accum=grad_accum,
                  seed=seed, warmup_steps=warmup_steps, save_every=save_every)
     args += [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
+    args += (["--lora-stage1", lora_stage1] if lora_stage1 else []) + (["--no-stage1-adapter"] if no_stage1_adapter
+                                                                       else [])
     parsed = parse_args(args)
     cfg = load_train_config(parsed)  # ConfigError naming the field, before anything starts
     check_paths(cfg, output, deepspeed_config)
+    check_stage1_adapter(cfg)
     cfg = merge_deepspeed(read_deepspeed_config(deepspeed_config), cfg, given_fields(parsed), num_processes)[1]
     if resume:
         resumable(output)  # ConfigError for a folder holding only DeepSpeed .pt checkpoints (never loaded)
@@ -128,6 +135,19 @@ def check_paths(cfg, output: str, deepspeed_config: str | None = None) -> None:
     if not Path(cfg.data).is_dir():
         raise InputError(f"{cfg.data}: data folder does not exist (or is not a folder)")
     check_writable(output)
+
+
+def check_stage1_adapter(cfg) -> None:
+    """Stage 2: the stage-1 adapter is given and is a readable safetensors file (ModelLoadError naming it), or the
+    run says it trains without one (a loud line on stderr)."""
+    from ..models.loading import check_safetensors_file
+    from ..train.train import NO_ADAPTER, no_adapter_warning, require_stage1_adapter
+
+    require_stage1_adapter(cfg)
+    if cfg.stage == 2 and cfg.lora_stage1 != NO_ADAPTER:
+        check_safetensors_file(cfg.lora_stage1)
+    if no_adapter_warning(cfg):
+        typer.echo(no_adapter_warning(cfg), err=True)
 
 
 def check_model(model: str) -> None:

@@ -178,11 +178,13 @@ def _json_ready(config_dict: dict) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config_dict.items()}
 
 
-def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.PathLike) -> Path:
+def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.PathLike,
+              extra_metadata: dict[str, str] | None = None) -> Path:
     """Write adapter ``adapter_name`` as WanPipeline.save_lora_weights does; returns the file written.
 
     ``path`` is a ``.safetensors`` file name or a folder (then ``pytorch_lora_weights.safetensors`` inside it).
-    Written to a temporary name and renamed when complete.
+    Written to a temporary name and renamed when complete. ``extra_metadata`` (str -> str) joins the file's
+    metadata (training writes the geometry the adapter saw there).
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -196,6 +198,7 @@ def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.Pa
     config = _json_ready(transformer.peft_config[adapter_name].to_dict())
     metadata = {"format": "pt",
                 METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)}
+    metadata.update(extra_metadata or {})
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
     os.close(fd)
     try:

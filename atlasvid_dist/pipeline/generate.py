@@ -178,6 +178,7 @@ class TwoStageGenerator:
                           decode_tile=cfg.decode_tile or 32, decode_overlap=cfg.decode_overlap)
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
+        self.warn_adapter_geometry()
         return report
 
     def _gpu_name(self) -> str:
@@ -185,6 +186,15 @@ class TwoStageGenerator:
         if self.gpu_name is not None:
             return self.gpu_name
         return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+
+    def warn_adapter_geometry(self) -> list[str]:
+        """A line on stderr for each adapter trained at another geometry than this run's (not an error; a file
+        that cannot be read is reported when it loads)."""
+        from .adapter_geometry import run_geometry, warn_adapter_geometry
+
+        cfg = self.cfg
+        run = run_geometry(cfg.method, cfg.video.width, cfg.video.height, cfg.video.frames)
+        return warn_adapter_geometry({1: cfg.lora_stage1, 2: cfg.lora_stage2}, run, strict=False)
 
     def model_spec(self):
         """The model's shapes (ModelSpec) without loading weights: the preset, or the folder's configs."""
@@ -255,10 +265,7 @@ class TwoStageGenerator:
         model = self._atlas(comp, cfg.method)
         caches = {}
         if proxy is not None and cfg.method.proxy_mode == "clean":
-            self._adapter("stage1")  # the proxy path is the stage-1 model
-            with torch.no_grad():
-                caches = {k: model.build_proxy_cache(proxy, e) for k, e in (("cond", text.cond),
-                                                                            ("uncond", text.uncond)) if e is not None}
+            caches = self.proxy_caches(model, proxy, text)
         self._adapter("stage2")
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         shape = (1, comp.transformer.config.in_channels, *self.cfg.latent.dims)
@@ -285,6 +292,15 @@ class TwoStageGenerator:
         _check_finite("detail latents", latents)
         self.seconds["detail"] = time.perf_counter() - t0
         return latents
+
+    def proxy_caches(self, model, proxy: torch.Tensor, text: TextEmbeddings) -> dict:
+        """The clean proxy's keys/values per prompt ("cond", "uncond"), built by the stage-1 model (its adapter
+        active, base weights without one): the same function stage-2 training uses (pipeline/proxy_cache.py)."""
+        from .proxy_cache import proxy_cache_for
+
+        adapter = "stage1" if self.cfg.lora_stage1 else None
+        return {k: proxy_cache_for(model, proxy, e, adapter) for k, e in (("cond", text.cond), ("uncond", text.uncond))
+                if e is not None}
 
     def write_videos(self, comp, latents, proxy) -> int:
         """The video and (with --save-proxy) the proxy video, put in place together: when either fails, neither

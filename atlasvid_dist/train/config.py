@@ -37,7 +37,10 @@ class TrainConfig:
     temporal_scale: int = 4
     """r_t: proxy fps = fps / r_t."""
     spatial_scale: int = 2
-    """Proxy size = detail size / spatial_scale."""
+    """Proxy size = detail size / spatial_scale (used when spatial_scales is empty)."""
+    spatial_scales: tuple = ()
+    """Stage 2: spatial scales drawn per step from the seeded generator (e.g. [3, 6]: what 4K and 8K generation
+    use); each, with the window, must tile the detail token grid. Empty: spatial_scale only."""
     window: tuple = (3, 11, 16)
     """Stage-2 window (t, h, w) in tokens; must tile the detail token grid (1280x704 x 81: 21 x 44 x 80)."""
     bad_data: str = "skip"
@@ -80,6 +83,9 @@ class TrainConfig:
     """Wan's shift of the noise level: sigma = shift * s / (1 + (shift - 1) * s); 1 = none, 5 = Wan's 720P value."""
     tensorboard: bool = False
     """Also write loss / lr / tokens per second to OUTPUT/tensorboard (needs the tensorboard package)."""
+    lora_stage1: str = ""
+    """Stage 2: the frozen stage-1 adapter (safetensors) whose proxy keys/values the detail reads, as at
+    generation; 'none' trains without one (proxy from the base weights). Required by stage-2 training."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -89,6 +95,7 @@ class TrainConfig:
             v = getattr(self, name)
             check(v > 0 and v % (16 * self.spatial_scale) == 0, name, v,
                   f"must be a positive multiple of 16 * spatial_scale = {16 * self.spatial_scale}")
+        self._check_scales()
         for name in ("temporal_scale", "spatial_scale", "text_len", "lora_rank", "max_steps", "log_every",
                      "batch", "grad_accum"):
             check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
@@ -109,13 +116,37 @@ class TrainConfig:
               "lora_targets", self.lora_targets, "must be a non-empty list of module names")
 
 
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """The spatial scales a run trains at: spatial_scales, or (spatial_scale,)."""
+        return tuple(self.spatial_scales) or (self.spatial_scale,)
+
+    def _check_scales(self) -> None:
+        check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.spatial_scales),
+              "spatial_scales", self.spatial_scales, "must be a list of integers >= 1")
+        check(not self.spatial_scales or self.stage == 2, "spatial_scales", self.spatial_scales,
+              "is a stage-2 setting (stage 1 trains the proxy at one size: width / spatial_scale)")
+        check(self.lora_stage1 == "" or self.stage == 2, "lora_stage1", self.lora_stage1,
+              "is a stage-2 setting (the frozen proxy adapter)")
+        for s in self.spatial_scales:
+            check(self.width % (16 * s) == 0 and self.height % (16 * s) == 0, "spatial_scales",
+                  list(self.spatial_scales), f"{s} needs width and height multiples of 16 * {s} = {16 * s} "
+                  f"(got {self.width}x{self.height})")
+
     def _check_window(self) -> None:
-        """The window tiles the detail token grid (ConfigError naming the axis and the divisors otherwise)."""
-        from ..geometry.grid import Grid
+        """The window and every spatial scale tile the detail token grid (ConfigError naming the field)."""
+        from ..errors import ConfigError
+        from ..geometry.grid import Grid, ProxyGeometry
         from ..geometry.windows import WindowSpec
 
-        WindowSpec(Grid((self.frames - 1) // 4 + 1, self.height // 16, self.width // 16), tuple(self.window),
-                   (0, 0, 0))
+        grid = Grid((self.frames - 1) // 4 + 1, self.height // 16, self.width // 16)
+        WindowSpec(grid, tuple(self.window), (0, 0, 0))
+        for s in self.scales:
+            try:
+                ProxyGeometry(grid, self.temporal_scale, s)
+            except ConfigError as e:
+                raise ConfigError("spatial_scales", list(self.scales), f"{s} does not tile the detail token grid "
+                                  f"{grid.t}x{grid.h}x{grid.w} ({e})") from None
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "tuple": (tuple, list)}

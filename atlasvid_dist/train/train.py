@@ -43,26 +43,64 @@ from atlasvid_dist.train.launch import die_with_parent
 from atlasvid_dist.train.shards import PreparedData, is_prepared
 from atlasvid_dist.train.state import CHECKPOINTS, commit_state, gather_state, load_state, restore_state, resumable
 
-ADAPTER_NAME = "default"
 ADAPTER_FILE = "adapter.safetensors"
 
 
 class FlowMatchingLoss(nn.Module):
-    """The module DeepSpeed wraps: AtlasTransformer + the flow-matching loss of one stage."""
+    """The module DeepSpeed wraps: AtlasTransformer + the flow-matching loss of one stage.
 
-    def __init__(self, atlas: nn.Module, stage: int):
+    Stage 2 reads the clean proxy as generation does: its keys/values are built without gradients by
+    ``proxy_cache_for`` (the function generate uses) with the frozen ``proxy_adapter`` active (None: base weights),
+    then ``adapter`` (the one being trained) is made active for the detail tokens, the only ones in the loss.
+    ``atlases`` maps each spatial scale trained to an AtlasTransformer over the same transformer."""
+
+    def __init__(self, atlas: nn.Module, stage: int, adapter: str | None = None, proxy_adapter: str | None = None,
+                 atlases: dict | None = None):
         super().__init__()
         self.atlas, self.stage = atlas, stage
+        if adapter is None:  # the adapter active now is the one trained
+            from atlasvid_dist.models.lora import active_adapter
 
-    def forward(self, x0, noise, sigma, text, proxy=None):
+            adapter = active_adapter(atlas.transformer)
+        self.adapter, self.proxy_adapter = adapter, proxy_adapter
+        self._atlases = dict(atlases or {atlas.config.spatial_scale: atlas})  # plain dict: weights registered once
+
+    def forward(self, x0, noise, sigma, text, proxy=None, spatial_scale=None):
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1.0 - s) * x0 + s * noise  # (B, C, f, h, w)
         t = sigma * 1000.0
         if self.stage == 1:
             pred = self.atlas.proxy_forward(xt, t, text)
         else:
-            pred = self.atlas(xt, t, text, proxy=proxy)
+            atlas = self.atlas_for(spatial_scale)
+            pred = atlas(xt, t, text, proxy_cache=self.proxy_cache(atlas, proxy, text))
         return F.mse_loss(pred.float(), (noise - x0).float())
+
+    def atlas_for(self, spatial_scale: int | None) -> nn.Module:
+        """The AtlasTransformer of a spatial scale (the default one for None)."""
+        return self.atlas if spatial_scale is None else self._atlases[int(spatial_scale)]
+
+    def proxy_cache(self, atlas: nn.Module, proxy: torch.Tensor, text: torch.Tensor):
+        """The clean proxy's keys/values as generate builds them (frozen stage-1 adapter, no gradients); afterwards
+        the trained adapter is the active one and the frozen adapter's weights stay out of the graph."""
+        from atlasvid_dist.pipeline.proxy_cache import proxy_cache_for
+
+        cache = proxy_cache_for(atlas, proxy, text, self.proxy_adapter)
+        activate_trainable(atlas.transformer, self.adapter, self.proxy_adapter)
+        return cache
+
+
+def activate_trainable(transformer: nn.Module, adapter: str | None, frozen: str | None) -> None:
+    """Make ``adapter`` the only active LoRA and keep ``frozen``'s weights without gradients (peft's set_adapter
+    turns requires_grad on for whichever adapter it activates)."""
+    from atlasvid_dist.models.lora import set_active_adapter
+
+    if adapter is not None:
+        set_active_adapter(transformer, adapter)
+    if frozen is not None:
+        for name, p in transformer.named_parameters():
+            if f".{frozen}." in name:
+                p.requires_grad_(False)
 
 
 def tensorboard_writer(cfg: TrainConfig, out: Path):
@@ -104,17 +142,61 @@ def lr_scheduler_factory(cfg: TrainConfig):
                                            num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
 
 
-def add_lora(transformer: nn.Module, cfg: TrainConfig) -> None:
-    """peft LoRA on the attention projections (same init on every rank: seeded)."""
+def add_lora(transformer: nn.Module, cfg: TrainConfig, name: str) -> None:
+    """peft LoRA ``name`` on the attention projections (same init on every rank: seeded)."""
     from peft import LoraConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                            target_modules=list(cfg.lora_targets), init_lora_weights=True),
-                                adapter_name=ADAPTER_NAME)
-    if not any(p.requires_grad for p in transformer.parameters()):
+                                adapter_name=name)
+    if not any(p.requires_grad for n, p in transformer.named_parameters() if f".{name}." in n):
         raise ConfigError("lora_targets", cfg.lora_targets, "matched no module of the transformer")
+
+
+NO_ADAPTER = "none"
+"""``lora_stage1: none``: stage 2 trains without a stage-1 adapter (the proxy from the base weights)."""
+PROXY_ADAPTER = "stage1"
+"""Name of the frozen stage-1 adapter inside a stage-2 run (generate loads --lora-stage1 under the same name)."""
+
+
+def trained_adapter_name(cfg: TrainConfig) -> str:
+    """The trainable adapter's name: 'stage1' or 'stage2', as generate names the adapters it loads."""
+    return f"stage{cfg.stage}"
+
+
+def require_stage1_adapter(cfg: TrainConfig) -> None:
+    """Stage 2 needs the frozen stage-1 adapter (lora_stage1 FILE) or an explicit 'none' (ConfigError otherwise)."""
+    if cfg.stage == 2 and not cfg.lora_stage1:
+        raise ConfigError("lora_stage1", "", "stage 2 reads the proxy keys/values of the stage-1 model, as generate "
+                          "does: pass --lora-stage1 FILE (the stage-1 adapter), or --no-stage1-adapter "
+                          "(lora_stage1: none) to train against the base weights")
+
+
+def no_adapter_warning(cfg: TrainConfig) -> str | None:
+    """The loud line a stage-2 run without a stage-1 adapter prints (None otherwise)."""
+    if cfg.stage != 2 or cfg.lora_stage1 != NO_ADAPTER:
+        return None
+    return ("WARNING: stage 2 trains WITHOUT a stage-1 adapter (lora_stage1: none): the proxy keys/values come from "
+            "the base weights, so generate must run stage 1 without --lora-stage1 for the adapter to see the same")
+
+
+def build_adapters(transformer: nn.Module, cfg: TrainConfig) -> tuple[str, str | None]:
+    """Stage 2: the frozen stage-1 adapter (unless 'none') and the trainable stage-2 adapter in the one peft model;
+    stage 1: the trainable adapter only. Returns (trainable name, frozen name or None); the trainable one is active.
+    """
+    from atlasvid_dist.models.lora import load_lora
+
+    require_stage1_adapter(cfg)
+    frozen = None
+    if cfg.stage == 2 and cfg.lora_stage1 != NO_ADAPTER:
+        load_lora(transformer, cfg.lora_stage1, PROXY_ADAPTER)
+        frozen = PROXY_ADAPTER
+    name = trained_adapter_name(cfg)
+    add_lora(transformer, cfg, name)
+    activate_trainable(transformer, name, frozen)
+    return name, frozen
 
 
 SHARED_KEYS = {("train_micro_batch_size_per_gpu",): "batch", ("gradient_accumulation_steps",): "grad_accum",
@@ -223,16 +305,24 @@ class Trainer:
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         ds, cfg = deepspeed_config(ds_config_path, cfg, self.world, self.device, explicit)
         self.cfg = cfg
+        require_stage1_adapter(cfg)
+        if no_adapter_warning(cfg) and self.rank == 0:
+            log(no_adapter_warning(cfg))
+            print(no_adapter_warning(cfg), file=sys.stderr, flush=True)
         self.prepared = PreparedData(cfg.data, cfg) if is_prepared(cfg.data) else None
+        if self.prepared is not None and len(cfg.scales) > 1:
+            raise ConfigError("spatial_scales", list(cfg.scales), "prepared data holds one proxy size; train from the "
+                              "videos to draw the spatial scale per step")
         self.data = scan_dataset(cfg.data, cfg) if self.prepared is None else None
         comp = load_components(cfg.model, device=str(self.device))
         self.transformer = comp.transformer
-        add_lora(self.transformer, cfg)
+        self.adapter, frozen = build_adapters(self.transformer, cfg)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
-        atlas = AtlasTransformer(self.transformer, AtlasConfig(window=cfg.window, temporal_scale=cfg.temporal_scale,
-                                                               spatial_scale=cfg.spatial_scale))
+        atlases = {s: AtlasTransformer(self.transformer, AtlasConfig(window=cfg.window, spatial_scale=s,
+                                                                     temporal_scale=cfg.temporal_scale))
+                   for s in cfg.scales}
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device,
                                      self.dtype)
@@ -240,7 +330,8 @@ class Trainer:
         # The JSON's "optimizer" / "scheduler" blocks are built by DeepSpeed; without them, ours.
         opt = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = None if "scheduler" in ds else lr_scheduler_factory(cfg)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=FlowMatchingLoss(atlas, cfg.stage),
+        loss = FlowMatchingLoss(atlases[cfg.scales[0]], cfg.stage, self.adapter, frozen, atlases)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=loss,
                                                                  model_parameters=params, optimizer=opt,
                                                                  lr_scheduler=sched, config=ds)
         self.optimizer = self.engine.optimizer.optimizer  # the torch optimizer inside ZeRO (its state: Adam's)
@@ -255,19 +346,30 @@ class Trainer:
     def batch(self, step: int) -> tuple[dict, int]:
         """The inputs of this rank's ``cfg.batch`` clips at micro step ``step`` and their token count."""
         gen = step_generator(self.cfg.seed, step, self.rank)
-        examples = [self._example(gen) for _ in range(self.cfg.batch)]
+        scale = self._spatial_scale(gen)
+        examples = [self._example(gen, scale) for _ in range(self.cfg.batch)]
         inputs = {k: torch.cat([e[0][k] for e in examples]) for k in examples[0][0]}
+        if self.cfg.stage == 2:
+            inputs["spatial_scale"] = scale
         return inputs, sum(e[1] for e in examples)
 
-    def _example(self, gen: torch.Generator) -> tuple[dict, int]:
-        """One clip's inputs (batch dimension 1) drawn with ``gen``, and its token count."""
+    def _spatial_scale(self, gen: torch.Generator) -> int:
+        """This step's spatial scale: drawn from spatial_scales with ``gen`` (nothing drawn without a list, so
+        single-scale runs see the same random stream as before)."""
+        if not self.cfg.spatial_scales:
+            return self.cfg.spatial_scale
+        return self.cfg.scales[int(torch.randint(len(self.cfg.scales), (1,), generator=gen))]
+
+    def _example(self, gen: torch.Generator, scale: int) -> tuple[dict, int]:
+        """One clip's inputs (batch dimension 1) at spatial scale ``scale``, drawn with ``gen``, and its token count."""
         if self.prepared is not None:  # encoded once by prepare-data
             rec = self.prepared.get(int(torch.randint(len(self.prepared), (1,), generator=gen)))
             rec = {k: v.to(self.device, self.dtype) for k, v in rec.items()}
             text, proxy = rec["text"], rec["proxy"]
             x0 = proxy if self.cfg.stage == 1 else rec["detail"]
         else:
-            clip = sample_clip(self.data, self.cfg, gen)
+            cfg = self.cfg if scale == self.cfg.spatial_scale else dataclasses.replace(self.cfg, spatial_scale=scale)
+            clip = sample_clip(self.data, cfg, gen)
             text = self.encoder.text(clip.caption)
             proxy = self.encoder.video(clip.proxy)
             x0 = proxy if self.cfg.stage == 1 else self.encoder.video(clip.detail)
@@ -374,15 +476,17 @@ class Trainer:
         Every rank must call it. Returns the path on rank 0, None elsewhere."""
         import torch.distributed as dist
 
-        from atlasvid_dist.models.lora import save_lora
-
         import deepspeed
+
+        from atlasvid_dist.models.lora import save_lora
+        from atlasvid_dist.pipeline.adapter_geometry import geometry_metadata, training_geometry
 
         path = None
         lora_params = [p for n, p in self.transformer.named_parameters() if ".lora_" in n]
         with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):  # ZeRO-3 shards; else a no-op
             if self.rank == 0:
-                path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE)
+                path = save_lora(self.transformer, self.adapter, self.out / ADAPTER_FILE,
+                                 extra_metadata=geometry_metadata(training_geometry(self.cfg)))
         dist.barrier()
         return path
 
@@ -418,6 +522,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, typ, helptext in OVERRIDE_FLAGS:
         p.add_argument(flag, type=typ, default=None, help=helptext)
     p.add_argument("--res", default=None, help="detail training size WIDTHxHEIGHT, e.g. 128x128")
+    p.add_argument("--lora-stage1", "--lora_stage1", default=None, dest="lora_stage1",
+                   help="stage 2: the frozen stage-1 adapter whose proxy keys/values the detail reads")
+    p.add_argument("--no-stage1-adapter", action="store_true",
+                   help="stage 2 without a stage-1 adapter (lora_stage1: none; the proxy from the base weights)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by the deepspeed launcher
     return p.parse_args(argv)
@@ -434,6 +542,12 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     """The TrainConfig fields the command line sets (``--res WxH`` gives width and height)."""
     names = ["stage", "data", "model", "output", "max_steps"] + [f[2:].replace("-", "_") for f, _, _ in OVERRIDE_FLAGS]
     out = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "no_stage1_adapter", False):
+        if getattr(args, "lora_stage1", None):
+            raise ConfigError("lora_stage1", args.lora_stage1, "conflicts with --no-stage1-adapter; give one")
+        out["lora_stage1"] = NO_ADAPTER
+    elif getattr(args, "lora_stage1", None):
+        out["lora_stage1"] = args.lora_stage1
     if args.res is not None:
         out["width"], out["height"] = parse_res(args.res)
     return out
