@@ -66,6 +66,25 @@ def test_training_from_shards_lowers_the_loss(prepared, tmp_path):
     assert adapter is not None
 
 
+def test_prepare_data_progress_is_bounded_plain_lines_off_a_terminal(tmp_path, capsys):
+    """Off a terminal (captured stderr) prepare-data prints at most 10 complete lines (clips done/total, s/clip,
+    ETA), never a carriage return, whatever the clip count; --quiet prints none."""
+    data = write_synthetic_dataset(tmp_path / "data", num_videos=3, frames=25)
+    conf = tmp_path / "small.yaml"
+    conf.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}))
+    base = ["prepare-data", "--data", str(data), "--stage", "1", "--config", str(conf), "--clips-per-video", "5"]
+    assert cli(*base, "--output", str(tmp_path / "a")) == 0
+    out = capsys.readouterr()
+    n = json.loads((tmp_path / "a" / INDEX).read_text())["records"]
+    lines = [line for line in out.err.splitlines() if line.startswith("prepare-data:")]
+    assert n > 10 and 1 <= len(lines) <= 10, (n, out.err)
+    assert "\r" not in out.err + out.out
+    assert all("s/clip, ETA" in line for line in lines) and lines[-1].startswith(f"prepare-data: clip {n}/{n} (100%)")
+    assert cli(*base, "--output", str(tmp_path / "b"), "--quiet") == 0
+    out = capsys.readouterr()
+    assert "prepare-data:" not in out.err and f"prepared {n} clips" in out.out
+
+
 def test_mismatched_or_damaged_shards_are_refused(prepared, tmp_path, capsys):
     import shutil
 
