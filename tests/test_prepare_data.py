@@ -66,6 +66,25 @@ def test_training_from_shards_lowers_the_loss(prepared, tmp_path):
     assert adapter is not None
 
 
+def test_prepare_data_progress_is_bounded_plain_lines_off_a_terminal(tmp_path, capsys):
+    """Off a terminal (captured stderr) prepare-data prints at most 10 complete lines (clips done/total, s/clip,
+    ETA), never a carriage return, whatever the clip count; --quiet prints none."""
+    data = write_synthetic_dataset(tmp_path / "data", num_videos=3, frames=25)
+    conf = tmp_path / "small.yaml"
+    conf.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}))
+    base = ["prepare-data", "--data", str(data), "--stage", "1", "--config", str(conf), "--clips-per-video", "5"]
+    assert cli(*base, "--output", str(tmp_path / "a")) == 0
+    out = capsys.readouterr()
+    n = json.loads((tmp_path / "a" / INDEX).read_text())["records"]
+    lines = [line for line in out.err.splitlines() if line.startswith("prepare-data:")]
+    assert n > 10 and 1 <= len(lines) <= 10, (n, out.err)
+    assert "\r" not in out.err + out.out
+    assert all("s/clip, ETA" in line for line in lines) and lines[-1].startswith(f"prepare-data: clip {n}/{n} (100%)")
+    assert cli(*base, "--output", str(tmp_path / "b"), "--quiet") == 0
+    out = capsys.readouterr()
+    assert "prepare-data:" not in out.err and f"prepared {n} clips" in out.out
+
+
 def test_mismatched_or_damaged_shards_are_refused(prepared, tmp_path, capsys):
     import shutil
 
@@ -106,6 +125,32 @@ def test_wan_shifted_timesteps_follow_the_closed_form():
         TrainConfig(timestep_sampling="beta")
     with pytest.raises(ConfigError, match="timestep_shift"):
         TrainConfig(timestep_shift=0.0)
+
+
+def test_timesteps_come_from_diffusers_density_seeded_then_shifted():
+    """sample_sigma draws s with diffusers' compute_density_for_timestep_sampling from the step's generator (same
+    RNG state, same value), is reproducible from a seed (exact resume), and applies Wan's shift after."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling as density
+
+    from atlasvid_dist.train.train import sample_sigma, shift_sigma
+
+    def draws(cfg, seed, n=4000):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.cat([sample_sigma(cfg, gen) for _ in range(n)])
+
+    for scheme in ("uniform", "logit_normal"):
+        for shift in (1.0, 3.0):
+            cfg = TrainConfig(timestep_sampling=scheme, timestep_shift=shift)
+            got = draws(cfg, 7)
+            assert torch.equal(got, draws(cfg, 7)) and not torch.equal(got, draws(cfg, 8))
+            ref = torch.Generator().manual_seed(7)
+            want = torch.cat([density(scheme, 1, 0.0, 1.0, generator=ref) for _ in range(4000)])
+            assert torch.equal(got, shift_sigma(want, shift).clamp(1e-3, 1 - 1e-3)), (scheme, shift)
+    u, ln = draws(TrainConfig(), 0), draws(TrainConfig(timestep_sampling="logit_normal"), 0)
+    assert abs(float(u.mean()) - 0.5) < 0.02 and abs(float(u.var()) - 1 / 12) < 0.006  # uniform(0, 1)
+    assert abs(float(ln.mean()) - 0.5) < 0.02 and abs(float(ln.var()) - 0.0433) < 0.006  # sigmoid(N(0, 1))
+    shifted = draws(TrainConfig(timestep_shift=3.0), 0)
+    assert abs(float(shifted.mean()) - 0.676) < 0.02  # E[3s / (1 + 2s)] = 3/2 (1 - ln(3) / 2) for uniform s
 
 
 @pytest.mark.parametrize("extra,match", [([], "captions.jsonl"), (["--stage", "3"], "stage=3"),

@@ -112,9 +112,13 @@ def prepare_data(
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (its geometry is what is prepared)."),
     clips_per_video: int = typer.Option(1, "--clips-per-video", help="Clips per video, starts spread evenly."),
     shard_size: int = typer.Option(64, "--shard-size", help="Clips per shard file."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress (bar or lines) and no library bars or warnings."),
 ) -> None:
     """Encode a dataset once (VAE latents of proxy and detail clips, text embeddings) into sharded safetensors;
-    `train --data OUTPUT` then reads the shards instead of decoding and encoding videos every step."""
+    `train --data OUTPUT` then reads the shards instead of decoding and encoding videos every step.
+
+    Progress goes to stderr: clips done/total, seconds per clip and ETA, as a bar on a terminal, else a line at
+    every 10 % of the clips."""
     from ..train.shards import PrepareOptions, prepare
     from ..train.train import load_train_config, parse_args
 
@@ -123,7 +127,11 @@ def prepare_data(
             "--output", output] + (["--config", config] if config else [])
     cfg = load_train_config(parse_args(args))
     check_paths(cfg, output)
-    prepare(cfg, output, opts, log=typer.echo)
+    if quiet:
+        from .quiet import silence_libraries
+
+        silence_libraries()
+    prepare(cfg, output, opts, log=typer.echo, progress=not quiet)
 
 
 def check_paths(cfg, output: str, deepspeed_config: str | None = None) -> None:

@@ -59,31 +59,36 @@ def geometry(cfg: TrainConfig) -> dict:
 
 # -- writing ----------------------------------------------------------------------------------------------------
 def prepare(cfg: TrainConfig, output: str | os.PathLike, opts: PrepareOptions = PrepareOptions(), *,
-            log=print) -> dict:
-    """Encode ``cfg.data`` (videos + captions.jsonl) into shards under ``output``; returns the index."""
+            log=print, progress: bool = True) -> dict:
+    """Encode ``cfg.data`` (videos + captions.jsonl) into shards under ``output``; returns the index.
+
+    With ``progress``, stderr shows clips done/total, seconds per clip and the ETA (pipeline/progress.py: a bar on
+    a terminal, else a plain line at every 10 % of the clips)."""
     from ..models.loading import load_components
+    from ..pipeline.progress import progress_bar
     from .data import LatentEncoder
 
     out = Path(output)
     if out.resolve() == Path(cfg.data).resolve():
         raise ConfigError("output", str(output), "must differ from the data folder")
     data = scan_dataset(cfg.data, cfg)  # bad data: skipped with a count, or stop (cfg.bad_data)
+    todo = [(rec, start) for rec in data.records for start in clip_starts(rec, cfg, opts.clips_per_video)]
     out.mkdir(parents=True, exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)  # incomplete until the new index is written
     comp = load_components(cfg.model, device="cpu")
     enc = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, "cpu", torch.float32)
+    bar = progress_bar(total=len(todo), desc="prepare-data", unit="clip", enabled=progress)
     shards, sources, buf = [], [], []
-    for rec in data.records:
-        for start in clip_starts(rec, cfg, opts.clips_per_video):
-            clip = cut_clip(rec, start, cfg)
-            item = {"proxy": enc.video(clip.proxy)[0], "text": enc.text(clip.caption)[0]}  # drop the batch dim
-            if cfg.stage == 2:
-                item["detail"] = enc.video(clip.detail)[0]
-            buf.append(item)
+    try:
+        for rec, start in todo:
+            buf.append(_encode_clip(enc, rec, start, cfg))
             sources.append({"video": str(rec.path), "caption": rec.caption, "start": start})
             if len(buf) == opts.shard_size:
                 shards.append(_write_shard(out, len(shards), buf))
                 buf = []
+            bar.update(1)
+    finally:
+        bar.close()
     if buf:
         shards.append(_write_shard(out, len(shards), buf))
     index = {"format": FORMAT, "geometry": geometry(cfg), "records": len(sources), "shards": shards,
@@ -94,6 +99,15 @@ def prepare(cfg: TrainConfig, output: str | os.PathLike, opts: PrepareOptions = 
     log(f"prepared {len(sources)} clips from {len(data.records)} videos into {len(shards)} shard(s) at {out}"
         + (f"; skipped {len(data.skipped)} bad entries" if data.skipped else ""))
     return index
+
+
+def _encode_clip(enc, rec, start: int, cfg: TrainConfig) -> dict:
+    """The tensors of the clip of ``rec`` at ``start`` without the batch dim: proxy, text (and detail, stage 2)."""
+    clip = cut_clip(rec, start, cfg)
+    item = {"proxy": enc.video(clip.proxy)[0], "text": enc.text(clip.caption)[0]}
+    if cfg.stage == 2:
+        item["detail"] = enc.video(clip.detail)[0]
+    return item
 
 
 def _write_shard(out: Path, n: int, items: list[dict]) -> dict:

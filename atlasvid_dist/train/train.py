@@ -13,9 +13,11 @@ Exact resume: clip choice, timestep and noise of a step depend only on (seed, st
 restores LoRA weights, Adam moments and step, lr schedule and RNG from safetensors + JSON (never DeepSpeed's pickled
 .pt files), so the step after a resume computes the same loss as without the stop.
 
-Compromises: timesteps are drawn uniformly in (0, 1) (Wan's released training code shifts them; not needed to
-show the method); one clip per rank per step (micro batch 1); the VAE and text encoder run every step (cheap at
-the tiny size; a prepare-data step that caches latents is not done yet).
+Timesteps: s drawn uniform or logit-normal in (0, 1) by diffusers' ``compute_density_for_timestep_sampling`` from
+the step's generator, then Wan's shift (``timestep_sampling``, ``timestep_shift``).
+
+Compromises: on raw videos the VAE and text encoder run every step (cheap at the tiny size); ``prepare-data``
+encodes a dataset once into shards (train/shards.py) that training then reads instead.
 """
 
 from __future__ import annotations
@@ -120,12 +122,13 @@ def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def sample_sigma(cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """The flow-matching noise level of one example, (1,), in [1e-3, 1 - 1e-3]: s ~ uniform or logit-normal,
-    then Wan's shift."""
-    if cfg.timestep_sampling == "logit_normal":
-        s = torch.sigmoid(torch.randn(1, generator=gen))
-    else:
-        s = torch.rand(1, generator=gen)
+    """The flow-matching noise level of one example, (1,), in [1e-3, 1 - 1e-3]: s ~ uniform or logit-normal
+    (sigmoid of N(0, 1)) drawn by diffusers' ``compute_density_for_timestep_sampling`` from ``gen`` (the step's
+    seeded generator, so resume stays exact), then Wan's shift."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    s = compute_density_for_timestep_sampling(cfg.timestep_sampling, batch_size=1, logit_mean=0.0, logit_std=1.0,
+                                              generator=gen)
     return shift_sigma(s, cfg.timestep_shift).clamp(1e-3, 1 - 1e-3)
 
 
