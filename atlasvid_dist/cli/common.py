@@ -34,6 +34,9 @@ ShiftAxes = Annotated[str, typer.Option(help="Axes shifted windows move along: t
                                              "far less halo traffic between ranks).")]
 PadWindows = Annotated[bool, typer.Option("--pad-windows/--no-pad-windows",
                                           help="Allow windows that do not tile the grid (masked padding).")]
+UltragenPool = Annotated[str, typer.Option(help="With --attention ultragen: pooling cell T,H,W of the compressed "
+                                                "global branch (q, k, v averaged per cell).")]
+UltragenWeight = Annotated[float, typer.Option(help="With --attention ultragen: w in (1 - w) * windows + w * global.")]
 TemporalScale = Annotated[int, typer.Option(help="r_t: proxy fps = fps / r_t.")]
 SpatialScale = Annotated[int, typer.Option(help="Detail tokens per proxy token in height and width; 0 = auto "
                                                 "(the smallest divisor giving a proxy frame of at most 720P).")]
@@ -101,7 +104,8 @@ def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> in
 def build_method(video: VideoSpec, model: ModelSpec, *, attention: str, window: str, shift: bool,
                  shift_axes: str = "thw",
                  pad_windows: bool, temporal_scale: int, spatial_scale: int, proxy_context: str,
-                 proxy_mode: str = "clean") -> AtlasConfig:
+                 proxy_mode: str = "clean", ultragen_pool: str = "1,4,4",
+                 ultragen_weight: float = 0.5) -> AtlasConfig:
     """AtlasConfig from option values; ``spatial_scale`` 0 picks :func:`auto_spatial_scale`."""
     check(attention in MODES, "attention", attention, f"must be one of {MODES}")
     check(spatial_scale >= 0, "spatial_scale", spatial_scale, "must be >= 0 (0 = auto)")
@@ -110,7 +114,8 @@ def build_method(video: VideoSpec, model: ModelSpec, *, attention: str, window: 
     return AtlasConfig(mode=attention, window=parse_triple("window", window), shift=shift, shift_axes=shift_axes,
                        pad_windows=pad_windows,
                        temporal_scale=temporal_scale, spatial_scale=spatial_scale, proxy_context=proxy_context,
-                       proxy_mode=proxy_mode)
+                       proxy_mode=proxy_mode, ultragen_pool=parse_triple("ultragen_pool", ultragen_pool),
+                       ultragen_weight=ultragen_weight)
 
 
 def build_parallel(*, device: str, gpus: int, workers: int | None, proxy_parallel: str = "none",

@@ -24,7 +24,7 @@ DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_ste
                 attention="atlas", window="3,15,16", shift=True, shift_axes="thw", temporal_scale=4, spatial_scale=0,
                 proxy_context="aligned", pad_windows=False, detail_init="noise", init_strength=0.7, device="cpu",
                 dtype="auto", out="out.mp4", negative_prompt=WAN_NEGATIVE_PROMPT, flow_shift=5.0, proxy_flow_shift=5.0,
-                backend="auto")
+                backend="auto", ultragen_pool="1,4,4", ultragen_weight=0.5)
 RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", "steps", "proxy_steps", "guidance",
             "flow_shift", "proxy_flow_shift", "seed", "detail_init", "init_strength", "device", "dtype", "out",
             "save_proxy", "save_latents", "crf", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
@@ -34,12 +34,12 @@ RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", 
 OPTION_KINDS = {
     **dict.fromkeys(("frames", "fps", "steps", "proxy_steps", "seed", "temporal_scale", "spatial_scale", "crf",
                      "text_len", "decode_tile", "decode_overlap"), "int"),
-    **dict.fromkeys(("guidance", "flow_shift", "proxy_flow_shift", "init_strength"), "float"),
+    **dict.fromkeys(("guidance", "flow_shift", "proxy_flow_shift", "init_strength", "ultragen_weight"), "float"),
     **dict.fromkeys(("shift", "pad_windows"), "bool"),
     **dict.fromkeys(("prompt", "negative_prompt", "model", "res", "attention", "shift_axes", "proxy_context",
                      "backend", "detail_init", "device", "dtype", "out", "device_profile"), "str"),
     **dict.fromkeys(("lora_stage1", "lora_stage2", "save_proxy", "save_latents", "run_dir"), "str?"),
-    "window": "triple",
+    **dict.fromkeys(("window", "ultragen_pool"), "triple"),
 }
 KIND_RULES = {"int": "must be an integer", "float": "must be a finite number", "bool": "must be true or false",
               "str": "must be a text (quote it in YAML)", "str?": "must be a text (a path) or null",
@@ -55,8 +55,7 @@ def build_config(values: dict) -> GenerateConfig:
     check_kinds(values)
     v = dict(values)
     video = VideoSpec.from_res(v.pop("res"), frames=v.pop("frames"), fps=v.pop("fps"))
-    window = v.pop("window")
-    window = parse_triple("window", window) if isinstance(window, str) else tuple(window)
+    window, pool = (_triple(name, v.pop(name)) for name in ("window", "ultragen_pool"))
     scale = v.pop("spatial_scale")
     if scale == 0:  # auto: a proxy of at most a 720P frame of tokens, aligned with the detail grid
         from ..geometry.grid import latent_grid, token_grid
@@ -66,7 +65,7 @@ def build_config(values: dict) -> GenerateConfig:
     method = AtlasConfig(mode=v.pop("attention"), window=window, shift=v.pop("shift"), shift_axes=v.pop("shift_axes"),
                          temporal_scale=v.pop("temporal_scale"), spatial_scale=scale,
                          proxy_context=v.pop("proxy_context"), pad_windows=v.pop("pad_windows"),
-                         backend=v.pop("backend"))
+                         backend=v.pop("backend"), ultragen_pool=pool, ultragen_weight=v.pop("ultragen_weight"))
     run = {k: v.pop(k) for k in RUN_KEYS if k in v}
     if v:
         key = sorted(v)[0]
@@ -74,6 +73,11 @@ def build_config(values: dict) -> GenerateConfig:
     if run.get("prompt") is None:
         raise ConfigError("prompt", None, "is required (--prompt TEXT or 'prompt:' in --config)")
     return GenerateConfig(video=video, method=method, **run)
+
+
+def _triple(name: str, value) -> tuple:
+    """An option of kind 'triple' ('T,H,W' or a list of three integers) as a tuple."""
+    return parse_triple(name, value) if isinstance(value, str) else tuple(value)
 
 
 def check_kinds(values: dict) -> None:
@@ -125,6 +129,8 @@ def generate(
     spatial_scale: Optional[int] = typer.Option(None, help="Detail tokens per proxy token in height and width; 0 = auto (a proxy of at most 720P: 4K -> 3, 2K -> 2, 8K -> 6). [default: 0]"),
     proxy_context: Optional[str] = typer.Option(None, help="all|aligned proxy keys per window. [default: aligned]"),
     backend: Optional[str] = typer.Option(None, help="auto|sdpa|flex|reference attention kernel. [default: auto]"),
+    ultragen_pool: Optional[str] = typer.Option(None, help="With --attention ultragen: pooling cell T,H,W of the compressed global branch (q, k, v averaged per cell). [default: 1,4,4]"),
+    ultragen_weight: Optional[float] = typer.Option(None, help="With --attention ultragen: w in (1 - w) * windows + w * global. [default: 0.5]"),
     detail_init: Optional[str] = typer.Option(None, help="noise|proxy: detail start. [default: noise]"),
     init_strength: Optional[float] = typer.Option(None, help="With --detail-init proxy: fraction of steps run. [default: 0.7]"),
     device: Optional[str] = typer.Option(None, help="cpu|cuda. [default: cpu]"),

@@ -24,6 +24,7 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
          shift_axes: c.ShiftAxes = "thw",
          pad_windows: c.PadWindows = False, temporal_scale: c.TemporalScale = 4, spatial_scale: c.SpatialScale = 0,
          proxy_context: c.ProxyContext = "aligned", proxy_mode: c.ProxyMode = "clean",
+         ultragen_pool: c.UltragenPool = "1,4,4", ultragen_weight: c.UltragenWeight = 0.5,
          proxy_parallel: c.ProxyParallel = "none", proxy_degree: c.ProxyDegree = 0,
          window_group: c.WindowGroup = 1, window_parallel: c.WindowParallel = "ulysses",
          steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
@@ -41,7 +42,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     method = c.build_method(video, spec, attention=attention, window=window, shift=shift, shift_axes=shift_axes,
                             pad_windows=pad_windows,
                             temporal_scale=temporal_scale, spatial_scale=spatial_scale,
-                            proxy_context=proxy_context, proxy_mode=proxy_mode)
+                            proxy_context=proxy_context, proxy_mode=proxy_mode, ultragen_pool=ultragen_pool,
+                            ultragen_weight=ultragen_weight)
     par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
                            proxy_degree=proxy_degree, window_group=window_group, window_parallel=window_parallel)
     run = RunSettings(dtype=dtype, steps=steps, proxy_steps=proxy_steps, guidance=guidance, detail_init=detail_init,
