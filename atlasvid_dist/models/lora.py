@@ -27,6 +27,8 @@ from .loading import check_safetensors_file
 
 PREFIX = "transformer"
 METADATA_KEY = "lora_adapter_metadata"
+TRAINING_KEY = "atlasvid_training"
+"""Metadata key of how an adapter exported by ``train`` was trained (JSON: stage, mode, window, ...)."""
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 
@@ -178,8 +180,11 @@ def _json_ready(config_dict: dict) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config_dict.items()}
 
 
-def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.PathLike) -> Path:
+def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.PathLike,
+              training: dict | None = None) -> Path:
     """Write adapter ``adapter_name`` as WanPipeline.save_lora_weights does; returns the file written.
+
+    ``training`` (JSON-ready) is stored under the metadata key ``TRAINING_KEY`` (how it was trained: stage, mode).
 
     ``path`` is a ``.safetensors`` file name or a folder (then ``pytorch_lora_weights.safetensors`` inside it).
     Written to a temporary name and renamed when complete.
@@ -196,6 +201,8 @@ def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.Pa
     config = _json_ready(transformer.peft_config[adapter_name].to_dict())
     metadata = {"format": "pt",
                 METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)}
+    if training is not None:
+        metadata[TRAINING_KEY] = json.dumps(training, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
     os.close(fd)
     try:

@@ -6,7 +6,8 @@
 Objective (flow matching as Wan trains it): x_t = (1 - s) x0 + s eps, target v = eps - x0, timestep s * 1000,
 loss = mean squared error of the predicted v. Stage 1 predicts the proxy with ``proxy_forward`` (full attention,
 temporally scaled RoPE); stage 2 predicts the detail with ``forward(..., proxy=clean proxy latent)`` (windows
-reading the clean proxy), so the loss covers detail tokens only. Only the LoRA weights train (peft, added with
+reading the clean proxy), so the loss covers detail tokens only; stage 2 with ``mode: ultragen`` runs
+``forward`` without a proxy (windows + compressed global branch). Only the LoRA weights train (peft, added with
 ``transformer.add_adapter``); the optimizer is a plain torch AdamW handed to DeepSpeed (no cpu_adam build).
 
 Exact resume: clip choice, timestep and noise of a step depend only on (seed, step, rank), and train/state.py
@@ -34,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atlasvid_dist.config.files import from_mapping, read_mapping
-from atlasvid_dist.config.method import AtlasConfig
 from atlasvid_dist.configs import DEEPSPEED_PRESETS, DEFAULT_DEEPSPEED, read_deepspeed_config
 from atlasvid_dist.errors import ConfigError
 from atlasvid_dist.train.config import TINY_DEFAULTS, TrainConfig
@@ -231,8 +231,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
-        atlas = AtlasTransformer(self.transformer, AtlasConfig(window=cfg.window, temporal_scale=cfg.temporal_scale,
-                                                               spatial_scale=cfg.spatial_scale))
+        atlas = AtlasTransformer(self.transformer, cfg.method_config())
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device,
                                      self.dtype)
@@ -274,7 +273,7 @@ class Trainer:
         sigma = sample_sigma(self.cfg, gen)
         noise = torch.randn(x0.shape, generator=gen).to(x0.dtype)
         inputs = dict(x0=x0, noise=noise.to(self.device), sigma=sigma.to(self.device, self.dtype), text=text)
-        if self.cfg.stage == 2:
+        if self.cfg.stage == 2 and self.cfg.mode == "atlas":  # ultragen reads no proxy
             inputs["proxy"] = proxy
         tokens = x0[0, 0].numel() // 4  # latent cells / (1 x 2 x 2) patch
         return inputs, tokens
@@ -382,7 +381,8 @@ class Trainer:
         lora_params = [p for n, p in self.transformer.named_parameters() if ".lora_" in n]
         with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):  # ZeRO-3 shards; else a no-op
             if self.rank == 0:
-                path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE)
+                path = save_lora(self.transformer, ADAPTER_NAME, self.out / ADAPTER_FILE,
+                                 training=self.cfg.adapter_metadata())
         dist.barrier()
         return path
 
@@ -423,7 +423,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-OVERRIDE_FLAGS = (("--frames", int, "detail clip length in frames (4k+1)"), ("--fps", float, "detail frame rate"),
+OVERRIDE_FLAGS = (("--mode", str, "stage-2 attention: atlas | ultragen"),
+                  ("--frames", int, "detail clip length in frames (4k+1)"), ("--fps", float, "detail frame rate"),
                   ("--lr", float, "peak learning rate"), ("--batch", int, "clips per rank per micro step"),
                   ("--grad-accum", int, "micro steps per optimizer step"), ("--seed", int, "random seed"),
                   ("--warmup-steps", int, "linear lr warm-up steps"), ("--save-every", int, "checkpoint every N steps"))
