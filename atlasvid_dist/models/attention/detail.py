@@ -58,7 +58,7 @@ class DetailAttention:
         self.backend = resolve_backend(config.backend, device)
         self.tables = rotary.for_grid(grid).to(device)
         self._layers: dict[WindowSpec, LayerWindows] = {}
-        self._global: tuple[RotaryTables, torch.Tensor] | None = None  # ultragen: see _global_geometry
+        self._global: RotaryTables | None = None  # ultragen: see _cell_tables
 
     # -- geometry ---------------------------------------------------------------------------------------------
     def layer_spec(self, layer: int) -> WindowSpec:
@@ -155,18 +155,17 @@ class DetailAttention:
         divide ends in a smaller cell (ceil), averaged over its real tokens; upsampling crops it back.
         """
         pool = ultragen_cells(self.grid, self.config.ultragen_pool)
-        tables, cells = self._global_geometry(pool)
+        tables = self._cell_tables(pool)
         qp = apply_rotary(pool_tokens(q, self.grid, pool), tables)  # (B, N', H, D)
         kp = apply_rotary(pool_tokens(k, self.grid, pool), tables)
         vp = pool_tokens(v, self.grid, pool)
         out = reference_attention(qp, kp, vp) if self.backend == "reference" else sdpa(qp, kp, vp)
-        return out[:, cells]  # (B, N', H, D) -> (B, N, H, D): every token reads its cell's output
+        return upsample_cells(out, self.grid, pool)  # (B, N, H, D): every token takes its cell's output
 
-    def _global_geometry(self, pool) -> tuple[RotaryTables, torch.Tensor]:
-        """RoPE tables at the cell centres and the (N,) cell of every token; built once per forward."""
+    def _cell_tables(self, pool) -> RotaryTables:
+        """RoPE tables at the pooling cells' centres; built once per forward."""
         if self._global is None:
-            tables = self.rotary.tables(pooled_positions(self.grid, pool)).to(self.device)
-            self._global = (tables, cell_index(self.grid, pool).to(self.device))
+            self._global = self.rotary.tables(pooled_positions(self.grid, pool)).to(self.device)
         return self._global
 
 
@@ -184,12 +183,15 @@ def pool_tokens(x: torch.Tensor, grid: Grid, pool) -> torch.Tensor:
     return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2).contiguous()  # (B, N', H, D)
 
 
-def cell_index(grid: Grid, pool) -> torch.Tensor:
-    """(N,) long: the raster index of the pooling cell of every raster token (ceil cells, as :func:`pool_tokens`)."""
+def upsample_cells(x: torch.Tensor, grid: Grid, pool) -> torch.Tensor:
+    """(B, N', H, D) per pooling cell -> (B, N, H, D): each cell's row repeated over its tokens, cropped to the grid
+    (nearest upsampling; an expand, so its backward is a plain sum: deterministic on CUDA)."""
+    b, _, h, d = x.shape
     cells = [-(-n // p) for n, p in zip(grid.dims, pool)]
-    axes = [torch.arange(n) // p for n, p in zip(grid.dims, pool)]
-    t, h, w = torch.meshgrid(*axes, indexing="ij")  # each (t, h, w): the token's cell coordinate
-    return ((t * cells[1] + h) * cells[2] + w).reshape(-1)
+    x = x.reshape(b, cells[0], 1, cells[1], 1, cells[2], 1, h, d)  # (B, t', 1, h', 1, w', 1, H, D)
+    x = x.expand(b, cells[0], pool[0], cells[1], pool[1], cells[2], pool[2], h, d)
+    x = x.reshape(b, *(c * p for c, p in zip(cells, pool)), h, d)  # (B, t'*pt, h'*ph, w'*pw, H, D)
+    return x[:, :grid.t, :grid.h, :grid.w].reshape(b, grid.size, h, d)  # crop, raster (B, N, H, D)
 
 
 def pooled_positions(grid: Grid, pool) -> torch.Tensor:
