@@ -101,3 +101,24 @@ def test_plan_shows_the_halo_without_shifts_in_time():
     assert hw["comm_bytes_per_step_per_rank"]["halo"] == spatial
     assert hw["halo_bytes_per_step_per_rank_spatial_shift"] is None
     assert plan("--res", "4k", "--shift-axes", "x").exit_code == 2
+
+
+def test_plan_counts_ultragen_compressed_global_branch():
+    """--attention ultragen: the global branch is dense attention among the N' pooled tokens, 4 N'^2 heads head_dim
+    (1.3B: 12 x 128) per layer; --ultragen-pool changes N', the branch's memory is shown, bad values exit 2."""
+    def run(*extra):
+        r = plan("--res", "4k", "--gpus", "1", "--device-profile", "h200", "--attention", "ultragen", "--json", *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    coarse, fine = run("--ultragen-pool", "1,8,8"), run()  # default 1,4,4; grid (21, 135, 240), ceil per axis
+    n4, n8 = 21 * 34 * 60, 21 * 17 * 30
+    diff = fine["attention_flops_per_layer"]["ultragen"] - coarse["attention_flops_per_layer"]["ultragen"]
+    assert diff == 4 * 12 * 128 * (n4 ** 2 - n8 ** 2)
+    assert fine["attention_flops_ratios"]["ultragen"] > 150  # was ~15 when every full-size query read N' keys
+    assert fine["memory"]["detail_stage"]["ultragen_global"] == (4 * n4 + 2 * 680_400) * 1536 * 2
+    assert fine["inputs"]["method"]["ultragen_weight"] == 0.5
+    assert run("--ultragen-weight", "0.25")["inputs"]["method"]["ultragen_weight"] == 0.25
+    for flag, value in (("--ultragen-weight", "1.5"), ("--ultragen-pool", "1,0,4"), ("--ultragen-pool", "4,4")):
+        r = plan("--attention", "ultragen", flag, value)
+        assert r.exit_code == 2 and "ultragen_" in r.output, r.output

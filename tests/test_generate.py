@@ -1,6 +1,5 @@
 """Two-stage generation end to end on the tiny model: mp4 output, determinism, resume, loading, LoRA, bad inputs."""
 
-import shutil
 
 import pytest
 import torch
@@ -124,7 +123,17 @@ BAD = [
     (["--model", "/nonexistent/wan"], "nonexistent"),
     (["--lora-stage2", "README.md"], "README.md"),
     (["--attention", "sparse"], "mode"),
+    (["--attention", "ultragen", "--ultragen-weight", "2"], "ultragen_weight"),
+    (["--attention", "ultragen", "--ultragen-pool", "1,4"], "ultragen_pool"),
 ]
+
+
+def test_ultragen_options_reach_the_method(tmp_path):
+    """--ultragen-pool / --ultragen-weight (or the same keys in --config, a list for the pool) set the method."""
+    cfg = config(tmp_path, attention="ultragen", ultragen_pool="1,2,2", ultragen_weight=0.25)
+    assert (cfg.method.mode, cfg.method.ultragen_pool, cfg.method.ultragen_weight) == ("ultragen", (1, 2, 2), 0.25)
+    assert config(tmp_path, ultragen_pool=[2, 4, 4]).method.ultragen_pool == (2, 4, 4)
+    assert config(tmp_path).method.ultragen_pool == (1, 4, 4) and config(tmp_path).method.ultragen_weight == 0.5
 
 
 @pytest.mark.parametrize("args,needle", BAD)

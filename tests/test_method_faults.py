@@ -121,7 +121,7 @@ def test_moving_detail_and_proxy_by_one_proxy_frame_keeps_the_logits():
     k = torch.randn(1, Grid(2, 2, 2).size, 2, head_dim, generator=g)
     from atlasvid_dist.models.rope import apply_rotary
 
-    dt = DetailAttention(rotary_model.config, detail, rotary_model.rotary, torch.device("cpu")).tables
+    dt = DetailAttention(rotary_model.atlas_config, detail, rotary_model.rotary, torch.device("cpu")).tables
     pt = rotary_model.proxy_detail_rotary(proxy)
     n_q, n_k = q.shape[1], k.shape[1]
     dq, pk = detail.h * detail.w, proxy.h * proxy.w  # tokens per frame
@@ -192,8 +192,13 @@ def test_layers_alternate_unshifted_and_shifted_grids():
 
 
 # ---------------------------------------------------------------------------------------------- 6. ultragen
-def test_ultragen_equals_dense_definition():
-    grid, window, pool, wgt, heads, d = Grid(2, 4, 6), (1, 2, 3), (1, 2, 3), 0.3, 2, 12
+@pytest.mark.parametrize("grid,pool", [(Grid(2, 4, 6), (1, 2, 3)), (Grid(3, 5, 7), (2, 2, 3))],
+                         ids=["divisible", "ceil-and-crop"])
+def test_ultragen_equals_dense_definition(grid, pool):
+    """UltraGen: (1 - w) * windows + w * compressed global. Compressed global, from its definition: q, k and v
+    averaged over each pooling cell (a cell cut by the grid's end averages its real tokens), rotated at the cell's
+    centre; dense attention among the cells; every token takes its own cell's output."""
+    window, wgt, heads, d = (1, 2, 3) if grid.h % 2 == 0 else (1, 5, 7), 0.3, 2, 12
     cfg = AtlasConfig(mode="ultragen", window=window, shift=False, ultragen_pool=pool, ultragen_weight=wgt)
     model = AtlasTransformer(make_tiny_wan(1), cfg)
     g = torch.Generator().manual_seed(5)
@@ -207,12 +212,12 @@ def test_ultragen_equals_dense_definition():
     cell = torch.stack([pos[:, a] // pool[a] for a in range(3)], -1)
     cells = torch.unique(cell, dim=0)  # sorted raster order of cells
     member = (cell[None, :, :] == cells[:, None, :]).all(-1).double()  # (cells, N)
-    member = member / member.sum(1, keepdim=True)
-    kp = torch.einsum("cn,bnhd->bchd", member, k)  # average of un-rotated keys, rotated at the cell centre
-    vp = torch.einsum("cn,bnhd->bchd", member, v)
-    centre = member @ pos
-    glob = dense_attention(qr, ref_rotate(kp, centre), vp)
-    torch.testing.assert_close(out.double(), (1 - wgt) * local + wgt * glob, atol=1e-5, rtol=0)
+    mean = member / member.sum(1, keepdim=True)
+    qp, kp, vp = (torch.einsum("cn,bnhd->bchd", mean, x) for x in (q, k, v))  # cell averages, un-rotated
+    centre = mean @ pos
+    glob = dense_attention(ref_rotate(qp, centre), ref_rotate(kp, centre), vp)  # (1, cells, H, D)
+    glob_up = torch.einsum("cn,bchd->bnhd", member, glob)  # each token: its cell's output
+    torch.testing.assert_close(out.double(), (1 - wgt) * local + wgt * glob_up, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- 7. flow matching
@@ -243,7 +248,8 @@ def test_one_step_with_the_training_target_lands_on_the_flow_line(kind):
             return eps - x0
 
     sigma = torch.tensor([0.3], dtype=torch.float64)
-    loss = FlowMatchingLoss(Oracle(), stage=1)(x0, eps, sigma, None)
+    oracle = Oracle()
+    loss = FlowMatchingLoss(oracle, stage=1, adapter="stage1", atlases={1: oracle})(x0, eps, sigma, None)
     assert loss.item() == 0.0
     torch.testing.assert_close(seen["xt"], 0.7 * x0 + 0.3 * eps)
     torch.testing.assert_close(seen["t"], sigma * 1000)

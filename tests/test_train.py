@@ -189,7 +189,7 @@ def _resume(rank, world, cfg_kw, ds_config, marker):
     from atlasvid_dist.train.train import Trainer
 
     quiet = dict(log=lambda *_: None)
-    full = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + f"/../full"), ds_config, **quiet)
+    full = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../full"), ds_config, **quiet)
     straight = full.run(6)
     first = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../stopped"), ds_config, **quiet)
     first.run(3)  # saves a checkpoint at step 3 and "stops"

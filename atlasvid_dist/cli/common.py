@@ -35,6 +35,9 @@ ShiftAxes = Annotated[str, typer.Option(help="Axes shifted windows move along: t
                                              "far less halo traffic between ranks).")]
 PadWindows = Annotated[bool, typer.Option("--pad-windows/--no-pad-windows",
                                           help="Allow windows that do not tile the grid (masked padding).")]
+UltragenPool = Annotated[str, typer.Option(help="With --attention ultragen: pooling cell T,H,W of the compressed "
+                                                "global branch (q, k, v averaged per cell).")]
+UltragenWeight = Annotated[float, typer.Option(help="With --attention ultragen: w in (1 - w) * windows + w * global.")]
 TemporalScale = Annotated[int, typer.Option(help="r_t: proxy fps = fps / r_t.")]
 SpatialScale = Annotated[int, typer.Option(help="Detail tokens per proxy token in height and width; 0 = auto "
                                                 "(the smallest divisor giving a proxy frame of at most 720P).")]

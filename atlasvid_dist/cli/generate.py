@@ -24,7 +24,7 @@ DEFAULTS = dict(res="720p", frames=81, fps=16, model="tiny", steps=30, proxy_ste
                 attention="atlas", window="auto", shift=True, shift_axes="thw", temporal_scale=4, spatial_scale=0,
                 proxy_context="aligned", pad_windows=False, detail_init="noise", init_strength=0.7, device="cpu",
                 dtype="auto", out="out.mp4", negative_prompt=WAN_NEGATIVE_PROMPT, flow_shift=5.0, proxy_flow_shift=5.0,
-                backend="auto")
+                backend="auto", ultragen_pool="1,4,4", ultragen_weight=0.5)
 RUN_KEYS = ("prompt", "negative_prompt", "model", "lora_stage1", "lora_stage2", "steps", "proxy_steps", "guidance",
             "flow_shift", "proxy_flow_shift", "seed", "detail_init", "init_strength", "device", "dtype", "out",
             "save_proxy", "save_latents", "crf", "run_dir", "text_len", "device_profile", "decode_tile", "decode_overlap")
@@ -152,9 +152,9 @@ def generate(
     proxy_margin: Optional[str] = typer.Option(None, help="Extra proxy tokens T,H,W on each side of the aligned region. [default: 1,1,1]"),
     proxy_mode: Optional[str] = typer.Option(None, help="clean (proxy at timestep 0, keys/values cached once) | joint (re-noised to each detail step, no cache; one process only). [default: clean]"),
     max_window_batch: Optional[int] = typer.Option(None, help="Windows per attention call (bounds transient memory); 0 = all. [default: 0]"),
-    ultragen_pool: Optional[str] = typer.Option(None, help="--attention ultragen: pooling T,H,W of the global branch. [default: 1,4,4]"),
-    ultragen_weight: Optional[float] = typer.Option(None, help="--attention ultragen: weight w of the global branch, output = (1-w) local + w global. [default: 0.5]"),
     backend: Optional[str] = typer.Option(None, help="auto|sdpa|flex|reference attention kernel. [default: auto]"),
+    ultragen_pool: Optional[str] = typer.Option(None, help="With --attention ultragen: pooling cell T,H,W of the compressed global branch (q, k, v averaged per cell). [default: 1,4,4]"),
+    ultragen_weight: Optional[float] = typer.Option(None, help="With --attention ultragen: w in (1 - w) * windows + w * global. [default: 0.5]"),
     detail_init: Optional[str] = typer.Option(None, help="noise|proxy: detail start. [default: noise]"),
     init_strength: Optional[float] = typer.Option(None, help="With --detail-init proxy: fraction of steps run. [default: 0.7]"),
     device: Optional[str] = typer.Option(None, help="cpu|cuda. [default: cpu]"),

@@ -25,6 +25,7 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
          shift_axes: c.ShiftAxes = "thw",
          pad_windows: c.PadWindows = False, temporal_scale: c.TemporalScale = 4, spatial_scale: c.SpatialScale = 0,
          proxy_context: c.ProxyContext = "aligned", proxy_mode: c.ProxyMode = "clean",
+         ultragen_pool: c.UltragenPool = "1,4,4", ultragen_weight: c.UltragenWeight = 0.5,
          proxy_parallel: c.ProxyParallel = "none", proxy_degree: c.ProxyDegree = 0,
          window_group: c.WindowGroup = 1, window_parallel: c.WindowParallel = "ulysses",
          steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
@@ -43,7 +44,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     spec = c.resolve_model(model)
     method = c.build_method(c.detail_grid(video, spec), attention=attention, window=window, shift=shift,
                             shift_axes=shift_axes, pad_windows=pad_windows, temporal_scale=temporal_scale,
-                            spatial_scale=spatial_scale, proxy_context=proxy_context, proxy_mode=proxy_mode)
+                            spatial_scale=spatial_scale, proxy_context=proxy_context, proxy_mode=proxy_mode,
+                            ultragen_pool=ultragen_pool, ultragen_weight=ultragen_weight)
     warn_adapter_geometry({1: lora_stage1, 2: lora_stage2},
                           run_geometry(method, video.width, video.height, video.frames))  # stderr; exit 2 if unreadable
     par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,

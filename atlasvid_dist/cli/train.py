@@ -40,7 +40,9 @@ def launch_command(script_args: list[str], num_processes: int) -> list[str]:
 
 
 def train(
-    stage: int = typer.Option(..., "--stage", help="1: proxy LoRA; 2: detail LoRA (windows + proxy)."),
+    stage: int = typer.Option(..., "--stage", help="1: proxy LoRA; 2: detail LoRA (see --mode)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Stage-2 attention: atlas (windows + proxy) | ultragen "
+                                       "(windows + compressed global branch, no proxy). [default: atlas]"),
     data: str = typer.Option(..., "--data", help="Folder with videos and captions.jsonl, or one made by prepare-data."),
     output: str = typer.Option(..., "--output", help="Folder for checkpoints, log.jsonl and adapter.safetensors."),
     model: str = typer.Option("tiny", "--model", help="'tiny' or a diffusers Wan2.1 folder."),
@@ -78,7 +80,7 @@ def train(
         raise ConfigError("num_processes", num_processes, "must be an integer >= 1")
     args = ["--deepspeed_config", deepspeed_config, "--stage", str(stage), "--data", data, "--model", model,
             "--output", output] + (["--config", config] if config else []) + (["--resume"] if resume else [])
-    flags = dict(max_steps=max_steps, res=res, frames=frames, fps=fps, lr=lr, batch=batch, grad_accum=grad_accum,
+    flags = dict(mode=mode, max_steps=max_steps, res=res, frames=frames, fps=fps, lr=lr, batch=batch, grad_accum=grad_accum,
                  seed=seed, warmup_steps=warmup_steps, save_every=save_every)
     args += [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
     args += (["--lora-stage1", lora_stage1] if lora_stage1 else []) + (["--no-stage1-adapter"] if no_stage1_adapter

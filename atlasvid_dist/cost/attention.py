@@ -2,6 +2,8 @@
 
 Convention: one attention over Lq queries and Lk keys costs 4 * Lq * Lk * heads * head_dim FLOPs (QK^T and PV,
 a multiply-add counted as 2). Window attention counts what the kernel executes: padded window slots included.
+UltraGen's compressed global branch is dense attention among the N' pooled tokens: 4 * N'^2 * heads * head_dim
+(pooling and upsampling are averages and copies, memory traffic rather than FLOPs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from ..geometry.windows import WindowSpec, proxy_regions
 
 def attention_flops(lq: int, lk: int, heads: int, head_dim: int) -> int:
     return 4 * lq * lk * heads * head_dim
+
+
+def pooled_tokens(cfg: AtlasConfig, grid: Grid) -> int:
+    """N': UltraGen pooling cells on ``grid`` (ceil per axis; an axis shorter than the pool is one cell)."""
+    return math.prod(-(-n // min(p, n)) for p, n in zip(cfg.ultragen_pool, grid.dims))
 
 
 def proxy_context_tokens(cfg: AtlasConfig, spec: WindowSpec, proxy: Grid) -> int:
@@ -44,6 +51,6 @@ def layer_attention_flops(cfg: AtlasConfig, grid: Grid, heads: int, head_dim: in
     lw = spec.window_tokens
     flops = spec.num_windows * attention_flops(lw, lw + ctx, heads, head_dim)
     if cfg.mode == "ultragen":
-        pooled = math.prod(-(-n // min(p, n)) for p, n in zip(cfg.ultragen_pool, grid.dims))
-        flops += attention_flops(grid.size, pooled, heads, head_dim)
+        pooled = pooled_tokens(cfg, grid)
+        flops += attention_flops(pooled, pooled, heads, head_dim)
     return flops

@@ -39,7 +39,7 @@ from ..config.video import VideoSpec
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
-from .attention import attention_flops, layer_attention_flops, layer_spec, proxy_context_tokens
+from .attention import attention_flops, layer_attention_flops, layer_spec, pooled_tokens, proxy_context_tokens
 from .profiles import GiB, DeviceProfile, device_profile
 from .ranks import group_share, shard
 
@@ -357,14 +357,11 @@ def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan:
         # one group runs the single-device kernel (padded windows); several compute their own query rows only
         queries = spec.num_windows * spec.window_tokens if plan.num_window_groups == 1 else sh.tokens
         per_layer = attention_flops(queries, spec.window_tokens + ctx, h, hd)
-        if method.mode == "ultragen":
-            per_layer += attention_flops(sh.tokens, _pooled(geo.grid, method), h, hd)
+        if method.mode == "ultragen":  # the rank's share of the pooled queries against all pooled keys
+            pooled = pooled_tokens(method, geo.grid)
+            per_layer += attention_flops(-(-pooled * sh.tokens // geo.grid.size), pooled, h, hd)
         total += n * per_layer // plan.window_group
     return total
-
-
-def _pooled(grid: Grid, method: AtlasConfig) -> int:
-    return math.prod(-(-n // min(p, n)) for p, n in zip(method.ultragen_pool, grid.dims))
 
 
 def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
@@ -432,6 +429,8 @@ def _memory(geo, model, method, plan, run, b, shares) -> dict:
     elif geo.proxy is not None:  # joint: the proxy runs through the rank's forward
         rank_tokens += geo.proxy.size
     detail["activations"] = _activations(model, rank_tokens, b, extra)
+    if method.mode == "ultragen":
+        detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
     phases["detail_stage"] = detail
     phases["decode"] = {"weights": model.vae_params * VAE_BYTES,
                         "activations": _decode_tile_bytes(geo, run, model),
@@ -439,6 +438,12 @@ def _memory(geo, model, method, plan, run, b, shares) -> dict:
     for phase in phases.values():
         phase["total"] = sum(phase.values())
     return phases
+
+
+def _ultragen_global_bytes(grid: Grid, method: AtlasConfig, rank_tokens: int, d: int, b: int) -> int:
+    """Transient bytes of the compressed global branch in one layer: pooled q, k, v and their attention output
+    (4 x N' rows), the channel-first copy a pooling reads and the upsampled output (2 x the rank's rows)."""
+    return (4 * pooled_tokens(method, grid) + 2 * rank_tokens) * d * b
 
 
 def _activations_text(model: ModelSpec, b: int) -> int:
@@ -506,7 +511,7 @@ def _comm(geo, model, method, plan, run, b, shares) -> dict:
             split += n * _seq_parallel_bytes(sh.tokens, d, b, plan.window_group, plan.window_parallel)
             if method.mode == "ultragen" and plan.num_window_groups > 1:
                 g = plan.num_window_groups
-                ultra += n * 2 * _pooled(geo.grid, method) * d * b * (g - 1) / g / plan.window_group
+                ultra += n * 2 * pooled_tokens(method, geo.grid) * d * b * (g - 1) / g / plan.window_group
     step = {"halo": int(passes * halo), "window_split": int(passes * split), "ultragen_global": int(passes * ultra)}
     step["total"] = sum(step.values())
     proxy_step = 0

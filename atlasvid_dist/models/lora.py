@@ -27,6 +27,7 @@ from .loading import check_safetensors_file
 
 PREFIX = "transformer"
 METADATA_KEY = "lora_adapter_metadata"
+"""Metadata key of how an adapter exported by ``train`` was trained (JSON: stage, mode, window, ...)."""
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 

@@ -31,8 +31,12 @@ def training_geometry(cfg) -> dict:
         s = cfg.spatial_scale
         return dict(stage=1, mode="full", window=None, spatial_scales=[s], temporal_scale=cfg.temporal_scale,
                     width=cfg.width // s, height=cfg.height // s, frames=proxy_pixel_frames(cfg))
-    return dict(stage=2, mode="atlas", window=list(cfg.window), spatial_scales=list(cfg.scales),
-                temporal_scale=cfg.temporal_scale, width=cfg.width, height=cfg.height, frames=cfg.frames)
+    out = dict(stage=2, mode=cfg.mode, window=list(cfg.window), spatial_scales=list(cfg.scales),
+               temporal_scale=cfg.temporal_scale, width=cfg.width, height=cfg.height, frames=cfg.frames)
+    if cfg.mode == "ultragen":
+        m = cfg.method_config()
+        out.update(ultragen_pool=list(m.ultragen_pool), ultragen_weight=m.ultragen_weight)
+    return out
 
 
 def geometry_metadata(geometry: dict) -> dict[str, str]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..config.method import AtlasConfig
 from ..errors import ConfigError, check
 
 BAD_DATA_POLICIES = ("skip", "stop")
 LR_SCHEDULES = ("constant", "cosine")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TRAIN_MODES = ("atlas", "ultragen")
 TINY_DEFAULTS = dict(width=128, height=128, frames=9, temporal_scale=2, window=(3, 4, 4))
 """Geometry used with ``model: tiny`` where the YAML and the command line set none: the tiny model's natural size
 (short clips of 9 frames suffice) instead of Wan's 1280x704 x 81 frames."""
@@ -19,7 +21,10 @@ class TrainConfig:
     """One LoRA training run (stage 1: proxy; stage 2: detail reading the clean proxy through windows)."""
 
     stage: int = 1
-    """1 trains the proxy (low fps, temporally scaled RoPE); 2 trains the detail branch with windows + proxy."""
+    """1 trains the proxy (low fps, temporally scaled RoPE); 2 trains the detail branch (see ``mode``)."""
+    mode: str = "atlas"
+    """Stage-2 attention: 'atlas' (windows reading the clean proxy) or 'ultragen' (windows + compressed global
+    branch, AtlasConfig's ultragen_pool / ultragen_weight defaults; no proxy). Stage 1 is 'atlas' only."""
     data: str = ""
     """Folder with the videos and captions.jsonl."""
     model: str = "tiny"
@@ -90,6 +95,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         check(self.stage in (1, 2), "stage", self.stage, "must be 1 or 2")
+        check(self.mode in TRAIN_MODES, "mode", self.mode, f"must be one of {TRAIN_MODES}")
+        check(self.stage == 2 or self.mode == "atlas", "mode", self.mode,
+              "'ultragen' has no proxy stage: it trains stage 2 only")
         check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
         for name in ("width", "height"):
             v = getattr(self, name)
@@ -132,6 +140,11 @@ class TrainConfig:
             check(self.width % (16 * s) == 0 and self.height % (16 * s) == 0, "spatial_scales",
                   list(self.spatial_scales), f"{s} needs width and height multiples of 16 * {s} = {16 * s} "
                   f"(got {self.width}x{self.height})")
+
+    def method_config(self, spatial_scale: int | None = None) -> AtlasConfig:
+        """The AtlasConfig the model trains with: ``mode``, the window and the proxy scales."""
+        return AtlasConfig(mode=self.mode, window=tuple(self.window), temporal_scale=self.temporal_scale,
+                           spatial_scale=self.spatial_scale if spatial_scale is None else spatial_scale)
 
     def _check_window(self) -> None:
         """The window and every spatial scale tile the detail token grid (ConfigError naming the field)."""

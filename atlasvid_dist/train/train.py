@@ -6,7 +6,8 @@
 Objective (flow matching as Wan trains it): x_t = (1 - s) x0 + s eps, target v = eps - x0, timestep s * 1000,
 loss = mean squared error of the predicted v. Stage 1 predicts the proxy with ``proxy_forward`` (full attention,
 temporally scaled RoPE); stage 2 predicts the detail with ``forward(..., proxy=clean proxy latent)`` (windows
-reading the clean proxy), so the loss covers detail tokens only. Only the LoRA weights train (peft, added with
+reading the clean proxy), so the loss covers detail tokens only; stage 2 with ``mode: ultragen`` runs
+``forward`` without a proxy (windows + compressed global branch). Only the LoRA weights train (peft, added with
 ``transformer.add_adapter``); the optimizer is a plain torch AdamW handed to DeepSpeed (no cpu_adam build).
 
 Exact resume: clip choice, timestep and noise of a step depend only on (seed, step, rank), and train/state.py
@@ -36,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atlasvid_dist.config.files import from_mapping, read_mapping
-from atlasvid_dist.config.method import AtlasConfig
 from atlasvid_dist.configs import DEEPSPEED_PRESETS, DEFAULT_DEEPSPEED, read_deepspeed_config
 from atlasvid_dist.errors import ConfigError
 from atlasvid_dist.train.config import TINY_DEFAULTS, TrainConfig
@@ -65,7 +65,7 @@ class FlowMatchingLoss(nn.Module):
 
             adapter = active_adapter(atlas.transformer)
         self.adapter, self.proxy_adapter = adapter, proxy_adapter
-        self._atlases = dict(atlases or {atlas.config.spatial_scale: atlas})  # plain dict: weights registered once
+        self._atlases = dict(atlases or {atlas.atlas_config.spatial_scale: atlas})  # plain dict: weights registered once
 
     def forward(self, x0, noise, sigma, text, proxy=None, spatial_scale=None):
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -75,7 +75,8 @@ class FlowMatchingLoss(nn.Module):
             pred = self.atlas.proxy_forward(xt, t, text)
         else:
             atlas = self.atlas_for(spatial_scale)
-            pred = atlas(xt, t, text, proxy_cache=self.proxy_cache(atlas, proxy, text))
+            cache = None if proxy is None else self.proxy_cache(atlas, proxy, text)  # ultragen reads no proxy
+            pred = atlas(xt, t, text, proxy_cache=cache)
         return F.mse_loss(pred.float(), (noise - x0).float())
 
     def atlas_for(self, spatial_scale: int | None) -> nn.Module:
@@ -171,7 +172,7 @@ def trained_adapter_name(cfg: TrainConfig) -> str:
 
 def require_stage1_adapter(cfg: TrainConfig) -> None:
     """Stage 2 needs the frozen stage-1 adapter (lora_stage1 FILE) or an explicit 'none' (ConfigError otherwise)."""
-    if cfg.stage == 2 and not cfg.lora_stage1:
+    if cfg.stage == 2 and cfg.mode == "atlas" and not cfg.lora_stage1:
         raise ConfigError("lora_stage1", "", "stage 2 reads the proxy keys/values of the stage-1 model, as generate "
                           "does: pass --lora-stage1 FILE (the stage-1 adapter), or --no-stage1-adapter "
                           "(lora_stage1: none) to train against the base weights")
@@ -179,7 +180,7 @@ def require_stage1_adapter(cfg: TrainConfig) -> None:
 
 def no_adapter_warning(cfg: TrainConfig) -> str | None:
     """The loud line a stage-2 run without a stage-1 adapter prints (None otherwise)."""
-    if cfg.stage != 2 or cfg.lora_stage1 != NO_ADAPTER:
+    if cfg.stage != 2 or cfg.mode != "atlas" or cfg.lora_stage1 != NO_ADAPTER:
         return None
     return ("WARNING: stage 2 trains WITHOUT a stage-1 adapter (lora_stage1: none): the proxy keys/values come from "
             "the base weights, so generate must run stage 1 without --lora-stage1 for the adapter to see the same")
@@ -193,7 +194,7 @@ def build_adapters(transformer: nn.Module, cfg: TrainConfig) -> tuple[str, str |
 
     require_stage1_adapter(cfg)
     frozen = None
-    if cfg.stage == 2 and cfg.lora_stage1 != NO_ADAPTER:
+    if cfg.stage == 2 and cfg.mode == "atlas" and cfg.lora_stage1 not in (NO_ADAPTER, ""):  # ultragen: no proxy
         load_lora(transformer, cfg.lora_stage1, PROXY_ADAPTER)
         frozen = PROXY_ADAPTER
     name = trained_adapter_name(cfg)
@@ -323,8 +324,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
-        atlases = {s: AtlasTransformer(self.transformer, AtlasConfig(window=cfg.window, spatial_scale=s,
-                                                                     temporal_scale=cfg.temporal_scale))
+        atlases = {s: AtlasTransformer(self.transformer, cfg.method_config(s))
                    for s in cfg.scales}
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
         self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device,
@@ -379,7 +379,7 @@ class Trainer:
         sigma = sample_sigma(self.cfg, gen)
         noise = torch.randn(x0.shape, generator=gen).to(x0.dtype)
         inputs = dict(x0=x0, noise=noise.to(self.device), sigma=sigma.to(self.device, self.dtype), text=text)
-        if self.cfg.stage == 2:
+        if self.cfg.stage == 2 and self.cfg.mode == "atlas":  # ultragen reads no proxy
             inputs["proxy"] = proxy
         tokens = x0[0, 0].numel() // 4  # latent cells / (1 x 2 x 2) patch
         return inputs, tokens
@@ -534,7 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-OVERRIDE_FLAGS = (("--frames", int, "detail clip length in frames (4k+1)"), ("--fps", float, "detail frame rate"),
+OVERRIDE_FLAGS = (("--mode", str, "stage-2 attention: atlas | ultragen"),
+                  ("--frames", int, "detail clip length in frames (4k+1)"), ("--fps", float, "detail frame rate"),
                   ("--lr", float, "peak learning rate"), ("--batch", int, "clips per rank per micro step"),
                   ("--grad-accum", int, "micro steps per optimizer step"), ("--seed", int, "random seed"),
                   ("--warmup-steps", int, "linear lr warm-up steps"), ("--save-every", int, "checkpoint every N steps"))

@@ -1,4 +1,4 @@
-"""Self-attention of one forward pass: full, atlas (windows + proxy) or ultragen (windows + pooled global).
+"""Self-attention of one forward pass: full, atlas (windows + proxy) or ultragen (windows + compressed global).
 
 ``DetailAttention`` is built once per forward from the geometry and called by every block with that block's
 un-rotated q, k, v (B, N, H, D) in raster token order. It applies RoPE, reorders tokens window-major for the
@@ -58,6 +58,7 @@ class DetailAttention:
         self.backend = resolve_backend(config.backend, device)
         self.tables = rotary.for_grid(grid).to(device)
         self._layers: dict[WindowSpec, LayerWindows] = {}
+        self._global: RotaryTables | None = None  # ultragen: see _cell_tables
 
     # -- geometry ---------------------------------------------------------------------------------------------
     def layer_spec(self, layer: int) -> WindowSpec:
@@ -87,7 +88,7 @@ class DetailAttention:
         if self.config.mode == "atlas":
             return local
         w = self.config.ultragen_weight
-        return (1.0 - w) * local + w * self._pooled_global(qr, k, v)
+        return (1.0 - w) * local + w * self._compressed_global(q, k, v)
 
     def _full(self, q, k, v):
         if self.backend == "reference":
@@ -145,27 +146,52 @@ class DetailAttention:
         return reference_attention(q, k, v, mask)
 
     # -- ultragen global branch ---------------------------------------------------------------------------------
-    def _pooled_global(self, qr, k, v):
-        """Every detail query attends keys/values average-pooled over (t, h, w) cells, RoPE at cell centres.
+    def _compressed_global(self, q, k, v):
+        """UltraGen's compressed global branch: dense attention among pooled tokens, repeated back to full size.
 
-        A grid axis that the pool does not divide ends in a smaller cell (averaged over its real tokens).
+        q, k, v (B, N, H, D) un-rotated are average-pooled over (t, h, w) cells of ``ultragen_pool`` (pooling comes
+        before RoPE: a pooled token is a token at its cell centre, rotated there); the N' pooled queries attend the
+        N' pooled keys; each token takes its cell's output (nearest upsampling). A grid axis the pool does not
+        divide ends in a smaller cell (ceil), averaged over its real tokens; upsampling crops it back.
         """
-        pool = tuple(min(p, n) for p, n in zip(self.config.ultragen_pool, self.grid.dims))
-        b, n, h, d = k.shape
-        g = self.grid
+        pool = ultragen_cells(self.grid, self.config.ultragen_pool)
+        tables = self._cell_tables(pool)
+        qp = apply_rotary(pool_tokens(q, self.grid, pool), tables)  # (B, N', H, D)
+        kp = apply_rotary(pool_tokens(k, self.grid, pool), tables)
+        vp = pool_tokens(v, self.grid, pool)
+        out = reference_attention(qp, kp, vp) if self.backend == "reference" else sdpa(qp, kp, vp)
+        return upsample_cells(out, self.grid, pool)  # (B, N, H, D): every token takes its cell's output
 
-        def pooled(x):  # (B, N, H, D) -> (B, N', H, D)
-            x5 = x.permute(0, 2, 3, 1).reshape(b, h * d, *g.dims)  # (B, H*D, t, h, w)
-            y = F.avg_pool3d(x5, kernel_size=pool, stride=pool, ceil_mode=True)  # (B, H*D, t', h', w')
-            # contiguous: fused SDPA kernels need a unit stride on head_dim (else a dense math fallback)
-            return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2).contiguous()
+    def _cell_tables(self, pool) -> RotaryTables:
+        """RoPE tables at the pooling cells' centres; built once per forward."""
+        if self._global is None:
+            self._global = self.rotary.tables(pooled_positions(self.grid, pool)).to(self.device)
+        return self._global
 
-        tables = self.rotary.tables(pooled_positions(g, pool)).to(qr.device)
-        kp = apply_rotary(pooled(k), tables)
-        vp = pooled(v)
-        if self.backend == "reference":
-            return reference_attention(qr, kp, vp)
-        return sdpa(qr, kp, vp)
+
+def ultragen_cells(grid: Grid, pool) -> tuple[int, int, int]:
+    """The pooling cell (t, h, w) on ``grid``: ``pool`` clipped to the grid (an axis shorter than the pool is one cell)."""
+    return tuple(min(p, n) for p, n in zip(pool, grid.dims))  # type: ignore[return-value]
+
+
+def pool_tokens(x: torch.Tensor, grid: Grid, pool) -> torch.Tensor:
+    """(B, N, H, D) raster tokens -> (B, N', H, D) averages over ``pool`` cells in raster cell order (ceil)."""
+    b, _, h, d = x.shape
+    x5 = x.permute(0, 2, 3, 1).reshape(b, h * d, *grid.dims)  # (B, H*D, t, h, w)
+    y = F.avg_pool3d(x5, kernel_size=pool, stride=pool, ceil_mode=True)  # (B, H*D, t', h', w')
+    # contiguous: fused SDPA kernels need a unit stride on head_dim (else a dense math fallback)
+    return y.flatten(2).reshape(b, h, d, -1).permute(0, 3, 1, 2).contiguous()  # (B, N', H, D)
+
+
+def upsample_cells(x: torch.Tensor, grid: Grid, pool) -> torch.Tensor:
+    """(B, N', H, D) per pooling cell -> (B, N, H, D): each cell's row repeated over its tokens, cropped to the grid
+    (nearest upsampling; an expand, so its backward is a plain sum: deterministic on CUDA)."""
+    b, _, h, d = x.shape
+    cells = [-(-n // p) for n, p in zip(grid.dims, pool)]
+    x = x.reshape(b, cells[0], 1, cells[1], 1, cells[2], 1, h, d)  # (B, t', 1, h', 1, w', 1, H, D)
+    x = x.expand(b, cells[0], pool[0], cells[1], pool[1], cells[2], pool[2], h, d)
+    x = x.reshape(b, *(c * p for c, p in zip(cells, pool)), h, d)  # (B, t'*pt, h'*ph, w'*pw, H, D)
+    return x[:, :grid.t, :grid.h, :grid.w].reshape(b, grid.size, h, d)  # crop, raster (B, N, H, D)
 
 
 def pooled_positions(grid: Grid, pool) -> torch.Tensor:
