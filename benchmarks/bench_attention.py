@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import environment, save, timed  # noqa: E402
+
 from atlasvid_dist import AtlasConfig  # noqa: E402
 from atlasvid_dist.cost.attention import layer_attention_flops  # noqa: E402
 from atlasvid_dist.geometry import Grid, ProxyGeometry  # noqa: E402
 from atlasvid_dist.models.attention.detail import DetailAttention, ProxyKV  # noqa: E402
 from atlasvid_dist.models.rope import Rotary3D  # noqa: E402
-
-from common import environment, save, timed  # noqa: E402
 
 PRESETS = {
     # name: (token grid, heads, head_dim, spatial_scale, pad_windows)

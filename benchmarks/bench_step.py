@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import environment, save, timed  # noqa: E402
+
 from atlasvid_dist import AtlasConfig, AtlasTransformer  # noqa: E402
 from atlasvid_dist.config import model_preset  # noqa: E402
-
-from common import environment, save, timed  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -11,12 +11,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import environment, save  # noqa: E402
+
 from atlasvid_dist import AtlasConfig  # noqa: E402
 from atlasvid_dist.geometry import Grid, ProxyGeometry  # noqa: E402
 from atlasvid_dist.models.attention.detail import DetailAttention, ProxyKV  # noqa: E402
 from atlasvid_dist.models.rope import Rotary3D  # noqa: E402
-
-from common import environment, save  # noqa: E402
 
 CASES = {"unshifted": ((6, 30, 32), dict(window=(3, 15, 16), shift=False), 0),
          "shifted": ((6, 30, 32), dict(window=(3, 15, 16), shift=True), 1),

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from atlasvid_dist.errors import ConfigError, InputError
-from atlasvid_dist.pipeline.checkpoint import (MARKER, META, TENSORS, StepCheckpointer, config_checksum,
-                                               generator_state, python_rng_state, restore_generator,
-                                               restore_python_rng, step_key)
+from atlasvid_dist.pipeline.checkpoint import (
+    MARKER,
+    META,
+    TENSORS,
+    StepCheckpointer,
+    config_checksum,
+    generator_state,
+    python_rng_state,
+    restore_generator,
+    restore_python_rng,
+    step_key,
+)
 
 
 def state(step: int) -> tuple[dict, dict]:

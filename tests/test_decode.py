@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from atlasvid_dist.errors import ConfigError, InputError, RunFailure
-from atlasvid_dist.pipeline.decode import (DecodeTiling, Tile, TileBlender, crop_offset, decode_stream,
-                                           decode_tile_stream, plan_tiles, to_uint8, unnormalize_latents, vae_scale)
+from atlasvid_dist.pipeline.decode import (
+    DecodeTiling,
+    Tile,
+    TileBlender,
+    crop_offset,
+    decode_stream,
+    decode_tile_stream,
+    plan_tiles,
+    to_uint8,
+    unnormalize_latents,
+    vae_scale,
+)
 
 
 @pytest.fixture(scope="module")

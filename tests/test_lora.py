@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from atlasvid_dist.errors import ConfigError, ModelLoadError
-from atlasvid_dist.models.lora import (active_adapter, adapter_names, load_lora, save_lora, set_active_adapter)
+from atlasvid_dist.models.lora import active_adapter, adapter_names, load_lora, save_lora, set_active_adapter
 from atlasvid_dist.models.tiny import TINY_TRANSFORMER_CONFIG, build_tiny_transformer
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -87,7 +87,7 @@ def test_halo_plan_assembles_every_touched_window(world, case):
     lay = window_layout(spec)
     slots = lay.order.view(spec.num_windows, spec.window_tokens)
     for plan, keys, queries, ids in _simulate(sh, spec):
-        for w, (win, kv, kvalid, q, qvalid) in enumerate(zip(plan.windows, keys, plan.key_valid, queries,
+        for _w, (win, kv, kvalid, q, qvalid) in enumerate(zip(plan.windows, keys, plan.key_valid, queries,
                                                              plan.query_valid)):
             real = slots[win][lay.valid[win]]
             assert torch.equal(kv[kvalid].long().sort().values, real.sort().values)  # own + halo = whole window

@@ -12,8 +12,9 @@ from atlasvid_dist.runtime.decode import assign_tiles, decode_tiles, stream_to_w
 
 @pytest.fixture(scope="module")
 def vae():
-    from atlasvid_dist.models.tiny import TINY_VAE_CONFIG
     from diffusers import AutoencoderKLWan
+
+    from atlasvid_dist.models.tiny import TINY_VAE_CONFIG
 
     torch.manual_seed(0)
     return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()

@@ -8,8 +8,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from safetensors.torch import load_file, save_file
 
 from atlasvid_dist import ConfigError
-from atlasvid_dist.pipeline.sampling import (SamplerConfig, denoise, guided, restore_scheduler, scheduler_state,
-                                             start_scheduler)
+from atlasvid_dist.pipeline.sampling import (
+    SamplerConfig,
+    denoise,
+    guided,
+    restore_scheduler,
+    scheduler_state,
+    start_scheduler,
+)
 
 TEMPLATES = {
     "unipc": UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
@@ -36,11 +42,11 @@ def test_resume_from_every_step_is_exact(kind, tmp_path):
         saved = {}
 
         def hook(done, lat, sched):
-            if done == k:
+            if done == k:  # noqa: B023 - the hook runs inside this iteration's denoise
                 tensors, meta = scheduler_state(sched)
                 save_file({"latents": lat.contiguous(), **tensors}, tmp_path / "ck.safetensors")
                 (tmp_path / "meta.json").write_text(json.dumps(meta))
-                saved["ok"] = True
+                saved["ok"] = True  # noqa: B023
 
         denoise(v, x0.clone(), start_scheduler(TEMPLATES[kind], cfg, "cpu"), cfg.steps, on_step=hook, stop_after=k)
         assert saved

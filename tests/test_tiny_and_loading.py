@@ -8,10 +8,13 @@ import torch
 
 from atlasvid_dist.config.model import MODEL_PRESETS
 from atlasvid_dist.errors import ModelLoadError
-from atlasvid_dist.models.loading import (check_safetensors_file, load_components, read_model_spec,
-                                          validate_model_dir)
-from atlasvid_dist.models.tiny import (build_tiny_components, build_tiny_tokenizer, build_tiny_transformer,
-                                       save_tiny_pipeline)
+from atlasvid_dist.models.loading import check_safetensors_file, load_components, read_model_spec, validate_model_dir
+from atlasvid_dist.models.tiny import (
+    build_tiny_components,
+    build_tiny_tokenizer,
+    build_tiny_transformer,
+    save_tiny_pipeline,
+)
 
 WEIGHTED = ("transformer", "vae", "text_encoder")
 

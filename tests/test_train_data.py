@@ -8,8 +8,14 @@ import torch
 
 from atlasvid_dist.errors import ConfigError, InputError
 from atlasvid_dist.train.config import TrainConfig
-from atlasvid_dist.train.data import (LatentEncoder, proxy_pixel_frames, resize_crop, sample_clip, scan_dataset,
-                                      step_generator)
+from atlasvid_dist.train.data import (
+    LatentEncoder,
+    proxy_pixel_frames,
+    resize_crop,
+    sample_clip,
+    scan_dataset,
+    step_generator,
+)
 from atlasvid_dist.train.synthetic import write_synthetic_dataset
 
 CFG = dict(width=64, height=64, frames=9, fps=16.0, temporal_scale=2, spatial_scale=2, text_len=16, window=(3, 2, 2))

@@ -14,8 +14,8 @@ import typer
 from ..config.method import AtlasConfig
 from ..config.video import VideoSpec
 from ..cost.attention import layer_attention_flops
-from ..geometry.grid import ProxyGeometry, latent_grid, token_grid
 from ..errors import check
+from ..geometry.grid import ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 
 #: Most tokens the demo runs: it runs plain full attention over every token on the CPU (quadratic in time), and

@@ -18,9 +18,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import ConfigError, InputError, RunFailure
-
 from ..configs import DEEPSPEED_PRESETS, DEFAULT_DEEPSPEED
+from ..errors import ConfigError, InputError, RunFailure
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 """The folder holding the atlasvid_dist package (site-packages for an install, the checkout for an editable one)."""
@@ -69,12 +68,18 @@ def train(
                                            "(the proxy from the base weights)."),
 ) -> None:
     """Train a LoRA adapter for stage 1 or 2 under DeepSpeed ZeRO."""
+    from ..configs import read_deepspeed_config
     from ..train.data import scan_dataset
     from ..train.launch import run_launcher, signal_name
     from ..train.shards import PreparedData, is_prepared
-    from ..configs import read_deepspeed_config
-    from ..train.train import (given_fields, load_train_config, merge_deepspeed, parse_args, resumable,
-                               tensorboard_writer)
+    from ..train.train import (
+        given_fields,
+        load_train_config,
+        merge_deepspeed,
+        parse_args,
+        resumable,
+        tensorboard_writer,
+    )
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError("num_processes", num_processes, "must be an integer >= 1")

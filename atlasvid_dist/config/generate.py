@@ -147,7 +147,7 @@ class GenerateConfig:
         if self.method.mode != "full":
             for window, shift in self.method.layer_entries():
                 WindowSpec(grid, window, shift, pad=self.method.pad_windows)
-            self.proxy
+            _ = self.proxy  # builds (and so validates) the proxy geometry
 
     @property
     def latent(self) -> Grid:

@@ -21,11 +21,11 @@ from ..config.parallel import ParallelPlan
 from .model import VAE_DECODE_BYTES_PER_TILE_PIXEL, RunSettings, estimate
 
 
-def _peak(fn) -> int:
+def _peak(fn, *args, **kwargs) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        fn()
+        fn(*args, **kwargs)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
 
@@ -36,7 +36,7 @@ def vae_tile(latent: int = 32, frames: int = 3) -> dict:
     vae = AutoencoderKLWan().cuda().eval()
     z = torch.randn(1, 16, frames, latent, latent, device="cuda")
     base = torch.cuda.memory_allocated()
-    peak = _peak(lambda: vae.decode(z))
+    peak = _peak(vae.decode, z)
     px = (latent * 8) ** 2
     out = {"tile_px": latent * 8, "latent_frames": frames, "peak_above_weights_bytes": peak - base,
            "bytes_per_tile_pixel": (peak - base) / px, "modelled_bytes_per_tile_pixel": VAE_DECODE_BYTES_PER_TILE_PIXEL}
@@ -72,7 +72,7 @@ def transformer_peak(model: str, res: str, mode: str, spatial_scale: int) -> dic
         with torch.no_grad():
             kw["proxy_cache"] = m.build_proxy_cache(proxy, text)
     t0 = time.perf_counter()
-    peak = _peak(lambda: m(x, t, text, **kw))
+    peak = _peak(m, x, t, text, **kw)
     seconds = time.perf_counter() - t0
     r = estimate(video, spec, cfg, ParallelPlan(workers=1, device="cuda", gpus=1),
                  RunSettings(guidance=1.0, dtype="bf16"), "h100")

@@ -40,7 +40,7 @@ from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 from .attention import attention_flops, layer_attention_flops, layer_spec, pooled_tokens, proxy_context_tokens
-from .profiles import GiB, DeviceProfile, device_profile
+from .profiles import DeviceProfile, GiB, device_profile
 from .ranks import group_share, shard
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

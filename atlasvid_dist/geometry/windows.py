@@ -126,7 +126,7 @@ def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple)
     starts = spec.starts()  # (n_win, 3)
     axes, sizes = [], []
     for ax in range(3):
-        n, w, r, m, np_ = spec.grid.dims[ax], spec.window[ax], anchor.scale(ax), margin[ax], proxy.dims[ax]
+        w, r, m, np_ = spec.window[ax], anchor.scale(ax), margin[ax], proxy.dims[ax]
         size = min(np_, math.ceil(w / r) + 1 + 2 * m)
         lo = starts[:, ax].clamp(min=0)
         first = anchor.covering(lo, ax).long() - m  # the proxy cell whose covered block holds the window's start

@@ -29,7 +29,7 @@ from ..errors import ConfigError, InputError
 from ..geometry.grid import Grid, ProxyAnchor, ProxyGeometry
 from .attention.detail import DetailAttention, ProxyKV
 from .attention.kernels import reference_attention, sdpa
-from .rope import RotaryTables, Rotary3D, apply_rotary
+from .rope import Rotary3D, RotaryTables, apply_rotary
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -94,13 +94,13 @@ def _math_backward(dout, q, k, v, out, lse, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, o: torch.Tensor, l: torch.Tensor):
-    """Fold one block's (o, l) into the running (out, lse), both in the accumulation dtype."""
-    o = o.to(l.dtype)
+def _merge(out: torch.Tensor | None, lse: torch.Tensor | None, o: torch.Tensor, lse_b: torch.Tensor):
+    """Fold one block's (o, lse_b) into the running (out, lse), both in the accumulation dtype."""
+    o = o.to(lse_b.dtype)
     if out is None:
-        return o, l
-    new = torch.logaddexp(lse, l)
-    return out * torch.exp(lse - new)[..., None] + o * torch.exp(l - new)[..., None], new
+        return o, lse_b
+    new = torch.logaddexp(lse, lse_b)
+    return out * torch.exp(lse - new)[..., None] + o * torch.exp(lse_b - new)[..., None], new
 
 
 # -- the ring ---------------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def read_config(run: Path) -> dict:
     try:
         stored = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: damaged run configuration, not readable JSON ({e}); the run cannot be resumed")
+        raise InputError(f"{path}: damaged run configuration, not readable JSON ({e}); the run cannot be resumed") from e
     if not isinstance(stored, dict):
         raise InputError(f"{path}: damaged run configuration (a JSON {type(stored).__name__}, expected an object)")
     return stored

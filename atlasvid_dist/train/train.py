@@ -477,9 +477,8 @@ class Trainer:
         """Rank 0 writes OUTPUT/adapter.safetensors (diffusers LoRA format; ZeRO-3 shards gathered first).
 
         Every rank must call it. Returns the path on rank 0, None elsewhere."""
-        import torch.distributed as dist
-
         import deepspeed
+        import torch.distributed as dist
 
         from atlasvid_dist.models.lora import save_lora
         from atlasvid_dist.pipeline.adapter_geometry import geometry_metadata, training_geometry

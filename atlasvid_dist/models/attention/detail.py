@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ...config.method import AtlasConfig
 from ...geometry.grid import Grid, ProxyAnchor
 from ...geometry.windows import WindowSpec, proxy_regions, window_layout
-from ..rope import RotaryTables, Rotary3D, apply_rotary
+from ..rope import Rotary3D, RotaryTables, apply_rotary
 from . import masks
 from .kernels import reference_attention, sdpa, windows_sdpa
 
