@@ -143,12 +143,8 @@ def _attends(gen, comp, model, text, proxy, grid, sharding, rank, group, stats, 
     """One window attention per text embedding (cond / uncond: their proxy keys differ); ``split`` = (layout,
     (window group, slot group), window_parallel) when windows are shared by a group."""
     cfg = gen.cfg
-    caches = {}
-    if proxy is not None:
-        gen._adapter("stage1")  # the proxy path is the stage-1 model
-        with torch.no_grad():
-            caches = {k: model.build_proxy_cache(proxy.to(gen.device, gen.dtype), e)
-                      for k, e in (("cond", text.cond), ("uncond", text.uncond)) if e is not None}
+    # the proxy path is the stage-1 model: the one function the one-process run and training use
+    caches = {} if proxy is None else gen.proxy_caches(model, proxy.to(gen.device, gen.dtype), text)
     scales = model.proxy_geometry(grid).scales if caches else (1.0, 1.0, 1.0)
     layers = len(comp.transformer.blocks)
     kinds = [k for k in ("cond", "uncond") if getattr(text, k) is not None]
