@@ -105,12 +105,25 @@ def test_config_rejects_bad_values():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    from atlasvid_dist.train.train import lr_lambda
+    """diffusers' schedules (warm-up from 0, then cosine to 0 at max_steps; constant stays at the lr)."""
+    import torch
 
-    f = lr_lambda(cfg(warmup_steps=4, lr_schedule="cosine", max_steps=14))
-    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
-    assert lr_lambda(cfg(lr_schedule="constant"))(100) == 1.0
+    from atlasvid_dist.train.train import lr_scheduler_factory
+
+    def factors(c, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = lr_scheduler_factory(c)(opt)
+        out = []
+        for _ in range(steps):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    f = factors(cfg(warmup_steps=4, lr_schedule="cosine", max_steps=14), 15)
+    assert f[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert f[9] == pytest.approx(0.5) and f[14] == pytest.approx(0.0)
+    assert factors(cfg(lr_schedule="constant"), 100)[-1] == 1.0
 
 
 @pytest.mark.parametrize("stage", [1, 2])
