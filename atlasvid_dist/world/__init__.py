@@ -2,9 +2,9 @@
 size, length and frame rate, their 32 captions, and the fixed evaluation set. numpy only, no model code."""
 
 from .clips import EVAL_SEEDS, WorldClip, evaluation_set, write_clips
-from .render import RADIUS, TRAVEL, Motion, centres_px, coverage, radius_px, render_clip, sample_motion
+from .render import RADIUS, TRAVEL, Motion, centres_px, coverage, radius_px, render_clip, render_frame, sample_motion
 from .scene import BACKGROUND, CAPTION_FORMAT, COLOURS, DIRECTIONS, SHAPES, Scene, all_scenes, parse_caption
 
 __all__ = ["EVAL_SEEDS", "WorldClip", "evaluation_set", "write_clips", "RADIUS", "TRAVEL", "Motion", "centres_px",
-           "coverage", "radius_px", "render_clip", "sample_motion", "BACKGROUND", "CAPTION_FORMAT", "COLOURS",
-           "DIRECTIONS", "SHAPES", "Scene", "all_scenes", "parse_caption"]
+           "coverage", "radius_px", "render_clip", "render_frame", "sample_motion", "BACKGROUND", "CAPTION_FORMAT",
+           "COLOURS", "DIRECTIONS", "SHAPES", "Scene", "all_scenes", "parse_caption"]

@@ -105,19 +105,31 @@ def _disc_coverage(cx: float, cy: float, r: float, width: int, height: int) -> n
     return np.clip(below[1:] - below[:-1], 0.0, 1.0)
 
 
+def frame_coverage(shape: str, centre: tuple[float, float], width: int, height: int) -> np.ndarray:
+    """(H, W) fraction of each pixel covered by a ``shape`` centred at ``centre`` (pixels), exact up to float
+    rounding; the object may lie partly or wholly outside the frame."""
+    draw = _square_coverage if shape == "square" else _disc_coverage
+    return draw(float(centre[0]), float(centre[1]), radius_px(width, height), width, height)
+
+
 def coverage(scene: Scene, motion: Motion, width: int, height: int, frames: int) -> np.ndarray:
-    """(N, H, W) fraction of each pixel covered by the object, exact up to float rounding."""
+    """(N, H, W) fraction of each pixel covered by the object in each frame."""
     _check_size(width, height, frames)
-    r = radius_px(width, height)
-    draw = _square_coverage if scene.shape == "square" else _disc_coverage
-    return np.stack([draw(cx, cy, r, width, height) for cx, cy in centres_px(scene, motion, width, height, frames)])
+    return np.stack([frame_coverage(scene.shape, c, width, height)
+                     for c in centres_px(scene, motion, width, height, frames)])
+
+
+def render_frame(scene: Scene, centre: tuple[float, float], width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: background blended with the object's colour by exact coverage."""
+    cov = frame_coverage(scene.shape, centre, width, height)[..., None]  # (H, W, 1)
+    bg, fg = np.array(BACKGROUND, float), np.array(COLOURS[scene.colour], float)
+    return np.rint(bg + cov * (fg - bg)).astype(np.uint8)
 
 
 def render_clip(scene: Scene, motion: Motion, width: int, height: int, frames: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB frames: background blended with the object's colour by exact coverage."""
-    cov = coverage(scene, motion, width, height, frames)[..., None]  # (N, H, W, 1)
-    bg, fg = np.array(BACKGROUND, float), np.array(COLOURS[scene.colour], float)
-    return np.rint(bg + cov * (fg - bg)).astype(np.uint8)
+    """(N, H, W, 3) uint8 RGB ground-truth frames."""
+    _check_size(width, height, frames)
+    return np.stack([render_frame(scene, c, width, height) for c in centres_px(scene, motion, width, height, frames)])
 
 
 def _check_size(width, height, frames) -> None:
