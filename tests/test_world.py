@@ -9,8 +9,19 @@ from typer.testing import CliRunner
 from atlasvid_dist.cli.main import app
 from atlasvid_dist.errors import InputError
 from atlasvid_dist.eval import fit_path, label_components, score_video, summarise
-from atlasvid_dist.world import (COLOURS, Motion, Scene, all_scenes, centres_px, coverage, evaluation_set,
-                                 parse_caption, radius_px, render_clip, write_clips)
+from atlasvid_dist.world import (
+    COLOURS,
+    Motion,
+    Scene,
+    all_scenes,
+    centres_px,
+    coverage,
+    evaluation_set,
+    parse_caption,
+    radius_px,
+    render_clip,
+    write_clips,
+)
 from atlasvid_dist.world.render import frame_coverage
 
 runner = CliRunner()
@@ -19,7 +30,7 @@ SIZES = [(64, 64), (256, 256)]
 
 def weighted_centres(cov):
     """(N, 2) coverage-weighted centroid (x, y) of (N, H, W) coverage, pixel centres at +0.5."""
-    n, h, w = cov.shape
+    h, w = cov.shape[1:]
     ys, xs = np.mgrid[0:h, 0:w] + 0.5  # (H, W) each
     total = cov.sum(axis=(1, 2))
     return np.stack([(cov * xs).sum(axis=(1, 2)) / total, (cov * ys).sum(axis=(1, 2)) / total], axis=1)

@@ -12,6 +12,25 @@ from .metrics import PathFit, fit_path, mse, psnr, ssim
 from .report import Summary, format_table, frame_grid, summarise, to_json, write_grid
 from .score import VideoScore, score_video
 
-__all__ = ["EVAL_SEEDS", "WorldClip", "evaluation_set", "label_components", "FrameObject", "detect",
-           "nearest_colour", "PathFit", "fit_path", "mse", "psnr", "ssim", "Summary", "format_table", "frame_grid",
-           "summarise", "to_json", "write_grid", "VideoScore", "score_video"]
+__all__ = [
+           "EVAL_SEEDS",
+           "FrameObject",
+           "PathFit",
+           "Summary",
+           "VideoScore",
+           "WorldClip",
+           "detect",
+           "evaluation_set",
+           "fit_path",
+           "format_table",
+           "frame_grid",
+           "label_components",
+           "mse",
+           "nearest_colour",
+           "psnr",
+           "score_video",
+           "ssim",
+           "summarise",
+           "to_json",
+           "write_grid",
+]

@@ -50,7 +50,7 @@ def nearest_colour(rgb) -> str:
     return min(COLOURS, key=lambda c: float(np.linalg.norm(np.subtract(rgb, COLOURS[c]))))
 
 
-def _shift_or(mask: np.ndarray, reach: int) -> np.ndarray:
+def dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     """Dilate by a (2 reach + 1) square."""
     h, w = mask.shape
     pad = np.pad(mask, reach)
@@ -70,7 +70,7 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 def _centroid(frame: np.ndarray, mask: np.ndarray, bg: np.ndarray, rgb: np.ndarray) -> tuple[float, float]:
     """Centroid weighted by coverage, estimated per pixel as the projection of (pixel - bg) on (object - bg)."""
-    near = _shift_or(mask, 2)
+    near = dilate(mask, 2)
     span = rgb - bg
     alpha = np.clip((frame[near] - bg) @ span / max(float(span @ span), 1e-9), 0.0, 1.0)  # (K,)
     ys, xs = np.nonzero(near)

@@ -26,7 +26,7 @@ def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{file}: line {n} is not JSON ({e})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("video"), str) or not isinstance(obj.get("caption"), str):
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("video", "caption")):
             raise InputError(f"{file}: line {n} needs a 'video' path and a 'caption'")
         try:
             parse_caption(obj["caption"])

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..world import Scene, parse_caption, render_frame
-from .detect import SQUARE_FILL, FrameObject, detect, nearest_colour
+from .detect import SQUARE_FILL, FrameObject, detect, dilate, nearest_colour
 from .metrics import PathFit, fit_path, luma, mse, psnr, ssim
 
 
@@ -76,23 +76,24 @@ def _direction(fit: PathFit | None) -> str | None:
     return "down" if vy > 0 else "up"
 
 
+def _mean_or_nan(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _flicker(frames: np.ndarray, found: list[FrameObject | None]) -> tuple[float, float]:
     """(background, object) mean absolute change between consecutive frames."""
-    from .detect import _shift_or
-
     bg_diffs, obj_diffs = [], []
     for t in range(len(frames) - 1):
         a, b = found[t], found[t + 1]
         away = np.ones(frames.shape[1:3], bool)
         for o in (a, b):
             if o is not None:
-                away &= ~_shift_or(o.mask, 2)
+                away &= ~dilate(o.mask, 2)
         if away.any():
             bg_diffs.append(np.abs(frames[t + 1].astype(float) - frames[t])[away].mean())
         if a is not None and b is not None:
             obj_diffs.append(abs(float(luma(np.array(b.rgb)) - luma(np.array(a.rgb)))))
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return mean(bg_diffs), mean(obj_diffs)
+    return _mean_or_nan(bg_diffs), _mean_or_nan(obj_diffs)
 
 
 def _compare(frames: np.ndarray, scene: Scene, fit: PathFit | None) -> tuple[float, float, float]:
