@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from ..errors import AtlasError
 from .demo import demo
+from .eval import evaluate
 from .generate import generate
 from .plan import plan
 from .train import prepare_data, train
@@ -44,6 +45,7 @@ app.command("plan")(plan)
 app.command("demo")(demo)
 app.command("train")(train)
 app.command("prepare-data")(prepare_data)
+app.command("eval")(evaluate)
 
 
 def main(argv: list[str] | None = None) -> None:
