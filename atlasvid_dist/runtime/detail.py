@@ -109,9 +109,9 @@ def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, ra
 
         def f(x, t):
             attend = attends.get(kind)
-            if joint:
-                kv = model.joint_proxy_kv(proxy.to(x.dtype), torch.randn(proxy.shape, generator=rng).to(x), t, emb)
-                attend = window_attention(kv)
+            if joint:  # the attention keeps only its windows' proxy rows: the whole K/V is freed here
+                proxy_noise = torch.randn(proxy.shape, generator=rng).to(x)
+                attend = window_attention(model.joint_proxy_kv(proxy.to(x.dtype), proxy_noise, t, emb))
             tokens, temb, tproj, txt = model.embed(x, t, emb)
             out = model.run_blocks(tokens, txt, tproj, attend)
             if joint:
