@@ -147,6 +147,32 @@ def test_joint_mode_renoises_proxy(tiny_wan):
 
 
 @torch.no_grad()
+def test_joint_proxy_kv_is_what_forward_reads(tiny_wan):
+    """joint_proxy_kv (what the distributed ranks build per call) is the joint forward's proxy keys/values: fed as
+    a cache it gives the joint forward's output exactly; its layer-0 values are block 0's value projection of the
+    proxy re-noised on the flow line, (1 - t/1000) proxy + t/1000 noise, written out from the diffusers modules."""
+    from atlasvid_dist.models.atlas_transformer import ProxyCache
+
+    x, t, enc = inputs()
+    p = proxy_latents()
+    noise = torch.randn(*PROXY, generator=torch.Generator().manual_seed(2))
+    joint = atlas(tiny_wan, proxy_mode="joint")
+    kv = joint.joint_proxy_kv(p, noise, t, enc)
+    assert len(kv.keys) == len(kv.values) == len(tiny_wan.blocks) and kv.grid == joint.token_grid(p)
+    want = joint(x, t, enc, proxy=p, proxy_noise=noise)
+    assert torch.equal(joint(x, t, enc, proxy_cache=ProxyCache(kv, p, enc)), want)
+    noisy = 0.3 * p + 0.7 * noise  # t = 700
+    h = tiny_wan.patch_embedding(noisy).flatten(2).transpose(1, 2)
+    _, tproj, _, _ = tiny_wan.condition_embedder(t, enc, None)
+    block = tiny_wan.blocks[0]
+    shift, scale, *_ = (block.scale_shift_table + tproj.unflatten(1, (6, -1)).float()).chunk(6, dim=1)
+    v0 = block.attn1.to_v(block.norm1(h.float()) * (1 + scale) + shift).unflatten(2, (block.attn1.heads, -1))
+    torch.testing.assert_close(kv.values[0], v0, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="proxy_noise"):
+        joint.joint_proxy_kv(p, noise[:, :, :2], t, enc)
+
+
+@torch.no_grad()
 def test_ultragen_mode(tiny_wan):
     x, t, enc = inputs()
     kw = dict(mode="ultragen", ultragen_pool=(1, 2, 2))

@@ -132,6 +132,8 @@ def test_proxy_cache_per_rank_holds_only_what_its_windows_read():
     assert everything == full
     joint = est("4k", 81, workers=8, proxy_mode="joint").memory["detail_stage"]
     assert "proxy_kv_cache" not in joint
+    # joint: every forward on every rank records the whole proxy K/V (one pass), then keeps its windows' rows
+    assert joint["proxy_kv_joint"] == full // 2 + per_rank // 2  # 4k default: guidance on, two passes
 
 
 def test_more_ranks_less_memory_and_fp32_more():

@@ -411,3 +411,45 @@ def test_joint_proxy_mode_reachable_from_generate_config(tmp_path, monkeypatch):
     with torch.no_grad():
         clean = clean_gen.stage2(comp, _texts(), proxy, None, None)
     assert torch.isfinite(joint).all() and (joint - clean).abs().max() > 1e-4
+
+
+def _rank_latents(gen, comp, tokens):
+    """One rank's tokens of a world of one (local order) back to the latent (1, C, f, h, w)."""
+    from atlasvid_dist.parallel.window_attention import shard_for
+    from atlasvid_dist.runtime.detail import from_tokens
+
+    atlas = AtlasTransformer(comp.transformer, gen.cfg.method)
+    grid = atlas.token_grid(torch.empty(1, 16, *gen.cfg.latent.dims, device="meta"))
+    full = torch.empty(tokens.shape[0], grid.size, *tokens.shape[2:])
+    full[:, shard_for(gen.cfg.method, grid, 1).token_index(0)] = tokens
+    return from_tokens(full, grid)
+
+
+def test_joint_proxy_mode_on_a_rank_equals_one_process_and_resumes(tmp_path):
+    """The distributed stage 2 (``denoise_rank``, here a world of one: no process group) in joint mode draws the
+    proxy noise from the one-process stage-2 generator in the same order, so it gives the one-process latents; a
+    rank stopped after step 1 resumes from its checkpoint (generator state included) to the same result."""
+    from atlasvid_dist.pipeline.checkpoint import StepCheckpointer
+    from atlasvid_dist.runtime.detail import denoise_rank
+
+    gen, comp = _generator(tmp_path, method=dict(proxy_mode="joint"))  # 2 steps, guidance 3: cond + uncond
+    text, proxy = _texts(), _proxy(gen.cfg)
+    with torch.no_grad():
+        want = gen.stage2(comp, text, proxy, None, None)
+    tokens, per_layer = denoise_rank(gen, comp, text, proxy, 0, 1)
+    assert float((_rank_latents(gen, comp, tokens) - want).abs().max()) <= 1e-5
+    assert set(per_layer) == set(range(len(comp.transformer.blocks))) and not any(per_layer.values())
+
+    class Stop(Exception):
+        pass
+
+    def stop(done):
+        if done == 1:
+            raise Stop
+
+    ckpt = StepCheckpointer(tmp_path / "rank-0")
+    with pytest.raises(Stop):
+        denoise_rank(gen, comp, text, proxy, 0, 1, on_step=stop, ckpt=ckpt)
+    assert "rng" in ckpt.load(1)[0]
+    resumed, _ = denoise_rank(gen, comp, text, proxy, 0, 1, ckpt=ckpt, resume_step=1)
+    assert float((_rank_latents(gen, comp, resumed) - want).abs().max()) <= 1e-5

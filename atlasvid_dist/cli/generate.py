@@ -150,7 +150,7 @@ def generate(
     spatial_scale: Optional[int] = typer.Option(None, help="Detail tokens per proxy token in height and width; 0 = auto (a proxy of at most 720P: 4K -> 3, 2K -> 2, 8K -> 6). [default: 0]"),
     proxy_context: Optional[str] = typer.Option(None, help="all|aligned proxy keys per window. [default: aligned]"),
     proxy_margin: Optional[str] = typer.Option(None, help="Extra proxy tokens T,H,W on each side of the aligned region. [default: 1,1,1]"),
-    proxy_mode: Optional[str] = typer.Option(None, help="clean (proxy at timestep 0, keys/values cached once) | joint (re-noised to each detail step, no cache; one process only). [default: clean]"),
+    proxy_mode: Optional[str] = typer.Option(None, help="clean (proxy at timestep 0, keys/values cached once) | joint (re-noised to each detail step, no cache; on every rank with --workers). [default: clean]"),
     max_window_batch: Optional[int] = typer.Option(None, help="Windows per attention call (bounds transient memory); 0 = all. [default: 0]"),
     backend: Optional[str] = typer.Option(None, help="auto|sdpa|flex|reference attention kernel. [default: auto]"),
     ultragen_pool: Optional[str] = typer.Option(None, help="With --attention ultragen: pooling cell T,H,W of the compressed global branch (q, k, v averaged per cell). [default: 1,4,4]"),

@@ -428,6 +428,10 @@ def _memory(geo, model, method, plan, run, b, shares) -> dict:
         detail["proxy_kv_cache"] = cache
     elif geo.proxy is not None:  # joint: the proxy runs through the rank's forward
         rank_tokens += geo.proxy.size
+        # every forward records the whole proxy's keys/values of every layer (one guidance pass at a time), then
+        # the window attention copies the rows its windows read
+        rows = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) // plan.window_group
+        detail["proxy_kv_joint"] = 2 * model.num_layers * geo.proxy.size * d * b + rows
     detail["activations"] = _activations(model, rank_tokens, b, extra)
     if method.mode == "ultragen":
         detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
@@ -593,6 +597,9 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
     fixed = {"weights": report.memory["detail_stage"]["weights"]}
     if method.proxy_context == "all" and "proxy_kv_cache" in report.memory["detail_stage"]:
         fixed["the whole proxy K/V cache"] = report.memory["detail_stage"]["proxy_kv_cache"]
+    if "proxy_kv_joint" in report.memory["detail_stage"]:
+        fixed["the whole proxy K/V of every forward (proxy_mode 'joint')"] = report.memory["detail_stage"][
+            "proxy_kv_joint"]
     parts = " and ".join(f"{k} ({_gib(v)})" for k, v in fixed.items())
     return (f"no worker count up to {min(limit, 1024)} fits: every rank holds the {parts} whatever the rank count; "
             f"use a device with more memory, or --window-group to split windows")

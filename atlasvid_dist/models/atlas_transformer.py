@@ -163,6 +163,26 @@ class AtlasTransformer(nn.Module):
         kv = self._record_proxy(proxy_b, t0, encoder_hidden_states, grid)
         return ProxyCache(kv, proxy.detach().clone(), encoder_hidden_states.detach().clone(), weights)
 
+    def joint_proxy_kv(self, proxy: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor,
+                       encoder_hidden_states: torch.Tensor) -> ProxyKV:
+        """The proxy keys/values of ``proxy_mode='joint'`` at one detail step (what ``forward`` reads then).
+
+        The proxy is re-noised to the step's level on the flow line, sigma = timestep / 1000:
+        ``(1 - sigma) * proxy + sigma * noise`` (in the proxy's dtype), and run through every layer at that
+        timestep. ``proxy`` and ``noise`` are (B or 1, C, f_p, h_p, w_p), B the text's batch; ``timestep`` a
+        scalar or (B,). Runtimes that shard the detail tokens build it once per call and pass it to their
+        window attention.
+        """
+        b = encoder_hidden_states.shape[0]
+        grid = self.token_grid(proxy, "proxy")
+        if noise.shape[1:] != proxy.shape[1:] or noise.shape[0] not in (1, b) or proxy.shape[0] not in (1, b):
+            raise InputError(f"proxy_noise: expected the proxy's shape (B or 1, {', '.join(map(str, proxy.shape[1:]))})"
+                             f" with B = {b}; got proxy {tuple(proxy.shape)}, noise {tuple(noise.shape)}")
+        timestep = self._check_inputs(proxy.expand(b, *proxy.shape[1:]), timestep, encoder_hidden_states)
+        sigma = (timestep.float() / 1000.0).reshape(b, 1, 1, 1, 1)
+        noisy = ((1.0 - sigma) * proxy + sigma * noise).to(proxy.dtype)
+        return self._record_proxy(noisy, timestep, encoder_hidden_states, grid)
+
     def clear_proxy_cache(self) -> None:
         self._proxy_cache = None
 
@@ -211,12 +231,10 @@ class AtlasTransformer(nn.Module):
             self._check_proxy(latents, cache.proxy)
             return cache.kv
         self._check_proxy(latents, proxy)
-        b = latents.shape[0]
         if self.atlas_config.proxy_mode == "joint":
-            sigma = (timestep.float() / 1000.0).reshape(b, 1, 1, 1, 1)
+            b = latents.shape[0]
             noise = torch.randn_like(proxy.expand(b, *proxy.shape[1:])) if noise is None else noise
-            noisy = ((1.0 - sigma) * proxy + sigma * noise).to(latents.dtype)
-            return self._record_proxy(noisy, timestep, text, self.token_grid(noisy))
+            return self.joint_proxy_kv(proxy.to(latents.dtype), noise, timestep, text)
         if torch.is_grad_enabled():  # training: keys/values must carry gradients; no cache
             return self.build_proxy_cache(proxy, text).kv
         cache = self._proxy_cache
