@@ -27,7 +27,7 @@ def test_json_has_the_keys_and_hand_computed_tokens():
 
 
 def test_table_output():
-    r = plan("--res", "2k", "--frames", "81", "--model", "wan2.1-14b", "--gpus", "4")
+    r = plan("--res", "2k", "--frames", "81", "--model", "wan2.1-1.3b", "--gpus", "4")
     assert r.exit_code == 0, r.output
     assert "302,400" in r.stdout and "memory / rank" in r.stdout and "fits" in r.stdout
 
@@ -87,8 +87,8 @@ def test_plan_says_which_stage1_parallelism_is_faster():
     three are possible and the table names the fastest."""
     d = json.loads(plan("--res", "4k", "--gpus", "8", "--json").stdout)["stage1_seconds_by_proxy_parallel"]
     assert d["ulysses"] is None and 0 < d["ring"] < d["none"]
-    r = plan("--res", "4k", "--gpus", "8", "--model", "wan2.1-14b")
-    assert r.exit_code == 0 and "stage 1 by --proxy-parallel" in r.stdout and "fastest: ulysses" in r.stdout
+    r = plan("--res", "4k", "--gpus", "8", "--model", "wan2.1-14b")  # printed in full even where it does not fit
+    assert "stage 1 by --proxy-parallel" in r.stdout and "fastest: ulysses" in r.stdout, r.output
     single = json.loads(plan("--res", "720p", "--gpus", "1", "--json").stdout)
     assert single["stage1_seconds_by_proxy_parallel"] == {}
 

@@ -105,10 +105,14 @@ def test_guidance_doubles_step_flops():
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
+#: the calibration runs loaded the transformer alone: no text encoder or VAE on the GPU (as offload_encoders models)
+TRANSFORMER_ONLY = RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True)
+
+
 def test_memory_matches_measured_h100_step():
     """benchmarks/results: 1.3B, 4K x 81 atlas (spatial scale 3), bf16, one forward, one H100."""
     measured = json.loads((RESULTS / "step-wan2.1-1.3b-cuda-bf16.json").read_text())["rows"]
-    r = est("4k", 81, run=RunSettings(guidance=1.0, dtype="bf16"))
+    r = est("4k", 81, run=TRANSFORMER_ONLY)
     detail = r.memory["detail_stage"]
     assert detail["proxy_kv_cache"] == measured["4k_atlas_proxy_cache_bytes"]  # 30 x 2 x 21,600 x 1536 x 2 B
     assert detail["total"] == pytest.approx(measured["4k_atlas_peak_memory_bytes"], rel=0.1)
@@ -120,7 +124,7 @@ def test_memory_matches_measured_h100_step():
     (WAN14, "720p", "full", 1, 38_043_741_184),
 ])
 def test_memory_matches_calibration_points(model, res, mode, scale, measured):
-    r = est(res, 81, model=model, mode=mode, spatial_scale=scale, run=RunSettings(guidance=1.0, dtype="bf16"))
+    r = est(res, 81, model=model, mode=mode, spatial_scale=scale, run=TRANSFORMER_ONLY)
     assert r.memory["detail_stage"]["total"] == pytest.approx(measured, rel=0.1)
 
 
@@ -229,8 +233,74 @@ def test_decode_tile_caches_per_rank_hand_computed():
     cache (the Wan2.1 VAE, fp32). One rank holds them all (~92 GiB: the decode must spread); on 8 ranks at most an
     eighth plus one tile."""
     vae_scale = math.sqrt(WAN14.vae_params / 126_892_531)
-    r1 = est("4k", 81, model=WAN14, workers=1)
+    together = RunSettings(decode_order="together")
+    r1 = est("4k", 81, model=WAN14, workers=1, run=together)
     assert r1.memory["decode"]["tile_caches"] == int(306 * 544 * 605_312 * vae_scale)
     assert not r1.fits and any(x.startswith("decode needs") for x in r1.reasons), r1.reasons
-    r8 = est("4k", 81, model=WAN14, workers=8)
+    r8 = est("4k", 81, model=WAN14, workers=8, run=together)
     assert r8.memory["decode"]["tile_caches"] == int((306 * 544 // 8 + 32 * 32) * 605_312 * vae_scale)
+
+
+def test_decode_tile_by_tile_holds_one_tile_and_auto_picks_it_when_short():
+    """Sequential decode: a rank's causal caches are one tile's (32 x 32 cells), whatever the clip; 'auto' keeps
+    tiles together where that fits and goes tile by tile where it does not (14B 4K on one H100: ~92 GiB)."""
+    vae_scale = math.sqrt(WAN14.vae_params / 126_892_531)
+    seq = est("4k", 81, model=WAN14, workers=1, run=RunSettings(decode_order="sequential"))
+    assert seq.memory["decode"]["tile_caches"] == int(32 * 32 * 605_312 * vae_scale)
+    auto = est("4k", 81, model=WAN14, workers=1)
+    assert auto.decode_order == "sequential" and auto.memory["decode"] == seq.memory["decode"]
+    assert est("4k", 81, workers=8).decode_order == "together"
+
+
+def test_text_encoder_and_vae_are_counted_resident_unless_offloaded():
+    on = est("4k", 81, workers=8).memory
+    off = est("4k", 81, workers=8, run=RunSettings(offload_encoders=True)).memory
+    te, vae = WAN13.text_encoder_params * 2, WAN13.vae_params * 4
+    for phase in ("proxy_stage", "proxy_cache", "detail_stage"):
+        assert on[phase]["total"] - off[phase]["total"] == te + vae, phase
+    assert off["decode"]["vae_weights"] == vae and "text_encoder_weights" not in off["decode"]
+    assert off["text_encoder"]["text_encoder_weights"] == te and "vae_weights" not in off["text_encoder"]
+
+
+def test_whole_proxy_kv_is_counted_while_the_cache_is_built():
+    m = est("4k", 81, workers=8).memory
+    whole = WAN13.num_layers * 2 * 21_600 * WAN13.dim * 2 * 2  # layers x (k, v) x proxy tokens x d x bf16 x passes
+    assert m["proxy_cache"]["whole_proxy_kv"] == whole
+    assert m["proxy_cache"]["kept_proxy_kv"] == m["detail_stage"]["proxy_kv_cache"]
+
+
+def test_ffn_chunking_lowers_activations_to_the_attention_phase():
+    full = est("4k", 81, workers=8).memory["detail_stage"]["activations"]
+    chunked = est("4k", 81, workers=8, run=RunSettings(ffn_chunk_tokens=16384)).memory["detail_stage"]["activations"]
+    tokens = est("4k", 81, workers=8).tokens_per_rank
+    assert chunked < full
+    assert chunked >= tokens * 10 * WAN13.dim * 2  # never below the attention phase's ten d-wide tensors
+
+
+def test_max_window_batch_bounds_the_sdpa_transient():
+    run = RunSettings(ffn_chunk_tokens=1024)  # so that the attention phase is the block's peak
+    small = est("4k", 81, workers=8, run=run, max_window_batch=4).memory["detail_stage"]["activations"]
+    big = est("4k", 81, workers=8, run=run, max_window_batch=64).memory["detail_stage"]["activations"]
+    wt, ctx = 720, est("4k", 81, workers=8).proxy_context_tokens
+    assert big - small == 60 * (2 * (wt + ctx) + wt) * WAN13.dim * 2
+
+
+@pytest.mark.parametrize("order", ["thw", "wht"])
+def test_halo_bytes_equal_the_halo_plan_to_the_byte(order):
+    """Every rank's halo from parallel/halo.py (the runtime's exchange plan), summed over the layers, times k and v,
+    d and bf16 and the guidance passes, is the cost model's halo of the heaviest rank, exactly."""
+    video = VideoSpec.from_res("480p", frames=21)
+    cfg = AtlasConfig(spatial_scale=2, pad_windows=True)
+    plan = gpu_plan(4, window_order=order)
+    r = estimate(video, WAN13, cfg, plan, RunSettings(), "h100")
+    grid = Grid(*r.detail_grid)
+    base = WindowSpec(grid, cfg.window, (0, 0, 0), pad=True)
+    sharding = shard_windows(base, 4, order)
+    entries = cfg.layer_entries()
+    per_rank = [0] * 4
+    for layer in range(WAN13.num_layers):
+        window, shift = entries[layer % len(entries)]
+        spec = WindowSpec(grid, window, shift, pad=True)
+        for rank in range(4):
+            per_rank[rank] += halo_plan(sharding, spec, rank).num_halo
+    assert r.comm_bytes_per_step_per_rank["halo"] == max(per_rank) * 2 * WAN13.dim * 2 * 2

@@ -31,6 +31,16 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
          steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
          detail_init: c.DetailInit = "noise", init_strength: c.InitStrength = 0.7, dtype: c.Dtype = "auto",
          device_profile_name: c.DeviceProfileOpt = None,
+         window_order: str = typer.Option("thw", "--window-order", help="Ownership of window blocks, axes slowest "
+                                          "first: thw (time slabs, what generate runs) or wht (column slabs across "
+                                          "all time; MODELLED ONLY: generate does not pass it yet)."),
+         gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node: NVLink inside, InfiniBand across."),
+         decode_order: str = typer.Option("auto", "--decode-order", help="auto|together|sequential: a rank's decode "
+                                          "tiles together or one after another (auto: sequential when short)."),
+         offload_encoders: bool = typer.Option(False, "--offload-encoders", help="MODELLED ONLY: text encoder off the "
+                                               "GPU after encoding, VAE on it only for the decode."),
+         ffn_chunk: int = typer.Option(0, "--ffn-chunk", help="MODELLED ONLY: FFN over chunks of this many tokens "
+                                       "(0: all at once, what the runtime does)."),
          lora_stage1: str = typer.Option(None, "--lora-stage1", help="Stage-1 adapter: warn if trained otherwise."),
          lora_stage2: str = typer.Option(None, "--lora-stage2", help="Stage-2 adapter: warn if trained otherwise."),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
@@ -50,28 +60,35 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
                           run_geometry(method, video.width, video.height, video.frames))  # stderr; exit 2 if unreadable
     par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
                            proxy_degree=proxy_degree, window_group=window_group, window_parallel=window_parallel)
+    par = dataclasses.replace(par, window_order=window_order, gpus_per_node=gpus_per_node)
     run = RunSettings(dtype=dtype, steps=steps, proxy_steps=proxy_steps, guidance=guidance, detail_init=detail_init,
-                      init_strength=init_strength if detail_init == "proxy" else RunSettings.init_strength)
+                      init_strength=init_strength if detail_init == "proxy" else RunSettings.init_strength,
+                      decode_order=decode_order, offload_encoders=offload_encoders, ffn_chunk_tokens=ffn_chunk)
     profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
     report = estimate(video, spec, method, par, run, profile)
     options = stage1_options(video, spec, method, par, run, profile)
     spatial = spatial_shift_halo(video, spec, method, par, run, profile)
+    orders = ownership_options(video, spec, method, par, run, profile)
+    where = fit_by_gpus(video, spec, method, par, run, profile)
     if json_out:
         typer.echo(json.dumps({**report.to_dict(), "stage1_seconds_by_proxy_parallel": options,
-                               "halo_bytes_per_step_per_rank_spatial_shift": spatial}, indent=2))
+                               "halo_bytes_per_step_per_rank_spatial_shift": spatial,
+                               "by_window_order": orders, "fit_by_gpus": where, "modelled_only": MODELLED_ONLY},
+                              indent=2))
     else:
         extra = ""
         if spatial is not None:
             extra = (f"\nwithout shifts in time      --shift-axes {method.shift_axes.replace('t', '')}: halo "
                      f"{_bytes(spatial)} / step / rank (now {_bytes(report.comm_bytes_per_step_per_rank['halo'])}); "
                      f"changes the method: windows never cross time blocks")
-        typer.echo(format_report(report) + _format_options(options) + extra)
+        typer.echo(format_report(report) + _format_options(options) + extra + _format_orders(orders)
+                   + _format_fit(where) + _format_modelled(window_order, offload_encoders, ffn_chunk))
     if plot:
         from ..cost.attention import layer_spec
         from .plot import save_plan_plot
 
         spec = layer_spec(method, c.detail_grid(video, spec), 0) if method.mode != "full" else None
-        save_plan_plot(plot, report, spec, max(1, par.num_window_groups))
+        save_plan_plot(plot, report, spec, max(1, par.num_window_groups), par.window_order)
     if not report.fits:
         raise PlanError("plan does not fit: " + "; ".join(report.reasons))
 
@@ -101,6 +118,60 @@ def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
         return None
     alt = dataclasses.replace(method, shift_axes=method.shift_axes.replace("t", ""))
     return estimate(video, spec, alt, par, run, profile, suggest=False).comm_bytes_per_step_per_rank["halo"]
+
+
+#: Options plan prices that generate does not run yet (the README says the same).
+MODELLED_ONLY = {"--window-order wht": "parallel/sharding.py and halo.py support it; generate shards 'thw'",
+                 "--offload-encoders": "generate keeps the text encoder and the VAE on every rank's GPU",
+                 "--ffn-chunk": "the runtime runs the FFN on all of a rank's tokens at once"}
+
+
+def ownership_options(video, spec, method, par, run, profile) -> dict:
+    """window order -> {halo bytes / step / rank, detail-stage bytes / rank} (cost model); {} without windows or
+    with one window group."""
+    if not method.uses_windows or par.num_window_groups == 1:
+        return {}
+    out = {}
+    for order in ("thw", "wht"):
+        r = estimate(video, spec, method, dataclasses.replace(par, window_order=order), run, profile, suggest=False)
+        out[order] = {"halo": r.comm_bytes_per_step_per_rank["halo"],
+                      "across_nodes": r.comm_bytes_per_step_per_rank["across_nodes"],
+                      "detail_stage": r.memory["detail_stage"]["total"], "memory_per_rank": r.memory_per_rank_bytes}
+    return out
+
+
+def fit_by_gpus(video, spec, method, par, run, profile, counts=(4, 8, 16, 32)) -> dict:
+    """GPU count -> {memory per rank, fits} of the requested run (CUDA only; None where the plan is refused)."""
+    if par.device != "cuda":
+        return {}
+    out = {}
+    for n in sorted({*counts, par.workers}):
+        try:
+            alt = dataclasses.replace(par, workers=n, gpus=max(n, par.gpus))
+            r = estimate(video, spec, method, alt, run, profile, suggest=False)
+            out[n] = {"memory_per_rank": r.memory_per_rank_bytes, "fits": r.fits}
+        except AtlasError:
+            out[n] = None
+    return out
+
+
+def _format_orders(orders: dict) -> str:
+    return "".join(f"\nownership --window-order {k}  halo {_bytes(v['halo'])} / step / rank "
+                   f"({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
+                   f"{_bytes(v['memory_per_rank'])} / rank" + (" (modelled only)" if k != "thw" else "")
+                   for k, v in orders.items())
+
+
+def _format_fit(where: dict) -> str:
+    cells = [f"{n}: " + ("refused" if v is None else f"{_bytes(v['memory_per_rank'])} {'fits' if v['fits'] else 'NO'}")
+             for n, v in where.items()]
+    return ("\nfit by --gpus              " + "  |  ".join(cells)) if cells else ""
+
+
+def _format_modelled(window_order: str, offload: bool, ffn_chunk: int) -> str:
+    used = [k for k, on in (("--window-order wht", window_order != "thw"), ("--offload-encoders", offload),
+                            ("--ffn-chunk", bool(ffn_chunk))) if on]
+    return "".join(f"\nMODELLED ONLY               {k}: {MODELLED_ONLY[k]}" for k in used)
 
 
 def _format_options(options: dict) -> str:

@@ -14,15 +14,12 @@ from ..errors import ConfigError
 from ..geometry.windows import WindowSpec
 
 
-def window_owner_grid(spec: WindowSpec, ranks: int) -> np.ndarray:
-    """(ct, ch, cw) rank that owns each base window (window-major blocks, as parallel.sharding cuts them)."""
+def window_owner_grid(spec: WindowSpec, ranks: int, order: str = "thw") -> np.ndarray:
+    """(ct, ch, cw) rank that owns each base window (blocks in the ownership order, as parallel.sharding cuts
+    them)."""
     from ..parallel.sharding import shard_windows
 
-    sharding = shard_windows(spec, ranks)
-    owner = np.zeros(spec.num_windows, dtype=int)
-    for r in range(ranks):
-        owner[list(sharding.window_range(r))] = r
-    return owner.reshape(spec.counts)
+    return shard_windows(spec, ranks, order).window_owner.numpy().reshape(spec.counts)
 
 
 def check_plot_path(path: str) -> Path:
@@ -49,11 +46,11 @@ def folder_write_rule(folder: Path, exc: OSError) -> str:
     return f"folder {folder} {reasons.get(exc.errno, f'cannot be written: {exc.strerror or exc}')}"
 
 
-def save_plan_plot(path: str, report: CostReport, spec: WindowSpec | None, ranks: int) -> Path:
+def save_plan_plot(path: str, report: CostReport, spec: WindowSpec | None, ranks: int, order: str = "thw") -> Path:
     out = check_plot_path(path)
     plt = _pyplot(path)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
-    _layout(axes[0], spec, ranks)
+    _layout(axes[0], spec, ranks, order)
     _bars(axes[1], report.flops_per_video, "FLOPs per video", 1e15, "PFLOP")
     mem = max(report.memory.values(), key=lambda d: d.get("total", 0))
     _bars(axes[2], mem, "memory per rank (peak phase)", 2**30, "GiB")
@@ -81,12 +78,12 @@ def _pyplot(path: str):
     return plt
 
 
-def _layout(ax, spec: WindowSpec | None, ranks: int) -> None:
+def _layout(ax, spec: WindowSpec | None, ranks: int, order: str = "thw") -> None:
     if spec is None:
         ax.text(0.5, 0.5, "full attention: no windows", ha="center", va="center")
         ax.set_axis_off()
         return
-    owner = window_owner_grid(spec, ranks)  # (ct, ch, cw)
+    owner = window_owner_grid(spec, ranks, order)  # (ct, ch, cw)
     ct = owner.shape[0]
     cols = min(ct, 8)
     rows = math.ceil(ct / cols)

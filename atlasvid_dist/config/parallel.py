@@ -10,7 +10,10 @@ Layout of the ranks (docs/distribution.md):
   over ``proxy_degree`` ranks (Ulysses all-to-all over heads, or a ring pass of keys/values);
 * stage 2 (detail), full attention: the whole sequence is split over all workers with ``window_parallel``;
 * stage 2 (detail), windows: the windows are cut into ``num_window_groups = workers / window_group`` contiguous blocks,
-  one per group; a group of ``window_group`` > 1 ranks splits each of its windows with ``window_parallel``.
+  one per group, in the ownership order ``window_order`` ('thw': time slabs; 'wht': column slabs across all
+  time); a group of ``window_group`` > 1 ranks splits each of its windows with ``window_parallel``;
+* nodes: ranks r and r' share a node (NVLink) when r // gpus_per_node == r' // gpus_per_node; others talk over
+  InfiniBand (the cost model prices the two links apart).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import PlanError, check
 from ..geometry.grid import divisors
+from ..parallel.sharding import WINDOW_ORDERS
 from .model import ModelSpec
 
 DEVICES = ("cpu", "cuda")
@@ -51,6 +55,12 @@ class ParallelPlan:
     """Ranks per window when a window is split (1 = every rank owns whole windows)."""
     window_parallel: str = "ulysses"
     """How a split window is shared by its group: 'ulysses' (heads) or 'ring' (keys/values)."""
+    window_order: str = "thw"
+    """Ownership order of the window blocks (window axes, slowest first): 'thw' = time slabs (what generate runs
+    today), 'wht' = column slabs across all time (parallel.sharding supports it; generate does not pass it yet,
+    so for a run it is modelled only)."""
+    gpus_per_node: int = 8
+    """Ranks per node: halo traffic between ranks of one node goes over NVLink, across nodes over InfiniBand."""
 
     def __post_init__(self) -> None:
         _positive_int("workers", self.workers)
@@ -62,6 +72,9 @@ class ParallelPlan:
             _positive_int(name, getattr(self, name))
         check(self.window_parallel in WINDOW_PARALLEL, "window_parallel", self.window_parallel,
               f"must be one of {WINDOW_PARALLEL}")
+        check(self.window_order in WINDOW_ORDERS, "window_order", self.window_order,
+              f"must be one of {WINDOW_ORDERS} (window axes, slowest first)")
+        _positive_int("gpus_per_node", self.gpus_per_node)
         if self.device == "cuda":
             check(self.gpus >= 1, "gpus", self.gpus, "device 'cuda' needs at least one GPU")
             check(self.workers <= self.gpus, "workers", self.workers,
@@ -123,6 +136,8 @@ class ParallelPlan:
         proxy = "1 rank" if self.proxy_parallel == "none" else f"{self.proxy_parallel} x{self.proxy_degree}"
         return (f"{self.workers} worker(s) on {self.device}" + (f" ({self.gpus} GPUs)" if self.device == "cuda" else "")
                 + f"; stage 1: {proxy}; stage 2: {self.num_window_groups} window group(s) x {self.window_group} "
-                  f"rank(s)" + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else ""))
+                  f"rank(s)" + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else "")
+                + f", ownership {self.window_order}" + (f"; {self.gpus_per_node} GPUs per node"
+                                                        if self.workers > self.gpus_per_node else ""))
 
 

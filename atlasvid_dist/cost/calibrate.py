@@ -75,7 +75,7 @@ def transformer_peak(model: str, res: str, mode: str, spatial_scale: int) -> dic
     peak = _peak(m, x, t, text, **kw)
     seconds = time.perf_counter() - t0
     r = estimate(video, spec, cfg, ParallelPlan(workers=1, device="cuda", gpus=1),
-                 RunSettings(guidance=1.0, dtype="bf16"), "h100")
+                 RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True), "h100")  # transformer alone
     del m, tr, kw
     torch.cuda.empty_cache()
     return {"model": model, "res": res, "mode": mode, "tokens": r.detail_tokens, "peak_bytes": peak,

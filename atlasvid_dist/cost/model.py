@@ -16,7 +16,8 @@ Conventions (stated once, used everywhere):
   window schedule cycles, shifted grids have more, padded windows). A denoising step runs ``passes`` forwards
   (2 with classifier-free guidance: conditional and unconditional, one after the other).
 * Text encoder and VAE decode FLOPs are estimates (2 * params * tokens; a measured FLOPs-per-pixel constant).
-* Seconds = FLOPs / (peak * efficiency) + bytes / link bandwidth, no overlap. Memory-bound element-wise work
+* Seconds = FLOPs / (peak * efficiency) + bytes / link bandwidth, no overlap; bytes between ranks of one node
+  (``ParallelPlan.gpus_per_node``) at NVLink bandwidth, across nodes at InfiniBand bandwidth (device profile). Memory-bound element-wise work
   (norms, modulation, RoPE, gathers) is not modelled, so the seconds are a lower bound. Measured on an H100, one
   forward: 14B 720P x 81 full attention 13.3 s vs 12.0 estimated; 1.3B atlas 4K x 81 10.9 s vs 5.1, 2K x 81
   5.6 s vs 2.5 (window mode spends half its time in memory-bound work today).
@@ -32,6 +33,8 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from ..config.method import AtlasConfig
 from ..config.model import ModelSpec
 from ..config.parallel import ParallelPlan
@@ -39,6 +42,7 @@ from ..config.video import VideoSpec
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
+from ..models.attention.kernels import auto_window_batch
 from .attention import attention_flops, layer_attention_flops, layer_spec, pooled_tokens, proxy_context_tokens
 from .profiles import DeviceProfile, GiB, device_profile
 from .ranks import group_share, shard
@@ -46,6 +50,7 @@ from .ranks import group_share, shard
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPES = ("auto", *DTYPE_BYTES)
 DETAIL_INITS = ("noise", "proxy")
+DECODE_ORDERS = ("auto", "together", "sequential")
 
 #: Live activation width per token in the FFN phase of a block: its two f-wide tensors (projection out, GELU out)
 #: plus this many d-wide ones (residual stream, the modulated input made in fp32 = 2 widths, the FFN output, the
@@ -93,6 +98,16 @@ class RunSettings:
     """Spatial VAE decode tile in latent cells (8 px each)."""
     decode_overlap: int = 4
     """Overlap of decode tiles in latent cells."""
+    decode_order: str = "auto"
+    """'together' (a rank's tiles advance together: every tile's causal cache live at once), 'sequential' (tile
+    after tile: one tile's cache; the driver's blender holds the clip's frames) or 'auto' (sequential only when
+    together does not fit)."""
+    offload_encoders: bool = False
+    """MODELLED ONLY (generate keeps both resident today): the text encoder leaves the GPU once the prompts are
+    encoded and the VAE comes onto it only for the decode."""
+    ffn_chunk_tokens: int = 0
+    """MODELLED ONLY (the runtime runs the FFN on all of a rank's tokens at once): the FFN phase of a block over
+    chunks of this many tokens; 0 = all at once."""
 
     def __post_init__(self) -> None:
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
@@ -107,6 +122,10 @@ class RunSettings:
               self.init_strength, "must be in (0, 1]")
         check(isinstance(self.decode_overlap, int) and 0 <= self.decode_overlap < self.decode_tile, "decode_overlap",
               self.decode_overlap, f"must be an integer in [0, decode_tile = {self.decode_tile})")
+        check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
+        check(isinstance(self.offload_encoders, bool), "offload_encoders", self.offload_encoders, "must be true/false")
+        check(isinstance(self.ffn_chunk_tokens, int) and not isinstance(self.ffn_chunk_tokens, bool)
+              and self.ffn_chunk_tokens >= 0, "ffn_chunk_tokens", self.ffn_chunk_tokens, "must be an integer >= 0")
 
     @property
     def passes(self) -> int:
@@ -169,13 +188,15 @@ class CostReport:
     attention_free_limit: float
     """Full-attention step FLOPs over the step without self-attention: the most any attention can save."""
     memory: dict
-    """phase -> {part: bytes, 'total': bytes} per rank (phases: text_encoder, proxy_stage, detail_stage, decode)."""
+    """phase -> {part: bytes, 'total': bytes} per rank (phases: text_encoder, proxy_stage, proxy_cache (the whole
+    proxy K/V built before a rank keeps its rows), detail_stage, decode); resident weights are in every phase."""
     memory_per_rank_bytes: int
     """Peak over phases of the heaviest rank."""
     memory_usable_bytes: int
     """What the device profile allows per rank (host memory / workers on a shared-memory CPU)."""
     comm_bytes_per_step_per_rank: dict
-    """Bytes a rank receives per detail step (halo, window split, ultragen global, total)."""
+    """Bytes a rank receives per detail step (halo, window split, ultragen global, total; across_nodes: the part
+    of the total from ranks on other nodes, over InfiniBand)."""
     comm_bytes_per_proxy_step_per_rank: int
     """Bytes a stage-1 rank receives per proxy step (sequence parallelism)."""
     comm_bytes_once: dict
@@ -188,6 +209,8 @@ class CostReport:
     """Why it does not fit, with numbers and the flag that would help."""
     notes: tuple[str, ...] = field(default_factory=tuple)
     """What the user should know (cropping, padding, estimates)."""
+    decode_order: str = "together"
+    """Decode order the memory assumes ('together' or 'sequential'; RunSettings 'auto' resolved)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,10 +307,10 @@ def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: Para
     ratios = {m: (attn["full"] / v if v else None) for m, v in attn.items()}
     linear = linear_flops_per_layer(model, geo.grid.size)
     flops = _flops(geo, model, method, plan, run, attn[method.mode], linear, shares)
-    memory = _memory(geo, model, method, plan, run, b, shares)
+    usable = prof.usable_bytes // (plan.workers if prof.shared_memory else 1)
+    memory, decode_order = _memory(geo, model, method, plan, run, b, shares, usable)
     comm = _comm(geo, model, method, plan, run, b, shares)
     seconds = _seconds(geo, model, method, plan, run, prof, flops, comm, dtype)
-    usable = prof.usable_bytes // (plan.workers if prof.shared_memory else 1)
     peak = max(phase["total"] for phase in memory.values())
     report = CostReport(
         inputs=_inputs(video, model, method, plan, run, prof, dtype),
@@ -302,7 +325,7 @@ def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: Para
         attention_free_limit=flops["full_step"] / flops["no_attention_step"],
         memory=memory, memory_per_rank_bytes=peak, memory_usable_bytes=usable,
         comm_bytes_per_step_per_rank=comm["step"], comm_bytes_per_proxy_step_per_rank=comm["proxy_step"],
-        comm_bytes_once=comm["once"], seconds=seconds, fits=peak <= usable, reasons=(),
+        comm_bytes_once=comm["once"], seconds=seconds, fits=peak <= usable, reasons=(), decode_order=decode_order,
         notes=tuple(_notes(video, geo, method, plan, dtype)))
     if not report.fits:
         reasons = _reasons(report, video, model, method, plan, run, prof, dtype, suggest)
@@ -327,7 +350,7 @@ def _context_tokens(geo: _Geometry, method: AtlasConfig) -> int:
 def _windows_per_group(geo: _Geometry, plan: ParallelPlan) -> int:
     if geo.base is None:
         return 0
-    b = shard(geo.base, plan.num_window_groups).bounds
+    b = shard(geo.base, plan.num_window_groups, plan.window_order).bounds
     return max(hi - lo for lo, hi in zip(b[:-1], b[1:]))
 
 
@@ -335,11 +358,12 @@ def _shares(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan) -> dict:
     """Per layer grid: the heaviest group's share; and the heaviest rank's query tokens."""
     if geo.base is None:  # full attention: the flat sequence split over all workers
         return {"tokens_per_rank": -(-geo.grid.size // plan.workers), "layers": ()}
-    sharding = shard(geo.base, plan.num_window_groups)
+    sharding = shard(geo.base, plan.num_window_groups, plan.window_order)
     s = float(method.spatial_scale)
     scales = (float(method.temporal_scale), s, s)
     aligned = method.proxy_context == "aligned"
-    layers = tuple((spec, n, group_share(sharding, spec, geo.proxy, scales, method.proxy_margin, aligned))
+    node = torch.arange(plan.num_window_groups) * plan.window_group // plan.gpus_per_node  # node of each group
+    layers = tuple((spec, n, group_share(sharding, spec, geo.proxy, scales, method.proxy_margin, aligned, node))
                    for spec, n in geo.specs)
     tokens = max(sh.tokens for _, _, sh in layers)
     return {"tokens_per_rank": -(-tokens // plan.window_group), "layers": layers}
@@ -398,50 +422,99 @@ def _decode_pixels(geo: _Geometry, run: RunSettings) -> float:
 
 
 # -- memory ---------------------------------------------------------------------------------------------------
-def _activations(model: ModelSpec, tokens: int, b: int, extra_d_rows: float = 0.0) -> int:
-    """Peak live activations of one block over ``tokens`` (inference), bytes."""
+#: d-wide tensors over all of a rank's tokens while the FFN runs chunk by chunk: the block's input and the output
+#: being filled (ffn_chunk_tokens, modelled only).
+FFN_CHUNKED_RESIDENT_D_WIDTHS = 2
+
+
+def _activations(model: ModelSpec, tokens: int, b: int, extra_d_rows: float = 0.0, ffn_chunk: int = 0,
+                 attention_chunk: int = 0) -> int:
+    """Peak live activations of one block over ``tokens`` (inference), bytes. ``ffn_chunk`` > 0: the FFN phase runs
+    over chunks of that many tokens; ``attention_chunk``: transient bytes of one windowed SDPA call."""
     d, f = model.dim, model.ffn_dim
-    ffn_phase = 2 * f + FFN_PHASE_D_WIDTHS * d
-    attn_phase = ATTENTION_PHASE_D_WIDTHS * d
+    per_token = 2 * f + FFN_PHASE_D_WIDTHS * d
+    if ffn_chunk and ffn_chunk < tokens:
+        ffn_phase = tokens * FFN_CHUNKED_RESIDENT_D_WIDTHS * d * b + ffn_chunk * per_token * b
+    else:
+        ffn_phase = tokens * per_token * b
+    attn_phase = tokens * ATTENTION_PHASE_D_WIDTHS * d * b + attention_chunk
     text_kv = 2 * model.text_len * d * b
-    return int(tokens * b * max(ffn_phase, attn_phase) + extra_d_rows * d * b) + text_kv
+    return int(max(ffn_phase, attn_phase) + extra_d_rows * d * b) + text_kv
 
 
-def _memory(geo, model, method, plan, run, b, shares) -> dict:
+def _attention_chunk_bytes(geo, model, method, b, shares) -> int:
+    """Transient of one windowed SDPA call (models.attention.kernels.windows_sdpa): the keys and values of
+    ``max_window_batch`` windows (or the automatic batch) with their proxy context, and its output."""
+    if geo.base is None:
+        return 0
+    d, out = model.dim, 0
+    for spec, _, sh in shares["layers"]:
+        ctx = proxy_context_tokens(method, spec, geo.proxy) if geo.proxy is not None else 0
+        lk = spec.window_tokens + ctx
+        step = method.max_window_batch or auto_window_batch(1, sh.touched_windows, lk, model.num_heads,
+                                                            model.head_dim)
+        step = min(step, sh.touched_windows)
+        out = max(out, step * (2 * lk + spec.window_tokens) * d * b)
+    return out
+
+
+def _resident(model: ModelSpec, run: RunSettings, b: int, phase: str) -> dict:
+    """Weights on a rank's GPU in ``phase``. load_components puts the transformer, the text encoder and the VAE on
+    every rank's device and they stay there; with offload_encoders (modelled only) the text encoder is there only
+    for the text encoding and the VAE only for the decode."""
+    out = {"weights": model.transformer_params * b}
+    if not run.offload_encoders or phase == "text_encoder":
+        out["text_encoder_weights"] = model.text_encoder_params * b
+    if not run.offload_encoders or phase == "decode":
+        out["vae_weights"] = model.vae_params * VAE_BYTES
+    return out
+
+
+def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict, str]:
+    """phase -> parts per rank, and the decode order used ('auto' resolved against ``usable``)."""
     d, passes = model.dim, run.passes
-    weights = model.transformer_params * b
-    phases = {"text_encoder": {"weights": model.text_encoder_params * b,
+    phases = {"text_encoder": {**_resident(model, run, b, "text_encoder"),
                                "activations": _activations_text(model, b)}}
     if geo.proxy is not None:
         sp_tokens = -(-geo.proxy.size // plan.proxy_degree)
-        phases["proxy_stage"] = {"weights": weights, "activations": _activations(model, sp_tokens, b)}
+        phases["proxy_stage"] = {**_resident(model, run, b, "proxy_stage"),
+                                 "activations": _activations(model, sp_tokens, b, ffn_chunk=run.ffn_chunk_tokens)}
     rank_tokens = shares["tokens_per_rank"]
-    detail = {"weights": weights}
+    detail = _resident(model, run, b, "detail_stage")
     extra = 0.0  # halo / proxy-context rows gathered in the attention phase
     if shares["layers"]:
         sh_max_halo = max(sh.halo_tokens for _, _, sh in shares["layers"])
         extra += 2 * sh_max_halo / plan.window_group
-    cache = 0
     if geo.proxy is not None and method.proxy_mode == "clean":
         # only the proxy keys/values this rank's windows read, per layer, for each guidance pass
-        cache = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) * passes // plan.window_group
-        detail["proxy_kv_cache"] = cache
+        kept = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) * passes // plan.window_group
+        detail["proxy_kv_cache"] = kept
+        # the runtime builds the whole proxy K/V of every pass (proxy_caches), then keeps its rows
+        whole = model.num_layers * 2 * geo.proxy.size * d * b * passes
+        phases["proxy_cache"] = {**_resident(model, run, b, "proxy_cache"), "whole_proxy_kv": whole,
+                                 "kept_proxy_kv": kept}
     elif geo.proxy is not None:  # joint: the proxy runs through the rank's forward
         rank_tokens += geo.proxy.size
         # every forward records the whole proxy's keys/values of every layer (one guidance pass at a time), then
         # the window attention copies the rows its windows read
         rows = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) // plan.window_group
         detail["proxy_kv_joint"] = 2 * model.num_layers * geo.proxy.size * d * b + rows
-    detail["activations"] = _activations(model, rank_tokens, b, extra)
+    chunk = _attention_chunk_bytes(geo, model, method, b, shares)
+    detail["activations"] = _activations(model, rank_tokens, b, extra, run.ffn_chunk_tokens, chunk)
     if method.mode == "ultragen":
         detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
     phases["detail_stage"] = detail
-    phases["decode"] = {"weights": model.vae_params * VAE_BYTES,
-                        "activations": _decode_tile_bytes(geo, run, model),
-                        "tile_caches": _decode_cache_bytes(geo, run, model, plan.workers)}
+    decode = {**_resident(model, run, b, "decode"), "activations": _decode_tile_bytes(geo, run, model)}
+    together = _decode_cache_bytes(geo, run, model, plan.workers, "together")
+    order = run.decode_order
+    if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit
+        order = "together" if sum(decode.values()) + together <= usable else "sequential"
+    decode["tile_caches"] = (together if order == "together"
+                             else _decode_cache_bytes(geo, run, model, plan.workers, "sequential"))
+    phases["decode"] = decode
     for phase in phases.values():
         phase["total"] = sum(phase.values())
-    return phases
+    return phases, order
 
 
 def _ultragen_global_bytes(grid: Grid, method: AtlasConfig, rank_tokens: int, d: int, b: int) -> int:
@@ -475,11 +548,15 @@ def decode_tiles(geo: _Geometry, run: RunSettings) -> tuple[int, int, int]:
     return len(hs) * len(ws), sum(hs) * sum(ws), max(hs) * max(ws)
 
 
-def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int) -> int:
-    """The causal caches of the tiles one rank decodes together: tiles are balanced over the ranks by area, so a
-    rank holds at most its share of all tile cells plus one tile (the greedy balance's bound)."""
+def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> int:
+    """The causal caches a rank holds while decoding. 'together': the caches of all its tiles (tiles are balanced
+    over the ranks by area, so at most its share of all tile cells plus one tile, the greedy balance's bound);
+    'sequential': one tile's (the largest)."""
     tiles, cells, largest = decode_tiles(geo, run)
-    mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
+    if order == "sequential":
+        mine = largest
+    else:
+        mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
     scale = math.sqrt(model.vae_params / VAE_REFERENCE_PARAMS)
     return int(mine * VAE_DECODER_STATE_BYTES_PER_CELL * scale)
 
@@ -504,20 +581,33 @@ def _seq_parallel_bytes(tokens: int, d: int, b: int, degree: int, kind: str) -> 
     return 2 * shard_bytes * (degree - 1)
 
 
+def _across_fraction(degree: int, plan: ParallelPlan) -> float:
+    """Part of an all-to-all / ring over ``degree`` consecutive ranks that goes to other nodes (InfiniBand)."""
+    per_node = min(degree, plan.gpus_per_node)
+    return 0.0 if degree <= 1 else (degree - per_node) / (degree - 1)
+
+
 def _comm(geo, model, method, plan, run, b, shares) -> dict:
     d, L, passes = model.dim, model.num_layers, run.passes
-    halo = split = ultra = 0.0
+    halo = remote = split = ultra = 0.0
     if geo.base is None:
         split = L * _seq_parallel_bytes(geo.grid.size, d, b, plan.workers, plan.window_parallel)
+        remote = split * _across_fraction(plan.workers, plan)
     else:
         for _, n, sh in shares["layers"]:
             halo += n * 2 * sh.halo_tokens * d * b / plan.window_group
-            split += n * _seq_parallel_bytes(sh.tokens, d, b, plan.window_group, plan.window_parallel)
+            remote += n * 2 * sh.halo_remote_tokens * d * b / plan.window_group
+            wsplit = n * _seq_parallel_bytes(sh.tokens, d, b, plan.window_group, plan.window_parallel)
+            split += wsplit
+            remote += wsplit * _across_fraction(plan.window_group, plan)
             if method.mode == "ultragen" and plan.num_window_groups > 1:
                 g = plan.num_window_groups
-                ultra += n * 2 * pooled_tokens(method, geo.grid) * d * b * (g - 1) / g / plan.window_group
+                layer_ultra = n * 2 * pooled_tokens(method, geo.grid) * d * b * (g - 1) / g / plan.window_group
+                ultra += layer_ultra
+                remote += layer_ultra * _across_fraction(plan.workers, plan)
     step = {"halo": int(passes * halo), "window_split": int(passes * split), "ultragen_global": int(passes * ultra)}
     step["total"] = sum(step.values())
+    step["across_nodes"] = min(int(passes * remote), step["total"])  # part of the total, over InfiniBand
     proxy_step = 0
     once = {"text_embeddings": 2 * model.text_len * model.text_dim * b * max(0, plan.workers - 1)}
     if geo.proxy is not None:
@@ -525,23 +615,30 @@ def _comm(geo, model, method, plan, run, b, shares) -> dict:
         proxy_step = int(passes * L * _seq_parallel_bytes(geo.proxy.size, d, b, plan.proxy_degree, kind))
         proxy_latent = geo.proxy.size * model.in_channels * math.prod(model.patch) * LATENT_CHANNELS_BYTES
         once["proxy_latent"] = proxy_latent * max(0, plan.workers - 1)
-    return {"step": step, "proxy_step": proxy_step, "once": once}
+    return {"step": step, "proxy_step": proxy_step, "once": once,
+            "proxy_step_across": int(proxy_step * _across_fraction(plan.proxy_degree, plan))}
+
+
+def _link_seconds(total: float, across: float, prof: DeviceProfile) -> float:
+    """Seconds to receive ``total`` bytes of which ``across`` come from other nodes (NVLink / InfiniBand)."""
+    return (total - across) / prof.nvlink_bytes_per_s + across / prof.ib_bytes_per_s
 
 
 # -- time -----------------------------------------------------------------------------------------------------
 def _seconds(geo, model, method, plan, run, prof: DeviceProfile, flops, comm, dtype) -> dict:
     peak = prof.peak_flops_fp32 if dtype == "fp32" else prof.peak_flops
     dense = peak * prof.efficiency
-    bw = prof.link_bytes_per_s
     out = {"text_encoder": flops["video"]["text_encoder"] / dense}
     if geo.proxy is not None:
-        per_step = flops["step"]["proxy"] / plan.proxy_degree / dense + comm["proxy_step"] / bw
+        per_step = (flops["step"]["proxy"] / plan.proxy_degree / dense
+                    + _link_seconds(comm["proxy_step"], comm["proxy_step_across"], prof))
         out["proxy_stage"] = per_step * run.proxy_steps
         out["proxy_cache"] = flops["video"]["proxy_cache"] / plan.workers / dense
     rank_attn = flops["rank_attention"] if geo.base is not None else 0
     rank_other = flops["step"]["detail_per_rank"] - rank_attn
     attn_eff = peak * (prof.window_efficiency if geo.base is not None else prof.efficiency)
-    step = rank_other / dense + rank_attn / attn_eff + comm["step"]["total"] / bw
+    step = (rank_other / dense + rank_attn / attn_eff
+            + _link_seconds(comm["step"]["total"], comm["step"]["across_nodes"], prof))
     out["detail_step"] = step
     out["detail_stage"] = step * run.detail_steps
     out["vae_decode"] = flops["video"]["vae_decode"] / plan.workers / (prof.peak_flops_fp32 * prof.efficiency)

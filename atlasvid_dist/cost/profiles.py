@@ -34,13 +34,15 @@ class DeviceProfile:
     """Memory per device (per GPU; on CPU the host memory every worker shares)."""
     usable_fraction: float = 0.92
     """Part of ``memory_bytes`` a run may plan for (runtime context, allocator fragmentation, comm buffers)."""
-    link_bytes_per_s: float = 300e9
-    """Achieved point-to-point / all-to-all bandwidth per rank, bytes/s."""
+    nvlink_bytes_per_s: float = 300e9
+    """Achieved point-to-point / all-to-all bandwidth per rank between GPUs of one node (NVLink), bytes/s."""
+    ib_bytes_per_s: float = 40e9
+    """Achieved bandwidth per rank between nodes (InfiniBand, one NIC per GPU), bytes/s."""
     shared_memory: bool = False
     """True when all workers share one memory (CPU host): the fit check then sums over workers."""
 
     def __post_init__(self) -> None:
-        for name in ("peak_flops", "peak_flops_fp32", "memory_bytes", "link_bytes_per_s"):
+        for name in ("peak_flops", "peak_flops_fp32", "memory_bytes", "nvlink_bytes_per_s", "ib_bytes_per_s"):
             v = getattr(self, name)
             check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name, v, "must be > 0")
         for name in ("efficiency", "window_efficiency", "usable_fraction"):
@@ -78,16 +80,20 @@ def host_memory_bytes() -> int:
 PROFILES: dict[str, DeviceProfile] = {
     # H100 SXM: 989 TFLOP/s dense bf16, 495 TF32 (NVIDIA datasheet); 81,559 MiB as nvidia-smi reports it.
     # efficiency 0.55: our dense attention ran at 516-549 TFLOP/s (benchmarks/results/attention-wan-*-cuda-bf16);
-    # window_efficiency 0.08: the windowed kernel reached 64-100 TFLOP/s there. NVLink 4: 450 GB/s per direction.
+    # window_efficiency 0.08: the windowed kernel reached 64-100 TFLOP/s there. NVLink 4: 450 GB/s per direction
+    # (300e9 planned as achieved); InfiniBand NDR: 400 Gb/s = 50 GB/s per GPU NIC (40e9 planned). Not measured here.
     "h100": DeviceProfile("h100", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
-                          window_efficiency=0.08, memory_bytes=81_559 * 2**20, link_bytes_per_s=300e9),
-    # H200: same compute as H100, 141 GB HBM3e (143,771 MiB), same NVLink.
+                          window_efficiency=0.08, memory_bytes=81_559 * 2**20, nvlink_bytes_per_s=300e9,
+                          ib_bytes_per_s=40e9),
+    # H200: same compute as H100, 141 GB HBM3e (143,771 MiB), same NVLink and InfiniBand.
     "h200": DeviceProfile("h200", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
-                          window_efficiency=0.08, memory_bytes=143_771 * 2**20, link_bytes_per_s=300e9),
+                          window_efficiency=0.08, memory_bytes=143_771 * 2**20, nvlink_bytes_per_s=300e9,
+                          ib_bytes_per_s=40e9),
     # A small CPU host (2 AVX2 cores ~ 0.1 TFLOP/s fp32, no fast bf16), gloo over loopback; its memory is this
     # machine's (host_memory_bytes), shared by all workers. A profile file with memory_bytes overrides it.
     "cpu": DeviceProfile("cpu", peak_flops=1e11, peak_flops_fp32=1e11, efficiency=0.3, window_efficiency=0.2,
-                         memory_bytes=host_memory_bytes(), usable_fraction=0.8, link_bytes_per_s=2e9,
+                         memory_bytes=host_memory_bytes(), usable_fraction=0.8, nvlink_bytes_per_s=2e9,
+                         ib_bytes_per_s=2e9,
                          shared_memory=True),
 }
 

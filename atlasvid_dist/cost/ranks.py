@@ -29,25 +29,28 @@ class GroupShare:
     """Windows of this layer grid holding at least one own token."""
     halo_tokens: int
     """Tokens of other groups inside those windows (keys/values received)."""
+    halo_remote_tokens: int
+    """Of those, tokens of groups on other nodes (received over InfiniBand, not NVLink)."""
     proxy_tokens: int
     """Distinct proxy tokens those windows read (what the group's proxy K/V cache must hold for this grid)."""
 
 
-def shard(base: WindowSpec, groups: int) -> WindowSharding:
-    return shard_windows(base, groups)
+def shard(base: WindowSpec, groups: int, order: str = "thw") -> WindowSharding:
+    return shard_windows(base, groups, order)
 
 
 def owner_of_tokens(sharding: WindowSharding) -> torch.Tensor:
-    """(N,) group of every raster token: the block of base windows its window falls in (vectorised
-    ``WindowSharding.owner``)."""
+    """(N,) group of every raster token: the owner of its base window (vectorised ``WindowSharding.owner``)."""
     lay = window_layout(sharding.spec)
     window_of = torch.div(lay.inverse, lay.window_tokens, rounding_mode="floor")  # (N,) base window of each token
-    return torch.searchsorted(torch.tensor(sharding.bounds[1:]), window_of, right=True)
+    return sharding.window_owner[window_of]
 
 
 def group_share(sharding: WindowSharding, spec: WindowSpec, proxy: Grid | None, scales: tuple[float, float, float],
-                margin: Triple, aligned: bool) -> GroupShare:
-    """Count, for every group at once, what one layer grid ``spec`` asks of it; return the maxima."""
+                margin: Triple, aligned: bool, node: torch.Tensor | None = None) -> GroupShare:
+    """Count, for every group at once, what one layer grid ``spec`` asks of it; return the maxima.
+
+    ``node``: (groups,) node of every group (None: all on one node)."""
     g = sharding.world_size
     lay = window_layout(spec)
     nw, wt = lay.num_windows, lay.window_tokens
@@ -58,6 +61,9 @@ def group_share(sharding: WindowSharding, spec: WindowSpec, proxy: Grid | None, 
     touched = counts > 0  # (nw, g)
     real = lay.valid.sum(1, keepdim=True)  # (nw, 1) real tokens per window
     halo = (touched * (real - counts)).sum(0)  # (g,)
+    node = torch.zeros(g, dtype=torch.long) if node is None else node
+    pair = touched.long().T @ counts  # (g, g): tokens of group b inside the windows group a touches
+    remote = (pair * (node[:, None] != node[None, :])).sum(1)  # (g,)
     if proxy is None:
         ctx = torch.zeros(g, dtype=torch.long)
     elif not aligned:
@@ -69,4 +75,5 @@ def group_share(sharding: WindowSharding, spec: WindowSpec, proxy: Grid | None, 
         read[pairs[:, 1:2].expand(-1, index.shape[1]), index[pairs[:, 0]]] = True
         ctx = read.sum(1)
     return GroupShare(tokens=int(counts.sum(0).max()), touched_windows=int(touched.sum(0).max()),
-                      halo_tokens=int(halo.max()), proxy_tokens=int(ctx.max()))
+                      halo_tokens=int(halo.max()), halo_remote_tokens=int(remote.max()),
+                      proxy_tokens=int(ctx.max()))

@@ -1,12 +1,15 @@
 """Window-to-rank sharding of the detail branch: each rank owns a contiguous block of base windows.
 
-The base grid is the layer grid without a shift (``geometry.WindowSpec``). Its windows, in window-major order
-(t, then h, then w), are cut into ``world_size`` contiguous blocks with about the same number of *real* tokens
-(padding slots of partial windows do not count). A block of consecutive windows in that order is a compact
-slab of the video (whole rows of windows, then whole time slices), so an unshifted layer needs no communication
-and a shifted layer exchanges only a halo with the ranks next to it (``halo.py``).
+The base grid is the layer grid without a shift (``geometry.WindowSpec``). Its windows, in the *ownership order*
+(``order``: the window axes slowest first; 'thw', the default, is window-major: t, then h, then w), are cut into
+``world_size`` contiguous blocks with about the same number of *real* tokens (padding slots of partial windows do
+not count). A block of consecutive windows in that order is a compact slab of the video: with 'thw' whole rows of
+windows, then whole time slices (a time slab); with 'wht' whole columns of windows across all time (a column
+slab). An unshifted layer needs no communication and a shifted layer exchanges only a halo with the ranks next
+to it (``halo.py``); which order is cheaper depends on the axes the shifted grid moves along (``cost.ranks``).
 
-Each rank keeps its tokens in *local order*: its real tokens in window-major order of the base grid. Pure index
+Each rank keeps its tokens in *local order*: its real tokens window by window in the ownership order (inside a
+window, the window's own slot order). Pure index
 arithmetic on CPU tensors; no process group is needed.
 """
 
@@ -21,6 +24,18 @@ import torch
 from ..errors import PlanError, check
 from ..geometry.windows import WindowSpec, window_layout
 
+#: Ownership orders (window axes, slowest first): time slabs, column slabs, row slabs, ...
+WINDOW_ORDERS = ("thw", "wht", "hwt", "twh", "htw", "wth")
+
+
+def ownership_sequence(spec: WindowSpec, order: str = "thw") -> torch.Tensor:
+    """(num_windows,) window ids (window-major, as ``window_layout``) in the ownership ``order``."""
+    check(order in WINDOW_ORDERS, "window_order", order, f"must be one of {WINDOW_ORDERS} (window axes, slowest "
+          "first: 'thw' = time slabs, 'wht' = column slabs across all time)")
+    ct, ch, cw = spec.counts
+    ids = torch.arange(ct * ch * cw).view(ct, ch, cw)
+    return ids.permute(*["thw".index(a) for a in order]).reshape(-1)
+
 
 @dataclass(frozen=True)
 class WindowSharding:
@@ -31,7 +46,9 @@ class WindowSharding:
     world_size: int
     """Ranks sharing the windows."""
     bounds: tuple[int, ...]
-    """world_size + 1 window ids: rank r owns windows [bounds[r], bounds[r + 1]) in window-major order."""
+    """world_size + 1 positions: rank r owns windows sequence[bounds[r]:bounds[r + 1]] of the ownership order."""
+    order: str = "thw"
+    """Ownership order: window axes, slowest first ('thw' = time slabs, 'wht' = column slabs across all time)."""
 
     def __post_init__(self) -> None:
         b = self.bounds
@@ -40,10 +57,28 @@ class WindowSharding:
               f"must rise strictly from 0 to num_windows = {self.spec.num_windows} in world_size + 1 = "
               f"{self.world_size + 1} steps (use shard_windows)")
 
+    @cached_property
+    def sequence(self) -> torch.Tensor:
+        """(num_windows,) base window ids in the ownership order."""
+        return ownership_sequence(self.spec, self.order)
+
     def window_range(self, rank: int) -> range:
-        """Base window ids (window-major) owned by ``rank``."""
+        """Positions in :attr:`sequence` of the base windows ``rank`` owns (the window ids themselves with 'thw')."""
         self._check_rank(rank)
         return range(self.bounds[rank], self.bounds[rank + 1])
+
+    def windows(self, rank: int) -> torch.Tensor:
+        """Base window ids (window-major numbering) ``rank`` owns, in its local order."""
+        r = self.window_range(rank)
+        return self.sequence[r.start:r.stop]
+
+    @cached_property
+    def window_owner(self) -> torch.Tensor:
+        """(num_windows,) rank owning every base window (window-major numbering)."""
+        out = torch.empty(self.spec.num_windows, dtype=torch.long)
+        for r, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
+            out[self.sequence[lo:hi]] = r
+        return out
 
     def token_index(self, rank: int) -> torch.Tensor:
         """(N_rank,) raster indices of the real tokens ``rank`` owns, in window-major order (its local order)."""
@@ -89,8 +124,9 @@ class WindowSharding:
         lay = window_layout(self.spec)
         slots = lay.order.view(lay.num_windows, lay.window_tokens)  # (num_windows, window_tokens)
         out = []
-        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
-            block, valid = slots[lo:hi].reshape(-1), lay.valid[lo:hi].reshape(-1)
+        for r in range(self.world_size):
+            ids = self.windows(r)
+            block, valid = slots[ids].reshape(-1), lay.valid[ids].reshape(-1)
             out.append(block[valid])
         return out
 
@@ -98,8 +134,9 @@ class WindowSharding:
         check(0 <= rank < self.world_size, "rank", rank, f"must be in [0, world_size = {self.world_size})")
 
 
-def shard_windows(spec: WindowSpec, world_size: int) -> WindowSharding:
-    """Cut the windows of ``spec`` (window-major) into ``world_size`` contiguous blocks balanced by real tokens.
+def shard_windows(spec: WindowSpec, world_size: int, order: str = "thw") -> WindowSharding:
+    """Cut the windows of ``spec`` (in the ownership ``order``) into ``world_size`` contiguous blocks balanced by
+    real tokens.
 
     Block r ends at the window boundary whose running token count is nearest r/world_size of all tokens (every
     block keeps at least one window). Fewer windows than ranks is a PlanError.
@@ -110,7 +147,7 @@ def shard_windows(spec: WindowSpec, world_size: int) -> WindowSharding:
         raise PlanError(f"window sharding: {n} windows (grid {spec.grid.dims}, window {spec.window}, counts "
                         f"{spec.counts}) cannot be shared by {world_size} ranks: every rank needs at least one "
                         f"window; use fewer ranks, smaller windows, or split a window with Ulysses/ring")
-    weights = window_layout(spec).valid.sum(1)  # (num_windows,) real tokens per window
+    weights = window_layout(spec).valid.sum(1)[ownership_sequence(spec, order)]  # real tokens per window, in order
     cum = torch.cat([weights.new_zeros(1), weights.cumsum(0)]).tolist()  # tokens before window i
     total, bounds = cum[-1], [0]
     for r in range(1, world_size):
@@ -120,4 +157,4 @@ def shard_windows(spec: WindowSpec, world_size: int) -> WindowSharding:
         best = i if i <= n and (i == 0 or cum[i] - target <= target - cum[i - 1]) else i - 1
         bounds.append(min(max(best, lo), hi))
     bounds.append(n)
-    return WindowSharding(spec, world_size, tuple(bounds))
+    return WindowSharding(spec, world_size, tuple(bounds), order)

@@ -43,9 +43,18 @@ def assign_tiles(tiles: Sequence[Tile], ranks: int) -> list[list[int]]:
     return [sorted(ids) for ids in out]
 
 
-def decode_tiles(vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling) -> Iterator[Chunk]:
+def decode_tiles(vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling,
+                 sequential: bool = False) -> Iterator[Chunk]:
     """Decode ``tiles`` of model-space ``latents`` (1, C, f, h, w), all tiles advancing together: chunk k of every
-    tile (in the given order) before chunk k + 1 of any."""
+    tile (in the given order) before chunk k + 1 of any; every tile's causal cache is live at once.
+
+    ``sequential``: tile after tile instead, so only one tile's cache is live (cost model: decode_order
+    'sequential'); the driver's TileBlender must then hold the clip's frames (``max_window=None``)."""
+    if sequential:
+        for t in tiles:
+            for start, px in decode_tile_stream(vae, latents, t, tiling):
+                yield t.index, start, px
+        return
     streams = [(t.index, decode_tile_stream(vae, latents, t, tiling)) for t in tiles]
     while streams:
         alive = []
