@@ -136,11 +136,10 @@ class DistributedGenerator:
                 raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
         g = self.plan.window_group
         self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers // g)  # over window groups
+        self.plan.check_window_split()
         if g > 1:
             from ..parallel.window_group import group_layout
 
-            check(self.plan.window_parallel == "ulysses", "window_parallel", self.plan.window_parallel,
-                  "only 'ulysses' splits a window over a group (ring inside windows is not implemented)")
             self.layouts = [group_layout(self.sharding, r, g) for r in range(self.workers)]  # PlanError if too few
         self.fault = fault_injection(self.workers)
 
@@ -188,11 +187,8 @@ class DistributedGenerator:
         # the folder's manifest (run id, config checksum, worker count), checked or written
         self._gen._checkpointer(resume, workers=self.workers, overwrite=overwrite)
         self.resume = resume
-        if self.plan.proxy_parallel != "none" and self.cfg.uses_proxy:
-            from .proxy import check_proxy_split
-
-            check_proxy_split(self.cfg.proxy.grid.size, self._gen.model_spec().num_heads, self.workers,
-                              self.plan.proxy_parallel)
+        if self.cfg.uses_proxy and self.plan.proxy_parallel != "none":
+            self.plan.check_proxy_split(self.cfg.proxy.grid.size, self._gen.model_spec().num_heads)
 
     def _check_cluster(self, ray) -> None:
         """A joined cluster must hold the run's GPUs (PlanError naming what it needs and has); the GPUs' name
