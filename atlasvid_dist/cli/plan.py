@@ -95,7 +95,8 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
 
 def stage1_options(video, spec, method, par, run, profile) -> dict:
     """Stage-1 seconds (cost model) with the proxy on one rank and over all workers with Ulysses or ring; None
-    where that plan is refused (e.g. heads not divisible) or there is no proxy stage / one worker."""
+    where the cost model or the runtime refuses that plan (e.g. heads or proxy tokens not divisible by the workers),
+    so the fastest named is one the runtime runs. Empty when there is no proxy stage or one worker."""
     if par.workers == 1 or method.mode != "atlas":
         return {}
     out = {}
@@ -104,7 +105,9 @@ def stage1_options(video, spec, method, par, run, profile) -> dict:
         try:
             alt = dataclasses.replace(par, proxy_parallel=mode, ulysses_degree=degree if mode == "ulysses" else 1,
                                       ring_degree=degree if mode == "ring" else 1)
-            out[mode] = estimate(video, spec, method, alt, run, profile, suggest=False).seconds.get("proxy_stage")
+            report = estimate(video, spec, method, alt, run, profile, suggest=False)
+            alt.check_proxy_split(report.proxy_tokens, spec.num_heads)
+            out[mode] = report.seconds.get("proxy_stage")
         except AtlasError:
             out[mode] = None
     return out

@@ -2,7 +2,11 @@
 
 It checks itself when built (degrees are integers, their products divide the worker count, no more workers than
 GPUs) and prints every factor when it refuses. What needs the model or the window grid is checked by
-:meth:`ParallelPlan.check_against`, before any model loads. No torch.distributed here: this is arithmetic.
+:meth:`ParallelPlan.check_against`, before any model loads; the cost model estimates any plan that passes it.
+What the distributed runtime runs is narrower: :meth:`ParallelPlan.check_runnable` adds its refusals (ring inside
+a split window; a proxy that does not split over the ranks), and the runtime calls those same checks before any
+actor starts. Suggestions printed here and by ``plan`` name only plans that pass them. No torch.distributed here:
+this is arithmetic.
 
 Layout of the ranks (docs/distribution.md):
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PlanError, check
+from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import divisors
 from ..parallel.sharding import WINDOW_ORDERS
 from .model import ModelSpec
@@ -28,6 +32,10 @@ from .model import ModelSpec
 DEVICES = ("cpu", "cuda")
 PROXY_PARALLEL = ("none", "ulysses", "ring")
 WINDOW_PARALLEL = ("ulysses", "ring")
+RUNTIME_WINDOW_PARALLEL = ("ulysses",)
+"""How the distributed runtime shares a split window (ring inside windows is costed, not implemented)."""
+RUNTIME_PROXY_PARALLEL = ("ulysses", "ring")
+"""Stage-1 sequence parallelism the runtime runs (over all workers)."""
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
@@ -115,21 +123,42 @@ class ParallelPlan:
         u, g, num_heads = self.ulysses_degree, self.window_group, model.num_heads
         if num_heads % u:
             raise PlanError(f"ulysses_degree = {u} does not divide the model's heads = {num_heads}: Ulysses gives "
-                            f"each rank heads / ulysses_degree heads; use a divisor of {num_heads} "
-                            f"({divisors(num_heads)}) or --proxy-parallel ring")
+                            f"each rank heads / ulysses_degree heads; use --proxy-parallel ring, or a worker count "
+                            f"dividing {num_heads} ({divisors(num_heads)}: the runtime runs stage 1 over all workers)")
         if g > 1 and self.window_parallel == "ulysses" and num_heads % g:
             raise PlanError(f"window_group = {g} does not divide the model's heads = {num_heads} (window_parallel "
-                            f"'ulysses' splits heads); use a divisor of {num_heads} ({divisors(num_heads)}) or "
-                            f"window_parallel 'ring' (--window-parallel ring)")
+                            f"'ulysses' splits heads); use a window group dividing both {num_heads} and workers = "
+                            f"{self.workers} ({[d for d in divisors(num_heads) if self.workers % d == 0]})")
         if num_windows is None and self.window_parallel == "ulysses" and num_heads % self.workers:
             raise PlanError(f"full attention splits the whole sequence over workers = {self.workers} with Ulysses, "
-                            f"which must divide the model's heads = {num_heads}; use a divisor of {num_heads} "
-                            f"({divisors(num_heads)}) or window_parallel 'ring' (--window-parallel ring)")
+                            f"which must divide the model's heads = {num_heads}; use a worker count dividing "
+                            f"{num_heads} ({divisors(num_heads)})")
         if num_windows is not None and self.num_window_groups > num_windows:
             raise PlanError(f"{self.num_window_groups} window groups (workers = {self.workers} / window_group = "
                             f"{g}) but only {num_windows} windows: every group needs at least one window; use "
                             f"fewer workers, smaller windows, or a window_group of at least "
                             f"{-(-self.workers // num_windows)} to split windows")
+
+    def check_runnable(self, model: ModelSpec, num_windows: int | None, proxy_tokens: int | None) -> None:
+        """:meth:`check_against`, then what the distributed runtime refuses besides (ConfigError / PlanError):
+        ring inside a split window, and a proxy of ``proxy_tokens`` (None: no proxy stage) that stage 1 cannot
+        split over the workers."""
+        self.check_against(model, num_windows)
+        self.check_window_split()
+        if proxy_tokens is not None:
+            self.check_proxy_split(proxy_tokens, model.num_heads)
+
+    def check_window_split(self) -> None:
+        """The runtime shares a split window with Ulysses only (ConfigError naming window_parallel otherwise)."""
+        if self.window_group > 1:
+            check(self.window_parallel in RUNTIME_WINDOW_PARALLEL, "window_parallel", self.window_parallel,
+                  "only 'ulysses' splits a window over a group (ring inside windows is not implemented)")
+
+    def check_proxy_split(self, tokens: int, heads: int) -> None:
+        """With stage 1 over the ranks: the proxy's ``tokens`` (and, for Ulysses, ``heads``) split over every
+        worker (:func:`check_proxy_split`); nothing to check with ``proxy_parallel='none'``."""
+        if self.proxy_parallel != "none":
+            check_proxy_split(tokens, heads, self.workers, self.proxy_parallel)
 
     def describe(self) -> str:
         """One line with every factor, e.g. for logs and the plan table."""
@@ -141,3 +170,29 @@ class ParallelPlan:
                                                         if self.workers > self.gpus_per_node else ""))
 
 
+
+
+def check_proxy_split(tokens: int, heads: int, world: int, mode: str) -> None:
+    """Refuse (before any actor starts) a proxy of ``tokens`` that does not split into ``world`` equal slices, or
+    ``heads`` that Ulysses cannot split; the alternatives it names pass this check."""
+    if mode not in RUNTIME_PROXY_PARALLEL:
+        raise ConfigError("proxy_parallel", mode, f"must be one of {RUNTIME_PROXY_PARALLEL} to run stage 1 over ranks")
+    if tokens % world:
+        fits = [d for d in range(1, min(tokens, 64) + 1) if tokens % d == 0]
+        raise PlanError(f"--proxy-parallel {mode}: the proxy's {tokens} tokens do not split into {world} equal "
+                        f"slices; use a worker count dividing {tokens} (e.g. {fits}) or --proxy-parallel none")
+    if mode == "ulysses" and heads % world:
+        raise PlanError(f"--proxy-parallel ulysses: the model's {heads} heads do not split over {world} ranks; "
+                        f"use --proxy-parallel ring or a worker count dividing {heads}")
+
+
+def runnable_proxy_parallel(tokens: int, heads: int, world: int) -> list[str]:
+    """The stage-1 modes the runtime runs over ``world`` ranks for this proxy (empty: none splits it)."""
+    out = []
+    for mode in RUNTIME_PROXY_PARALLEL:
+        try:
+            check_proxy_split(tokens, heads, world, mode)
+        except (ConfigError, PlanError):
+            continue
+        out.append(mode)
+    return out

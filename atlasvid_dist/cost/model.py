@@ -37,7 +37,7 @@ import torch
 
 from ..config.method import AtlasConfig
 from ..config.model import ModelSpec
-from ..config.parallel import ParallelPlan
+from ..config.parallel import ParallelPlan, runnable_proxy_parallel
 from ..config.video import VideoSpec
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
@@ -326,7 +326,7 @@ def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: Para
         memory=memory, memory_per_rank_bytes=peak, memory_usable_bytes=usable,
         comm_bytes_per_step_per_rank=comm["step"], comm_bytes_per_proxy_step_per_rank=comm["proxy_step"],
         comm_bytes_once=comm["once"], seconds=seconds, fits=peak <= usable, reasons=(), decode_order=decode_order,
-        notes=tuple(_notes(video, geo, method, plan, dtype)))
+        notes=tuple(_notes(video, geo, model, method, plan, dtype)))
     if not report.fits:
         reasons = _reasons(report, video, model, method, plan, run, prof, dtype, suggest)
         report = dataclasses.replace(report, reasons=tuple(reasons))
@@ -684,6 +684,8 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
         try:
             alt = dataclasses.replace(plan, workers=w, gpus=max(plan.gpus, w) if plan.device == "cuda" else plan.gpus)
             r = estimate(video, model, method, alt, run, prof, suggest=False)
+            if r.proxy_tokens:  # a count the runtime refuses is no suggestion
+                alt.check_proxy_split(r.proxy_tokens, model.num_heads)
         except Exception:  # a worker count the plan cannot carry (heads, windows): try the next one
             w *= 2
             continue
@@ -702,7 +704,8 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
             f"use a device with more memory, or --window-group to split windows")
 
 
-def _notes(video: VideoSpec, geo: _Geometry, method: AtlasConfig, plan: ParallelPlan, dtype: str) -> list[str]:
+def _notes(video: VideoSpec, geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
+           dtype: str) -> list[str]:
     notes = []
     if video.cropped:
         notes.append(f"generated at {video.gen_width}x{video.gen_height} and cropped to {video.width}x{video.height} "
@@ -714,12 +717,21 @@ def _notes(video: VideoSpec, geo: _Geometry, method: AtlasConfig, plan: Parallel
     if padded:
         notes.append(f"{len(padded)} of {len(geo.specs)} layer grids have partial windows (padded, masked)")
     if geo.proxy is not None and plan.workers > 1 and plan.proxy_parallel == "none":
-        notes.append(f"stage 1 runs on one rank while {plan.workers - 1} wait: --proxy-parallel ulysses spreads it")
+        notes.append(_idle_stage1_note(geo.proxy.size, model.num_heads, plan.workers))
     if dtype == "fp32" and plan.device == "cuda":
         notes.append("fp32 on CUDA: bf16 is about twice as fast and half the memory")
     notes.append("text encoder and VAE decode FLOPs, decode memory and all seconds are estimates "
                  "(seconds are a lower bound: memory-bound work is not modelled)")
     return notes
+
+
+def _idle_stage1_note(proxy_tokens: int, heads: int, workers: int) -> str:
+    """Stage 1 on one rank while the others wait, and the --proxy-parallel modes the runtime would run instead."""
+    modes = runnable_proxy_parallel(proxy_tokens, heads, workers)
+    note = f"stage 1 runs on one rank while {workers - 1} wait"
+    if not modes:
+        return note + f" (its {proxy_tokens} tokens do not split over {workers} ranks)"
+    return note + ": --proxy-parallel " + " or ".join(modes) + " spreads it"
 
 
 def _inputs(video, model, method, plan, run, prof, dtype) -> dict:

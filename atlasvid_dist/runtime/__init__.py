@@ -2,6 +2,10 @@
 
 * ``driver.DistributedGenerator(cfg, workers, ray_address=None).run()`` -> ``DistributedResult`` (summary with
   the bytes every rank sent); ``atlasvid-dist generate --workers N`` / ``--gpus N`` call it.
-* ``actors.ProxyWorker`` / ``actors.DetailWorker``: the Ray actors (plain classes).
+* ``cluster``: Ray start-up or join, capacity, placement group, actor creation, timed calls into actors.
+* ``supervisor.Stage2Supervisor``: stage 2 over the ranks (restarts after a lost worker, progress, collection).
+* ``decode.RankDecoder``: the outputs decoded over the ranks, blended and written by the driver.
+* ``actors.ProxyWorker`` / ``actors.DetailWorker``: the Ray actors (plain classes), returning ``results.ProxyResult``
+  / ``results.RankResult`` (frozen dataclasses).
 * ``detail.denoise_rank``: stage 2 on one rank's latent strip, with ``parallel.window_attention``.
 """

@@ -1,6 +1,6 @@
 """The Ray actors of a distributed generation: one proxy worker (text + stage 1), N detail workers (stage 2 ranks).
 
-Plain classes; the driver (``driver.py``) wraps them with ``ray.remote`` and its placement group, so they can
+Plain classes; the driver (``cluster.start_actors``) wraps them with ``ray.remote`` and its placement group, so they can
 also be used in-process. Every worker builds its own TwoStageGenerator from the same GenerateConfig and reuses
 its stages (loading, text encoding, stage 1, the stage-2 helpers).
 """
@@ -12,6 +12,8 @@ import os
 import time
 
 import torch
+
+from .results import ProxyResult, RankResult, SharedText
 
 
 def rank_logger(role: str) -> logging.LoggerAdapter:
@@ -69,6 +71,10 @@ def _maybe_crash(step: int, fault_step: int | None, marker: str | None, who: str
         os._exit(1)
 
 
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
 def _reconstructed() -> bool:
     """True inside an actor that Ray restarted after its process died (False outside Ray)."""
     import warnings
@@ -106,12 +112,11 @@ class ProxyWorker:
         self.steps_done = 0
         self.log = rank_logger("proxy")
 
-    def run(self, stage1: bool = True) -> dict:
+    def run(self, stage1: bool = True) -> ProxyResult:
         """Text encoding, then stage 1 unless ``stage1`` is False (--proxy-parallel: the detail ranks run it).
 
-        {'cond', 'uncond', 'proxy', 'seconds', 'resumed_step', 'restarted'}: CPU tensors (uncond / proxy may be
-        None); resumed_step is the stage-1 step this worker resumed from (None: it started from noise); restarted
-        is True when Ray restarted this worker after a crash."""
+        A ProxyResult of CPU tensors (uncond / proxy may be None), with the stage-1 step this worker resumed from
+        and whether Ray restarted it after a crash."""
         gen = self.gen
         t0 = time.perf_counter()
         comp = gen._load()
@@ -121,12 +126,11 @@ class ProxyWorker:
             self.log.info("restarted: resuming stage 1 from its committed step %d", state["step"])
         gen.on_commit = self._committed
         proxy = gen.stage1(comp, text, self.ckpt, state) if gen.cfg.uses_proxy and stage1 else None
-        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         gen.seconds["proxy actor"] = time.perf_counter() - t0
         self.log.info("text%s done in %.1f s", " + stage 1" if proxy is not None else "", gen.seconds["proxy actor"])
-        return {"cond": cpu(text.cond), "uncond": cpu(text.uncond), "proxy": cpu(proxy), "seconds": gen.seconds,
-                "step_times": list(gen.step_times.get("proxy", [])),
-                "resumed_step": None if state is None else state["step"], "restarted": _reconstructed()}
+        shared = SharedText(_cpu(text.cond), _cpu(text.uncond), _cpu(proxy))
+        return ProxyResult(shared, gen.seconds, list(gen.step_times.get("proxy", [])),
+                           None if state is None else state["step"], _reconstructed())
 
     def device_check(self) -> str | None:
         """Why this worker cannot run (``device_problem``); None when it can."""
@@ -182,12 +186,37 @@ class DetailWorker:
 
         return rendezvous(ray.util.get_node_ip_address(), local)
 
-    def run(self, master: tuple[str, str], text: dict, timeout_s: float, resume_step: int | None = None) -> dict:
-        """Stage 2 on this rank; {'tokens' (B, n, C, pt, ph, pw) local order, 'sent', 'per_layer', 'seconds'}."""
+    def run(self, master: tuple[str, str], text: SharedText, timeout_s: float,
+            resume_step: int | None = None) -> RankResult:
+        """Stage 2 on this rank (stage 1 too with --proxy-parallel): its tokens and what it sent, as a RankResult."""
         from ..parallel import comm
-        from ..pipeline.report import peak_memory
         from ..pipeline.text import TextEmbeddings
-        from .detail import denoise_rank
+
+        self._join(master, timeout_s, resume_step)
+        try:
+            t0 = time.perf_counter()
+            comp = self.gen._load()
+            dev, dt = self.gen.device, self.gen.dtype
+            emb = TextEmbeddings(text.cond.to(dev, dt), None if text.uncond is None else text.uncond.to(dev, dt))
+            proxy = None if text.proxy is None else text.proxy.to(dev, dt)
+            proxy_stats = comm.CommStats()
+            if proxy is None and self.cfg.uses_proxy:  # --proxy-parallel: stage 1 over this group
+                from .proxy import denoise_proxy_rank
+
+                proxy = denoise_proxy_rank(self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None,
+                                           proxy_stats, timeout_s)
+            stats = comm.CommStats()
+            tokens, per_layer = self._stage2(comp, emb, proxy, stats, timeout_s, resume_step)
+            self.log.info("stage 2 done: %d tokens, %.1f s, %.3f MB sent", tokens.shape[1], time.perf_counter() - t0,
+                          stats.total() / 1e6)
+            mine = proxy.cpu() if self.rank == 0 and text.proxy is None and proxy is not None else None
+            return self._result(tokens, per_layer, stats, proxy_stats, time.perf_counter() - t0, mine)
+        finally:
+            comm.teardown()
+
+    def _join(self, master: tuple[str, str], timeout_s: float, resume_step: int | None) -> None:
+        """Join the detail group at ``master`` (gloo on CPU, NCCL on CUDA)."""
+        from ..parallel import comm
         from .local import is_loopback
 
         host, init_method = master
@@ -201,40 +230,29 @@ class DetailWorker:
         comm.init_group(backend, self.rank, self.world, init_method, timeout_s=timeout_s, device_id=device_id)
         self.log.info("joined the %s group of %d ranks%s", backend, self.world,
                       f"; resuming from committed step {resume_step}" if resume_step else "")
-        try:
-            t0 = time.perf_counter()
-            comp = self.gen._load()
-            dev, dt = self.gen.device, self.gen.dtype
-            emb = TextEmbeddings(text["cond"].to(dev, dt),
-                                 None if text["uncond"] is None else text["uncond"].to(dev, dt))
-            proxy = None if text["proxy"] is None else text["proxy"].to(dev, dt)
-            proxy_stats = comm.CommStats()
-            if proxy is None and self.cfg.uses_proxy:  # --proxy-parallel: stage 1 over this group
-                from .proxy import denoise_proxy_rank
 
-                proxy = denoise_proxy_rank(self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None,
-                                           proxy_stats, timeout_s)
-            stats = comm.CommStats()
-            self.steps_run, self.step_times, self._t_last = 0, [], time.perf_counter()
-            groups = None
-            if self.window_group > 1:
-                from ..parallel.window_group import new_groups
+    def _stage2(self, comp, emb, proxy, stats, timeout_s: float, resume_step: int | None):
+        """``detail.denoise_rank`` on this rank's windows: (own tokens, bytes sent per layer)."""
+        from .detail import denoise_rank
 
-                groups = new_groups(self.world, self.window_group)
-            tokens, per_layer = denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats,
-                                             timeout_s, on_step=self._step, ckpt=self.ckpt, resume_step=resume_step,
-                                             window_group=self.window_group, groups=groups,
-                                             window_parallel=self.window_parallel)
-            self.log.info("stage 2 done: %d tokens, %.1f s, %.3f MB sent", tokens.shape[1], time.perf_counter() - t0,
-                          stats.total() / 1e6)
-            return {"tokens": tokens, "sent": stats.total(), "per_layer": per_layer,
-                    "sent_per_step": stats.total() // max(1, self.steps_run),
-                    "proxy_sent": proxy_stats.total(), "seconds": time.perf_counter() - t0, "rank": self.rank,
-                    "peak_memory": peak_memory(self.cfg.device),
-                    "step_seconds": sorted(self.step_times)[len(self.step_times) // 2] if self.step_times else 0.0,
-                    "proxy": proxy.cpu() if self.rank == 0 and text["proxy"] is None and proxy is not None else None}
-        finally:
-            comm.teardown()
+        self.steps_run, self.step_times, self._t_last = 0, [], time.perf_counter()
+        groups = None
+        if self.window_group > 1:
+            from ..parallel.window_group import new_groups
+
+            groups = new_groups(self.world, self.window_group)
+        return denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats, timeout_s,
+                            on_step=self._step, ckpt=self.ckpt, resume_step=resume_step,
+                            window_group=self.window_group, groups=groups, window_parallel=self.window_parallel)
+
+    def _result(self, tokens, per_layer, stats, proxy_stats, seconds: float, proxy) -> RankResult:
+        from ..pipeline.report import peak_memory
+
+        median = sorted(self.step_times)[len(self.step_times) // 2] if self.step_times else 0.0
+        return RankResult(rank=self.rank, tokens=tokens, sent=stats.total(), per_layer=per_layer,
+                          sent_per_step=stats.total() // max(1, self.steps_run), proxy_sent=proxy_stats.total(),
+                          seconds=seconds, step_seconds=median, peak_memory=peak_memory(self.cfg.device),
+                          proxy=proxy)
 
     def vae_scale(self) -> tuple[int, int]:
         """(temporal, spatial) pixels per latent unit of this worker's VAE (the driver's blender needs them)."""

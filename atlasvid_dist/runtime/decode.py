@@ -12,11 +12,13 @@ own causal cache), so tiles are independent and need no collective at all:
   in frame order to one writer (the mp4 encoder).
 
 No rank waits for another: a rank that finishes its tiles is done; the driver alone waits, with a timeout per
-chunk that names the rank.
+chunk that names the rank. :class:`RankDecoder` drives it all from the driver (tiles, streams, blender, writer).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -110,3 +112,87 @@ def ray_stream(ray, generator, rank: int, timeout_s: float) -> Iterator[Chunk]:
             yield ray.get(ref, timeout=timeout_s)
         except ray.exceptions.RayError as exc:
             raise RunFailure(f"decode: rank {rank} failed: {exc}") from exc
+
+
+def tile_owners(per_rank: Sequence[Sequence[int]], tiles: int) -> list[int]:
+    """The rank of every tile index from :func:`assign_tiles`'s lists."""
+    owner = [0] * tiles
+    for r, ids in enumerate(per_rank):
+        for i in ids:
+            owner[i] = r
+    return owner
+
+
+@dataclass
+class RankDecoder:
+    """The driver's side of a distributed decode: the outputs of a run, decoded over the detail ranks."""
+
+    ray: object
+    """The ``ray`` module."""
+    calls: object
+    """``cluster.RayCalls`` of the run (its timeout bounds every chunk)."""
+    ranks: list
+    """Detail actors, by rank."""
+    gen: object
+    """The driver's TwoStageGenerator (tiling, bars, stage times)."""
+    tiles: list[int] = field(default_factory=list)
+    """Tiles every rank decoded for the output video (after :meth:`outputs`)."""
+
+    def outputs(self, cfg, latents, proxy) -> int:
+        """Save the latents if asked, decode the video (and the proxy video) over the ranks; the video's bytes.
+        The two videos are put in place together (neither stays when either fails)."""
+        from ..pipeline.generate import _save_latents
+        from ..pipeline.outputs import PendingOutputs
+
+        if cfg.save_latents:
+            _save_latents(cfg.save_latents, latents, cfg, proxy)
+        with PendingOutputs() as pending:
+            out_bytes = self.decode(latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width), "decode",
+                                    pending)
+            if cfg.save_proxy and proxy is not None:
+                self.decode(proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy",
+                            pending)
+        return out_bytes
+
+    def decode(self, latents, path: str, fps: float, out_hw, label: str, pending=None) -> int:
+        """Tiles over the ranks (Ray streaming generators), blended and written in frame order here (one writer);
+        the video's bytes."""
+        from ..pipeline.decode import VaeScale
+
+        t0 = time.perf_counter()
+        tiling = self.gen.decode_tiling()
+        scale = VaeScale(*self.calls.call(self.ranks[0].vae_scale, "detail rank 0 (VAE scale)"))
+        blender = TileBlender.for_latents(tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw)
+        per_rank = assign_tiles(blender.tiles, len(self.ranks))
+        streams = self._streams(latents, per_rank, tiling)
+        size = self._write(blender, tile_owners(per_rank, len(blender.tiles)), streams, path, fps, out_hw, label,
+                           pending)
+        if label == "decode":
+            self.tiles = [len(ids) for ids in per_rank]
+        self.gen.seconds[label] = time.perf_counter() - t0
+        return size
+
+    def _streams(self, latents, per_rank, tiling) -> list[Iterator[Chunk]]:
+        """Every rank's chunks (an empty stream for a rank without tiles); the latents go once to the store."""
+        from dataclasses import asdict
+
+        ray = self.ray
+        ref = ray.put(latents.cpu())  # once; every rank reads it from the object store
+        return [ray_stream(ray, a.decode.options(num_returns="streaming",
+                                                 _generator_backpressure_num_objects=2 * len(ids)).remote(
+                    ref, ids, asdict(tiling)), r, self.calls.timeout_s) if ids else iter(())
+                for r, (a, ids) in enumerate(zip(self.ranks, per_rank))]
+
+    def _write(self, blender, owner, streams, path: str, fps: float, out_hw, label: str, pending) -> int:
+        """Blend the streams into one mp4 at ``path``; its bytes."""
+        from ..pipeline.video_io import Mp4Writer
+
+        h, w = out_hw or blender.out_hw
+        bar = self.gen._bar(blender.frames, f"{label} ({len(self.ranks)} workers)", "frame")
+        with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.gen.cfg.crf) as writer:
+            def write(frames):
+                writer.write(frames)
+                bar.update(len(frames))
+            stream_to_writer(blender, owner, streams, write)
+        bar.close()
+        return writer.written.stat().st_size

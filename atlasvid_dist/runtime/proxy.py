@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.method import AtlasConfig
-from ..errors import ConfigError, PlanError
+from ..config.parallel import RUNTIME_PROXY_PARALLEL, check_proxy_split
 from ..geometry.grid import Grid
 from ..models.rope import apply_rotary
 from ..parallel import comm
@@ -31,20 +31,8 @@ from ..pipeline import sampling
 from ..pipeline.text import TextEmbeddings
 from .detail import from_strip, from_tokens, to_strip, to_tokens
 
-MODES = ("ulysses", "ring")
-
-
-def check_proxy_split(tokens: int, heads: int, world: int, mode: str) -> None:
-    """Refuse (before any actor starts) a proxy that does not split into equal slices, or heads Ulysses can't."""
-    if mode not in MODES:
-        raise ConfigError("proxy_parallel", mode, f"must be one of {MODES} to run stage 1 over ranks")
-    if tokens % world:
-        divisors = [d for d in range(1, min(tokens, 64) + 1) if tokens % d == 0]
-        raise PlanError(f"--proxy-parallel {mode}: the proxy's {tokens} tokens do not split into {world} equal "
-                        f"slices; use a worker count dividing {tokens} (e.g. {divisors}) or --proxy-parallel none")
-    if mode == "ulysses" and heads % world:
-        raise PlanError(f"--proxy-parallel ulysses: the model's {heads} heads do not split over {world} ranks; "
-                        f"use --proxy-parallel ring or a worker count dividing {heads}")
+MODES = RUNTIME_PROXY_PARALLEL
+# check_proxy_split: the one check of a proxy's split, in config/parallel.py (the driver's pre-flight uses it too)
 
 
 def denoise_proxy_rank(gen, comp, text: TextEmbeddings, rank: int, world: int, mode: str,
