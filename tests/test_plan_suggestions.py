@@ -51,7 +51,7 @@ def runtime_accepts(model: str, res: str, options: dict) -> None:
 @pytest.mark.parametrize("model,res,gpus", SCENARIOS)
 def test_every_suggested_plan_is_accepted_by_the_runtime(model, res, gpus):
     r = plan("--model", model, "--res", res, "--gpus", str(gpus))
-    assert r.exit_code == 0, r.output
+    assert r.exit_code in (0, 2) and "Traceback" not in r.output, r.output  # a plan that does not fit still suggests
     found = suggested(r.stdout, gpus)
     assert found, r.stdout
     for options in found:
