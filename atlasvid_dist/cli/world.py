@@ -12,7 +12,7 @@ world_app = typer.Typer(add_completion=False, no_args_is_help=True,
 def world_train(
     output: str = typer.Option(..., "--output", help="Folder for the model (diffusers layout) and its checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed of every init and draw (the run is reproducible from it)."),
-    budget: str = typer.Option("full", "--budget", help="tiny (about a minute, for tests) | full (the real recipe, "
+    budget: str = typer.Option("full", "--budget", help="tiny (about a minute, for tests) | short (few steps at full size) | full (the real recipe, "
                                "within an hour on 2 CPU cores)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in a non-empty OUTPUT."),
 ) -> None:
