@@ -121,9 +121,9 @@ BUDGETS = {
     "full": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=400, vae_batch=2, vae_frames=5,
                         vae_crop=64, vae_lr=1e-3, pool_seeds=3, pool_scenes=32, dit_steps=1200, dit_batch=4,
                         dit_lr=5e-4, save_every=50, log_every=25),
-    "short": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=60, vae_batch=2, vae_frames=5,
-                         vae_crop=64, vae_lr=2e-3, pool_seeds=1, pool_scenes=32, dit_steps=200, dit_batch=4,
-                         dit_lr=1e-3, save_every=20, log_every=10),
+    "short": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=30, vae_batch=2, vae_frames=5,
+                         vae_crop=64, vae_lr=2e-3, pool_seeds=1, pool_scenes=32, dit_steps=60, dit_batch=4,
+                         dit_lr=1e-3, save_every=10, log_every=10),
 }
 """tiny: end to end in about a minute (tests); short: the full recipe's sizes with few steps (a first look);
 full: the real recipe, meant to fit an hour on 2 CPU cores."""
