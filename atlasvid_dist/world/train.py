@@ -119,7 +119,7 @@ BUDGETS = {
                         vae_crop=32, vae_lr=1e-3, pool_seeds=1, pool_scenes=2, dit_steps=3, dit_batch=1,
                         dit_lr=1e-3, save_every=0, log_every=1),
     "full": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=400, vae_batch=2, vae_frames=5,
-                        vae_crop=64, vae_lr=1e-3, pool_seeds=3, pool_scenes=32, dit_steps=1200, dit_batch=4,
+                        vae_crop=64, vae_lr=1e-3, pool_seeds=3, pool_scenes=32, dit_steps=1000, dit_batch=4,
                         dit_lr=5e-4, save_every=50, log_every=25),
     "short": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=30, vae_batch=2, vae_frames=5,
                          vae_crop=64, vae_lr=2e-3, pool_seeds=1, pool_scenes=32, dit_steps=60, dit_batch=4,
