@@ -72,3 +72,12 @@ def test_resume_from_the_vae_checkpoint_gives_the_same_transformer(trained, tmp_
     before, after = transformer_weights(trained), transformer_weights(copy)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plan_reads_the_small_parts_sizes_from_the_folder(trained):
+    from atlasvid_dist.models.loading import load_components, read_model_spec
+    from atlasvid_dist.world.model import param_count
+
+    spec, parts = read_model_spec(trained), load_components(str(trained))
+    assert spec.text_encoder_params == param_count(parts.text_encoder)
+    assert spec.vae_params == param_count(parts.vae)
