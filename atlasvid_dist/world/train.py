@@ -138,7 +138,7 @@ class WorldTrainConfig:
     seed: int = 0
     """Seed of every weight init and every draw (clips, crops, noise, timesteps)."""
     budget: str = "full"
-    """'tiny' or 'full' (see BUDGETS)."""
+    """'tiny', 'short' or 'full' (see BUDGETS)."""
     resume: bool = False
     """Continue the run in a non-empty OUTPUT instead of refusing it."""
 
