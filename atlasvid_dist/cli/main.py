@@ -18,6 +18,7 @@ from .eval import evaluate
 from .generate import generate
 from .plan import plan
 from .train import prepare_data, train
+from .world import world_app
 
 
 class _AtlasGroup(TyperGroup):
@@ -46,6 +47,7 @@ app.command("demo")(demo)
 app.command("train")(train)
 app.command("prepare-data")(prepare_data)
 app.command("eval")(evaluate)
+app.add_typer(world_app, name="world")
 
 
 def main(argv: list[str] | None = None) -> None:

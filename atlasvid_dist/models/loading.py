@@ -310,9 +310,25 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
         return ModelSpec(name=str(root), num_layers=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
                          head_dim=cfg["attention_head_dim"], ffn_dim=cfg["ffn_dim"], in_channels=cfg["in_channels"],
                          text_dim=cfg["text_dim"], freq_dim=cfg.get("freq_dim", 256),
-                         patch=tuple(cfg.get("patch_size", (1, 2, 2))))
+                         patch=tuple(cfg.get("patch_size", (1, 2, 2))),
+                         **_part_sizes(root))
     except KeyError as e:
         raise ModelLoadError(f"{root / 'transformer' / 'config.json'}: field {e.args[0]} missing") from None
+
+
+def _part_sizes(root: Path) -> dict:
+    """text_encoder_params / vae_params counted from the safetensors headers (no weights read), so a small model's
+    plan is not costed as UMT5-XXL; a part without readable weight files keeps ModelSpec's default."""
+    out = {}
+    for part, key in (("text_encoder", "text_encoder_params"), ("vae", "vae_params")):
+        try:
+            headers = [check_safetensors_file(f) for f in _weight_files(root / part)]
+        except ModelLoadError:
+            continue
+        count = sum(math.prod(info["shape"]) for h in headers for k, info in h.items() if k != "__metadata__")
+        if count > 0:
+            out[key] = count
+    return out
 
 
 # --- loading -------------------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The parts of the shapes model (`world train`): configs, a word-level tokenizer over the world's vocabulary, the
+frozen UMT5 text encoder, and the folder's own defaults file.
+
+Shapes stay Wan-compatible: the VAE is diffusers' AutoencoderKLWan (z_dim 16, 8x spatial by three downsamples,
+4x temporal), the transformer diffusers' WanTransformer3DModel (patch 1x2x2, full attention), the text encoder a
+UMT5 encoder whose d_model equals the transformer's text_dim. Only the widths and depths are small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .scene import COLOURS, DIRECTIONS, SHAPES
+
+SHAPES_VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                         temperal_downsample=[False, True, True])
+"""Channels 8/16/32/32 from full to 1/8 resolution: cheap at full size, the capacity where the latent lives."""
+SHAPES_TEXT_DIM = 32
+"""UMT5 d_model = the transformer's text_dim."""
+SHAPES_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+    text_dim=SHAPES_TEXT_DIM, freq_dim=256, ffn_dim=256, num_layers=4, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+)
+SHAPES_TEXT_LEN = 16
+"""Tokenizer model_max_length: generate pads prompts to this (captions are 6 tokens with </s>)."""
+FLOW_SHIFT = 3.0
+"""Wan's shift of the noise level, in training (sigma sampling) and in the saved scheduler."""
+DEFAULTS_FILE = "atlasvid_model.json"
+"""The model's own defaults (base size, window, scales) next to model_index.json."""
+_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
+
+
+def world_vocabulary() -> list[str]:
+    """Every word a caption can hold, in a fixed order."""
+    return ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
+
+
+def build_world_tokenizer():
+    """Word-level tokenizer (lower-cased, split on whitespace and punctuation, ``</s>`` appended as in T5); words
+    outside the world's vocabulary become ``<unk>``. Round-trips through save_pretrained / AutoTokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*_SPECIALS, *world_vocabulary()])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=SHAPES_TEXT_LEN)
+
+
+def build_text_encoder(vocab_size: int, seed: int):
+    """A small UMT5 encoder with random weights drawn from ``seed``; it stays frozen (the transformer learns to read
+    its fixed embeddings)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=SHAPES_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                     feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UMT5EncoderModel(cfg).eval().requires_grad_(False)
+
+
+def build_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**SHAPES_VAE_CONFIG)
+
+
+def build_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**SHAPES_TRANSFORMER_CONFIG)
+
+
+def build_scheduler():
+    """UniPC with flow sigmas, as the tiny model and the released Wan folders, at FLOW_SHIFT."""
+    from diffusers import UniPCMultistepScheduler
+
+    from ..models.tiny import TINY_SCHEDULER_CONFIG
+
+    return UniPCMultistepScheduler(**{**TINY_SCHEDULER_CONFIG, "flow_shift": FLOW_SHIFT})
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def write_defaults(folder: str | os.PathLike, defaults: dict) -> Path:
+    """Write DEFAULTS_FILE (the model's base size, window, scales, how it was trained) into ``folder``."""
+    path = Path(folder) / DEFAULTS_FILE
+    path.write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
+    return path

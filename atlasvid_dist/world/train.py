@@ -1,0 +1,429 @@
+"""`atlasvid-dist world train`: train the shapes model from scratch on clips of the shapes world rendered on the
+fly, and save it as a diffusers-format Wan2.1 folder that ``load_components`` and ``generate --model`` read.
+
+Stages (each checkpointed under OUTPUT/checkpoints/<stage>, resumable, timed):
+
+- ``vae``: a small AutoencoderKLWan (world/model.py) learns to reconstruct world clips: MSE on pixels in [-1, 1]
+  plus a small KL, on short windows of base-size clips cropped around the object (the VAE is convolutional, so it
+  runs at any size afterwards).
+- ``latents``: a pool of world clips (every caption x a few start seeds, none of them the evaluation seeds) encoded
+  once with the trained VAE (posterior mean); the per-channel mean and std become the VAE's latents_mean /
+  latents_std, so the transformer sees Wan-normalised latents exactly as generate and `train` do.
+- ``dit``: a small WanTransformer3DModel trained from scratch with Wan's flow matching (x_t = (1 - s) x0 + s eps,
+  v = eps - x0 at timestep 1000 s, s uniform then shifted by FLOW_SHIFT via train.train.sample_sigma), text from a
+  frozen random UMT5 over a word-level tokenizer; 10% of the captions are dropped to the empty prompt so
+  classifier-free guidance has an unconditional model.
+
+Everything a step draws comes from (seed, step), and Adam's moments are checkpointed, so a resumed run ends with the
+same weights as one that never stopped. Stage C of issue 11 (the AtlasVid LoRAs via `atlasvid-dist train`) is not
+part of this recipe yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, check
+from .checkpoint import (
+    CHECKPOINTS,
+    StageState,
+    commit_stage,
+    module_tensors,
+    optimizer_tensors,
+    read_stage,
+    restore,
+    stage_dir,
+)
+from .clips import WorldClip
+from .model import (
+    FLOW_SHIFT,
+    SHAPES_TEXT_LEN,
+    build_scheduler,
+    build_text_encoder,
+    build_transformer,
+    build_vae,
+    build_world_tokenizer,
+    param_count,
+    write_defaults,
+)
+from .render import centres_px
+from .scene import all_scenes
+
+RUN_JSON = "world_train.json"
+"""The run's seed and budget, written first; a resume must ask for the same ones."""
+POOL_SEED_BASE = 1000
+"""Training clips use start seeds from here on, so the evaluation seeds (0, 1, 2) are never trained on."""
+CAPTION_DROPOUT = 0.1
+"""Fraction of transformer examples trained with the empty prompt (unconditional, for guidance)."""
+
+
+@dataclass(frozen=True)
+class WorldBudget:
+    """Sizes and step counts of one `world train` budget."""
+
+    width: int
+    """Base width in pixels (the transformer's training size)."""
+    height: int
+    """Base height in pixels."""
+    frames: int
+    """Clip length (4k+1)."""
+    fps: float
+    """Frame rate the clips are labelled with (the world's frames do not depend on it)."""
+    vae_steps: int
+    """VAE optimizer steps."""
+    vae_batch: int
+    """Crops per VAE step."""
+    vae_frames: int
+    """Frames per VAE crop (4k+1; a window of a full clip, so motion per frame is as in training clips)."""
+    vae_crop: int
+    """Side of the square VAE crop in pixels (multiple of 8)."""
+    vae_lr: float
+    """Peak VAE learning rate (AdamW)."""
+    pool_seeds: int
+    """Start seeds per caption in the latent pool."""
+    pool_scenes: int
+    """Captions in the pool (the first N of the world's 32)."""
+    dit_steps: int
+    """Transformer optimizer steps."""
+    dit_batch: int
+    """Clips per transformer step."""
+    dit_lr: float
+    """Peak transformer learning rate (AdamW)."""
+    save_every: int
+    """Checkpoint every N steps within a stage (0: at the end only)."""
+    log_every: int
+    """Print and log the loss every N steps."""
+
+    def __post_init__(self) -> None:
+        check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
+        check((self.vae_frames - 1) % 4 == 0 and self.vae_frames <= self.frames, "vae_frames", self.vae_frames,
+              "must be 4k+1 and at most frames")
+        check(self.width % 16 == 0 and self.height % 16 == 0, "width/height", (self.width, self.height),
+              "must be multiples of 16 (8x VAE, 2x2 patches)")
+        check(self.vae_crop % 8 == 0 and self.vae_crop <= min(self.width, self.height), "vae_crop", self.vae_crop,
+              "must be a multiple of 8 that fits the frame")
+        check(1 <= self.pool_scenes <= len(all_scenes()), "pool_scenes", self.pool_scenes, "must be in 1..32")
+
+
+BUDGETS = {
+    "tiny": WorldBudget(width=64, height=64, frames=5, fps=16.0, vae_steps=2, vae_batch=1, vae_frames=5,
+                        vae_crop=32, vae_lr=1e-3, pool_seeds=1, pool_scenes=2, dit_steps=3, dit_batch=1,
+                        dit_lr=1e-3, save_every=0, log_every=1),
+    "full": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=300, vae_batch=2, vae_frames=5,
+                        vae_crop=64, vae_lr=1e-3, pool_seeds=3, pool_scenes=32, dit_steps=2000, dit_batch=4,
+                        dit_lr=5e-4, save_every=50, log_every=25),
+    "short": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=30, vae_batch=2, vae_frames=5,
+                         vae_crop=64, vae_lr=2e-3, pool_seeds=1, pool_scenes=32, dit_steps=60, dit_batch=4,
+                         dit_lr=1e-3, save_every=10, log_every=10),
+}
+"""tiny: end to end in about a minute (tests); short: the full recipe's sizes with few steps (a first look);
+full: the real recipe, meant to fit an hour on 2 CPU cores."""
+
+
+@dataclass(frozen=True)
+class WorldTrainConfig:
+    """One `world train` run."""
+
+    output: str
+    """Folder of the model (diffusers layout) and its checkpoints."""
+    seed: int = 0
+    """Seed of every weight init and every draw (clips, crops, noise, timesteps)."""
+    budget: str = "full"
+    """'tiny', 'short' or 'full' (see BUDGETS)."""
+    resume: bool = False
+    """Continue the run in a non-empty OUTPUT instead of refusing it."""
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", self.seed,
+              "must be an integer >= 0")
+        check(self.budget in BUDGETS, "budget", self.budget, f"must be one of {'|'.join(BUDGETS)}")
+
+    @property
+    def plan(self) -> WorldBudget:
+        return BUDGETS[self.budget]
+
+
+# --- run folder -----------------------------------------------------------------------------------------------
+
+
+def prepare_output(cfg: WorldTrainConfig) -> Path:
+    """Create OUTPUT or, with resume, check it belongs to this run (same seed and budget); a non-empty folder without
+    resume is refused (ConfigError, exit 2)."""
+    out = Path(cfg.output)
+    check(not out.exists() or out.is_dir(), "output", cfg.output, "must be a folder")
+    run = {"seed": cfg.seed, "budget": cfg.budget}
+    if out.exists() and any(out.iterdir()):
+        if not cfg.resume:
+            raise ConfigError("output", cfg.output, "is not empty; pass --resume to continue the run in it, or "
+                              "choose a new folder")
+        saved = _read_run(out)
+        if saved != run:
+            raise ConfigError("resume", cfg.output, f"the folder holds a run with {saved}, not {run}")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_JSON).write_text(json.dumps(run) + "\n")
+    return out
+
+
+def _read_run(out: Path) -> dict:
+    path = out / RUN_JSON
+    if not path.is_file():
+        raise ConfigError("output", str(out), f"has no {RUN_JSON}: not a `world train` folder, nothing to resume")
+    try:
+        return {k: v for k, v in json.loads(path.read_text()).items() if k in ("seed", "budget")}
+    except ValueError as e:
+        raise ConfigError("output", str(out), f"{path.name} is not JSON ({e})") from None
+
+
+# --- shared training loop -------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over the first 10% (at most 50 steps), then cosine from peak to peak / 10."""
+    warm = max(1, min(50, steps // 10))
+    decay = 0.55 + 0.45 * math.cos(math.pi * step / max(steps, 1))
+    return peak * min(1.0, (step + 1) / warm) * decay
+
+
+@dataclass
+class StageRun:
+    """One optimisation stage: the module, its loss per step and how long to run."""
+
+    name: str
+    module: torch.nn.Module
+    loss: Callable[[int], torch.Tensor]
+    steps: int
+    lr: float
+
+
+def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str], None]) -> StageState:
+    """Train ``stage`` from its last checkpoint (or from scratch) to ``stage.steps``; checkpoint every save_every
+    and at the end. Returns the final state (done)."""
+    folder = stage_dir(out, stage.name)
+    opt = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad], lr=stage.lr,
+                            weight_decay=0.0)
+    state, tensors = read_stage(folder)
+    if tensors:
+        restore(stage.module, opt, tensors, "model")
+        log(f"{stage.name}: resumed at step {state.step}")
+    if state.done:
+        return state
+    stage.module.train()
+    start = time.perf_counter()
+    while state.step < stage.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(state.step, stage.steps, stage.lr)
+        loss = stage.loss(state.step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        if state.step % plan.log_every == 0 or state.step == stage.steps:
+            state.losses.append([state.step, round(float(loss.detach()), 6)])
+            log(f"{stage.name}: step {state.step}/{stage.steps} loss {state.losses[-1][1]:.5f} "
+                f"({state.seconds + time.perf_counter() - start:.0f} s)")
+        last = state.step == stage.steps
+        if last or (plan.save_every and state.step % plan.save_every == 0):
+            state.seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            state.done = last
+            commit_stage(folder, state, {**module_tensors(stage.module, "model"), **optimizer_tensors(opt)})
+    stage.module.eval()
+    return state
+
+
+def step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    """numpy draws of one step (clip, window, crop)."""
+    return np.random.default_rng([seed, sum(map(ord, stage)), step])
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """torch draws of one step (posterior sample, noise, timestep)."""
+    return torch.Generator().manual_seed(int(step_rng(seed, stage, step).integers(2**62)))
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (3, N, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+# --- stage A: VAE ---------------------------------------------------------------------------------------------
+
+
+def vae_crop(plan: WorldBudget, rng: np.random.Generator) -> torch.Tensor:
+    """(3, vae_frames, crop, crop) of a random clip: a window of a base-size clip, cropped near the object."""
+    clip = WorldClip(all_scenes()[int(rng.integers(len(all_scenes())))], POOL_SEED_BASE + int(rng.integers(10**6)))
+    motion = clip.motion(plan.width, plan.height)
+    first = int(rng.integers(plan.frames - plan.vae_frames + 1))
+    frames = clip.render(plan.width, plan.height, plan.frames)[first:first + plan.vae_frames]
+    cx, cy = centres_px(clip.scene, motion, plan.width, plan.height, plan.frames)[first]
+    c = plan.vae_crop
+    jitter = rng.integers(-c // 4, c // 4 + 1, size=2)
+    left = int(np.clip(cx - c / 2 + jitter[0], 0, plan.width - c))
+    top = int(np.clip(cy - c / 2 + jitter[1], 0, plan.height - c))
+    return to_pixels(frames[:, top:top + c, left:left + c])
+
+
+def vae_loss(vae, plan: WorldBudget, seed: int, kl_weight: float = 1e-4) -> Callable[[int], torch.Tensor]:
+    def loss(step: int) -> torch.Tensor:
+        rng = step_rng(seed, "vae", step)
+        x = torch.stack([vae_crop(plan, rng) for _ in range(plan.vae_batch)])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=step_generator(seed, "vae", step))
+        recon = vae.decode(z).sample
+        kl = posterior.kl().mean() / z[0].numel()
+        return F.mse_loss(recon, x) + kl_weight * kl
+
+    return loss
+
+
+# --- stage: latent pool ---------------------------------------------------------------------------------------
+
+
+def pool_clips(plan: WorldBudget) -> list[WorldClip]:
+    """The clips the transformer trains on: the first pool_scenes captions x pool_seeds start seeds."""
+    scenes = all_scenes()[:plan.pool_scenes]
+    seeds = [POOL_SEED_BASE + k for k in range(plan.pool_seeds)]
+    return [WorldClip(s, k) for k in seeds for s in scenes]
+
+
+@torch.no_grad()
+def encode_pool(vae, plan: WorldBudget) -> dict[str, torch.Tensor]:
+    """Raw VAE latents of the pool (posterior mean), their caption indices and the per-channel mean / std."""
+    clips = pool_clips(plan)
+    lat = torch.cat([vae.encode(to_pixels(c.render(plan.width, plan.height, plan.frames))[None]).latent_dist.mode()
+                     for c in clips])  # (N, C, f, h, w)
+    caption = torch.tensor([all_scenes().index(c.scene) for c in clips])
+    mean = lat.mean(dim=(0, 2, 3, 4))
+    std = lat.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    return {"latents": lat, "caption": caption, "mean": mean, "std": std}
+
+
+def set_latent_stats(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """The VAE config's latents_mean / latents_std (what generate and `train` normalise with)."""
+    vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+
+
+# --- stage B: transformer -------------------------------------------------------------------------------------
+
+
+def flow_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+              text: torch.Tensor) -> torch.Tensor:
+    """Wan's flow matching on the base model (full attention): v = noise - x0 predicted at timestep 1000 sigma."""
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1.0 - s) * x0 + s * noise
+    pred = transformer(xt, sigma * 1000.0, text, return_dict=False)[0]
+    return F.mse_loss(pred.float(), (noise - x0).float())
+
+
+def dit_loss(transformer, pool: dict, texts: torch.Tensor, plan: WorldBudget,
+             seed: int) -> Callable[[int], torch.Tensor]:
+    """Loss of one step: ``dit_batch`` pool clips, each with its own sigma and noise; texts is (33, L, D), the 32
+    captions then the empty prompt."""
+    from ..train.config import TrainConfig
+    from ..train.train import sample_sigma
+
+    sigma_cfg = TrainConfig(timestep_sampling="uniform", timestep_shift=FLOW_SHIFT)
+    latents = (pool["latents"] - pool["mean"].view(1, -1, 1, 1, 1)) / pool["std"].view(1, -1, 1, 1, 1)
+
+    def loss(step: int) -> torch.Tensor:
+        gen = step_generator(seed, "dit", step)
+        idx = torch.randint(len(latents), (plan.dit_batch,), generator=gen)
+        drop = torch.rand(plan.dit_batch, generator=gen) < CAPTION_DROPOUT
+        cap = torch.where(drop, torch.full_like(idx, len(texts) - 1), pool["caption"][idx])
+        sigma = torch.cat([sample_sigma(sigma_cfg, gen) for _ in range(plan.dit_batch)])
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        return flow_loss(transformer, x0, noise, sigma, texts[cap])
+
+    return loss
+
+
+@torch.no_grad()
+def caption_embeddings(tokenizer, text_encoder) -> torch.Tensor:
+    """(33, SHAPES_TEXT_LEN, dim): the 32 captions, then the empty prompt; padded as generate pads."""
+    from ..pipeline.text import encode_text
+
+    captions = [s.caption for s in all_scenes()] + [""]
+    return encode_text(tokenizer, text_encoder, captions, SHAPES_TEXT_LEN, "cpu", torch.float32)
+
+
+# --- the recipe -----------------------------------------------------------------------------------------------
+
+
+def latent_stage(out: Path, vae, plan: WorldBudget, log) -> tuple[StageState, dict]:
+    folder = stage_dir(out, "latents")
+    state, pool = read_stage(folder)
+    if not state.done:
+        start = time.perf_counter()
+        pool = encode_pool(vae, plan)
+        state = StageState(step=1, done=True, seconds=time.perf_counter() - start)
+        commit_stage(folder, state, pool)
+        log(f"latents: {len(pool['latents'])} clips encoded to {tuple(pool['latents'].shape[1:])} "
+            f"({state.seconds:.0f} s)")
+    return state, pool
+
+
+def model_defaults(cfg: WorldTrainConfig, times: dict, sizes: dict) -> dict:
+    """What atlasvid_model.json records: the base size the transformer was trained at and the AtlasVid settings to
+    run it with (detail at 2x the base size, windows of half the detail's token rows/columns)."""
+    p = cfg.plan
+    frames_tokens = (p.frames - 1) // 4 + 1
+    return {"name": "shapes", "base_width": p.width, "base_height": p.height, "frames": p.frames, "fps": p.fps,
+            "spatial_scale": 2, "temporal_scale": 1, "window": [frames_tokens, p.height // 16, p.width // 16],
+            "detail_res": f"{2 * p.width}x{2 * p.height}", "flow_shift": FLOW_SHIFT, "text_len": SHAPES_TEXT_LEN,
+            "seed": cfg.seed, "budget": cfg.budget, "seconds": times, "params": sizes, "trained_on": asdict(p)}
+
+
+def export(out: Path, parts: dict, defaults: dict) -> None:
+    """The diffusers-format folder (model_index.json + the five parts, safetensors) and the defaults JSON."""
+    from diffusers import WanPipeline
+
+    from ..models.tiny import _apply_umask_tree
+
+    WanPipeline(**parts).save_pretrained(out, safe_serialization=True)
+    write_defaults(out, defaults)
+    _apply_umask_tree(out)
+
+
+def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the whole recipe into cfg.output; returns the defaults written (times and sizes included)."""
+    out = prepare_output(cfg)
+    plan = cfg.plan
+    tokenizer = build_world_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), cfg.seed + 2)
+    vae = build_vae(cfg.seed)
+    vae_state = run_stage(out, plan, StageRun("vae", vae, vae_loss(vae, plan, cfg.seed), plan.vae_steps,
+                                              plan.vae_lr), log)
+    vae.requires_grad_(False)
+    pool_state, pool = latent_stage(out, vae, plan, log)
+    set_latent_stats(vae, pool["mean"], pool["std"])
+    transformer = build_transformer(cfg.seed + 1)
+    texts = caption_embeddings(tokenizer, text_encoder)
+    dit_state = run_stage(out, plan, StageRun("dit", transformer, dit_loss(transformer, pool, texts, plan, cfg.seed),
+                                              plan.dit_steps, plan.dit_lr), log)
+    start = time.perf_counter()
+    times = {"vae": round(vae_state.seconds, 1), "latents": round(pool_state.seconds, 1),
+             "dit": round(dit_state.seconds, 1)}
+    sizes = {k: param_count(m) for k, m in (("vae", vae), ("transformer", transformer),
+                                              ("text_encoder", text_encoder))}
+    defaults = model_defaults(cfg, times, sizes)
+    export(out, dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer,
+                     scheduler=build_scheduler()), defaults)
+    times["export"] = round(time.perf_counter() - start, 1)
+    write_defaults(out, {**defaults, "seconds": times})
+    log(f"model: {out} (seconds per stage: {times})")
+    return {**defaults, "seconds": times}
+
+
+__all__ = ["BUDGETS", "CHECKPOINTS", "WorldBudget", "WorldTrainConfig", "train_world_model"]

@@ -1,0 +1,83 @@
+"""`atlasvid-dist world train`: the shapes model's recipe end to end at the tiny budget (a model folder that
+load_components and generate read), exact resume from a stage checkpoint, and refusal of a used folder."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from atlasvid_dist.cli.main import app
+from atlasvid_dist.world.model import DEFAULTS_FILE, build_world_tokenizer
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def transformer_weights(folder):
+    return load_file(str(next((folder / "transformer").glob("*.safetensors"))))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "shapes"
+    r = cli("world", "train", "--output", out, "--budget", "tiny", "--seed", 3)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_tokenizer_is_word_level_over_the_world():
+    tok = build_world_tokenizer()
+    ids = tok("a red square moving right").input_ids
+    assert len(ids) == 6 and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+    assert tok("a purple kite").input_ids[1] == tok.unk_token_id
+
+
+def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
+    from atlasvid_dist.models.loading import load_components
+
+    parts = load_components(str(trained))
+    assert parts.vae.config.z_dim == 16 and len(parts.vae.config.latents_mean) == 16
+    assert parts.tokenizer.model_max_length == 16
+    defaults = json.loads((trained / DEFAULTS_FILE).read_text())
+    assert defaults["base_width"] == 64 and defaults["seed"] == 3 and set(defaults["seconds"]) == {
+        "vae", "latents", "dit", "export"}
+    out = tmp_path / "v.mp4"
+    r = cli("generate", "--model", trained, "--prompt", "a red square moving right", "--res", "128x128",
+            "--frames", "5", "--steps", "1", "--proxy-steps", "1", "--guidance", "1", "--spatial-scale", "2",
+            "--temporal-scale", "1", "--window", "2,4,4", "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 0
+
+
+def test_used_folder_is_refused_without_resume(trained):
+    r = cli("world", "train", "--output", trained, "--budget", "tiny", "--seed", 3)
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = cli("world", "train", "--output", trained, "--budget", "full", "--seed", 3, "--resume")
+    assert r.exit_code == 2 and "budget" in r.output
+
+
+def test_resume_from_the_vae_checkpoint_gives_the_same_transformer(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    shutil.rmtree(copy / "checkpoints" / "dit")
+    r = cli("world", "train", "--output", copy, "--budget", "tiny", "--seed", 3, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "vae: resumed" in r.output and "dit: resumed" not in r.output
+    before, after = transformer_weights(trained), transformer_weights(copy)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plan_reads_the_small_parts_sizes_from_the_folder(trained):
+    from atlasvid_dist.models.loading import load_components, read_model_spec
+    from atlasvid_dist.world.model import param_count
+
+    spec, parts = read_model_spec(trained), load_components(str(trained))
+    assert spec.text_encoder_params == param_count(parts.text_encoder)
+    assert spec.vae_params == param_count(parts.vae)
