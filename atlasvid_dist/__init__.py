@@ -11,8 +11,17 @@ Public API::
 from .config.method import AtlasConfig
 from .errors import AtlasError, ConfigError, InputError, ModelLoadError, PlanError, RunFailure
 
-__all__ = ["AtlasConfig", "AtlasTransformer", "AtlasVidPipeline", "AtlasError", "ConfigError", "InputError", "ModelLoadError",
-           "PlanError", "RunFailure"]
+__all__ = [
+    "AtlasConfig",
+    "AtlasTransformer",
+    "AtlasVidPipeline",
+    "AtlasError",
+    "ConfigError",
+    "InputError",
+    "ModelLoadError",
+    "PlanError",
+    "RunFailure",
+]
 __version__ = "0.1.0"
 
 

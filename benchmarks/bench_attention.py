@@ -36,8 +36,18 @@ PRESETS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(mode: str, backend: str, grid: Grid, heads: int, head_dim: int, scale: int, pad: bool,
-          device: str, dtype, context: str = "aligned"):
+def build(
+    mode: str,
+    backend: str,
+    grid: Grid,
+    heads: int,
+    head_dim: int,
+    scale: int,
+    pad: bool,
+    device: str,
+    dtype,
+    context: str = "aligned",
+):
     cfg = AtlasConfig(mode=mode, backend=backend, spatial_scale=scale, pad_windows=pad, proxy_context=context)
     proxy = None
     if mode == "atlas":
@@ -56,8 +66,12 @@ def run_case(args, mode, backend, grid, heads, head_dim, scale, pad, context="al
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        return {"mode": mode, "backend": backend, "proxy_context": context if mode == "atlas" else None,
-                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        return {
+            "mode": mode,
+            "backend": backend,
+            "proxy_context": context if mode == "atlas" else None,
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+        }
 
 
 def _run_case(args, mode, backend, grid, heads, head_dim, scale, pad, context="aligned"):
@@ -72,8 +86,14 @@ def _run_case(args, mode, backend, grid, heads, head_dim, scale, pad, context="a
 
     seconds = timed(call, args.device, warmup=args.warmup, iters=args.iters)
     flops = layer_attention_flops(cfg, grid, heads, head_dim, layer=layer)
-    return {"mode": mode, "backend": backend, "proxy_context": context if mode == "atlas" else None,
-            "seconds": seconds, "flops": flops, "tflops_per_s": flops / seconds / 1e12}
+    return {
+        "mode": mode,
+        "backend": backend,
+        "proxy_context": context if mode == "atlas" else None,
+        "seconds": seconds,
+        "flops": flops,
+        "tflops_per_s": flops / seconds / 1e12,
+    }
 
 
 def main(argv=None) -> dict:
@@ -107,12 +127,22 @@ def main(argv=None) -> dict:
         if full:
             r["speedup_vs_full"] = full["seconds"] / r["seconds"]
             r["flop_ratio_vs_full"] = full["flops"] / r["flops"]
-        print(f"{r['mode']:9} {r['backend']:8} {str(r['proxy_context'] or '-'):8} {r['seconds']:10.4f} "
-              f"{r['tflops_per_s']:9.3f} {r.get('speedup_vs_full', float('nan')):9.1f} "
-              f"{r.get('flop_ratio_vs_full', float('nan')):11.1f}")
-    payload = {"benchmark": "attention", "preset": args.preset, "grid": list(grid.dims), "heads": heads,
-               "head_dim": head_dim, "dtype": args.dtype, "shifted_layer": args.shifted,
-               "environment": environment(args.device), "rows": rows}
+        print(
+            f"{r['mode']:9} {r['backend']:8} {str(r['proxy_context'] or '-'):8} {r['seconds']:10.4f} "
+            f"{r['tflops_per_s']:9.3f} {r.get('speedup_vs_full', float('nan')):9.1f} "
+            f"{r.get('flop_ratio_vs_full', float('nan')):11.1f}"
+        )
+    payload = {
+        "benchmark": "attention",
+        "preset": args.preset,
+        "grid": list(grid.dims),
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype": args.dtype,
+        "shifted_layer": args.shifted,
+        "environment": environment(args.device),
+        "rows": rows,
+    }
     tag = f"attention-{args.preset}-{args.device.split(':')[0]}-{args.dtype}" + ("-shifted" if args.shifted else "")
     print("saved", save(tag, payload, args.out))
     return payload

@@ -40,9 +40,21 @@ def parse() -> argparse.Namespace:
 def config(args, out_dir: str, shift: bool):
     from atlasvid_dist.cli.generate import DEFAULTS, build_config
 
-    return build_config({**DEFAULTS, "prompt": "a red ball rolling", "res": args.res, "frames": args.frames,
-                         "steps": args.steps, "proxy_steps": 2, "window": args.window, "spatial_scale": 2,
-                         "guidance": 3.0, "shift": shift, "out": os.path.join(out_dir, "scaling.mp4")})
+    return build_config(
+        {
+            **DEFAULTS,
+            "prompt": "a red ball rolling",
+            "res": args.res,
+            "frames": args.frames,
+            "steps": args.steps,
+            "proxy_steps": 2,
+            "window": args.window,
+            "spatial_scale": 2,
+            "guidance": 3.0,
+            "shift": shift,
+            "out": os.path.join(out_dir, "scaling.mp4"),
+        }
+    )
 
 
 def predicted_bytes(cfg, workers: int) -> int:
@@ -62,10 +74,16 @@ def run_one(cfg, workers: int) -> dict:
 
     res = DistributedGenerator(cfg, workers, progress=False).run()
     step = max(res.step_seconds)
-    return {"workers": workers, "seconds_per_step_by_rank": res.step_seconds, "seconds_per_step": step,
-            "bytes_sent_per_step_by_rank": res.bytes_per_step, "tokens_per_rank": res.tokens,
-            "predicted_bytes_received_per_step_per_rank": predicted_bytes(cfg, workers),
-            "decode_tiles_per_rank": res.tiles, "seconds": res.result.seconds}
+    return {
+        "workers": workers,
+        "seconds_per_step_by_rank": res.step_seconds,
+        "seconds_per_step": step,
+        "bytes_sent_per_step_by_rank": res.bytes_per_step,
+        "tokens_per_rank": res.tokens,
+        "predicted_bytes_received_per_step_per_rank": predicted_bytes(cfg, workers),
+        "decode_tiles_per_rank": res.tiles,
+        "seconds": res.result.seconds,
+    }
 
 
 def main() -> int:
@@ -73,17 +91,26 @@ def main() -> int:
 
     args = parse()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False, _node_ip_address="127.0.0.1",
-             configure_logging=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(args.workers),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        log_to_driver=False,
+    )
     rows, unshifted = [], None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = config(args, tmp, shift=True)
             for n in args.workers:
                 rows.append(run_one(cfg, n))
-                print(f"{n} worker(s): {rows[-1]['seconds_per_step']:.3f} s/step, bytes/step sent "
-                      f"{rows[-1]['bytes_sent_per_step_by_rank']}, predicted received "
-                      f"{rows[-1]['predicted_bytes_received_per_step_per_rank']}", flush=True)
+                print(
+                    f"{n} worker(s): {rows[-1]['seconds_per_step']:.3f} s/step, bytes/step sent "
+                    f"{rows[-1]['bytes_sent_per_step_by_rank']}, predicted received "
+                    f"{rows[-1]['predicted_bytes_received_per_step_per_rank']}",
+                    flush=True,
+                )
             unshifted = run_one(replace(cfg, method=replace(cfg.method, shift=False)), max(args.workers))
     finally:
         ray.shutdown()
@@ -93,16 +120,29 @@ def main() -> int:
         r["parallel_efficiency"] = None if base is None else base / (r["workers"] * r["seconds_per_step"])
     print(f"{'workers':>7} {'s/step':>8} {'speedup':>8} {'efficiency':>10} {'MB sent/step/rank (max)':>24}")
     for r in rows:
-        print(f"{r['workers']:>7} {r['seconds_per_step']:>8.3f} {r['speedup'] or 0:>8.2f} "
-              f"{r['parallel_efficiency'] or 0:>10.2f} {max(r['bytes_sent_per_step_by_rank']) / 1e6:>24.3f}")
+        print(
+            f"{r['workers']:>7} {r['seconds_per_step']:>8.3f} {r['speedup'] or 0:>8.2f} "
+            f"{r['parallel_efficiency'] or 0:>10.2f} {max(r['bytes_sent_per_step_by_rank']) / 1e6:>24.3f}"
+        )
     print(f"--no-shift, {unshifted['workers']} workers: bytes sent per step {unshifted['bytes_sent_per_step_by_rank']}")
-    payload = {"benchmark": "scaling-cpu", "env": environment("cpu"),
-               "geometry": {"res": args.res, "frames": args.frames, "steps": args.steps, "window": args.window,
-                            "model": "tiny"},
-               "note": (f"{os.cpu_count()} CPU cores for up to {max(args.workers)} workers (each torch thread 1): "
-                        "above the core count workers share cores; the tiny model's per-token compute is small "
-                        "so fixed per-step costs weigh more than on GPUs."),
-               "rows": rows, "unshifted": unshifted}
+    payload = {
+        "benchmark": "scaling-cpu",
+        "env": environment("cpu"),
+        "geometry": {
+            "res": args.res,
+            "frames": args.frames,
+            "steps": args.steps,
+            "window": args.window,
+            "model": "tiny",
+        },
+        "note": (
+            f"{os.cpu_count()} CPU cores for up to {max(args.workers)} workers (each torch thread 1): "
+            "above the core count workers share cores; the tiny model's per-token compute is small "
+            "so fixed per-step costs weigh more than on GPUs."
+        ),
+        "rows": rows,
+        "unshifted": unshifted,
+    }
     path = save("scaling-cpu", payload, args.out)
     print(f"saved {path} and {plot(rows, path.with_suffix('.png'))}")
     return 0
@@ -121,10 +161,18 @@ def plot(rows: list[dict], path: Path) -> Path:
     a.plot(n, [rows[0]["seconds_per_step"] / k for k in n], "--", color="grey", label="ideal")
     a.set(xlabel="detail workers (CPU processes)", ylabel="s / stage-2 step", xticks=n, title="step time")
     a.legend()
-    b.bar([k - 0.15 for k in n], [max(r["bytes_sent_per_step_by_rank"]) / 1e6 for r in rows], 0.3,
-          label="measured, sent (max rank)")
-    b.bar([k + 0.15 for k in n], [r["predicted_bytes_received_per_step_per_rank"] / 1e6 for r in rows], 0.3,
-          label="cost model, received")
+    b.bar(
+        [k - 0.15 for k in n],
+        [max(r["bytes_sent_per_step_by_rank"]) / 1e6 for r in rows],
+        0.3,
+        label="measured, sent (max rank)",
+    )
+    b.bar(
+        [k + 0.15 for k in n],
+        [r["predicted_bytes_received_per_step_per_rank"] / 1e6 for r in rows],
+        0.3,
+        label="cost model, received",
+    )
     b.set(xlabel="detail workers", ylabel="MB / step / rank", xticks=n, title="halo traffic")
     b.legend()
     fig.tight_layout()

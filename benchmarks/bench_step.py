@@ -29,8 +29,13 @@ def build(spec, device, dtype):
     from diffusers import WanTransformer3DModel
 
     with torch.device(device):
-        tr = WanTransformer3DModel(num_attention_heads=spec.num_heads, attention_head_dim=spec.head_dim,
-                                   ffn_dim=spec.ffn_dim, num_layers=spec.num_layers, text_dim=spec.text_dim)
+        tr = WanTransformer3DModel(
+            num_attention_heads=spec.num_heads,
+            attention_head_dim=spec.head_dim,
+            ffn_dim=spec.ffn_dim,
+            num_layers=spec.num_layers,
+            text_dim=spec.text_dim,
+        )
     return tr.to(dtype).eval()
 
 
@@ -82,13 +87,20 @@ def main(argv=None):
         rows["4k_atlas_forward_s"] = timed(lambda: atlas(x, t, text, proxy_cache=cache), dev, 1, args.iters)
         if dev.startswith("cuda"):
             rows["4k_atlas_peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    rows["4k_per_step_speedup_atlas_vs_full_extrapolated"] = rows["4k_full_forward_s_extrapolated"] / rows["4k_atlas_forward_s"]
+    rows["4k_per_step_speedup_atlas_vs_full_extrapolated"] = (
+        rows["4k_full_forward_s_extrapolated"] / rows["4k_atlas_forward_s"]
+    )
     for k, v in rows.items():
         print(f"{k:50} {v:,.4f}" if isinstance(v, float) else f"{k:50} {v:,}")
-    payload = {"benchmark": "denoising_step", "model": args.model, "dtype": args.dtype, "rows": rows,
-               "note": "one forward = one denoising step without CFG (CFG doubles both sides); 4K full is one block "
-                       "timed x num_layers (extrapolated; excludes patch embedding and head, which atlas includes)",
-               "environment": environment(dev)}
+    payload = {
+        "benchmark": "denoising_step",
+        "model": args.model,
+        "dtype": args.dtype,
+        "rows": rows,
+        "note": "one forward = one denoising step without CFG (CFG doubles both sides); 4K full is one block "
+        "timed x num_layers (extrapolated; excludes patch embedding and head, which atlas includes)",
+        "environment": environment(dev),
+    }
     print("saved", save(f"step-{args.model}-{dev.split(':')[0]}-{args.dtype}", payload, args.out))
 
 

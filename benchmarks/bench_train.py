@@ -32,8 +32,20 @@ sys.path.insert(0, str(ROOT))
 
 from common import environment, save  # noqa: E402
 
-SMALL = dict(width=64, height=64, frames=9, fps=16.0, temporal_scale=2, spatial_scale=2, window=[3, 2, 2],
-             text_len=16, lora_rank=4, lora_alpha=4.0, lr=3e-3, seed=0)
+SMALL = dict(
+    width=64,
+    height=64,
+    frames=9,
+    fps=16.0,
+    temporal_scale=2,
+    spatial_scale=2,
+    window=[3, 2, 2],
+    text_len=16,
+    lora_rank=4,
+    lora_alpha=4.0,
+    lr=3e-3,
+    seed=0,
+)
 
 
 def parse() -> argparse.Namespace:
@@ -60,18 +72,43 @@ def launcher(stage: int, args, tmp: Path) -> dict:
     conf = tmp / "small.yaml"
     conf.write_text(yaml.safe_dump(SMALL))
     out = tmp / f"stage{stage}"
-    cmd = [sys.executable, "-m", "atlasvid_dist.cli.main", "train", "--stage", str(stage), "--data", str(data),
-           "--model", "tiny", "--output", str(out), "--config", str(conf), "--max-steps", str(args.launcher_steps),
-           "--num-processes", str(args.processes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "atlasvid_dist.cli.main",
+        "train",
+        "--stage",
+        str(stage),
+        "--data",
+        str(data),
+        "--model",
+        "tiny",
+        "--output",
+        str(out),
+        "--config",
+        str(conf),
+        "--max-steps",
+        str(args.launcher_steps),
+        "--num-processes",
+        str(args.processes),
+    ]
     t0 = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if run.returncode != 0:
         raise SystemExit(f"training failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][args.warmup:]
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][args.warmup :]
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
-    return {"stage": stage, "processes": args.processes, "zero": 2, "steps_measured": len(recs),
-            "tokens_per_s": med("tokens_per_s"), "step_s": med("step_s"), "peak_mem_gb_rank0": med("peak_mem_gb"),
-            "wall_s": time.perf_counter() - t0, "geometry": SMALL}
+    return {
+        "stage": stage,
+        "processes": args.processes,
+        "zero": 2,
+        "steps_measured": len(recs),
+        "tokens_per_s": med("tokens_per_s"),
+        "step_s": med("step_s"),
+        "peak_mem_gb_rank0": med("peak_mem_gb"),
+        "wall_s": time.perf_counter() - t0,
+        "geometry": SMALL,
+    }
 
 
 # -- one model step -----------------------------------------------------------------------------------------------
@@ -86,15 +123,26 @@ def model_step(stage: int, spec_name: str, device: str, steps: int) -> dict:
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     w, h, f, window = (1280, 704, 81, (3, 11, 16)) if spec_name != "tiny" else (256, 256, 9, (3, 4, 8))
-    cfg = TrainConfig(stage=stage, width=w, height=h, frames=f, window=window, text_len=spec.text_len,
-                      lora_rank=16, lora_alpha=16.0, gradient_checkpointing=cuda, spatial_scale=2)
+    cfg = TrainConfig(
+        stage=stage,
+        width=w,
+        height=h,
+        frames=f,
+        window=window,
+        text_len=spec.text_len,
+        lora_rank=16,
+        lora_alpha=16.0,
+        gradient_checkpointing=cuda,
+        spatial_scale=2,
+    )
     tr = build_transformer(spec, device, dtype)
     add_lora(tr, cfg)
     if cfg.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
-    atlas = AtlasTransformer(tr, AtlasConfig(window=cfg.window, temporal_scale=cfg.temporal_scale,
-                                             spatial_scale=cfg.spatial_scale))
+    atlas = AtlasTransformer(
+        tr, AtlasConfig(window=cfg.window, temporal_scale=cfg.temporal_scale, spatial_scale=cfg.spatial_scale)
+    )
     loss_fn = FlowMatchingLoss(atlas, stage)
     opt = torch.optim.AdamW([p for p in tr.parameters() if p.requires_grad], lr=1e-4)
     inputs, tokens = fake_batch(cfg, spec, device, dtype)
@@ -118,9 +166,18 @@ def model_step(stage: int, spec_name: str, device: str, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"stage": stage, "model": spec_name, "video": f"{w}x{h}x{f}", "dtype": str(dtype).split(".")[-1],
-            "tokens": tokens, "step_s": t, "tokens_per_s": tokens / t, "peak_mem_gib": peak,
-            "gradient_checkpointing": cfg.gradient_checkpointing, "lora_rank": cfg.lora_rank}
+    return {
+        "stage": stage,
+        "model": spec_name,
+        "video": f"{w}x{h}x{f}",
+        "dtype": str(dtype).split(".")[-1],
+        "tokens": tokens,
+        "step_s": t,
+        "tokens_per_s": tokens / t,
+        "peak_mem_gib": peak,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "lora_rank": cfg.lora_rank,
+    }
 
 
 def build_transformer(spec, device: str, dtype):
@@ -133,8 +190,13 @@ def build_transformer(spec, device: str, dtype):
         if spec.name == "tiny":
             tr = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
         else:
-            tr = WanTransformer3DModel(num_attention_heads=spec.num_heads, attention_head_dim=spec.head_dim,
-                                       ffn_dim=spec.ffn_dim, num_layers=spec.num_layers, text_dim=spec.text_dim)
+            tr = WanTransformer3DModel(
+                num_attention_heads=spec.num_heads,
+                attention_head_dim=spec.head_dim,
+                ffn_dim=spec.ffn_dim,
+                num_layers=spec.num_layers,
+                text_dim=spec.text_dim,
+            )
     return tr.to(dtype)
 
 
@@ -147,8 +209,12 @@ def fake_batch(cfg, spec, device: str, dtype) -> tuple[dict, int]:
     proxy = torch.randn(1, *lat(proxy_pixel_frames(cfg), cfg.height // s, cfg.width // s), device=device, dtype=dtype)
     detail = torch.randn(1, *lat(cfg.frames, cfg.height, cfg.width), device=device, dtype=dtype)
     x0 = proxy if cfg.stage == 1 else detail
-    inputs = dict(x0=x0, noise=torch.randn_like(x0), sigma=torch.tensor([0.5], device=device, dtype=dtype),
-                  text=torch.randn(1, spec.text_len, spec.text_dim, device=device, dtype=dtype))
+    inputs = dict(
+        x0=x0,
+        noise=torch.randn_like(x0),
+        sigma=torch.tensor([0.5], device=device, dtype=dtype),
+        text=torch.randn(1, spec.text_len, spec.text_dim, device=device, dtype=dtype),
+    )
     if cfg.stage == 2:
         inputs["proxy"] = proxy
     return inputs, x0[0, 0].numel() // 4  # latent cells / (1 x 2 x 2) patch

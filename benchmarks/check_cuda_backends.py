@@ -18,17 +18,20 @@ from atlasvid_dist.geometry import Grid, ProxyGeometry  # noqa: E402
 from atlasvid_dist.models.attention.detail import DetailAttention, ProxyKV  # noqa: E402
 from atlasvid_dist.models.rope import Rotary3D  # noqa: E402
 
-CASES = {"unshifted": ((6, 30, 32), dict(window=(3, 15, 16), shift=False), 0),
-         "shifted": ((6, 30, 32), dict(window=(3, 15, 16), shift=True), 1),
-         "padded": ((5, 30, 36), dict(window=(3, 15, 16), shift=True, pad_windows=True), 1)}
+CASES = {
+    "unshifted": ((6, 30, 32), dict(window=(3, 15, 16), shift=False), 0),
+    "shifted": ((6, 30, 32), dict(window=(3, 15, 16), shift=True), 1),
+    "padded": ((5, 30, 36), dict(window=(3, 15, 16), shift=True, pad_windows=True), 1),
+}
 
 
 def run(backend, dims, kw, layer, context, proxy, dtype, grad):
     grid = Grid(*dims)
     cfg = AtlasConfig(backend=backend, proxy_context=context, spatial_scale=2, **kw)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, grid.size, 4, 64, device="cuda", dtype=dtype, generator=g).requires_grad_(grad)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(1, grid.size, 4, 64, device="cuda", dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)
+    )
     kv = None
     if proxy:
         pg = ProxyGeometry(grid, 4, 2).grid
@@ -57,12 +60,27 @@ def main():
                     diff = (out - ref).abs().max().item()
                     gdiff = max((a - b).abs().max().item() for a, b in zip(grads, rgrads)) if grad else None
                     ok = diff < tol and (gdiff is None or gdiff < tol * 10)
-                    rows.append(dict(case=name, proxy=proxy, context=context, dtype=str(dtype), backend=backend,
-                                     max_abs_diff=diff, grad_max_abs_diff=gdiff, ok=ok))
-                    print(f"{name:9} proxy={proxy!s:5} {context:7} {str(dtype):15} {backend:5} "
-                          f"fwd {diff:.2e} grad {gdiff if gdiff is None else f'{gdiff:.2e}'} {'ok' if ok else 'FAIL'}")
-    path = save("cuda-backend-parity", {"environment": environment("cuda"), "rows": rows,
-                                        "all_ok": all(r["ok"] for r in rows)}, args.out)
+                    rows.append(
+                        dict(
+                            case=name,
+                            proxy=proxy,
+                            context=context,
+                            dtype=str(dtype),
+                            backend=backend,
+                            max_abs_diff=diff,
+                            grad_max_abs_diff=gdiff,
+                            ok=ok,
+                        )
+                    )
+                    print(
+                        f"{name:9} proxy={proxy!s:5} {context:7} {str(dtype):15} {backend:5} "
+                        f"fwd {diff:.2e} grad {gdiff if gdiff is None else f'{gdiff:.2e}'} {'ok' if ok else 'FAIL'}"
+                    )
+    path = save(
+        "cuda-backend-parity",
+        {"environment": environment("cuda"), "rows": rows, "all_ok": all(r["ok"] for r in rows)},
+        args.out,
+    )
     print("saved", path, "all ok:", all(r["ok"] for r in rows))
 
 

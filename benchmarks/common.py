@@ -16,9 +16,16 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def environment(device: str) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "host_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": device, "command": " ".join([sys.executable] + sys.argv),
-            "commit": _commit(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "command": " ".join([sys.executable] + sys.argv),
+        "commit": _commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if device.startswith("cuda"):
         info["device_name"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -32,10 +39,15 @@ def _commit() -> str:
     if env:
         return env
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

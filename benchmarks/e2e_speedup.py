@@ -41,10 +41,15 @@ def cost(res: str, mode: str, guidance: float = 1.0, steps: int = 30):
     from atlasvid_dist.cost import RunSettings, estimate
 
     method = AtlasConfig(mode=mode, spatial_scale=3 if res == "4k" else 1, pad_windows=True)
-    return estimate(VideoSpec.from_res(res, frames=81), model_preset("wan2.1-1.3b"), method,
-                    ParallelPlan(workers=1, device="cuda", gpus=1),
-                    RunSettings(dtype="bf16", steps=steps, proxy_steps=steps, guidance=guidance), "h100",
-                    suggest=False)
+    return estimate(
+        VideoSpec.from_res(res, frames=81),
+        model_preset("wan2.1-1.3b"),
+        method,
+        ParallelPlan(workers=1, device="cuda", gpus=1),
+        RunSettings(dtype="bf16", steps=steps, proxy_steps=steps, guidance=guidance),
+        "h100",
+        suggest=False,
+    )
 
 
 def compose(args) -> dict:
@@ -55,25 +60,36 @@ def compose(args) -> dict:
     parts = {
         "text_encoder": (atlas4k.seconds["text_encoder"], "cost model (estimate)"),
         "vae_decode": (atlas4k.seconds["vae_decode"], "cost model (estimate), same for both"),
-        "full_detail": (args.steps * passes * m["4k_full_forward_s_extrapolated"],
-                        "measured: one 4K full-attention block x 30 layers (extrapolated), x steps x passes"),
-        "atlas_proxy_stage": (args.proxy_steps * passes * proxy_fwd,
-                              "measured 720P full forward x cost-model FLOPs ratio (proxy step / 720P step)"),
+        "full_detail": (
+            args.steps * passes * m["4k_full_forward_s_extrapolated"],
+            "measured: one 4K full-attention block x 30 layers (extrapolated), x steps x passes",
+        ),
+        "atlas_proxy_stage": (
+            args.proxy_steps * passes * proxy_fwd,
+            "measured 720P full forward x cost-model FLOPs ratio (proxy step / 720P step)",
+        ),
         "atlas_proxy_cache": (passes * m["4k_atlas_proxy_cache_build_s"], "measured, once per text embedding"),
         "atlas_detail": (args.steps * passes * m["4k_atlas_forward_s"], "measured 4K atlas forward x steps x passes"),
     }
     init_steps = round(args.steps * args.init_strength)
-    parts["atlas_detail_proxy_init"] = (init_steps * passes * m["4k_atlas_forward_s"],
-                                        f"measured 4K atlas forward x {init_steps} steps (--detail-init proxy) x passes")
+    parts["atlas_detail_proxy_init"] = (
+        init_steps * passes * m["4k_atlas_forward_s"],
+        f"measured 4K atlas forward x {init_steps} steps (--detail-init proxy) x passes",
+    )
     sec = {k: v[0] for k, v in parts.items()}
     common = sec["text_encoder"] + sec["vae_decode"]
     full = common + sec["full_detail"]
     atlas = common + sec["atlas_proxy_stage"] + sec["atlas_proxy_cache"] + sec["atlas_detail"]
     atlas_init = atlas - sec["atlas_detail"] + sec["atlas_detail_proxy_init"]
-    return {"parts": {k: {"seconds": v[0], "source": v[1]} for k, v in parts.items()},
-            "full_seconds": full, "atlas_seconds": atlas, "atlas_detail_init_proxy_seconds": atlas_init,
-            "speedup": full / atlas, "speedup_detail_init_proxy": full / atlas_init,
-            "per_step_speedup_measured": m["4k_per_step_speedup_atlas_vs_full_extrapolated"]}
+    return {
+        "parts": {k: {"seconds": v[0], "source": v[1]} for k, v in parts.items()},
+        "full_seconds": full,
+        "atlas_seconds": atlas,
+        "atlas_detail_init_proxy_seconds": atlas_init,
+        "speedup": full / atlas,
+        "speedup_detail_init_proxy": full / atlas_init,
+        "per_step_speedup_measured": m["4k_per_step_speedup_atlas_vs_full_extrapolated"],
+    }
 
 
 def main() -> int:
@@ -84,12 +100,20 @@ def main() -> int:
         print(f"{k:<26} {v['seconds']:>10.1f}  {v['source']}")
     print(f"full attention, end to end          {r['full_seconds']:>10.1f} s")
     print(f"atlas, end to end                   {r['atlas_seconds']:>10.1f} s  -> {r['speedup']:.1f}x")
-    print(f"atlas + --detail-init proxy         {r['atlas_detail_init_proxy_seconds']:>10.1f} s  -> "
-          f"{r['speedup_detail_init_proxy']:.1f}x")
-    payload = {"benchmark": "e2e-speedup-4k-composed", "model": "wan2.1-1.3b", "video": "3840x2160 x 81",
-               "device": "NVIDIA H100 80GB HBM3 (the measured parts); composed on CPU",
-               "settings": vars(args), "measured_from": str(STEP.relative_to(RESULTS.parent.parent)),
-               "env": environment("cpu"), **r}
+    print(
+        f"atlas + --detail-init proxy         {r['atlas_detail_init_proxy_seconds']:>10.1f} s  -> "
+        f"{r['speedup_detail_init_proxy']:.1f}x"
+    )
+    payload = {
+        "benchmark": "e2e-speedup-4k-composed",
+        "model": "wan2.1-1.3b",
+        "video": "3840x2160 x 81",
+        "device": "NVIDIA H100 80GB HBM3 (the measured parts); composed on CPU",
+        "settings": vars(args),
+        "measured_from": str(STEP.relative_to(RESULTS.parent.parent)),
+        "env": environment("cpu"),
+        **r,
+    }
     print(f"saved {save('e2e-speedup-4k-composed', payload, args.out)}")
     return 0
 

@@ -28,8 +28,11 @@ ENV = {"HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
-                   help="the cluster's job API (dashboard) address")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+        help="the cluster's job API (dashboard) address",
+    )
     p.add_argument("--working-dir", default=None, help="a folder shipped with the job (e.g. this repository)")
     p.add_argument("--pip", action="store_true", help="pip install the working dir on the nodes (runtime env)")
     p.add_argument("--gpus", type=int, default=0, help="GPUs for the entrypoint itself (train: the node's GPUs)")

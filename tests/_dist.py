@@ -60,8 +60,9 @@ def _linger() -> None:
         pass
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0,
-              backend: str = "gloo") -> list:
+def run_ranks(
+    fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: float = 30.0, backend: str = "gloo"
+) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return the results by rank.
 
     ``backend="nccl"`` puts rank r on GPU ``r % device_count`` (NCCL refuses two ranks on one GPU).
@@ -69,8 +70,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: flo
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout, backend, results, args), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, pg_timeout, backend, results, args), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     out: dict[int, object] = {}
@@ -102,6 +105,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, pg_timeout: flo
         raise AssertionError("distributed test failed:\n" + "\n".join(errors))
     missing = [r for r in range(world_size) if r not in out]
     if missing:
-        raise AssertionError(f"ranks {missing} did not finish within {timeout:g} s (exit codes "
-                             f"{[procs[r].exitcode for r in missing]})")
+        raise AssertionError(
+            f"ranks {missing} did not finish within {timeout:g} s (exit codes {[procs[r].exitcode for r in missing]})"
+        )
     return [out[r] for r in range(world_size)]

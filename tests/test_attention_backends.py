@@ -18,8 +18,16 @@ GRIDS = {
 
 
 def run(backend, grid, kw, layer, proxy_context, with_proxy, mode="atlas", seed=0):
-    cfg = AtlasConfig(mode=mode, backend=backend, proxy_context=proxy_context, temporal_scale=2, spatial_scale=2,
-                      proxy_margin=(0, 0, 0), ultragen_pool=(1, 2, 2), **kw)
+    cfg = AtlasConfig(
+        mode=mode,
+        backend=backend,
+        proxy_context=proxy_context,
+        temporal_scale=2,
+        spatial_scale=2,
+        proxy_margin=(0, 0, 0),
+        ultragen_pool=(1, 2, 2),
+        **kw,
+    )
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, grid.size, H, D, generator=g).requires_grad_() for _ in range(3))
     leaves = [q, k, v]
@@ -95,8 +103,11 @@ def run_nograd(backend, grid, kw, layer, proxy):
     kv = None
     if proxy != "none":
         pgrid = ProxyGeometry(grid, 2, 2).grid
-        kv = ProxyKV(pgrid, [torch.randn(1, pgrid.size, H, D, generator=g)] * 2,
-                     [torch.randn(1, pgrid.size, H, D, generator=g)] * 2)
+        kv = ProxyKV(
+            pgrid,
+            [torch.randn(1, pgrid.size, H, D, generator=g)] * 2,
+            [torch.randn(1, pgrid.size, H, D, generator=g)] * 2,
+        )
     return DetailAttention(cfg, grid, Rotary3D(D), torch.device("cpu"), kv, (2.0, 2.0, 2.0))(layer, q, k, v)
 
 

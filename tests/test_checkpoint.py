@@ -25,9 +25,13 @@ from atlasvid_dist.pipeline.checkpoint import (
 def state(step: int) -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(step)
     lat = torch.randn(1, 4, 2, 3, 5, generator=g)
-    tensors = {"latents": lat, "view": lat[0, :2].transpose(-1, -2),  # a non-contiguous view sharing storage
-               "rng": g.get_state(), "sigmas": torch.linspace(1, 0, 5, dtype=torch.float64),
-               "step_index": torch.tensor(step)}
+    tensors = {
+        "latents": lat,
+        "view": lat[0, :2].transpose(-1, -2),  # a non-contiguous view sharing storage
+        "rng": g.get_state(),
+        "sigmas": torch.linspace(1, 0, 5, dtype=torch.float64),
+        "step_index": torch.tensor(step),
+    }
     return tensors, {"stage": "detail", "step": step, "sched": {"shift": 5.0, "names": ["a", "b"]}}
 
 

@@ -44,8 +44,7 @@ def test_kill_during_commit_never_loads_a_partial_step(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     newest, partial = 0, 0
     for i in range(12):  # each round: restart the writer (it resumes after the newest commit), kill it mid-run
-        proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, env=env,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, env=env, text=True)
         first = proc.stdout.readline()  # at least one commit of this round done
         assert first.strip().isdigit(), first
         time.sleep(0.003 + 0.011 * i)  # a spread of moments inside the next commits

@@ -7,8 +7,9 @@ import pytest
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "atlasvid_dist.cli.main", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "atlasvid_dist.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_demo_runs_full_and_atlas():
@@ -17,9 +18,16 @@ def test_demo_runs_full_and_atlas():
     assert "tokens" in r.stdout and "fewer attention FLOPs" in r.stdout
 
 
-@pytest.mark.parametrize("args,field", [
-    (["--frames", "8"], "frames"), (["--res", "1000x720"], "width"), (["--res", "9k"], "res"),
-    (["--window", "3,15"], "window"), (["--spatial-scale", "7"], "spatial_scale")])
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--frames", "8"], "frames"),
+        (["--res", "1000x720"], "width"),
+        (["--res", "9k"], "res"),
+        (["--window", "3,15"], "window"),
+        (["--spatial-scale", "7"], "spatial_scale"),
+    ],
+)
 def test_bad_input_exit_code_2(args, field):
     r = run_cli("demo", *args)
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -41,14 +41,23 @@ def test_14b_8k_on_one_gpu_is_refused_with_reasons():
     assert r.stderr.startswith("error: plan does not fit") and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args,field", [
-    (["--frames", "80"], "frames"), (["--res", "9k"], "res"), (["--res", "1000x720"], "width"),
-    (["--window", "3,15"], "window"), (["--attention", "sparse"], "attention"), (["--dtype", "fp8"], "dtype"),
-    (["--gpus", "2", "--workers", "4"], "workers"), (["--spatial-scale", "7"], "spatial_scale"),
-    (["--device-profile", "a100"], "device_profile"), (["--model", "/nonexistent/wan"], "model"),
-    (["--res", "8k", "--frames", "29", "--window", "3,15,16"], "window.t"),  # 8 latent frames: 3 does not tile them
-    (["--gpus", "16", "--model", "wan2.1-14b", "--proxy-parallel", "ulysses"], "ulysses_degree"),
-])
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--frames", "80"], "frames"),
+        (["--res", "9k"], "res"),
+        (["--res", "1000x720"], "width"),
+        (["--window", "3,15"], "window"),
+        (["--attention", "sparse"], "attention"),
+        (["--dtype", "fp8"], "dtype"),
+        (["--gpus", "2", "--workers", "4"], "workers"),
+        (["--spatial-scale", "7"], "spatial_scale"),
+        (["--device-profile", "a100"], "device_profile"),
+        (["--model", "/nonexistent/wan"], "model"),
+        (["--res", "8k", "--frames", "29", "--window", "3,15,16"], "window.t"),  # 8 latent frames: 3 does not tile them
+        (["--gpus", "16", "--model", "wan2.1-14b", "--proxy-parallel", "ulysses"], "ulysses_degree"),
+    ],
+)
 def test_bad_input_exits_2_naming_the_field(args, field):
     r = plan(*args)
     assert r.exit_code == 2, r.output
@@ -63,12 +72,25 @@ def _write_json(path, data):
 def test_model_folder_shapes_are_read(tmp_path):
     """--model DIR reads transformer/config.json (no weights); here a 14B-shaped folder of configs."""
     root = tmp_path / "wan"
-    _write_json(root / "model_index.json", {k: ["diffusers", "X"] for k in
-                                            ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")})
-    _write_json(root / "transformer" / "config.json", {
-        "_class_name": "WanTransformer3DModel", "num_layers": 40, "num_attention_heads": 40,
-        "attention_head_dim": 128, "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
-        "freq_dim": 256, "patch_size": [1, 2, 2]})
+    _write_json(
+        root / "model_index.json",
+        {k: ["diffusers", "X"] for k in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")},
+    )
+    _write_json(
+        root / "transformer" / "config.json",
+        {
+            "_class_name": "WanTransformer3DModel",
+            "num_layers": 40,
+            "num_attention_heads": 40,
+            "attention_head_dim": 128,
+            "ffn_dim": 13824,
+            "in_channels": 16,
+            "out_channels": 16,
+            "text_dim": 4096,
+            "freq_dim": 256,
+            "patch_size": [1, 2, 2],
+        },
+    )
     _write_json(root / "vae" / "config.json", {"_class_name": "AutoencoderKLWan", "z_dim": 16})
     _write_json(root / "text_encoder" / "config.json", {"d_model": 4096})
     _write_json(root / "tokenizer" / "tokenizer_config.json", {})
@@ -106,6 +128,7 @@ def test_plan_shows_the_halo_without_shifts_in_time():
 def test_plan_counts_ultragen_compressed_global_branch():
     """--attention ultragen: the global branch is dense attention among the N' pooled tokens, 4 N'^2 heads head_dim
     (1.3B: 12 x 128) per layer; --ultragen-pool changes N', the branch's memory is shown, bad values exit 2."""
+
     def run(*extra):
         r = plan("--res", "4k", "--gpus", "1", "--device-profile", "h200", "--attention", "ultragen", "--json", *extra)
         assert r.exit_code == 0, r.output
@@ -114,7 +137,7 @@ def test_plan_counts_ultragen_compressed_global_branch():
     coarse, fine = run("--ultragen-pool", "1,8,8"), run()  # default 1,4,4; grid (21, 135, 240), ceil per axis
     n4, n8 = 21 * 34 * 60, 21 * 17 * 30
     diff = fine["attention_flops_per_layer"]["ultragen"] - coarse["attention_flops_per_layer"]["ultragen"]
-    assert diff == 4 * 12 * 128 * (n4 ** 2 - n8 ** 2)
+    assert diff == 4 * 12 * 128 * (n4**2 - n8**2)
     assert fine["attention_flops_ratios"]["ultragen"] > 150  # was ~15 when every full-size query read N' keys
     assert fine["memory"]["detail_stage"]["ultragen_global"] == (4 * n4 + 2 * 680_400) * 1536 * 2
     assert fine["inputs"]["method"]["ultragen_weight"] == 0.5

@@ -49,8 +49,14 @@ def test_rayjob_manifest_is_complete_and_its_run_fits():
     job = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
-    for key in ("entrypoint", "runtimeEnvYAML", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
-                "activeDeadlineSeconds", "rayClusterSpec"):
+    for key in (
+        "entrypoint",
+        "runtimeEnvYAML",
+        "shutdownAfterJobFinishes",
+        "ttlSecondsAfterFinished",
+        "activeDeadlineSeconds",
+        "rayClusterSpec",
+    ):
         assert key in spec, key
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
@@ -60,14 +66,28 @@ def test_rayjob_manifest_is_complete_and_its_run_fits():
     assert params["gpus"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 8
     # the same geometry on the model's shapes fits 8 H100s by the cost model (plan exits 0 when it fits)
     with pytest.raises(SystemExit) as e:
-        main(["plan", "--model", "wan2.1-1.3b", "--res", params["res"], "--frames", str(params["frames"]),
-              "--gpus", "8", "--json"])
+        main(
+            [
+                "plan",
+                "--model",
+                "wan2.1-1.3b",
+                "--res",
+                params["res"],
+                "--frames",
+                str(params["frames"]),
+                "--gpus",
+                "8",
+                "--json",
+            ]
+        )
     assert e.value.code == 0
 
 
 def test_submit_script_builds_the_request(capsys):
-    assert submit_job.main(["--address", "http://h:8265", "--dry-run", "generate", "--", "--gpus", "8",
-                            "--prompt", "a b"]) == 0
+    assert (
+        submit_job.main(["--address", "http://h:8265", "--dry-run", "generate", "--", "--gpus", "8", "--prompt", "a b"])
+        == 0
+    )
     req = json.loads(capsys.readouterr().out)
     assert req["entrypoint"] == "atlasvid-dist generate --gpus 8 --prompt 'a b'"
     assert req["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1" and req["entrypoint_num_gpus"] == 0
@@ -106,16 +126,38 @@ def head(tmp_path):
     """A Ray head on loopback with the job API and token auth (a token made here), in its own temp dir; stopped
     afterwards. The returned environment is a client's: RAY_AUTH_MODE=token and the token's path."""
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}  # the job's shell finds atlasvid-dist
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+    }  # the job's shell finds atlasvid-dist
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     port, dash = _port(), _port()
     temp = Path("/tmp") / f"atlasvid-head-{port}"  # short: Ray's socket paths have a length limit
-    start = [str(Path(bindir) / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
-             "--include-dashboard", "true", "--temp-dir", str(temp), "--disable-usage-stats"]
+    start = [
+        str(Path(bindir) / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--num-cpus",
+        "3",
+        "--include-dashboard",
+        "true",
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+    ]
     out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=START_S)
     assert out.returncode == 0, out.stdout + out.stderr
     try:
@@ -129,10 +171,19 @@ def test_the_test_head_refuses_a_client_with_a_wrong_token(head):
     """The head above enforces its token: a job API client with another token is turned away."""
     address, env = head
     anon = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")}
-    cmd = [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-           "C(sys.argv[1]).list_jobs()", address]
-    run = subprocess.run(cmd, env={**anon, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-                         capture_output=True, text=True, timeout=START_S)
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from ray.job_submission import JobSubmissionClient as C; C(sys.argv[1]).list_jobs()",
+        address,
+    ]
+    run = subprocess.run(
+        cmd,
+        env={**anon, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        capture_output=True,
+        text=True,
+        timeout=START_S,
+    )
     assert run.returncode != 0 and ("auth" in run.stderr.lower() or "401" in run.stderr), run.stderr[-2000:]
     ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=START_S)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -142,9 +193,33 @@ def test_the_test_head_refuses_a_client_with_a_wrong_token(head):
 def test_ray_job_submit_runs_a_tiny_distributed_generation(head, tmp_path):
     address, env = head
     out = tmp_path / "job.mp4"
-    cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "generate", "--",
-           "--prompt", "a red ball", "--res", "256x256", "--frames", "9", "--steps", "2", "--proxy-steps", "2",
-           "--window", "3,4,8", "--spatial-scale", "2", "--workers", "2", "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        str(CLUSTER / "submit_job.py"),
+        "--address",
+        address,
+        "generate",
+        "--",
+        "--prompt",
+        "a red ball",
+        "--res",
+        "256x256",
+        "--frames",
+        "9",
+        "--steps",
+        "2",
+        "--proxy-steps",
+        "2",
+        "--window",
+        "3,4,8",
+        "--spatial-scale",
+        "2",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -160,12 +235,46 @@ def test_ray_job_submit_runs_training(head, tmp_path):
     address, env = head
     data = write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13)
     conf = tmp_path / "small.yaml"
-    conf.write_text(yaml.safe_dump(dict(width=64, height=64, frames=9, temporal_scale=2, spatial_scale=2,
-                                        window=[3, 2, 2], text_len=16, lora_rank=4, lora_alpha=4.0)))
+    conf.write_text(
+        yaml.safe_dump(
+            dict(
+                width=64,
+                height=64,
+                frames=9,
+                temporal_scale=2,
+                spatial_scale=2,
+                window=[3, 2, 2],
+                text_len=16,
+                lora_rank=4,
+                lora_alpha=4.0,
+            )
+        )
+    )
     out = tmp_path / "run"
-    cmd = [sys.executable, str(CLUSTER / "submit_job.py"), "--address", address, "train", "--",
-           "--stage", "1", "--data", str(data), "--model", "tiny", "--output", str(out), "--config", str(conf),
-           "--max-steps", "2", "--num-processes", "2", "--deepspeed-config", "zero2"]
+    cmd = [
+        sys.executable,
+        str(CLUSTER / "submit_job.py"),
+        "--address",
+        address,
+        "train",
+        "--",
+        "--stage",
+        "1",
+        "--data",
+        str(data),
+        "--model",
+        "tiny",
+        "--output",
+        str(out),
+        "--config",
+        str(conf),
+        "--max-steps",
+        "2",
+        "--num-processes",
+        "2",
+        "--deepspeed-config",
+        "zero2",
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     log = run.stdout + run.stderr
     assert run.returncode == 0 and "SUCCEEDED" in log, log[-4000:]
@@ -176,7 +285,9 @@ def test_ray_job_submit_runs_training(head, tmp_path):
 #: which the GPU test below starts as they are, adding only what a test on one machine needs (see _start_node)
 README_HEAD = "ray start --head --port 6379 --dashboard-host 127.0.0.1 --num-cpus 0"
 README_NODE = "ray start --address HEAD:6379"
-README_SUBMIT = "ray job submit --address http://127.0.0.1:8265 --runtime-env-json '{\"env_vars\": {\"HF_HUB_OFFLINE\": \"1\"}}' --"
+README_SUBMIT = (
+    'ray job submit --address http://127.0.0.1:8265 --runtime-env-json \'{"env_vars": {"HF_HUB_OFFLINE": "1"}}\' --'
+)
 
 
 def test_readme_gives_the_commands_the_gpu_cluster_test_runs():
@@ -193,8 +304,13 @@ def _start_node(command: str, env: dict, log: Path, **subs) -> subprocess.Popen:
         args = [a.replace(old, new) for a in args]
     args[0] = str(Path(sys.executable).parent / "ray")
     with open(log, "ab") as out:
-        return subprocess.Popen([*args, "--block", "--disable-usage-stats"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [*args, "--block", "--disable-usage-stats"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _stop_node(proc: subprocess.Popen) -> None:
@@ -229,25 +345,47 @@ def gpu_cluster(tmp_path):
     there), and a second node declaring 2 GPUs it does not have (the placement group forms; CUDA does not exist).
     Token auth as in ``head``. Yields (job API address, client environment, log of both nodes)."""
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(_token_file(tmp_path)),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+    }
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "CUDA_VISIBLE_DEVICES"):  # a node declaring GPUs checks this
         env.pop(key, None)
     port, dash, log = str(_port()), str(_port()), tmp_path / "nodes.log"
     temp = Path("/tmp") / f"atlasvid-head-{port}"
-    head = _start_node(f"{README_HEAD} --node-ip-address 127.0.0.1 --dashboard-port {dash} --include-dashboard true "
-                       f"--temp-dir {temp} --num-gpus 0", env, log, **{"6379": port})
+    head = _start_node(
+        f"{README_HEAD} --node-ip-address 127.0.0.1 --dashboard-port {dash} --include-dashboard true "
+        f"--temp-dir {temp} --num-gpus 0",
+        env,
+        log,
+        **{"6379": port},
+    )
     nodes = [head]
     try:
         status = [str(Path(bindir) / "ray"), "status", "--address", f"127.0.0.1:{port}"]
-        _wait_for("the head started", lambda: subprocess.run(status, env=env, capture_output=True).returncode == 0,
-                  head, log)
-        nodes.append(_start_node(f"{README_NODE} --node-ip-address 127.0.0.1 --num-cpus 3 --num-gpus 2", env, log,
-                                 HEAD="127.0.0.1", **{"6379": port}))
-        _wait_for("the GPU node joined", lambda: "/2.0 GPU" in subprocess.run(status, env=env, capture_output=True,
-                                                                               text=True).stdout, nodes[-1], log)
+        _wait_for(
+            "the head started", lambda: subprocess.run(status, env=env, capture_output=True).returncode == 0, head, log
+        )
+        nodes.append(
+            _start_node(
+                f"{README_NODE} --node-ip-address 127.0.0.1 --num-cpus 3 --num-gpus 2",
+                env,
+                log,
+                HEAD="127.0.0.1",
+                **{"6379": port},
+            )
+        )
+        _wait_for(
+            "the GPU node joined",
+            lambda: "/2.0 GPU" in subprocess.run(status, env=env, capture_output=True, text=True).stdout,
+            nodes[-1],
+            log,
+        )
         yield f"http://127.0.0.1:{dash}", env, log
     finally:
         for proc in reversed(nodes):
@@ -263,9 +401,29 @@ def test_gpu_job_on_a_cpu_only_head_asks_the_cluster_and_fails_in_the_workers(gp
     address, env, log = gpu_cluster
     submit = shlex.split(README_SUBMIT.replace("http://127.0.0.1:8265", address))
     submit[0] = str(Path(sys.executable).parent / "ray")
-    cmd = [*submit, "atlasvid-dist", "generate", "--gpus", "2", "--prompt", "a red ball", "--res", "256x256",
-           "--frames", "9", "--steps", "1", "--proxy-steps", "1", "--window", "3,4,8", "--spatial-scale", "2",
-           "--out", str(tmp_path / "never.mp4")]
+    cmd = [
+        *submit,
+        "atlasvid-dist",
+        "generate",
+        "--gpus",
+        "2",
+        "--prompt",
+        "a red ball",
+        "--res",
+        "256x256",
+        "--frames",
+        "9",
+        "--steps",
+        "1",
+        "--proxy-steps",
+        "1",
+        "--window",
+        "3,4,8",
+        "--spatial-scale",
+        "2",
+        "--out",
+        str(tmp_path / "never.mp4"),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=JOB_S)
     out = run.stdout + run.stderr
     assert run.returncode == 1, out[-4000:] + log.read_text()[-2000:]

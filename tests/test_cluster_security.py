@@ -64,8 +64,10 @@ def launcher_problems(cfg: dict) -> list[str]:
                     problems.append(f"{key}: {TOKEN_ENV}={token!r} is not a token file synced by file_mounts")
                 host = _flag(argv, "dashboard-host")
                 if "--head" in argv and (host is None or host in OPEN_HOSTS):
-                    problems.append(f"{key}: dashboard host {host!r} (Ray's default 127.0.0.1 must be explicit; "
-                                    "0.0.0.0 / :: open the job API)")
+                    problems.append(
+                        f"{key}: dashboard host {host!r} (Ray's default 127.0.0.1 must be explicit; "
+                        "0.0.0.0 / :: open the job API)"
+                    )
         if not starts:
             problems.append(f"{key}: no `ray start` command")
     return problems
@@ -114,8 +116,9 @@ def rayjob_problems(job: dict) -> list[str]:
             problems.append(f"{where}: no RAY_AUTH_MODE=token")
         secret = _secret_token(container, pod)
         if secret is None or secret != auth.get("secretName"):
-            problems.append(f"{where}: the Ray token does not come from the Secret {auth.get('secretName')!r} "
-                            f"(got {secret!r})")
+            problems.append(
+                f"{where}: the Ray token does not come from the Secret {auth.get('secretName')!r} (got {secret!r})"
+            )
     return problems
 
 
@@ -130,9 +133,12 @@ def test_rayjob_requires_token_auth_from_a_secret_and_a_private_dashboard():
 def test_the_checks_catch_an_open_cluster():
     """Each fix undone in a copy of the shipped configs is reported (the checks are not vacuous)."""
     cfg = _load("ray-cluster.yaml")
-    cfg["head_start_ray_commands"] = [c.replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")
-                                      .replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")
-                                      for c in cfg["head_start_ray_commands"]]
+    cfg["head_start_ray_commands"] = [
+        c.replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0").replace(
+            "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"
+        )
+        for c in cfg["head_start_ray_commands"]
+    ]
     cfg["file_mounts"] = {"/home/ubuntu/atlasvid-dist": "."}
     found = " | ".join(launcher_problems(cfg))
     assert "dashboard host '0.0.0.0'" in found and "RAY_AUTH_MODE=token" in found and "file_mounts" in found, found
@@ -148,8 +154,13 @@ def test_the_checks_catch_an_open_cluster():
 
 
 def test_docs_and_scripts_never_advise_disabling_auth():
-    for path in [CLUSTER / "README.md", CLUSTER / "submit_job.py", CLUSTER / "ray-cluster.yaml",
-                 CLUSTER / "rayjob.yaml", ROOT / "README.md"]:
+    for path in [
+        CLUSTER / "README.md",
+        CLUSTER / "submit_job.py",
+        CLUSTER / "ray-cluster.yaml",
+        CLUSTER / "rayjob.yaml",
+        ROOT / "README.md",
+    ]:
         text = path.read_text()
         assert not re.search(r"RAY_AUTH_MODE\s*[=:]\s*[\"']?disabled", text), path
         assert "--dashboard-host 0.0.0.0" not in text and "--dashboard-host=0.0.0.0" not in text, path

@@ -21,8 +21,9 @@ def _hung_peer(rank, world, op):
     try:
         if op == "exchange":
             x = torch.ones(3)
-            comm.exchange([(1, x)], [(1, torch.empty(3))], None, stats=None, category="halo.fwd", step="layer 3",
-                          timeout=1.0)
+            comm.exchange(
+                [(1, x)], [(1, torch.empty(3))], None, stats=None, category="halo.fwd", step="layer 3", timeout=1.0
+            )
         else:
             q = torch.randn(1, 2, 4, 8)
             ring_attention(q, q, q, None, step="proxy step 2", timeout=1.0)

@@ -60,9 +60,17 @@ def test_1080p_pads_and_crops():
     assert not VideoSpec.from_res("4k").cropped
 
 
-@pytest.mark.parametrize("res,frames,tokens", [
-    ("720p", 81, 75_600), ("2k", 81, 302_400), ("4k", 81, 680_400), ("8k", 29, 1_036_800),
-    ("4k", 161, 1_328_400), ("2k", 321, 1_166_400)])
+@pytest.mark.parametrize(
+    "res,frames,tokens",
+    [
+        ("720p", 81, 75_600),
+        ("2k", 81, 302_400),
+        ("4k", 81, 680_400),
+        ("8k", 29, 1_036_800),
+        ("4k", 161, 1_328_400),
+        ("2k", 321, 1_166_400),
+    ],
+)
 def test_token_counts_match_design(res, frames, tokens):
     v = VideoSpec.from_res(res, frames=frames)
     assert token_grid(latent_grid(v.frames, v.gen_height, v.gen_width)).size == tokens
@@ -115,8 +123,12 @@ def test_errors_are_one_family():
 def test_no_assert_statements_in_package():
     """Input checks must survive python -O: the package raises, it never asserts."""
     root = pathlib.Path(__file__).parents[1] / "atlasvid_dist"
-    offenders = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
-                 if re.match(r"\s*assert\b", line)]
+    offenders = [
+        f"{p}:{i}"
+        for p in root.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.match(r"\s*assert\b", line)
+    ]
     assert offenders == []
 
 

@@ -21,8 +21,15 @@ def test_overrides_win_and_lists_become_tuples():
     assert cfg.spatial_scale == 2 and cfg.window == (3, 15, 16)
 
 
-@pytest.mark.parametrize("text,match", [("windw: [3, 15, 16]\n", "windw"), ("window: abc\n", "window"),
-                                        ("- a\n- b\n", "mapping"), ("mode: [unclosed\n", "not valid")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("windw: [3, 15, 16]\n", "windw"),
+        ("window: abc\n", "window"),
+        ("- a\n- b\n", "mapping"),
+        ("mode: [unclosed\n", "not valid"),
+    ],
+)
 def test_bad_files(tmp_path, text, match):
     p = tmp_path / "bad.yaml"
     p.write_text(text)

@@ -27,16 +27,25 @@ def gpu_plan(workers=1, **kw):
 
 def est(res, frames, model=WAN13, workers=1, run=None, profile="h100", plan=None, **method):
     method.setdefault("spatial_scale", 3)
-    return estimate(VideoSpec.from_res(res, frames=frames), model, AtlasConfig(**method),
-                    plan or gpu_plan(workers), run or RunSettings(), profile)
+    return estimate(
+        VideoSpec.from_res(res, frames=frames),
+        model,
+        AtlasConfig(**method),
+        plan or gpu_plan(workers),
+        run or RunSettings(),
+        profile,
+    )
 
 
 # -- tokens ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("res,frames,kw,tokens", [
-    ("4k", 81, dict(spatial_scale=3), 680_400),            # 21 x 135 x 240
-    ("2k", 321, dict(spatial_scale=2), 1_166_400),         # 81 x 90 x 160
-    ("8k", 29, dict(spatial_scale=6, pad_windows=True), 1_036_800),  # 8 x 270 x 480
-])
+@pytest.mark.parametrize(
+    "res,frames,kw,tokens",
+    [
+        ("4k", 81, dict(spatial_scale=3), 680_400),  # 21 x 135 x 240
+        ("2k", 321, dict(spatial_scale=2), 1_166_400),  # 81 x 90 x 160
+        ("8k", 29, dict(spatial_scale=6, pad_windows=True), 1_036_800),  # 8 x 270 x 480
+    ],
+)
 def test_detail_tokens_hand_computed(res, frames, kw, tokens):
     r = est(res, frames, **kw)
     assert r.detail_tokens == tokens == math.prod(r.detail_grid)
@@ -79,7 +88,7 @@ def test_atlas_ratio_4k_matches_window_plus_aligned_context():
     n_shift = WindowSpec(grid, (3, 15, 16), (1, 7, 8)).num_windows
     assert n_shift == 1280
     mean_windows = (945 + n_shift) / 2
-    assert shifted.attention_flops_ratio == pytest.approx(680_400 ** 2 / (mean_windows * 720 * (720 + ctx)), rel=1e-6)
+    assert shifted.attention_flops_ratio == pytest.approx(680_400**2 / (mean_windows * 720 * (720 + ctx)), rel=1e-6)
     assert 675 / 1.4 < shifted.attention_flops_ratio < 675
 
 
@@ -118,11 +127,14 @@ def test_memory_matches_measured_h100_step():
     assert detail["total"] == pytest.approx(measured["4k_atlas_peak_memory_bytes"], rel=0.1)
 
 
-@pytest.mark.parametrize("model,res,mode,scale,measured", [
-    # measured on one H100, bf16, one forward, random weights: python -m atlasvid_dist.cost.calibrate
-    (WAN13, "2k", "atlas", 2, 24_359_049_216),
-    (WAN14, "720p", "full", 1, 38_043_741_184),
-])
+@pytest.mark.parametrize(
+    "model,res,mode,scale,measured",
+    [
+        # measured on one H100, bf16, one forward, random weights: python -m atlasvid_dist.cost.calibrate
+        (WAN13, "2k", "atlas", 2, 24_359_049_216),
+        (WAN14, "720p", "full", 1, 38_043_741_184),
+    ],
+)
 def test_memory_matches_calibration_points(model, res, mode, scale, measured):
     r = est(res, 81, model=model, mode=mode, spatial_scale=scale, run=TRANSFORMER_ONLY)
     assert r.memory["detail_stage"]["total"] == pytest.approx(measured, rel=0.1)
@@ -206,8 +218,9 @@ def test_parallel_plan_refusals_print_every_factor():
     with pytest.raises(ConfigError, match="proxy_parallel"):
         ParallelPlan(workers=4, ulysses_degree=4)
     with pytest.raises(PlanError, match=r"ulysses_degree = 16 does not divide the model's heads = 40"):
-        ParallelPlan(workers=16, device="cuda", gpus=16, proxy_parallel="ulysses",
-                     ulysses_degree=16).check_against(WAN14, 945)
+        ParallelPlan(workers=16, device="cuda", gpus=16, proxy_parallel="ulysses", ulysses_degree=16).check_against(
+            WAN14, 945
+        )
     with pytest.raises(PlanError, match=r"8 window groups .* only 6 windows"):
         ParallelPlan(workers=8).check_against(WAN13, 6)
     ParallelPlan(workers=8, window_group=2).check_against(WAN13, 6)  # 4 groups of 2 ranks: fine

@@ -26,9 +26,11 @@ CASES = {
 
 def predicted(cfg: AtlasConfig, grid: Grid) -> int:
     spec = model_preset("tiny")
-    per_layer = [linear_flops_per_layer(spec, grid.size)["total"]
-                 + layer_attention_flops(cfg, grid, spec.num_heads, spec.head_dim, layer=i, with_proxy=False)
-                 for i in range(spec.num_layers)]
+    per_layer = [
+        linear_flops_per_layer(spec, grid.size)["total"]
+        + layer_attention_flops(cfg, grid, spec.num_heads, spec.head_dim, layer=i, with_proxy=False)
+        for i in range(spec.num_layers)
+    ]
     return embed_flops(spec, grid.size) + sum(per_layer)
 
 

@@ -26,8 +26,9 @@ def vae():
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True]).eval()
+    return AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
 
 
 def latents(f: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
@@ -66,12 +67,12 @@ def test_tiled_stream_equals_per_tile_decode_blended(vae):
     assert len(tiles) == 4  # 2x2
     acc, wsum = np.zeros((9, 64, 64, 3)), np.zeros((64, 64, 1))
     for t in tiles:
-        px = diffusers_decode(vae, lat[..., t.y0:t.y1, t.x0:t.x1])
+        px = diffusers_decode(vae, lat[..., t.y0 : t.y1, t.x0 : t.x1])
         wy = ref_ramp(t.y0, t.y1, [u for u in tiles if u.x0 == t.x0])
         wx = ref_ramp(t.x0, t.x1, [u for u in tiles if u.y0 == t.y0], axis="x")
         w = np.outer(wy, wx)[..., None]
-        acc[:, t.y0 * 8:t.y1 * 8, t.x0 * 8:t.x1 * 8] += px * w
-        wsum[t.y0 * 8:t.y1 * 8, t.x0 * 8:t.x1 * 8] += w
+        acc[:, t.y0 * 8 : t.y1 * 8, t.x0 * 8 : t.x1 * 8] += px * w
+        wsum[t.y0 * 8 : t.y1 * 8, t.x0 * 8 : t.x1 * 8] += w
     ref = to_uint8((acc / wsum).astype(np.float32))
     assert levels(run(vae, lat, tiling), ref).max() <= 1
 
@@ -122,7 +123,7 @@ def synthetic_chunks(tiles, frames, scale, seed=0):
     for t in tiles:
         py0, py1, px0, px1 = t.pixel_box(scale)
         px = rng.uniform(-1.2, 1.2, (frames, py1 - py0, px1 - px0, 3)).astype(np.float32)
-        out.append([(0, px[:1])] + [(s, px[s:s + 4]) for s in range(1, frames, 4)])
+        out.append([(0, px[:1])] + [(s, px[s : s + 4]) for s in range(1, frames, 4)])
     return out
 
 
@@ -199,8 +200,9 @@ def test_plan_tiles_geometry():
     assert plan_tiles((3, 3), DecodeTiling(tile=8, overlap=4)) == [Tile(0, 0, 3, 0, 3)]
 
 
-@pytest.mark.parametrize("kwargs", [dict(tile=0), dict(tile=4, overlap=3), dict(overlap=-1),
-                                    dict(chunk_frames=0), dict(tile=4.0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(tile=0), dict(tile=4, overlap=3), dict(overlap=-1), dict(chunk_frames=0), dict(tile=4.0)]
+)
 def test_tiling_validation(kwargs):
     with pytest.raises(ConfigError):
         DecodeTiling(**kwargs)
@@ -222,8 +224,7 @@ def test_bad_latents_and_crop_refused_before_decoding(vae):
 def test_tile_stream_chunks(vae):
     lat = latents(4, 4, 4)
     tile = plan_tiles((4, 4), DecodeTiling(tile=4, overlap=0))[0]
-    got = [(s, p.shape) for s, p in decode_tile_stream(vae, lat, tile, DecodeTiling(tile=4, overlap=0,
-                                                                                      chunk_frames=2))]
+    got = [(s, p.shape) for s, p in decode_tile_stream(vae, lat, tile, DecodeTiling(tile=4, overlap=0, chunk_frames=2))]
     assert got == [(0, (5, 32, 32, 3)), (5, (8, 32, 32, 3))]  # 1 + 4, then 4 + 4 video frames
     assert vae_scale(vae).frames(4) == 13
 

@@ -1,6 +1,5 @@
 """Two-stage generation end to end on the tiny model: mp4 output, determinism, resume, loading, LoRA, bad inputs."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,8 +12,14 @@ SMALL = dict(res="256x256", frames=9, steps=2, proxy_steps=2, window="3,8,8", gu
 
 
 def config(tmp_path, name="out", **kw):
-    values = {**DEFAULTS, **SMALL, "prompt": "a red ball rolling", "out": str(tmp_path / f"{name}.mp4"),
-              "save_latents": str(tmp_path / f"{name}.safetensors"), **kw}
+    values = {
+        **DEFAULTS,
+        **SMALL,
+        "prompt": "a red ball rolling",
+        "out": str(tmp_path / f"{name}.mp4"),
+        "save_latents": str(tmp_path / f"{name}.safetensors"),
+        **kw,
+    }
     return build_config(values)
 
 
@@ -99,8 +104,10 @@ def test_lora_changes_output(tmp_path):
     from atlasvid_dist.models.loading import load_components
 
     comp = load_components("tiny")
-    comp.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                            init_lora_weights=False), adapter_name="trained")
+    comp.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False),
+        adapter_name="trained",
+    )
     path = lora.save_lora(comp.transformer, "trained", tmp_path / "adapter.safetensors")
     base, tuned = config(tmp_path, "base"), config(tmp_path, "tuned", lora_stage2=str(path))
     generate(base)
@@ -139,8 +146,25 @@ def test_ultragen_options_reach_the_method(tmp_path):
 @pytest.mark.parametrize("args,needle", BAD)
 def test_bad_inputs_exit_2_and_no_output(tmp_path, capsys, args, needle):
     out = tmp_path / "bad.mp4"
-    code = cli("generate", "--prompt", "x", "--res", "256x256", "--frames", "9", "--steps", "1", "--proxy-steps",
-               "1", "--window", "3,8,8", "--quiet", "--out", str(out), *args)
+    code = cli(
+        "generate",
+        "--prompt",
+        "x",
+        "--res",
+        "256x256",
+        "--frames",
+        "9",
+        "--steps",
+        "1",
+        "--proxy-steps",
+        "1",
+        "--window",
+        "3,8,8",
+        "--quiet",
+        "--out",
+        str(out),
+        *args,
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and needle in err
@@ -155,8 +179,22 @@ def test_truncated_weights_exit_2(tmp_path, capsys):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     out = tmp_path / "t.mp4"
-    code = cli("generate", "--prompt", "x", "--model", str(folder), "--res", "256x256", "--frames", "9",
-               "--window", "3,8,8", "--quiet", "--out", str(out))
+    code = cli(
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        str(folder),
+        "--res",
+        "256x256",
+        "--frames",
+        "9",
+        "--window",
+        "3,8,8",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert code == 2 and weights.name in capsys.readouterr().err and not out.exists()
 
 
@@ -178,11 +216,27 @@ def test_preflight_refuses_before_any_model_loads(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(loading, "load_components", no_load)
     small = tmp_path / "small.yaml"
-    small.write_text("name: small\npeak_flops: 1.0e+12\npeak_flops_fp32: 1.0e+12\nefficiency: 0.5\n"
-                     "window_efficiency: 0.1\nmemory_bytes: 1000000\nshared_memory: true\n")
+    small.write_text(
+        "name: small\npeak_flops: 1.0e+12\npeak_flops_fp32: 1.0e+12\nefficiency: 0.5\n"
+        "window_efficiency: 0.1\nmemory_bytes: 1000000\nshared_memory: true\n"
+    )
     out = tmp_path / "never.mp4"
-    code = cli("generate", "--prompt", "x", "--res", "256x256", "--frames", "9", "--window", "3,8,8", "--quiet",
-               "--device-profile", str(small), "--out", str(out))
+    code = cli(
+        "generate",
+        "--prompt",
+        "x",
+        "--res",
+        "256x256",
+        "--frames",
+        "9",
+        "--window",
+        "3,8,8",
+        "--quiet",
+        "--device-profile",
+        str(small),
+        "--out",
+        str(out),
+    )
     err = capsys.readouterr().err
     assert code == 2 and "does not fit" in err and not out.exists()
 

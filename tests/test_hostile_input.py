@@ -39,19 +39,51 @@ def write(tmp_path, name, data):
 
 
 # -- config files ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("data,rule", [(b"\xff\xfe\x00\x01binary", "binary"), (b"prompt: caf\xe9\n", "UTF-8"),
-                                       ("- a\n- b\n", "mapping"), ("just text\n", "mapping"), ("[1, 2]", "mapping")])
+@pytest.mark.parametrize(
+    "data,rule",
+    [
+        (b"\xff\xfe\x00\x01binary", "binary"),
+        (b"prompt: caf\xe9\n", "UTF-8"),
+        ("- a\n- b\n", "mapping"),
+        ("just text\n", "mapping"),
+        ("[1, 2]", "mapping"),
+    ],
+)
 def test_unreadable_or_non_mapping_config(tmp_path, data, rule):
     line = refused(["generate", "--config", write(tmp_path, "c.yaml", data), *GUARD], "config")
     assert rule in line
 
 
-@pytest.mark.parametrize("key,value", [
-    ("out", "123"), ("window", "5"), ("window", "[1, 2]"), ("window", "{a: 1}"), ("frames", "'x'"), ("fps", "1.5"),
-    ("steps", "true"), ("seed", "1.5"), ("crf", "'x'"), ("text_len", "'x'"), ("guidance", "'x'"),
-    ("guidance", ".nan"), ("flow_shift", ".inf"), ("init_strength", "'x'"), ("shift", "'maybe'"),
-    ("pad_windows", "1"), ("prompt", "5"), ("negative_prompt", "[a]"), ("model", "5"), ("res", "5"),
-    ("device_profile", "5"), ("lora_stage1", "5"), ("save_proxy", "5"), ("run_dir", "5"), ("attention", "5")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("out", "123"),
+        ("window", "5"),
+        ("window", "[1, 2]"),
+        ("window", "{a: 1}"),
+        ("frames", "'x'"),
+        ("fps", "1.5"),
+        ("steps", "true"),
+        ("seed", "1.5"),
+        ("crf", "'x'"),
+        ("text_len", "'x'"),
+        ("guidance", "'x'"),
+        ("guidance", ".nan"),
+        ("flow_shift", ".inf"),
+        ("init_strength", "'x'"),
+        ("shift", "'maybe'"),
+        ("pad_windows", "1"),
+        ("prompt", "5"),
+        ("negative_prompt", "[a]"),
+        ("model", "5"),
+        ("res", "5"),
+        ("device_profile", "5"),
+        ("lora_stage1", "5"),
+        ("save_proxy", "5"),
+        ("run_dir", "5"),
+        ("attention", "5"),
+    ],
+)
 def test_wrong_kind_in_yaml_names_the_option(tmp_path, key, value):
     text = f"{key}: {value}\n" + ("" if key == "prompt" else "prompt: a cat\n")
     refused(["generate", "--config", write(tmp_path, "c.yaml", text), *GUARD], key)
@@ -66,10 +98,18 @@ def test_binary_device_profile_file(tmp_path):
 
 
 # -- numbers on the command line ------------------------------------------------------------------------------
-@pytest.mark.parametrize("opt,value,field", [
-    ("--guidance", "nan", "guidance"), ("--guidance", "inf", "guidance"), ("--flow-shift", "inf", "flow_shift"),
-    ("--fps", "1000000000", "fps"), ("--seed", str(2**70), "seed"), ("--steps", "100000000000", "steps"),
-    ("--text-len", "100000", "text_len")])
+@pytest.mark.parametrize(
+    "opt,value,field",
+    [
+        ("--guidance", "nan", "guidance"),
+        ("--guidance", "inf", "guidance"),
+        ("--flow-shift", "inf", "flow_shift"),
+        ("--fps", "1000000000", "fps"),
+        ("--seed", str(2**70), "seed"),
+        ("--steps", "100000000000", "steps"),
+        ("--text-len", "100000", "text_len"),
+    ],
+)
 def test_generate_numbers_out_of_range(opt, value, field):
     if opt == "--text-len":  # not a CLI option: only via --config
         with pytest.raises(ConfigError, match=field):
@@ -107,8 +147,7 @@ def test_demo_huge_resolution_refused_before_allocating():
 def test_long_prompt_refused():
     with pytest.raises(ConfigError, match="prompt.*at most"):
         GenerateConfig(prompt="a" * (MAX_PROMPT_CHARS + 1))
-    refused(["generate", "--prompt", "x", "--negative-prompt", "b" * (MAX_PROMPT_CHARS + 1), *GUARD],
-            "negative_prompt")
+    refused(["generate", "--prompt", "x", "--negative-prompt", "b" * (MAX_PROMPT_CHARS + 1), *GUARD], "negative_prompt")
 
 
 # -- plan --plot ----------------------------------------------------------------------------------------------
@@ -142,8 +181,12 @@ def test_cpu_profile_reads_this_machines_memory(tmp_path):
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert 0 < host_memory_bytes() <= physical
     assert PROFILES["cpu"].memory_bytes == host_memory_bytes()
-    p = write(tmp_path, "cpu.yaml", "peak_flops: 100000000000\npeak_flops_fp32: 100000000000\nefficiency: 0.3\n"
-                                    "window_efficiency: 0.2\nmemory_bytes: 1000000\nshared_memory: true\n")
+    p = write(
+        tmp_path,
+        "cpu.yaml",
+        "peak_flops: 100000000000\npeak_flops_fp32: 100000000000\nefficiency: 0.3\n"
+        "window_efficiency: 0.2\nmemory_bytes: 1000000\nshared_memory: true\n",
+    )
     assert device_profile(p).memory_bytes == 1_000_000
 
 

@@ -26,8 +26,9 @@ def _with_adapter(name="s1", seed=1, config=None):
     model = WanTransformer3DModel(**config) if config else build_tiny_transformer(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False),
-                          adapter_name=name)
+        model.add_adapter(
+            LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False), adapter_name=name
+        )
     return model
 
 
@@ -156,10 +157,15 @@ def _renamed(saved, tmp_path, old, new):
 
 
 def _unknown_module(saved, tmp_path):
-    path = _renamed(saved, tmp_path, "transformer.blocks.0.attn1.to_q.lora_A.weight",
-                    "transformer.blocks.7.attn1.to_q.lora_A.weight")
-    return _renamed(path, tmp_path, "transformer.blocks.0.attn1.to_q.lora_B.weight",
-                    "transformer.blocks.7.attn1.to_q.lora_B.weight")
+    path = _renamed(
+        saved,
+        tmp_path,
+        "transformer.blocks.0.attn1.to_q.lora_A.weight",
+        "transformer.blocks.7.attn1.to_q.lora_A.weight",
+    )
+    return _renamed(
+        path, tmp_path, "transformer.blocks.0.attn1.to_q.lora_B.weight", "transformer.blocks.7.attn1.to_q.lora_B.weight"
+    )
 
 
 def _other_shapes(saved, tmp_path):
@@ -188,15 +194,24 @@ def _not_lora(saved, tmp_path):
 BAD = {
     "other shapes": (_other_shapes, "other_shapes.safetensors: key 'blocks.0.attn1.to_k.lora_A.weight' has shape"),
     "unknown module": (_unknown_module, "key 'blocks.7.attn1.to_q.lora_A.weight' matches no Linear module"),
-    "half a pair": (lambda s, t: _renamed(s, t, "transformer.blocks.0.attn1.to_q.lora_A.weight",
-                                          "transformer.blocks.0.attn1.to_q.lora_A.weight2"),
-                    "blocks.0.attn1.to_q.lora_A.weight2"),
-    "not a linear": (lambda s, t: _renamed(s, t, "transformer.blocks.0.attn1.to_q.lora_A.weight",
-                                           "transformer.blocks.0.attn1.norm_q.lora_A.weight"),
-                     "blocks.0.attn1.norm_q.lora_A.weight"),
-    "foreign prefix": (lambda s, t: _renamed(s, t, "transformer.blocks.0.attn1.to_q.lora_A.weight",
-                                             "text_encoder.blocks.0.attn1.to_q.lora_A.weight"),
-                       "key 'text_encoder.blocks.0.attn1.to_q.lora_A.weight' is not for the transformer"),
+    "half a pair": (
+        lambda s, t: _renamed(
+            s, t, "transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.to_q.lora_A.weight2"
+        ),
+        "blocks.0.attn1.to_q.lora_A.weight2",
+    ),
+    "not a linear": (
+        lambda s, t: _renamed(
+            s, t, "transformer.blocks.0.attn1.to_q.lora_A.weight", "transformer.blocks.0.attn1.norm_q.lora_A.weight"
+        ),
+        "blocks.0.attn1.norm_q.lora_A.weight",
+    ),
+    "foreign prefix": (
+        lambda s, t: _renamed(
+            s, t, "transformer.blocks.0.attn1.to_q.lora_A.weight", "text_encoder.blocks.0.attn1.to_q.lora_A.weight"
+        ),
+        "key 'text_encoder.blocks.0.attn1.to_q.lora_A.weight' is not for the transformer",
+    ),
     "not lora": (_not_lora, "is not a LoRA tensor"),
     "garbage": (_garbage, "garbage.safetensors: not a safetensors file"),
     "truncated": (_truncated, "truncated.safetensors: truncated"),

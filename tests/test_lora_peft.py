@@ -31,8 +31,9 @@ def peft_saved(tmp_path_factory, inputs):
     """(folder written by PeftModel.save_pretrained, output of the peft-wrapped tiny transformer)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        peft_model = get_peft_model(build_tiny_transformer(0), LoraConfig(
-            r=4, lora_alpha=12, target_modules=TARGETS, init_lora_weights=False))
+        peft_model = get_peft_model(
+            build_tiny_transformer(0), LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS, init_lora_weights=False)
+        )
     folder = tmp_path_factory.mktemp("peft") / "adapter"
     peft_model.save_pretrained(str(folder), safe_serialization=True)
     return folder, _run(peft_model.get_base_model(), inputs)
@@ -53,9 +54,30 @@ def test_cli_accepts_peft_folder(peft_saved, tmp_path):
     folder, _ = peft_saved
     out = tmp_path / "o.mp4"
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "x", "--res", "256x256", "--frames", "9", "--steps", "1", "--proxy-steps", "1",
-              "--window", "3,8,8", "--quiet", "--out", str(out), "--lora-stage1", str(folder),
-              "--lora-stage2", str(folder)])
+        main(
+            [
+                "generate",
+                "--prompt",
+                "x",
+                "--res",
+                "256x256",
+                "--frames",
+                "9",
+                "--steps",
+                "1",
+                "--proxy-steps",
+                "1",
+                "--window",
+                "3,8,8",
+                "--quiet",
+                "--out",
+                str(out),
+                "--lora-stage1",
+                str(folder),
+                "--lora-stage2",
+                str(folder),
+            ]
+        )
     assert e.value.code in (0, None) and out.exists()
 
 

@@ -29,7 +29,7 @@ def ref_angles(pos: torch.Tensor, head_dim: int) -> torch.Tensor:
     out = []
     for ax, dim in enumerate((head_dim - 2 * hw, hw, hw)):
         inv = torch.tensor([THETA ** (-(2.0 * i) / dim) for i in range(dim // 2)], dtype=torch.float64)
-        out.append(pos[:, ax:ax + 1].double() * inv[None, :])
+        out.append(pos[:, ax : ax + 1].double() * inv[None, :])
     return torch.cat(out, dim=1)
 
 
@@ -44,8 +44,9 @@ def ref_rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def ref_positions(dims, scale=(1, 1, 1), offset=(0.0, 0.0, 0.0)) -> torch.Tensor:
-    t, h, w = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * s + o for n, s, o in zip(dims, scale, offset)],
-                             indexing="ij")
+    t, h, w = torch.meshgrid(
+        *[torch.arange(n, dtype=torch.float64) * s + o for n, s, o in zip(dims, scale, offset)], indexing="ij"
+    )
     return torch.stack([t, h, w], -1).reshape(-1, 3)
 
 
@@ -77,7 +78,7 @@ class _EveryNthFrameRope(torch.nn.Module):
     def forward(self, hidden_states):
         b, c, f, h, w = hidden_states.shape
         cos, sin = self.rope(hidden_states.new_zeros(b, c, (f - 1) * self.r + 1, h, w))
-        pick = lambda x: x.reshape((f - 1) * self.r + 1, -1, x.shape[-1])[::self.r].reshape(1, -1, 1, x.shape[-1])  # noqa: E731
+        pick = lambda x: x.reshape((f - 1) * self.r + 1, -1, x.shape[-1])[:: self.r].reshape(1, -1, 1, x.shape[-1])  # noqa: E731
         return pick(cos), pick(sin)
 
 
@@ -113,8 +114,9 @@ def test_proxy_keys_rotated_at_detail_positions_of_the_centre_anchor():
 
 def test_moving_detail_and_proxy_by_one_proxy_frame_keeps_the_logits():
     r_t, s, head_dim = 4, 2, 12
-    rotary_model = AtlasTransformer(make_tiny_wan(num_layers=1),
-                                    AtlasConfig(mode="atlas", window=(3, 4, 4), temporal_scale=r_t, spatial_scale=s))
+    rotary_model = AtlasTransformer(
+        make_tiny_wan(num_layers=1), AtlasConfig(mode="atlas", window=(3, 4, 4), temporal_scale=r_t, spatial_scale=s)
+    )
     detail, proxy = Grid(2 * r_t + 1, 4, 4), Grid(3, 2, 2)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, Grid(r_t + 1, 4, 4).size, 2, head_dim, generator=g)
@@ -174,8 +176,9 @@ def test_aligned_region_with_margin_contains_the_covered_tokens(shift, margin):
     for w, need in enumerate(_needed(spec, proxy, r_t, s, margin)):
         got = set(index[w].tolist())
         assert need <= got, f"window {w} start {spec.starts()[w].tolist()}: missing {sorted(need - got)}"
-    want = tuple(min(n_p, math.ceil(w / r) + 1 + 2 * m)
-                 for n_p, w, r, m in zip(proxy.dims, spec.window, (r_t, s, s), margin))
+    want = tuple(
+        min(n_p, math.ceil(w / r) + 1 + 2 * m) for n_p, w, r, m in zip(proxy.dims, spec.window, (r_t, s, s), margin)
+    )
     assert size == want  # no larger than the region above the window plus the margin
 
 
@@ -186,14 +189,15 @@ def test_layers_alternate_unshifted_and_shifted_grids():
     att = DetailAttention(cfg, grid, AtlasTransformer(make_tiny_wan(1), cfg).rotary, torch.device("cpu"))
     shifts = [att.layer_spec(i).shift for i in range(6)]
     assert shifts == [(0, 0, 0), (1, 2, 2)] * 3
-    sched = ((((3, 4, 4), (0, 0, 0)), ((3, 4, 4), (1, 0, 0)), ((3, 4, 4), (0, 2, 2))))
+    sched = (((3, 4, 4), (0, 0, 0)), ((3, 4, 4), (1, 0, 0)), ((3, 4, 4), (0, 2, 2)))
     att = DetailAttention(AtlasConfig(mode="atlas", schedule=sched), grid, att.rotary, torch.device("cpu"))
     assert [att.layer_spec(i).shift for i in range(7)] == [e[1] for e in sched] * 2 + [sched[0][1]]
 
 
 # ---------------------------------------------------------------------------------------------- 6. ultragen
-@pytest.mark.parametrize("grid,pool", [(Grid(2, 4, 6), (1, 2, 3)), (Grid(3, 5, 7), (2, 2, 3))],
-                         ids=["divisible", "ceil-and-crop"])
+@pytest.mark.parametrize(
+    "grid,pool", [(Grid(2, 4, 6), (1, 2, 3)), (Grid(3, 5, 7), (2, 2, 3))], ids=["divisible", "ceil-and-crop"]
+)
 def test_ultragen_equals_dense_definition(grid, pool):
     """UltraGen: (1 - w) * windows + w * compressed global. Compressed global, from its definition: q, k and v
     averaged over each pooling cell (a cell cut by the grid's end averages its real tokens), rotated at the cell's
@@ -237,8 +241,10 @@ def test_one_step_with_the_training_target_lands_on_the_flow_line(kind):
     from atlasvid_dist.train.train import FlowMatchingLoss
 
     g = torch.Generator().manual_seed(6)
-    x0, eps = torch.randn(1, 4, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(1, 4, 2, 4, 4, generator=g,
-                                                                                          dtype=torch.float64)
+    x0, eps = (
+        torch.randn(1, 4, 2, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(1, 4, 2, 4, 4, generator=g, dtype=torch.float64),
+    )
     # training: the loss is zero exactly for a model predicting the target the pipeline's sampler expects
     seen = {}
 
@@ -273,8 +279,15 @@ def _generator(tmp_path, **kw):
 
     method = dict(mode="atlas", window=(5, 4, 4), temporal_scale=4, spatial_scale=2)
     method.update(kw.pop("method", {}))
-    run = dict(prompt="p", video=VideoSpec.from_res("128x128", frames=17), method=AtlasConfig(**method), steps=2,
-               proxy_steps=1, guidance=3.0, out=str(tmp_path / "o.mp4"))
+    run = dict(
+        prompt="p",
+        video=VideoSpec.from_res("128x128", frames=17),
+        method=AtlasConfig(**method),
+        steps=2,
+        proxy_steps=1,
+        guidance=3.0,
+        out=str(tmp_path / "o.mp4"),
+    )
     run.update(kw)
     cfg = GenerateConfig(**run)
     comp = types.SimpleNamespace(transformer=make_tiny_wan(), scheduler=_scheduler("unipc"))
@@ -337,10 +350,12 @@ def test_detail_init_proxy_steps_sigma_and_frame_placement(tmp_path, monkeypatch
     assert abs(float(calls[0]["t"][0]) / 1000.0 - sigma) < 1e-3
     # upsampled proxy, reference: time linear with frame j on detail frame j * r_t, space bilinear (centre anchor)
     lat, r = cfg.latent, cfg.method.temporal_scale
-    up_t = F.interpolate(proxy, size=((proxy.shape[2] - 1) * r + 1, proxy.shape[3], proxy.shape[4]),
-                         mode="trilinear", align_corners=True)[:, :, :lat.t]
-    up = F.interpolate(up_t.flatten(1, 2), size=(lat.h, lat.w), mode="bilinear",
-                       align_corners=False).unflatten(1, up_t.shape[1:3])
+    up_t = F.interpolate(
+        proxy, size=((proxy.shape[2] - 1) * r + 1, proxy.shape[3], proxy.shape[4]), mode="trilinear", align_corners=True
+    )[:, :, : lat.t]
+    up = F.interpolate(up_t.flatten(1, 2), size=(lat.h, lat.w), mode="bilinear", align_corners=False).unflatten(
+        1, up_t.shape[1:3]
+    )
     noise = torch.randn(1, 16, *lat.dims, generator=torch.Generator().manual_seed(cfg.seed + 1))
     torch.testing.assert_close(calls[0]["latents"], (1 - sigma) * up + sigma * noise, atol=1e-5, rtol=0)
     # frame j of the proxy lands on detail frame j * r_t (bilinear in space); frames in between are linear in time
@@ -355,8 +370,12 @@ def test_detail_init_proxy_steps_sigma_and_frame_placement(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------- 10. cache key
 def _detail_inputs():
     g = torch.Generator().manual_seed(10)
-    return (torch.randn(1, 16, 9, 16, 16, generator=g), torch.tensor([700.0]), torch.randn(1, 7, 32, generator=g),
-            torch.randn(1, 16, 3, 8, 8, generator=g))
+    return (
+        torch.randn(1, 16, 9, 16, 16, generator=g),
+        torch.tensor([700.0]),
+        torch.randn(1, 7, 32, generator=g),
+        torch.randn(1, 16, 3, 8, 8, generator=g),
+    )
 
 
 def _model(tr):
@@ -405,8 +424,9 @@ def test_joint_proxy_mode_reachable_from_generate_config(tmp_path, monkeypatch):
     proxy = _proxy(gen.cfg)
     with torch.no_grad():
         joint = gen.stage2(comp, _texts(), proxy, None, None)
-    assert len(calls) == 2 and all(c.get("proxy_cache") is None and c["proxy"] is proxy
-                                   and c["proxy_noise"] is not None for c in calls)
+    assert len(calls) == 2 and all(
+        c.get("proxy_cache") is None and c["proxy"] is proxy and c["proxy_noise"] is not None for c in calls
+    )
     clean_gen, _ = _generator(tmp_path, steps=1)
     with torch.no_grad():
         clean = clean_gen.stage2(comp, _texts(), proxy, None, None)

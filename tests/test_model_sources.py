@@ -30,8 +30,29 @@ def model_copy(tiny_dir, tmp_path):
 
 def cli_generate(model, out, *extra):
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "x", "--model", str(model), "--res", "256x256", "--frames", "9", "--steps", "1",
-              "--proxy-steps", "1", "--window", "3,8,8", "--quiet", "--out", str(out), *extra])
+        main(
+            [
+                "generate",
+                "--prompt",
+                "x",
+                "--model",
+                str(model),
+                "--res",
+                "256x256",
+                "--frames",
+                "9",
+                "--steps",
+                "1",
+                "--proxy-steps",
+                "1",
+                "--window",
+                "3,8,8",
+                "--quiet",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
     return e.value.code
 
 
@@ -73,10 +94,14 @@ def _custom_tokenizer(root):
     """A tokenizer folder whose config points at a class in a .py file that would leave a marker when imported."""
     tok = root / "tokenizer"
     marker = root / "CUSTOM_CODE_RAN"
-    (tok / "evil_tokenizer.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
-                                           "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
-    _edit_json(tok / "tokenizer_config.json", tokenizer_class="EvilTokenizer",
-               auto_map={"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]})
+    (tok / "evil_tokenizer.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    _edit_json(
+        tok / "tokenizer_config.json",
+        tokenizer_class="EvilTokenizer",
+        auto_map={"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", None]},
+    )
     return marker
 
 

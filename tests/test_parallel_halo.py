@@ -39,7 +39,7 @@ def test_sharding_is_contiguous_balanced_and_complete(world):
     ranges = [sh.window_range(r) for r in range(world)]
     assert [r.start for r in ranges] == [0] + [r.stop for r in ranges[:-1]] and ranges[-1].stop == spec.num_windows
     assert all(len(r) >= 1 for r in ranges)
-    loads = [int(weights[r.start:r.stop].sum()) for r in ranges]
+    loads = [int(weights[r.start : r.stop].sum()) for r in ranges]
     assert loads == sh.tokens_per_rank and sum(loads) == spec.grid.size
     assert max(loads) - min(loads) <= 2 * int(weights.max())  # within a window of the ideal on both ends
     all_tokens = torch.cat([sh.token_index(r) for r in range(world)])
@@ -74,8 +74,7 @@ def _simulate(sharding, spec):
     for r, plan in enumerate(plans):
         halo = torch.cat([sent[(p, r)] for p, _ in plan.recv] or [ids[r][:, :0]], dim=1)
         assert [c for _, c in plan.recv] == [sent[(p, r)].shape[1] for p, _ in plan.recv]
-        out.append((plan, gather_keys(ids[r], halo, plan)[0, ..., 0], gather_queries(ids[r], plan)[0, ..., 0],
-                    ids[r]))
+        out.append((plan, gather_keys(ids[r], halo, plan)[0, ..., 0], gather_queries(ids[r], plan)[0, ..., 0], ids[r]))
     return out
 
 
@@ -87,8 +86,9 @@ def test_halo_plan_assembles_every_touched_window(world, case):
     lay = window_layout(spec)
     slots = lay.order.view(spec.num_windows, spec.window_tokens)
     for plan, keys, queries, ids in _simulate(sh, spec):
-        for _w, (win, kv, kvalid, q, qvalid) in enumerate(zip(plan.windows, keys, plan.key_valid, queries,
-                                                             plan.query_valid)):
+        for _w, (win, kv, kvalid, q, qvalid) in enumerate(
+            zip(plan.windows, keys, plan.key_valid, queries, plan.query_valid)
+        ):
             real = slots[win][lay.valid[win]]
             assert torch.equal(kv[kvalid].long().sort().values, real.sort().values)  # own + halo = whole window
             own = real[sh.owner[real] == plan.rank]
@@ -127,7 +127,7 @@ def _dense_windowed(spec, q, k, v, dout):
     window_of = torch.div(lay.inverse, spec.window_tokens, rounding_mode="floor")
     mask = window_of[:, None] == window_of[None, :]  # (N, N)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    scores = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1]) / D ** 0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1]) / D**0.5
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, leaves[2])
     out.backward(dout)
@@ -136,7 +136,7 @@ def _dense_windowed(spec, q, k, v, dout):
 
 def _window_attention(qw, kw, vw, key_valid):
     """Attention inside windows: qw (B, W, Lq, H, D), kw/vw (B, W, Lk, H, D), key_valid (W, Lk)."""
-    scores = torch.einsum("bwqhd,bwkhd->bwhqk", qw, kw) / D ** 0.5
+    scores = torch.einsum("bwqhd,bwkhd->bwhqk", qw, kw) / D**0.5
     probs = scores.masked_fill(~key_valid[None, :, None, None, :], float("-inf")).softmax(-1)
     return torch.einsum("bwhqk,bwkhd->bwqhd", probs, vw)
 
@@ -157,9 +157,16 @@ def _halo_vs_dense(rank: int, world: int) -> list[int]:
         qw, (kw, vw) = gather_queries(mine[0], plan), kvw.split(D, dim=-1)
         lq_max = qw.shape[2]
         # one attention per bucket of equal query counts, padding rows left at zero
-        out_w = torch.cat([F.pad(_window_attention(qw[:, w0:w1, :lq], kw[:, w0:w1], vw[:, w0:w1],
-                                                   plan.key_valid[w0:w1]), (0, 0, 0, 0, 0, lq_max - lq))
-                           for w0, w1, lq in plan.buckets], dim=1)  # (B, W, Lq, H, D)
+        out_w = torch.cat(
+            [
+                F.pad(
+                    _window_attention(qw[:, w0:w1, :lq], kw[:, w0:w1], vw[:, w0:w1], plan.key_valid[w0:w1]),
+                    (0, 0, 0, 0, 0, lq_max - lq),
+                )
+                for w0, w1, lq in plan.buckets
+            ],
+            dim=1,
+        )  # (B, W, Lq, H, D)
         if case == 2:  # the same as attending every padded row
             full = _window_attention(qw, kw, vw, plan.key_valid)
             torch.testing.assert_close(out_w[:, plan.query_valid], full[:, plan.query_valid], **TOL)

@@ -33,7 +33,7 @@ def _dense(q, k, v, dout, ek=None, ev=None):
     kk, vv = leaves[1], leaves[2]
     if ek is not None:
         kk, vv = torch.cat([kk, leaves[3]], 2), torch.cat([vv, leaves[4]], 2)
-    scores = leaves[0] @ kk.transpose(-1, -2) / D ** 0.5  # (B, H, L, L + C)
+    scores = leaves[0] @ kk.transpose(-1, -2) / D**0.5  # (B, H, L, L + C)
     out = scores.softmax(-1) @ vv
     out.backward(dout)
     return out.detach(), [t.grad for t in leaves]
@@ -120,10 +120,10 @@ def test_block_kernels_merged_by_lse_match_dense(kernel):
     blocks = list(zip(k.chunk(3, 2), v.chunk(3, 2)))
     out = lse = None
     for kb, vb in blocks:
-        out, lse = ring._merge(out, lse, *fwd(q, kb, vb, D ** -0.5))
+        out, lse = ring._merge(out, lse, *fwd(q, kb, vb, D**-0.5))
     torch.testing.assert_close(out, ref_out, **TOL)
-    torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) * D ** -0.5).logsumexp(-1), **TOL)
-    grads = [bwd(dout, q, kb, vb, out, lse, D ** -0.5) for kb, vb in blocks]
+    torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) * D**-0.5).logsumexp(-1), **TOL)
+    grads = [bwd(dout, q, kb, vb, out, lse, D**-0.5) for kb, vb in blocks]
     torch.testing.assert_close(sum(g[0] for g in grads), dq, **TOL)
     torch.testing.assert_close(torch.cat([g[1] for g in grads], 2), dk, **TOL)
     torch.testing.assert_close(torch.cat([g[2] for g in grads], 2), dv, **TOL)
@@ -160,9 +160,9 @@ def test_cuda_block_kernels_merged_by_lse_match_dense(dtype):
 
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(2, 4, 256, 64, generator=g, dtype=torch.float64).cuda() for _ in range(4))
-    s = q @ k.transpose(-1, -2) * 64 ** -0.5  # (B, H, L, L) fp64 reference at head dim 64
+    s = q @ k.transpose(-1, -2) * 64**-0.5  # (B, H, L, L) fp64 reference at head dim 64
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_out = (leaves[0] @ leaves[1].transpose(-1, -2) * 64 ** -0.5).softmax(-1) @ leaves[2]
+    ref_out = (leaves[0] @ leaves[1].transpose(-1, -2) * 64**-0.5).softmax(-1) @ leaves[2]
     ref_out.backward(dout)
     dq, dk, dv = (t.grad for t in leaves)
     qd, kd, vd, dod = (t.to(dtype) for t in (q, k, v, dout))
@@ -170,12 +170,12 @@ def test_cuda_block_kernels_merged_by_lse_match_dense(dtype):
     blocks = list(zip(kd.chunk(2, 2), vd.chunk(2, 2)))
     out = lse = None
     for kb, vb in blocks:
-        out, lse = ring._merge(out, lse, *ring._block_forward(qd, kb, vb, 64 ** -0.5))
+        out, lse = ring._merge(out, lse, *ring._block_forward(qd, kb, vb, 64**-0.5))
     out = out.to(dtype)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.double(), ref_out.detach(), **tol)
     torch.testing.assert_close(lse.double(), s.logsumexp(-1), **tol)
-    grads = [ring._block_backward(dod, qd, kb, vb, out, lse, 64 ** -0.5) for kb, vb in blocks]
+    grads = [ring._block_backward(dod, qd, kb, vb, out, lse, 64**-0.5) for kb, vb in blocks]
     torch.testing.assert_close(sum(g_[0].double() for g_ in grads), dq, **tol)
     torch.testing.assert_close(torch.cat([g_[1] for g_ in grads], 2).double(), dk, **tol)
     torch.testing.assert_close(torch.cat([g_[2] for g_ in grads], 2).double(), dv, **tol)

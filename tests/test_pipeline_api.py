@@ -24,9 +24,30 @@ def test_pipeline_call_equals_cli_generator(pipe, tmp_path):
     assert frames.dtype == np.uint8 and frames.shape == (9, 256, 256, 3) and frames.std() > 1.0
     out = tmp_path / "cli.mp4"
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "a red ball rolling", "--res", "256x256", "--frames", "9", "--steps", "1",
-              "--proxy-steps", "1", "--window", "3,8,8", "--spatial-scale", "2", "--crf", "0", "--quiet",
-              "--out", str(out)])
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a red ball rolling",
+                "--res",
+                "256x256",
+                "--frames",
+                "9",
+                "--steps",
+                "1",
+                "--proxy-steps",
+                "1",
+                "--window",
+                "3,8,8",
+                "--spatial-scale",
+                "2",
+                "--crf",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
     assert e.value.code in (0, None)
     assert np.array_equal(read_mp4(out), frames)  # same generator, same defaults; lossless file
 
@@ -55,10 +76,18 @@ def test_atlas_transformer_stands_in_wan_pipeline():
     atlas = AtlasTransformer(parts["transformer"], AtlasConfig(mode="full"))
     assert atlas.config.in_channels == 16 and atlas.atlas_config.mode == "full"
     assert atlas.dtype == torch.float32 and atlas.device.type == "cpu"
-    kw = dict(negative_prompt="", height=16, width=16, num_frames=5, num_inference_steps=1, max_sequence_length=16,
-              output_type="pt")
-    ours = WanPipeline(**{**parts, "transformer": atlas})("a red fox", generator=torch.Generator().manual_seed(0),
-                                                            **kw).frames
+    kw = dict(
+        negative_prompt="",
+        height=16,
+        width=16,
+        num_frames=5,
+        num_inference_steps=1,
+        max_sequence_length=16,
+        output_type="pt",
+    )
+    ours = WanPipeline(**{**parts, "transformer": atlas})(
+        "a red fox", generator=torch.Generator().manual_seed(0), **kw
+    ).frames
     ref = WanPipeline(**parts)("a red fox", generator=torch.Generator().manual_seed(0), **kw).frames
     assert ours.shape == (1, 5, 3, 16, 16) and torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)

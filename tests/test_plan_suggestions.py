@@ -15,8 +15,7 @@ from atlasvid_dist.errors import ConfigError
 
 runner = CliRunner()
 
-SCENARIOS = [("wan2.1-1.3b", "4k", 8), ("wan2.1-14b", "4k", 8), ("wan2.1-1.3b", "4k", 6),
-             ("wan2.1-14b", "720p", 3)]
+SCENARIOS = [("wan2.1-1.3b", "4k", 8), ("wan2.1-14b", "4k", 8), ("wan2.1-1.3b", "4k", 6), ("wan2.1-14b", "720p", 3)]
 
 
 def plan(*args):
@@ -41,8 +40,11 @@ def runtime_accepts(model: str, res: str, options: dict) -> None:
     from atlasvid_dist.runtime.driver import DistributedGenerator
 
     par = build_parallel(device="cuda", gpus=options["workers"], **options)
-    d = json.loads(plan("--model", model, "--res", res, "--gpus", str(par.workers), "--proxy-parallel",
-                        par.proxy_parallel, "--json").stdout)
+    d = json.loads(
+        plan(
+            "--model", model, "--res", res, "--gpus", str(par.workers), "--proxy-parallel", par.proxy_parallel, "--json"
+        ).stdout
+    )
     par.check_runnable(resolve_model(model), d["num_windows"] or None, d["proxy_tokens"] or None)
     cfg = build_config({**DEFAULTS, "prompt": "x", "res": res, "device": "cuda", "out": "/tmp/never.mp4"})
     DistributedGenerator(cfg, par.workers, ray_address="auto", plan=par).preflight()  # a cluster: no local GPUs
@@ -60,9 +62,12 @@ def test_every_suggested_plan_is_accepted_by_the_runtime(model, res, gpus):
 
 def test_refusals_suggest_only_runnable_plans():
     """A refused plan's message names alternatives the runtime runs, never `--window-parallel ring`."""
-    cases = [("--gpus", "8", "--proxy-parallel", "ulysses"), ("--gpus", "8", "--window-group", "8"),
-             ("--gpus", "8", "--attention", "full", "--res", "720p"),
-             ("--gpus", "1", "--model", "wan2.1-14b", "--dtype", "fp32")]
+    cases = [
+        ("--gpus", "8", "--proxy-parallel", "ulysses"),
+        ("--gpus", "8", "--window-group", "8"),
+        ("--gpus", "8", "--attention", "full", "--res", "720p"),
+        ("--gpus", "1", "--model", "wan2.1-14b", "--dtype", "fp32"),
+    ]
     for args in cases:
         r = plan("--res", "4k", *args) if "--res" not in args else plan(*args)
         assert r.exit_code == 2, r.output

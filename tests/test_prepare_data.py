@@ -31,8 +31,24 @@ def prepared(tmp_path_factory):
     conf = root / "small.yaml"
     conf.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()}))
     out = root / "shards"
-    assert cli("prepare-data", "--data", str(data), "--output", str(out), "--stage", "2", "--config", str(conf),
-               "--clips-per-video", "3", "--shard-size", "4") == 0
+    assert (
+        cli(
+            "prepare-data",
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--stage",
+            "2",
+            "--config",
+            str(conf),
+            "--clips-per-video",
+            "3",
+            "--shard-size",
+            "4",
+        )
+        == 0
+    )
     return str(data), str(out), str(conf)
 
 
@@ -153,8 +169,9 @@ def test_timesteps_come_from_diffusers_density_seeded_then_shifted():
     assert abs(float(shifted.mean()) - 0.676) < 0.02  # E[3s / (1 + 2s)] = 3/2 (1 - ln(3) / 2) for uniform s
 
 
-@pytest.mark.parametrize("extra,match", [([], "captions.jsonl"), (["--stage", "3"], "stage=3"),
-                                         (["--shard-size", "0"], "shard_size=0")])
+@pytest.mark.parametrize(
+    "extra,match", [([], "captions.jsonl"), (["--stage", "3"], "stage=3"), (["--shard-size", "0"], "shard_size=0")]
+)
 def test_prepare_data_bad_inputs_exit_2(tmp_path, capsys, extra, match):
     (tmp_path / "empty").mkdir()
     code = cli("prepare-data", "--data", str(tmp_path / "empty"), "--output", str(tmp_path / "out"), *extra)

@@ -14,8 +14,22 @@ from atlasvid_dist.pipeline.progress import LineProgress, progress_bar
 from atlasvid_dist.runtime.progress import RankBars
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--prompt", "a red ball", "--res", "256x256", "--frames", "9", "--steps", "3", "--proxy-steps", "1",
-        "--window", "3,8,8", "--spatial-scale", "2"]
+TINY = [
+    "--prompt",
+    "a red ball",
+    "--res",
+    "256x256",
+    "--frames",
+    "9",
+    "--steps",
+    "3",
+    "--proxy-steps",
+    "1",
+    "--window",
+    "3,8,8",
+    "--spatial-scale",
+    "2",
+]
 #: a deadline against a hang, not a speed test (a loaded 2-core machine runs this tiny job in about a minute)
 RUN_S = 900
 
@@ -71,8 +85,11 @@ def test_a_run_off_a_terminal_prints_lines_and_a_json_summary_last(tmp_path):
     assert len([line for line in err.splitlines() if line.startswith("decode: frame ")]) <= 9, err
     assert "loading model tiny ... " in err and "encoding prompt ... " in err
     summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert summary["paths"] == {"video": str(tmp_path / "a.mp4"), "proxy": None,
-                                "latents": str(tmp_path / "a.safetensors")}
+    assert summary["paths"] == {
+        "video": str(tmp_path / "a.mp4"),
+        "proxy": None,
+        "latents": str(tmp_path / "a.safetensors"),
+    }
     assert (summary["width"], summary["height"], summary["frames"], summary["fps"]) == (256, 256, 9, 16)
     assert summary["model"] == {"name": "tiny", "folder": None, "random_weights": True} and summary["seed"] == 0
     assert set(summary["seconds"]) >= {"load", "text", "proxy", "detail", "decode"}
@@ -91,10 +108,12 @@ def test_quiet_prints_nothing_on_stderr(tmp_path):
 
 def test_silence_libraries_turns_off_their_bars_and_warnings():
     """In a fresh process (the switches are process-wide): errors only, and no bars, from the three libraries."""
-    code = ("from atlasvid_dist.cli.quiet import silence_libraries; silence_libraries(); import logging\n"
-            "import diffusers.utils.logging as d, transformers.utils.logging as t, huggingface_hub.utils as h\n"
-            "print(t.get_verbosity() == logging.ERROR, d.get_verbosity() == logging.ERROR,\n"
-            "      t.is_progress_bar_enabled(), d.is_progress_bar_enabled(), h.are_progress_bars_disabled())")
+    code = (
+        "from atlasvid_dist.cli.quiet import silence_libraries; silence_libraries(); import logging\n"
+        "import diffusers.utils.logging as d, transformers.utils.logging as t, huggingface_hub.utils as h\n"
+        "print(t.get_verbosity() == logging.ERROR, d.get_verbosity() == logging.ERROR,\n"
+        "      t.is_progress_bar_enabled(), d.is_progress_bar_enabled(), h.are_progress_bars_disabled())"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=RUN_S)
     assert run.stdout.split() == ["True", "True", "False", "False", "True"], run.stderr[-2000:]

@@ -8,8 +8,16 @@ from atlasvid_dist.runtime.proxy import check_proxy_split
 
 from ._dist import run_ranks
 
-VALUES = dict(prompt="a red ball rolling", res="256x256", frames=9, steps=2, proxy_steps=2, window="3,4,8",
-              guidance=3.0, spatial_scale=2)  # proxy: 128 tokens, the tiny model: 2 heads
+VALUES = dict(
+    prompt="a red ball rolling",
+    res="256x256",
+    frames=9,
+    steps=2,
+    proxy_steps=2,
+    window="3,4,8",
+    guidance=3.0,
+    spatial_scale=2,
+)  # proxy: 128 tokens, the tiny model: 2 heads
 
 
 def _config():

@@ -14,8 +14,21 @@ from atlasvid_dist.errors import InputError
 from atlasvid_dist.pipeline.generate import RunInterrupted, TwoStageGenerator
 from tests.test_generate import cli, config, generate, latents_of, tiny_components  # noqa: F401 (fixture)
 
-SMALL_ARGS = ["--prompt", "x", "--res", "256x256", "--frames", "9", "--steps", "1", "--proxy-steps", "1",
-              "--window", "3,8,8", "--quiet"]
+SMALL_ARGS = [
+    "--prompt",
+    "x",
+    "--res",
+    "256x256",
+    "--frames",
+    "9",
+    "--steps",
+    "1",
+    "--proxy-steps",
+    "1",
+    "--window",
+    "3,8,8",
+    "--quiet",
+]
 
 
 def interrupted(cfg, comp, stop):
@@ -82,8 +95,10 @@ def collisions(tmp_path):
     return [
         (["--out", str(tmp_path / "x.mp4"), "--save-proxy", str(tmp_path / "x.mp4")], "name the same file"),
         (["--out", "rel.mp4", "--save-proxy", str(tmp_path / "rel.mp4")], "name the same file"),
-        (["--out", str(tmp_path / "real" / "v.mp4"), "--save-proxy", str(tmp_path / "ln" / "v.mp4")],
-         "name the same file"),
+        (
+            ["--out", str(tmp_path / "real" / "v.mp4"), "--save-proxy", str(tmp_path / "ln" / "v.mp4")],
+            "name the same file",
+        ),
         (["--out", str(tmp_path / "dir.mp4")], "existing folder"),
         (["--out", str(tmp_path / "r.mp4"), "--run-dir", str(tmp_path / "r.mp4")], "run folder"),
         (["--out", str(tmp_path / long_name)], "cannot write in folder"),
@@ -91,8 +106,9 @@ def collisions(tmp_path):
 
 
 @pytest.mark.parametrize("case", range(6))
-def test_outputs_that_collide_or_cannot_be_written_are_refused_before_work(tmp_path, capsys, monkeypatch,
-                                                                           no_model_load, case):
+def test_outputs_that_collide_or_cannot_be_written_are_refused_before_work(
+    tmp_path, capsys, monkeypatch, no_model_load, case
+):
     monkeypatch.chdir(tmp_path)
     args, needle = collisions(tmp_path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -109,8 +125,12 @@ def test_resume_refuses_an_edited_or_damaged_config(tmp_path, tiny_components, c
     path = run / "config.json"
     good = path.read_text()
     path.write_text(json.dumps({**json.loads(good), "prompt": "an edited prompt"}))
-    for text, needle in ((None, "changed after the run started"), ("{not json", "damaged"),
-                         ('{"prompt": "x"}', "damaged"), ("[1, 2]", "damaged")):
+    for text, needle in (
+        (None, "changed after the run started"),
+        ("{not json", "damaged"),
+        ('{"prompt": "x"}', "damaged"),
+        ("[1, 2]", "damaged"),
+    ):
         if text is not None:
             path.write_text(text)
         assert cli("generate", "--resume", str(run), "--quiet") == 2

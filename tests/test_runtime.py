@@ -9,8 +9,25 @@ from safetensors.torch import load_file
 
 from atlasvid_dist.cli.main import main
 
-ARGS = ["--prompt", "a red ball rolling", "--res", "256x256", "--frames", "9", "--steps", "2", "--proxy-steps", "2",
-        "--window", "3,4,8", "--guidance", "3.0", "--spatial-scale", "2", "--quiet"]
+ARGS = [
+    "--prompt",
+    "a red ball rolling",
+    "--res",
+    "256x256",
+    "--frames",
+    "9",
+    "--steps",
+    "2",
+    "--proxy-steps",
+    "2",
+    "--window",
+    "3,4,8",
+    "--guidance",
+    "3.0",
+    "--spatial-scale",
+    "2",
+    "--quiet",
+]
 # token grid (3, 16, 16), window (3, 4, 8): 8 windows (3 workers -> 3/3/2), shifted layers halve h and w
 
 
@@ -28,8 +45,12 @@ def ray_session():
     from atlasvid_dist.runtime.local import init_with_retry
 
     # a loaded machine occasionally fails a first start: retried once, as the driver does
-    init_with_retry(lambda: ray.init(address="local", num_cpus=4, include_dashboard=False,
-                                     _node_ip_address="127.0.0.1", configure_logging=False), cleanup=ray.shutdown)
+    init_with_retry(
+        lambda: ray.init(
+            address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False
+        ),
+        cleanup=ray.shutdown,
+    )
     yield
     ray.shutdown()
 
@@ -40,8 +61,16 @@ def single_run(tmp_path_factory):
     from atlasvid_dist.pipeline.video_io import read_mp4
 
     d = tmp_path_factory.mktemp("single")
-    code = cli("generate", *ARGS, "--out", str(d / "a.mp4"), "--save-latents", str(d / "a.safetensors"),
-               "--save-proxy", str(d / "p.mp4"))
+    code = cli(
+        "generate",
+        *ARGS,
+        "--out",
+        str(d / "a.mp4"),
+        "--save-latents",
+        str(d / "a.safetensors"),
+        "--save-proxy",
+        str(d / "p.mp4"),
+    )
     assert code == 0
     return load_file(str(d / "a.safetensors"))["latents"], read_mp4(d / "a.mp4"), read_mp4(d / "p.mp4")
 
@@ -137,8 +166,9 @@ def test_unshifted_windows_send_nothing(tmp_path, capsys):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert cli("generate", *ARGS, "--no-shift", "--out", str(tmp_path / "a.mp4"), "--save-latents", str(a)) == 0
     capsys.readouterr()
-    code = cli("generate", *ARGS, "--no-shift", "--workers", "2", "--out", str(tmp_path / "b.mp4"),
-               "--save-latents", str(b))
+    code = cli(
+        "generate", *ARGS, "--no-shift", "--workers", "2", "--out", str(tmp_path / "b.mp4"), "--save-latents", str(b)
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB", text)]
@@ -195,8 +225,22 @@ def test_decode_over_ranks_writes_the_one_process_videos(tmp_path, capsys):
 
     d = tmp_path
     tiles = str(write_yaml(d / "tiles.yaml", "decode_tile: 8\ndecode_overlap: 2\n"))
-    code = cli("generate", *ARGS, "--workers", "3", "--out", str(d / "b.mp4"), "--save-proxy", str(d / "q.mp4"),
-               "--save-latents", str(d / "b.safetensors"), "--crf", "0", "--config", tiles)
+    code = cli(
+        "generate",
+        *ARGS,
+        "--workers",
+        "3",
+        "--out",
+        str(d / "b.mp4"),
+        "--save-proxy",
+        str(d / "q.mp4"),
+        "--save-latents",
+        str(d / "b.safetensors"),
+        "--crf",
+        "0",
+        "--config",
+        tiles,
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "decode tiles per rank [9, 8, 8]" in text, text
@@ -218,8 +262,18 @@ def write_yaml(path, text):
 def test_proxy_parallel_equals_single_process(tmp_path, capsys, single, mode, workers):
     """Stage 1 over all ranks (the proxy actor only encodes the text): the same latents as one process."""
     lat = tmp_path / "pp.safetensors"
-    code = cli("generate", *ARGS, "--workers", str(workers), "--proxy-parallel", mode, "--out",
-               str(tmp_path / "pp.mp4"), "--save-latents", str(lat))
+    code = cli(
+        "generate",
+        *ARGS,
+        "--workers",
+        str(workers),
+        "--proxy-parallel",
+        mode,
+        "--out",
+        str(tmp_path / "pp.mp4"),
+        "--save-latents",
+        str(lat),
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5
@@ -236,17 +290,32 @@ def test_proxy_that_does_not_split_is_refused_before_any_actor(tmp_path, capsys)
 def test_windows_shared_by_groups_equal_single_process(tmp_path, capsys, single):
     """--workers 4 --window-group 2: two groups of two ranks, each window split over its group with Ulysses."""
     lat = tmp_path / "wg.safetensors"
-    code = cli("generate", *ARGS, "--workers", "4", "--window-group", "2", "--out", str(tmp_path / "wg.mp4"),
-               "--save-latents", str(lat))
+    code = cli(
+        "generate",
+        *ARGS,
+        "--workers",
+        "4",
+        "--window-group",
+        "2",
+        "--out",
+        str(tmp_path / "wg.mp4"),
+        "--save-latents",
+        str(lat),
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "tokens per rank [192, 192, 192, 192]" in text, text
     assert float((load_file(str(lat))["latents"] - single).abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("flags,match", [(["--window-group", "4"], "window_group = 4 does not divide"),
-                                         (["--window-group", "2", "--window-parallel", "ring"], "window_parallel"),
-                                         (["--window-group", "3"], "window_group")])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--window-group", "4"], "window_group = 4 does not divide"),
+        (["--window-group", "2", "--window-parallel", "ring"], "window_parallel"),
+        (["--window-group", "3"], "window_group"),
+    ],
+)
 def test_bad_window_group_plans_are_refused(tmp_path, capsys, flags, match):
     code = cli("generate", *ARGS, "--workers", "4", *flags, "--out", str(tmp_path / "z.mp4"))
     err = capsys.readouterr().err
@@ -262,8 +331,18 @@ def test_a_distributed_run_resumes_from_its_run_folder(tmp_path, capsys, monkeyp
     from atlasvid_dist.runtime.driver import DistributedGenerator
 
     run = tmp_path / "run"
-    values = dict(prompt="a red ball rolling", res="256x256", frames=9, steps=2, proxy_steps=2, window="3,4,8",
-                  guidance=3.0, spatial_scale=2, run_dir=str(run), out=str(tmp_path / "r.mp4"))
+    values = dict(
+        prompt="a red ball rolling",
+        res="256x256",
+        frames=9,
+        steps=2,
+        proxy_steps=2,
+        window="3,4,8",
+        guidance=3.0,
+        spatial_scale=2,
+        run_dir=str(run),
+        out=str(tmp_path / "r.mp4"),
+    )
     monkeypatch.setenv("ATLASVID_FAULT_INJECT", "1:1")
     with pytest.raises(RunFailure, match="rank 1"):
         DistributedGenerator(build_config({**DEFAULTS, **values}), 2, progress=False, max_restarts=0).run()
@@ -285,11 +364,20 @@ def test_spatial_only_shift_equals_single_process(tmp_path, capsys):
     window spans all 3 time tokens, so time is never shifted and the halo is the same as the default's; plan's
     test shows the saving at 4K on 8 ranks.)"""
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    assert cli("generate", *ARGS, "--shift-axes", "hw", "--out", str(tmp_path / "a.mp4"), "--save-latents",
-               str(a)) == 0
+    assert cli("generate", *ARGS, "--shift-axes", "hw", "--out", str(tmp_path / "a.mp4"), "--save-latents", str(a)) == 0
     capsys.readouterr()
-    code = cli("generate", *ARGS, "--shift-axes", "hw", "--workers", "2", "--out", str(tmp_path / "b.mp4"),
-               "--save-latents", str(b))
+    code = cli(
+        "generate",
+        *ARGS,
+        "--shift-axes",
+        "hw",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "b.mp4"),
+        "--save-latents",
+        str(b),
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert float((load_file(str(a))["latents"] - load_file(str(b))["latents"]).abs().max()) <= 1e-5
@@ -302,8 +390,17 @@ def test_workers_json_summary_has_every_ranks_memory_and_bytes(tmp_path, capsys)
     """`generate --workers 2 --json`: the last stdout line is one JSON object with the ranks' numbers."""
     import json
 
-    code = cli("generate", *ARGS, "--workers", "2", "--out", str(tmp_path / "j.mp4"), "--save-proxy",
-               str(tmp_path / "jp.mp4"), "--json")
+    code = cli(
+        "generate",
+        *ARGS,
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "j.mp4"),
+        "--save-proxy",
+        str(tmp_path / "jp.mp4"),
+        "--json",
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     summary = json.loads(out.strip().splitlines()[-1])

@@ -73,8 +73,10 @@ def test_sequential_tiles_equal_the_tiles_together(vae):
             blender = TileBlender.for_latents((3, 20, 24), tiling, vae_scale(vae))
             per_rank = assign_tiles(blender.tiles, 2)
             owner = {i: r for r, ids in enumerate(per_rank) for i in ids}
-            streams = [decode_tiles(vae, lat, [blender.tiles[i] for i in ids], tiling, sequential=sequential)
-                       for ids in per_rank]
+            streams = [
+                decode_tiles(vae, lat, [blender.tiles[i] for i in ids], tiling, sequential=sequential)
+                for ids in per_rank
+            ]
             got = []
             stream_to_writer(blender, [owner[i] for i in range(len(blender.tiles))], streams, got.append)
             out[sequential] = (np.concatenate(got), blender.max_held)

@@ -18,7 +18,7 @@ def test_an_embedded_runs_rendezvous_is_loopback_and_a_private_file_store(tmp_pa
     host, init = rendezvous("192.0.2.2", local=True, folder=str(tmp_path))
     assert host == "127.0.0.1"
     assert init.startswith("file://") and init.endswith("/store")
-    folder = os.path.dirname(init[len("file://"):])
+    folder = os.path.dirname(init[len("file://") :])
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     remove_store(init)
     assert not os.path.exists(folder)

@@ -76,8 +76,15 @@ def test_guidance_formula():
     assert guided(c, None, 5.0) is c
 
 
-@pytest.mark.parametrize("kw,field", [(dict(steps=0), "steps"), (dict(steps=-3), "steps"),
-                                      (dict(steps=4, guidance=-1), "guidance"), (dict(steps=4, flow_shift=0), "flow_shift")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(steps=0), "steps"),
+        (dict(steps=-3), "steps"),
+        (dict(steps=4, guidance=-1), "guidance"),
+        (dict(steps=4, flow_shift=0), "flow_shift"),
+    ],
+)
 def test_bad_sampler_config(kw, field):
     with pytest.raises(ConfigError, match=field):
         SamplerConfig(**kw)

@@ -12,8 +12,10 @@ def _setup(seed=0):
     from atlasvid_dist import AtlasConfig, AtlasTransformer
     from atlasvid_dist.models.tiny import build_tiny_transformer
 
-    model = AtlasTransformer(build_tiny_transformer(seed), AtlasConfig(mode="atlas", window=(3, 4, 4), shift=True,
-                                                                       temporal_scale=4, spatial_scale=2))
+    model = AtlasTransformer(
+        build_tiny_transformer(seed),
+        AtlasConfig(mode="atlas", window=(3, 4, 4), shift=True, temporal_scale=4, spatial_scale=2),
+    )
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*LAT, generator=g)
     enc = torch.randn(1, 7, 32, generator=g)
@@ -36,8 +38,18 @@ def _sharded_forward(rank, world):
     cache = model.build_proxy_cache(proxy, enc)
     sharding = shard_for(model.atlas_config, grid, world)
     stats = CommStats()
-    attend = ShardedWindowAttention(model.atlas_config, grid, model.rotary, sharding, rank, "cpu", cache.kv,
-                                    model.proxy_geometry(grid).scales, stats=stats, timeout=30)
+    attend = ShardedWindowAttention(
+        model.atlas_config,
+        grid,
+        model.rotary,
+        sharding,
+        rank,
+        "cpu",
+        cache.kv,
+        model.proxy_geometry(grid).scales,
+        stats=stats,
+        timeout=30,
+    )
     tokens, temb, tproj, text = model.embed(x, t, enc)
     mine = sharding.shard(tokens, rank)  # (B, N_local, D)
     out = model.run_blocks(mine, text, tproj, attend)
@@ -47,9 +59,14 @@ def _sharded_forward(rank, world):
     got = model.head(full, temb, grid, x.shape[0])
     windows = len(sharding.window_range(rank))
     full_proxy = sum(k.numel() * k.element_size() for k in cache.kv.keys + cache.kv.values)
-    return {"diff": float((got - ref).abs().max()), "layer_bytes": dict(attend.layer_bytes),
-            "halo": stats.total("halo"), "windows": windows, "proxy_bytes": attend.proxy_bytes(),
-            "full_proxy_bytes": full_proxy}
+    return {
+        "diff": float((got - ref).abs().max()),
+        "layer_bytes": dict(attend.layer_bytes),
+        "halo": stats.total("halo"),
+        "windows": windows,
+        "proxy_bytes": attend.proxy_bytes(),
+        "full_proxy_bytes": full_proxy,
+    }
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

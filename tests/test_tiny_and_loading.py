@@ -118,10 +118,15 @@ def test_folder_loads_identical_to_memory(tiny_dir):
     out_mem = mem.transformer(x, t, enc, return_dict=False)[0]
     torch.testing.assert_close(disk.transformer(x, t, enc, return_dict=False)[0], out_mem, rtol=0, atol=0)
     ids = mem.tokenizer(["a cat"], padding="max_length", max_length=8, return_tensors="pt")
-    assert torch.equal(disk.tokenizer(["a cat"], padding="max_length", max_length=8, return_tensors="pt").input_ids,
-                       ids.input_ids)
-    torch.testing.assert_close(disk.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state,
-                               mem.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state, rtol=0, atol=0)
+    assert torch.equal(
+        disk.tokenizer(["a cat"], padding="max_length", max_length=8, return_tensors="pt").input_ids, ids.input_ids
+    )
+    torch.testing.assert_close(
+        disk.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state,
+        mem.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state,
+        rtol=0,
+        atol=0,
+    )
     assert type(disk.scheduler) is type(mem.scheduler)
     public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
     assert public(disk.scheduler.config) == public(mem.scheduler.config)
@@ -131,8 +136,17 @@ def test_folder_runs_in_diffusers_wan_pipeline(tiny_dir):
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(tiny_dir, local_files_only=True)
-    video = pipe("a red fox", negative_prompt="", height=16, width=16, num_frames=5, num_inference_steps=2,
-                 max_sequence_length=16, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    video = pipe(
+        "a red fox",
+        negative_prompt="",
+        height=16,
+        width=16,
+        num_frames=5,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     assert video.shape == (1, 5, 3, 16, 16) and torch.isfinite(video).all()
     assert video.std() > 0.01
 
@@ -148,7 +162,13 @@ def test_tiny_in_bfloat16_keeps_float32_modules_like_a_folder():
 def test_model_spec_from_folder(tiny_dir):
     spec, preset = read_model_spec(tiny_dir), MODEL_PRESETS["tiny"]
     assert (spec.num_layers, spec.num_heads, spec.head_dim, spec.ffn_dim, spec.text_dim, spec.in_channels) == (
-        preset.num_layers, preset.num_heads, preset.head_dim, preset.ffn_dim, preset.text_dim, preset.in_channels)
+        preset.num_layers,
+        preset.num_heads,
+        preset.head_dim,
+        preset.ffn_dim,
+        preset.text_dim,
+        preset.in_channels,
+    )
 
 
 # --- broken folders: each is refused before weights load, naming the file or field ----------------------------
@@ -170,13 +190,15 @@ def _pickle_only(root):
 
 def _missing_shard(root):
     (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"x.weight": "diffusion_pytorch_model-00002-of-00002.safetensors"}}))
+        json.dumps({"weight_map": {"x.weight": "diffusion_pytorch_model-00002-of-00002.safetensors"}})
+    )
 
 
 def _edit(part, file, **fields):
     def edit(root):
         path = root / part / file
         path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
     return edit
 
 
@@ -185,19 +207,18 @@ def _shape_lies(root):
     f = next((root / "transformer").glob("*.safetensors"))
     raw = f.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     assert header["blocks.0.attn1.to_q.weight"]["shape"] == [24, 24]
     header["blocks.0.attn1.to_q.weight"]["shape"] = [24, 25]
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= n
-    f.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n:])
+    f.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
 
 
 BROKEN = {
     "missing model_index": (lambda r: (r / "model_index.json").unlink(), "model_index.json"),
     "model_index garbage": (lambda r: (r / "model_index.json").write_text("{nope"), "model_index.json"),
-    "model_index lacks vae": (lambda r: (r / "model_index.json").write_text(json.dumps({"transformer": []})),
-                              "'vae'"),
+    "model_index lacks vae": (lambda r: (r / "model_index.json").write_text(json.dumps({"transformer": []})), "'vae'"),
     "missing subfolder": (lambda r: shutil.rmtree(r / "vae"), "vae"),
     "missing config": (lambda r: (r / "transformer" / "config.json").unlink(), "config.json"),
     "missing tokenizer files": (lambda r: [p.unlink() for p in (r / "tokenizer").iterdir()], "tokenizer"),
@@ -208,8 +229,10 @@ BROKEN = {
     "sharded index names a missing shard": (_missing_shard, "00002-of-00002"),
     "channel mismatch": (_edit("vae", "config.json", z_dim=8), "z_dim=8"),
     "text dim mismatch": (_edit("text_encoder", "config.json", d_model=64), "d_model=64"),
-    "wrong transformer class": (_edit("transformer", "config.json", _class_name="FluxTransformer2DModel"),
-                                "_class_name"),
+    "wrong transformer class": (
+        _edit("transformer", "config.json", _class_name="FluxTransformer2DModel"),
+        "_class_name",
+    ),
 }
 
 

@@ -13,8 +13,20 @@ from atlasvid_dist.train.config import TrainConfig
 from atlasvid_dist.train.synthetic import write_synthetic_dataset
 from tests._dist import run_ranks
 
-SMALL = dict(width=64, height=64, frames=9, fps=16.0, temporal_scale=2, spatial_scale=2, window=(3, 2, 2),
-             text_len=16, lora_rank=4, lora_alpha=4.0, lr=3e-3, seed=0)
+SMALL = dict(
+    width=64,
+    height=64,
+    frames=9,
+    fps=16.0,
+    temporal_scale=2,
+    spatial_scale=2,
+    window=(3, 2, 2),
+    text_len=16,
+    lora_rank=4,
+    lora_alpha=4.0,
+    lr=3e-3,
+    seed=0,
+)
 ZERO2 = "zero2"  # packaged DeepSpeed configs (atlasvid_dist/configs/ds_NAME.json)
 ZERO3 = "zero3"
 
@@ -47,11 +59,19 @@ def frozen_unchanged(trainer, stage1_file) -> bool | None:
     saved = load_file(stage1_file)
     return len(saved) > 0 and all(
         torch.equal(params[k.removeprefix("transformer.").replace(".weight", ".stage1.weight")].detach().cpu(), v)
-        for k, v in saved.items())
+        for k, v in saved.items()
+    )
 
 
-@pytest.mark.parametrize("stage,ds", [(1, ZERO2), (2, ZERO2), pytest.param(1, ZERO3, marks=pytest.mark.slow),
-                                      pytest.param(2, ZERO3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage,ds",
+    [
+        (1, ZERO2),
+        (2, ZERO2),
+        pytest.param(1, ZERO3, marks=pytest.mark.slow),
+        pytest.param(2, ZERO3, marks=pytest.mark.slow),
+    ],
+)
 def test_loss_falls(stage, ds, data_dir, tmp_path):
     from atlasvid_dist.pipeline.adapter_geometry import read_geometry, training_geometry
 
@@ -106,17 +126,33 @@ def check_adapter(adapter, tmp_path, option):
 
     state = WanPipeline.lora_state_dict(adapter)
     plain = build_tiny_transformer()
-    plain.load_lora_adapter(state[0] if isinstance(state, tuple) else state, prefix="transformer",
-                            adapter_name="trained")
+    plain.load_lora_adapter(
+        state[0] if isinstance(state, tuple) else state, prefix="transformer", adapter_name="trained"
+    )
     plain_params = dict(plain.named_parameters())
     for name, value in loaded.items():
         torch.testing.assert_close(plain_params[name], value, rtol=0, atol=0)
-    small = dict(res="128x128", frames=9, steps=2, proxy_steps=2, window="3,4,4", guidance=1.0, spatial_scale=2,
-                 prompt="a red disc moving right")
+    small = dict(
+        res="128x128",
+        frames=9,
+        steps=2,
+        proxy_steps=2,
+        window="3,4,4",
+        guidance=1.0,
+        spatial_scale=2,
+        prompt="a red disc moving right",
+    )
     out = []
     for name, extra in (("base", {}), ("tuned", {option: adapter})):
-        cfg = build_config({**DEFAULTS, **small, "out": str(tmp_path / f"{name}.mp4"),
-                            "save_latents": str(tmp_path / f"{name}.safetensors"), **extra})
+        cfg = build_config(
+            {
+                **DEFAULTS,
+                **small,
+                "out": str(tmp_path / f"{name}.mp4"),
+                "save_latents": str(tmp_path / f"{name}.safetensors"),
+                **extra,
+            }
+        )
         TwoStageGenerator(cfg, progress=False).run()
         out.append(load_file(cfg.save_latents)["latents"])
     assert not torch.equal(out[0], out[1])
@@ -130,8 +166,7 @@ def _zero3_matches_zero2(rank, world, cfg_kw):
 
     out = {}
     for name in ("ds_zero2", "ds_zero3", "ds_zero3_offload"):
-        trainer = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + f"/../{name}"), name,
-                          log=lambda *_: None)
+        trainer = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + f"/../{name}"), name, log=lambda *_: None)
         losses = trainer.run(4)
         path = trainer.export()
         out[name] = (losses, {k: v.tolist() for k, v in load_file(path).items()} if path else None)
@@ -141,8 +176,9 @@ def _zero3_matches_zero2(rank, world, cfg_kw):
 @pytest.mark.slow
 def test_zero3_and_offload_train_as_zero2(tmp_path):
     data = str(write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13))
-    out, _ = run_ranks(_zero3_matches_zero2, 2, dict(SMALL, stage=2, data=data, max_steps=4, lora_stage1="none"),
-                       timeout=240)
+    out, _ = run_ranks(
+        _zero3_matches_zero2, 2, dict(SMALL, stage=2, data=data, max_steps=4, lora_stage1="none"), timeout=240
+    )
     ref_losses, ref_adapter = out["ds_zero2"]
     assert len(set(ref_losses)) > 1
     for name in ("ds_zero3", "ds_zero3_offload"):
@@ -150,8 +186,7 @@ def test_zero3_and_offload_train_as_zero2(tmp_path):
         assert losses == pytest.approx(ref_losses, rel=1e-4), name
         assert adapter.keys() == ref_adapter.keys()
         for key in adapter:
-            torch.testing.assert_close(torch.tensor(adapter[key]), torch.tensor(ref_adapter[key]), rtol=1e-3,
-                                       atol=1e-5)
+            torch.testing.assert_close(torch.tensor(adapter[key]), torch.tensor(ref_adapter[key]), rtol=1e-3, atol=1e-5)
 
 
 class _Planted:
@@ -164,9 +199,13 @@ class _Planted:
         return open, (self.path, "w")
 
 
-DEEPSPEED_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                   "zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                   "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+DEEPSPEED_NAMES = (
+    "mp_rank_00_model_states.pt",
+    "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+)
 
 
 def plant_pickles(checkpoints, step: int, marker) -> None:
@@ -225,8 +264,22 @@ def test_resume_refuses_a_folder_of_deepspeed_pickles(data_dir, tmp_path, monkey
     out, marker = tmp_path / "o", tmp_path / "planted-code-ran"
     plant_pickles(out / "checkpoints", 2, marker)
     with pytest.raises(SystemExit) as e:
-        main(["train", "--stage", "1", "--data", data_dir, "--output", str(out), "--config", _cli_yaml(tmp_path),
-              "--deepspeed-config", ZERO2, "--resume"])
+        main(
+            [
+                "train",
+                "--stage",
+                "1",
+                "--data",
+                data_dir,
+                "--output",
+                str(out),
+                "--config",
+                _cli_yaml(tmp_path),
+                "--deepspeed-config",
+                ZERO2,
+                "--resume",
+            ]
+        )
     assert e.value.code == 2
     assert str(out / "checkpoints") in capsys.readouterr().err and not marker.exists()
 
@@ -261,8 +314,22 @@ def test_cli_trains_with_two_processes_and_resumes(data_dir, tmp_path):
     from atlasvid_dist.cli.main import main
 
     out = tmp_path / "run"
-    args = ["train", "--stage", "2", "--data", data_dir, "--output", str(out), "--num-processes", "2",
-            "--config", _cli_yaml(tmp_path), "--deepspeed-config", ZERO2, "--no-stage1-adapter"]
+    args = [
+        "train",
+        "--stage",
+        "2",
+        "--data",
+        data_dir,
+        "--output",
+        str(out),
+        "--num-processes",
+        "2",
+        "--config",
+        _cli_yaml(tmp_path),
+        "--deepspeed-config",
+        ZERO2,
+        "--no-stage1-adapter",
+    ]
     with pytest.raises(SystemExit) as e:
         main(args + ["--max-steps", "2"])
     assert e.value.code in (0, None)
@@ -279,8 +346,15 @@ def test_cli_trains_with_two_processes_and_resumes(data_dir, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 and r["lr"] == SMALL["lr"] for r in records)
 
 
-@pytest.mark.parametrize("problem, match", [("empty", "captions.jsonl"), ("key", "learning_rate"),
-                                            ("type", "lora_rank"), ("corrupt", "video_000.mp4: unreadable")])
+@pytest.mark.parametrize(
+    "problem, match",
+    [
+        ("empty", "captions.jsonl"),
+        ("key", "learning_rate"),
+        ("type", "lora_rank"),
+        ("corrupt", "video_000.mp4: unreadable"),
+    ],
+)
 def test_cli_bad_inputs_exit_2_naming_the_problem(problem, match, data_dir, tmp_path, capsys):
     import shutil
 
@@ -300,8 +374,21 @@ def test_cli_bad_inputs_exit_2_naming_the_problem(problem, match, data_dir, tmp_
         with open(config, "a") as f:
             f.write("bad_data: stop\n")
     with pytest.raises(SystemExit) as e:
-        main(["train", "--stage", "1", "--data", data, "--output", str(tmp_path / "o"), "--config", config,
-              "--deepspeed-config", ZERO2])
+        main(
+            [
+                "train",
+                "--stage",
+                "1",
+                "--data",
+                data,
+                "--output",
+                str(tmp_path / "o"),
+                "--config",
+                config,
+                "--deepspeed-config",
+                ZERO2,
+            ]
+        )
     assert e.value.code == 2
     assert match in capsys.readouterr().err
 
@@ -324,10 +411,13 @@ def test_tensorboard_is_optional(tmp_path):
     assert tensorboard_writer(TrainConfig(**SMALL), tmp_path) is None
 
 
-USER_DS = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-           "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0}},
-           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
-                                                        "warmup_num_steps": 3}}}
+USER_DS = {
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 2,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3, "warmup_num_steps": 3}},
+}
 
 
 def _user_json(tmp_path, **changes) -> str:
@@ -340,8 +430,7 @@ def test_deepspeed_json_keys_win_over_defaults(tmp_path):
     """The user's batch, accumulation, optimizer and scheduler are used; the config follows them."""
     from atlasvid_dist.train.train import deepspeed_config
 
-    ds, cfg = deepspeed_config(_user_json(tmp_path), TrainConfig(), world=2, device=torch.device("cpu"),
-                               explicit=set())
+    ds, cfg = deepspeed_config(_user_json(tmp_path), TrainConfig(), world=2, device=torch.device("cpu"), explicit=set())
     assert (cfg.batch, cfg.grad_accum, cfg.lr) == (2, 2, 3e-3)
     assert ds["train_batch_size"] == 8 and ds["optimizer"]["params"]["lr"] == 3e-3
     assert ds["scheduler"] == USER_DS["scheduler"] and ds["optimizer"]["params"]["torch_adam"] is True
@@ -349,19 +438,35 @@ def test_deepspeed_json_keys_win_over_defaults(tmp_path):
     assert "optimizer" not in plain and plain["train_micro_batch_size_per_gpu"] == 3 and cfg.lr == 5e-4
 
 
-@pytest.mark.parametrize("flags, key, field", [(["--lr", "1e-4"], "optimizer.params.lr", "lr=0.0001"),
-                                               (["--batch", "1"], "train_micro_batch_size_per_gpu", "batch=1"),
-                                               (["--warmup-steps", "5"], "scheduler", "warmup_steps=5")])
-def test_deepspeed_json_conflicting_with_the_config_exits_2(flags, key, field, data_dir, tmp_path, monkeypatch,
-                                                             capsys):
+@pytest.mark.parametrize(
+    "flags, key, field",
+    [
+        (["--lr", "1e-4"], "optimizer.params.lr", "lr=0.0001"),
+        (["--batch", "1"], "train_micro_batch_size_per_gpu", "batch=1"),
+        (["--warmup-steps", "5"], "scheduler", "warmup_steps=5"),
+    ],
+)
+def test_deepspeed_json_conflicting_with_the_config_exits_2(flags, key, field, data_dir, tmp_path, monkeypatch, capsys):
     """A JSON key set differently on the command line: refused before launching, naming the key and the field."""
     from atlasvid_dist.cli.main import main
     from atlasvid_dist.train import launch
 
     monkeypatch.setattr(launch, "run_launcher", _no_launch)
     with pytest.raises(SystemExit) as e:
-        main(["train", "--stage", "1", "--data", data_dir, "--output", str(tmp_path / "o"),
-              "--deepspeed-config", _user_json(tmp_path), *flags])
+        main(
+            [
+                "train",
+                "--stage",
+                "1",
+                "--data",
+                data_dir,
+                "--output",
+                str(tmp_path / "o"),
+                "--deepspeed-config",
+                _user_json(tmp_path),
+                *flags,
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert key in err and field in err, err
@@ -372,12 +477,45 @@ def test_command_line_sets_training_fields_and_tiny_has_small_defaults(tmp_path)
 
     tiny = load_train_config(parse_args(["--deepspeed", "--stage", "1"]))
     assert (tiny.width, tiny.height, tiny.frames) == (128, 128, 9)
-    args = parse_args(["--res", "64x96", "--frames", "5", "--lr", "0.01", "--batch", "2", "--grad-accum", "3",
-                       "--steps", "7", "--seed", "3", "--fps", "8", "--warmup-steps", "2", "--save-every", "4"])
+    args = parse_args(
+        [
+            "--res",
+            "64x96",
+            "--frames",
+            "5",
+            "--lr",
+            "0.01",
+            "--batch",
+            "2",
+            "--grad-accum",
+            "3",
+            "--steps",
+            "7",
+            "--seed",
+            "3",
+            "--fps",
+            "8",
+            "--warmup-steps",
+            "2",
+            "--save-every",
+            "4",
+        ]
+    )
     cfg = load_train_config(args)
     assert args.deepspeed_config == "zero2"
-    assert (cfg.width, cfg.height, cfg.frames, cfg.lr, cfg.batch, cfg.grad_accum, cfg.max_steps, cfg.seed, cfg.fps,
-            cfg.warmup_steps, cfg.save_every) == (64, 96, 5, 0.01, 2, 3, 7, 3, 8.0, 2, 4)
+    assert (
+        cfg.width,
+        cfg.height,
+        cfg.frames,
+        cfg.lr,
+        cfg.batch,
+        cfg.grad_accum,
+        cfg.max_steps,
+        cfg.seed,
+        cfg.fps,
+        cfg.warmup_steps,
+        cfg.save_every,
+    ) == (64, 96, 5, 0.01, 2, 3, 7, 3, 8.0, 2, 4)
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("model: some/folder\n")
     wan = load_train_config(parse_args(["--config", str(yaml_file)]))
@@ -392,8 +530,12 @@ def _user_deepspeed_resume(rank, world, cfg_kw, ds_path):
 
     quiet = dict(log=lambda *_: None, explicit=set())
     full = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../full"), ds_path, **quiet)
-    seen = (full.engine.train_micro_batch_size_per_gpu(), full.engine.gradient_accumulation_steps(),
-            type(full.optimizer).__name__, type(full.scheduler).__name__)
+    seen = (
+        full.engine.train_micro_batch_size_per_gpu(),
+        full.engine.gradient_accumulation_steps(),
+        type(full.optimizer).__name__,
+        type(full.scheduler).__name__,
+    )
     straight = full.run(4)
     lrs = [json.loads(line)["lr"] for line in open(cfg_kw["data"] + "/../full/log.jsonl")] if rank == 0 else []
     first = Trainer(TrainConfig(**cfg_kw, output=cfg_kw["data"] + "/../stopped"), ds_path, **quiet)
@@ -408,8 +550,9 @@ def test_user_deepspeed_json_trains_with_its_optimizer_and_scheduler_and_resumes
     """Micro batch 2 x accumulation 2, DeepSpeed's own AdamW and WarmupLR: used as given, and exact resume."""
     data = str(write_synthetic_dataset(tmp_path / "data", num_videos=2, frames=13))
     cfg = {k: v for k, v in SMALL.items() if k != "lr"}
-    (seen, straight, resumed, lrs), _ = run_ranks(_user_deepspeed_resume, 2, dict(cfg, stage=1, data=data),
-                                                  _user_json(tmp_path), timeout=400)
+    (seen, straight, resumed, lrs), _ = run_ranks(
+        _user_deepspeed_resume, 2, dict(cfg, stage=1, data=data), _user_json(tmp_path), timeout=400
+    )
     assert seen == (2, 2, "AdamW", "WarmupLR")
     assert straight[2:] == resumed and len(set(straight)) > 1, (straight, resumed)
     assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(3e-3)  # WarmupLR's log warm-up over 3 steps

@@ -140,8 +140,9 @@ def test_gradient_checkpointing_same_loss_and_grads(stage):
         for n, p in tr.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    loss_fn = FlowMatchingLoss(AtlasTransformer(tr, AtlasConfig(window=(3, 2, 2), temporal_scale=2)), stage,
-                               f"stage{stage}")
+    loss_fn = FlowMatchingLoss(
+        AtlasTransformer(tr, AtlasConfig(window=(3, 2, 2), temporal_scale=2)), stage, f"stage{stage}"
+    )
     g = torch.Generator().manual_seed(0)
     shape = (1, 16, 2, 4, 4) if stage == 1 else (1, 16, 3, 8, 8)
     x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)

@@ -16,8 +16,20 @@ from atlasvid_dist.models.tiny import build_tiny_transformer
 from atlasvid_dist.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(stage=2, width=64, height=64, frames=9, fps=16.0, temporal_scale=2, spatial_scale=2, window=(3, 2, 2),
-             text_len=8, lora_rank=4, lora_alpha=4.0, seed=0)
+SMALL = dict(
+    stage=2,
+    width=64,
+    height=64,
+    frames=9,
+    fps=16.0,
+    temporal_scale=2,
+    spatial_scale=2,
+    window=(3, 2, 2),
+    text_len=8,
+    lora_rank=4,
+    lora_alpha=4.0,
+    seed=0,
+)
 
 
 def _randomise(transformer, name: str, seed: int) -> None:
@@ -43,9 +55,13 @@ def _adapter_file(tmp_path, name: str, seed: int, geometry: dict | None = None) 
 def _inputs(transformer):
     gen = torch.Generator().manual_seed(7)
     c, d = transformer.config.in_channels, transformer.config.text_dim
-    return dict(x0=torch.randn(1, c, 3, 8, 8, generator=gen), noise=torch.randn(1, c, 3, 8, 8, generator=gen),
-                sigma=torch.tensor([0.6]), text=torch.randn(1, 8, d, generator=gen),
-                proxy=torch.randn(1, c, 2, 4, 4, generator=gen))
+    return dict(
+        x0=torch.randn(1, c, 3, 8, 8, generator=gen),
+        noise=torch.randn(1, c, 3, 8, 8, generator=gen),
+        sigma=torch.tensor([0.6]),
+        text=torch.randn(1, 8, d, generator=gen),
+        proxy=torch.randn(1, c, 2, 4, 4, generator=gen),
+    )
 
 
 def _stage2_loss(tmp_path):
@@ -87,8 +103,19 @@ def test_stage2_step_reads_the_proxy_kv_generate_builds(tmp_path):
     want = torch.nn.functional.mse_loss(pred, x["noise"] - x["x0"])
     assert torch.equal(loss(**x, spatial_scale=2), want)
     # generate's one-process path (adapters loaded from files, its stage-2 model) builds the same
-    cfg = build_config({**DEFAULTS, "res": "64x64", "frames": 9, "window": "3,2,2", "temporal_scale": 2,
-                        "spatial_scale": 2, "prompt": "p", "lora_stage1": stage1, "out": str(tmp_path / "o.mp4")})
+    cfg = build_config(
+        {
+            **DEFAULTS,
+            "res": "64x64",
+            "frames": 9,
+            "window": "3,2,2",
+            "temporal_scale": 2,
+            "spatial_scale": 2,
+            "prompt": "p",
+            "lora_stage1": stage1,
+            "out": str(tmp_path / "o.mp4"),
+        }
+    )
     gen = TwoStageGenerator(cfg, components=load_components("tiny"), progress=False)
     comp = gen._load()
     caches = gen.proxy_caches(gen._atlas(comp, cfg.method), x["proxy"], TextEmbeddings(x["text"], None))
@@ -132,30 +159,67 @@ def test_exported_geometry_round_trips(tmp_path):
     cfg = TrainConfig(**{**SMALL, "spatial_scales": (1, 2)}, lora_stage1="none")
     geo = training_geometry(cfg)
     path = _adapter_file(tmp_path, "stage2", seed=3, geometry=geo)
-    assert read_geometry(path) == geo == dict(stage=2, mode="atlas", window=[3, 2, 2], spatial_scales=[1, 2],
-                                              temporal_scale=2, width=64, height=64, frames=9)
+    assert (
+        read_geometry(path)
+        == geo
+        == dict(
+            stage=2,
+            mode="atlas",
+            window=[3, 2, 2],
+            spatial_scales=[1, 2],
+            temporal_scale=2,
+            width=64,
+            height=64,
+            frames=9,
+        )
+    )
     lora.load_lora(build_tiny_transformer(), path, "stage2")  # still a plain diffusers LoRA file
     assert training_geometry(TrainConfig(**{**SMALL, "stage": 1}))["frames"] == 5  # the proxy clip it saw
 
 
-GEN_4K = dict(stage=2, mode="atlas", window=[3, 15, 16], spatial_scales=[3, 6], temporal_scale=4, width=1536,
-              height=960, frames=81)
+GEN_4K = dict(
+    stage=2,
+    mode="atlas",
+    window=[3, 15, 16],
+    spatial_scales=[3, 6],
+    temporal_scale=4,
+    width=1536,
+    height=960,
+    frames=81,
+)
 
 
-@pytest.mark.parametrize("trained, warned", [(GEN_4K, None), ({**GEN_4K, "window": [3, 11, 16]}, "window"),
-                                             ({**GEN_4K, "spatial_scales": [2]}, "spatial_scale")])
+@pytest.mark.parametrize(
+    "trained, warned",
+    [
+        (GEN_4K, None),
+        ({**GEN_4K, "window": [3, 11, 16]}, "window"),
+        ({**GEN_4K, "spatial_scales": [2]}, "spatial_scale"),
+    ],
+)
 def test_generate_and_plan_warn_on_another_geometry(trained, warned, tmp_path, capsys):
     from atlasvid_dist.cli.generate import DEFAULTS, build_config
     from atlasvid_dist.cli.main import main
     from atlasvid_dist.pipeline.generate import TwoStageGenerator
 
     path = _adapter_file(tmp_path, "stage2", seed=4, geometry=trained)
-    cfg = build_config({**DEFAULTS, "res": "4k", "frames": 81, "window": "3,15,16", "spatial_scale": 3,
-                        "prompt": "p", "lora_stage2": path, "out": str(tmp_path / "o.mp4")})
+    cfg = build_config(
+        {
+            **DEFAULTS,
+            "res": "4k",
+            "frames": 81,
+            "window": "3,15,16",
+            "spatial_scale": 3,
+            "prompt": "p",
+            "lora_stage2": path,
+            "out": str(tmp_path / "o.mp4"),
+        }
+    )
     lines = TwoStageGenerator(cfg, progress=False).warn_adapter_geometry()
     with pytest.raises(SystemExit):
-        main(["plan", "--res", "4k", "--window", "3,15,16", "--spatial-scale", "3", "--gpus", "8",
-              "--lora-stage2", path])
+        main(
+            ["plan", "--res", "4k", "--window", "3,15,16", "--spatial-scale", "3", "--gpus", "8", "--lora-stage2", path]
+        )
     err = capsys.readouterr().err
     if warned is None:
         assert lines == [] and "warning" not in err
@@ -176,8 +240,7 @@ def test_shipped_configs_load_and_tile_what_generation_uses():
     from atlasvid_dist.train.data import needed_source_frames, proxy_pixel_frames
 
     one, two = _shipped("stage1.yaml"), _shipped("stage2.yaml")
-    assert (one.width // one.spatial_scale, one.height // one.spatial_scale, proxy_pixel_frames(one)) == (1280, 720,
-                                                                                                          81)
+    assert (one.width // one.spatial_scale, one.height // one.spatial_scale, proxy_pixel_frames(one)) == (1280, 720, 81)
     assert one.fps / one.temporal_scale == 4 and needed_source_frames(one, 16.0) == 321  # ~20 s at 16 fps
     assert two.window == (3, 15, 16) and set(two.scales) == {3, 6} and two.lora_stage1
     grid = Grid((two.frames - 1) // 4 + 1, two.height // 16, two.width // 16)
@@ -200,10 +263,10 @@ def test_short_clip_is_refused_naming_the_file(tmp_path):
         scan_dataset(data, cfg)
 
 
-@pytest.mark.parametrize("flag, message", [([], "lora_stage1"), (["--lora-stage1", "missing.safetensors"],
-                                                                  "missing.safetensors")])
-def test_train_stage2_without_its_stage1_adapter_exits_2_before_launching(flag, message, tmp_path, monkeypatch,
-                                                                         capsys):
+@pytest.mark.parametrize(
+    "flag, message", [([], "lora_stage1"), (["--lora-stage1", "missing.safetensors"], "missing.safetensors")]
+)
+def test_train_stage2_without_its_stage1_adapter_exits_2_before_launching(flag, message, tmp_path, monkeypatch, capsys):
     from atlasvid_dist.cli.main import main
     from atlasvid_dist.train import launch
     from atlasvid_dist.train.synthetic import write_synthetic_dataset
@@ -214,8 +277,22 @@ def test_train_stage2_without_its_stage1_adapter_exits_2_before_launching(flag, 
     monkeypatch.setattr(launch, "run_launcher", no_launch)
     data = write_synthetic_dataset(tmp_path / "d", num_videos=1, frames=13)
     with pytest.raises(SystemExit) as e:
-        main(["train", "--stage", "2", "--data", str(data), "--output", str(tmp_path / "o"), "--res", "64x64",
-              "--frames", "9", *flag])
+        main(
+            [
+                "train",
+                "--stage",
+                "2",
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "o"),
+                "--res",
+                "64x64",
+                "--frames",
+                "9",
+                *flag,
+            ]
+        )
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -231,8 +308,9 @@ def test_spatial_scale_is_drawn_per_step_and_each_scale_trains(tmp_path):
     assert set(drawn) == {1, 2} and drawn == [draw(step) for step in range(16)]
     tr = build_tiny_transformer()
     add_lora(tr, cfg, "stage2")
-    atlases = {s: AtlasTransformer(tr, AtlasConfig(window=(3, 2, 2), temporal_scale=2, spatial_scale=s))
-               for s in cfg.scales}
+    atlases = {
+        s: AtlasTransformer(tr, AtlasConfig(window=(3, 2, 2), temporal_scale=2, spatial_scale=s)) for s in cfg.scales
+    }
     loss = FlowMatchingLoss(atlases[1], 2, "stage2", None, atlases)
     x = _inputs(tr)
     for s, size in ((1, 8), (2, 4)):

@@ -61,8 +61,19 @@ def test_paths_are_checked_before_launching(command, problem, data_dir, tmp_path
         Path(ds).write_text("{ not json")
     else:
         data = expected = str(tmp_path / "no-such-data")
-    args = [command, "--stage", "1", "--data", data, "--output", str(out), "--model", model,
-            "--config", _cli_yaml(tmp_path)]
+    args = [
+        command,
+        "--stage",
+        "1",
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--model",
+        model,
+        "--config",
+        _cli_yaml(tmp_path),
+    ]
     with pytest.raises(SystemExit) as e:
         main(args + (["--deepspeed-config", ds] if command == "train" else []))
     err = capsys.readouterr().err
@@ -73,9 +84,26 @@ def test_paths_are_checked_before_launching(command, problem, data_dir, tmp_path
 def _start_training(data_dir, tmp_path) -> tuple[subprocess.Popen, list]:
     """`atlasvid-dist train` on 2 ranks with many steps, returned once both ranks have logged a training step."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "atlasvid_dist.cli.main", "train", "--stage", "1", "--data", data_dir,
-           "--output", str(out), "--num-processes", "2", "--config", _cli_yaml(tmp_path),
-           "--deepspeed-config", ZERO2, "--max-steps", "100000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "atlasvid_dist.cli.main",
+        "train",
+        "--stage",
+        "1",
+        "--data",
+        data_dir,
+        "--output",
+        str(out),
+        "--num-processes",
+        "2",
+        "--config",
+        _cli_yaml(tmp_path),
+        "--deepspeed-config",
+        ZERO2,
+        "--max-steps",
+        "100000",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(proc.pid)

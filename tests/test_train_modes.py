@@ -15,8 +15,18 @@ from atlasvid_dist.train.train import FlowMatchingLoss, add_lora, load_train_con
 
 from .conftest import make_tiny_wan
 
-ULTRA = dict(stage=2, mode="ultragen", width=128, height=128, frames=9, temporal_scale=2, spatial_scale=2,
-             window=(3, 4, 4), lora_rank=4, lora_alpha=4.0)  # token grid (3, 8, 8); pool (1, 4, 4): 12 cells
+ULTRA = dict(
+    stage=2,
+    mode="ultragen",
+    width=128,
+    height=128,
+    frames=9,
+    temporal_scale=2,
+    spatial_scale=2,
+    window=(3, 4, 4),
+    lora_rank=4,
+    lora_alpha=4.0,
+)  # token grid (3, 8, 8); pool (1, 4, 4): 12 cells
 
 
 def lora_grads(cfg: TrainConfig, method) -> tuple[float, dict]:
@@ -63,8 +73,14 @@ def test_exported_adapter_records_the_training_mode(tmp_path):
     cfg = TrainConfig(**ULTRA)
     tr = make_tiny_wan(1)
     add_lora(tr, cfg, "stage2")
-    path = save_lora(tr, "stage2", tmp_path / "adapter.safetensors",
-                     extra_metadata=geometry_metadata(training_geometry(cfg)))
+    path = save_lora(
+        tr, "stage2", tmp_path / "adapter.safetensors", extra_metadata=geometry_metadata(training_geometry(cfg))
+    )
     meta = read_geometry(path)
     assert {k: meta[k] for k in ("stage", "mode", "window", "ultragen_pool", "ultragen_weight")} == {
-        "stage": 2, "mode": "ultragen", "window": [3, 4, 4], "ultragen_pool": [1, 4, 4], "ultragen_weight": 0.5}
+        "stage": 2,
+        "mode": "ultragen",
+        "window": [3, 4, 4],
+        "ultragen_pool": [1, 4, 4],
+        "ultragen_weight": 0.5,
+    }

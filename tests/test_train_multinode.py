@@ -23,8 +23,10 @@ from tests._dist import free_port
 from tests.test_train import _cli_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-NODE_CMD = ("deepspeed --hostfile HOSTFILE --no_ssh --node_rank N --master_addr MASTER_ADDR --master_port PORT "
-            "atlasvid_dist/train/train.py --deepspeed --deepspeed_config zero2 --config")
+NODE_CMD = (
+    "deepspeed --hostfile HOSTFILE --no_ssh --node_rank N --master_addr MASTER_ADDR --master_port PORT "
+    "atlasvid_dist/train/train.py --deepspeed --deepspeed_config zero2 --config"
+)
 """The per-node command cluster/README.md gives for nodes without pdsh/ssh, which the test runs as it is (with
 MASTER_ADDR = 127.0.0.1)."""
 TIMEOUT_S = 480
@@ -32,8 +34,12 @@ TIMEOUT_S = 480
 
 def _node_command(node: int, hostfile: Path, port: int, script_args: list[str]) -> list[str]:
     """NODE_CMD for ``node``, with the `deepspeed` entry point run by this Python (same venv, no PATH lookup)."""
-    words = NODE_CMD.replace("HOSTFILE", str(hostfile)).replace("MASTER_ADDR", "127.0.0.1").replace(
-        "PORT", str(port)).split()
+    words = (
+        NODE_CMD.replace("HOSTFILE", str(hostfile))
+        .replace("MASTER_ADDR", "127.0.0.1")
+        .replace("PORT", str(port))
+        .split()
+    )
     words[words.index("N")] = str(node)
     return [sys.executable, "-c", "from deepspeed.launcher.runner import main; main()", *words[1:], *script_args]
 
@@ -52,14 +58,38 @@ def test_two_node_hostfile_launch_trains_one_zero2_group_on_loopback(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names only: --no_ssh never resolves them
     out = tmp_path / "run"
-    script_args = [_cli_yaml(tmp_path), "--stage", "1", "--data", str(data), "--model", "tiny", "--output", str(out),
-                   "--max-steps", "2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
+    script_args = [
+        _cli_yaml(tmp_path),
+        "--stage",
+        "1",
+        "--data",
+        str(data),
+        "--model",
+        "tiny",
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "HF_HUB_OFFLINE": "1",
+    }
     port = free_port()
     logs = [open(tmp_path / f"node{n}.log", "w") for n in (0, 1)]
-    procs = [subprocess.Popen(_node_command(n, hostfile, port, script_args), cwd=REPO, env=env, stdout=logs[n],
-                              stderr=subprocess.STDOUT, start_new_session=True) for n in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            _node_command(n, hostfile, port, script_args),
+            cwd=REPO,
+            env=env,
+            stdout=logs[n],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for n in (0, 1)
+    ]
     try:
         codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     finally:

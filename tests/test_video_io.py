@@ -94,12 +94,15 @@ def test_existing_file_is_replaced_only_on_success(tmp_path):
     assert probe_mp4(path).frames == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(fps=8, width=15, height=16), "width"),
-    (dict(fps=8, width=16, height=9), "height"),
-    (dict(fps=0, width=16, height=16), "fps"),
-    (dict(fps=8, width=16, height=16, crf=99), "crf"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(fps=8, width=15, height=16), "width"),
+        (dict(fps=8, width=16, height=9), "height"),
+        (dict(fps=0, width=16, height=16), "fps"),
+        (dict(fps=8, width=16, height=16, crf=99), "crf"),
+    ],
+)
 def test_bad_arguments_refused_before_ffmpeg(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
         Mp4Writer(tmp_path / "v.mp4", **kwargs)

@@ -12,8 +12,16 @@ from atlasvid_dist.parallel.window_group import group_layout
 
 from ._dist import run_ranks
 
-VALUES = dict(prompt="a red ball rolling", res="256x256", frames=9, steps=2, proxy_steps=2, window="3,4,8",
-              guidance=3.0, spatial_scale=2)  # detail grid (3, 16, 16): 8 windows; the tiny model has 2 heads
+VALUES = dict(
+    prompt="a red ball rolling",
+    res="256x256",
+    frames=9,
+    steps=2,
+    proxy_steps=2,
+    window="3,4,8",
+    guidance=3.0,
+    spatial_scale=2,
+)  # detail grid (3, 16, 16): 8 windows; the tiny model has 2 heads
 
 
 def _setup():
@@ -33,8 +41,9 @@ def _detail_on_rank(rank, world, g):
 
     gen, comp, text, proxy = _setup()
     stats = CommStats()
-    tokens, per_layer = denoise_rank(gen, comp, text, proxy, rank, world, None, stats, 60, window_group=g,
-                                     groups=new_groups(world, g))
+    tokens, per_layer = denoise_rank(
+        gen, comp, text, proxy, rank, world, None, stats, 60, window_group=g, groups=new_groups(world, g)
+    )
     return tokens.tolist(), stats.total()
 
 
@@ -68,7 +77,13 @@ def test_group_layout_slices_and_refusals():
     sharding = shard_windows(spec, 2)  # 2 groups of 384 tokens
     lays = [group_layout(sharding, r, 3) for r in range(6)]
     assert [(x.group, x.slot, x.start, x.count) for x in lays] == [
-        (0, 0, 0, 128), (0, 1, 128, 128), (0, 2, 256, 128), (1, 0, 0, 128), (1, 1, 128, 128), (1, 2, 256, 128)]
+        (0, 0, 0, 128),
+        (0, 1, 128, 128),
+        (0, 2, 256, 128),
+        (1, 0, 0, 128),
+        (1, 1, 128, 128),
+        (1, 2, 256, 128),
+    ]
     assert [x.count for x in (group_layout(sharding, r, 5) for r in range(5))] == [77, 77, 77, 77, 76]
     tiny = shard_windows(WindowSpec(Grid(1, 2, 2), (1, 2, 2), (0, 0, 0)), 1)  # one window of 4 tokens
     with pytest.raises(PlanError, match="too few"):
@@ -87,5 +102,6 @@ def test_bad_group_attention_plans_are_refused():
     with pytest.raises(PlanError, match="does not divide the model's 2 heads"):
         GroupedWindowAttention(cfg, grid, Rotary3D(12), sharding, lay, 2, "cpu")
     with pytest.raises(ConfigError, match="window_parallel"):
-        GroupedWindowAttention(cfg, grid, Rotary3D(12), sharding, group_layout(sharding, 0, 2), 2, "cpu",
-                               window_parallel="ring")
+        GroupedWindowAttention(
+            cfg, grid, Rotary3D(12), sharding, group_layout(sharding, 0, 2), 2, "cpu", window_parallel="ring"
+        )

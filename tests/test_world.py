@@ -120,8 +120,9 @@ def test_components_match_a_flood_fill():
 
 
 def check_ground_truth(scores, min_psnr, min_ssim):
-    assert all(s.all_correct for s in scores), [(s.caption, s.colour, s.shape, s.direction) for s in scores
-                                                if not s.all_correct]
+    assert all(s.all_correct for s in scores), [
+        (s.caption, s.colour, s.shape, s.direction) for s in scores if not s.all_correct
+    ]
     assert all(s.psnr > min_psnr and s.ssim > min_ssim for s in scores), [(s.psnr, s.ssim) for s in scores]
     assert all(s.path_rms_px < 0.1 for s in scores)
     assert summarise(scores).all_correct == 1.0

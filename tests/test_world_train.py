@@ -45,12 +45,38 @@ def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     assert parts.vae.config.z_dim == 16 and len(parts.vae.config.latents_mean) == 16
     assert parts.tokenizer.model_max_length == 16
     defaults = json.loads((trained / DEFAULTS_FILE).read_text())
-    assert defaults["base_width"] == 64 and defaults["seed"] == 3 and set(defaults["seconds"]) == {
-        "vae", "latents", "dit", "export"}
+    assert (
+        defaults["base_width"] == 64
+        and defaults["seed"] == 3
+        and set(defaults["seconds"]) == {"vae", "latents", "dit", "export"}
+    )
     out = tmp_path / "v.mp4"
-    r = cli("generate", "--model", trained, "--prompt", "a red square moving right", "--res", "128x128",
-            "--frames", "5", "--steps", "1", "--proxy-steps", "1", "--guidance", "1", "--spatial-scale", "2",
-            "--temporal-scale", "1", "--window", "2,4,4", "--quiet", "--out", out)
+    r = cli(
+        "generate",
+        "--model",
+        trained,
+        "--prompt",
+        "a red square moving right",
+        "--res",
+        "128x128",
+        "--frames",
+        "5",
+        "--steps",
+        "1",
+        "--proxy-steps",
+        "1",
+        "--guidance",
+        "1",
+        "--spatial-scale",
+        "2",
+        "--temporal-scale",
+        "1",
+        "--window",
+        "2,4,4",
+        "--quiet",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert out.stat().st_size > 0
 

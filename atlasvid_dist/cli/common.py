@@ -29,18 +29,39 @@ Res = Annotated[str, typer.Option(help="480p|720p|1080p|2k|4k|8k or WIDTHxHEIGHT
 Frames = Annotated[int, typer.Option(help="Frames, 4k+1.")]
 Fps = Annotated[int, typer.Option(help="Frames per second of the output.")]
 Attention = Annotated[str, typer.Option(help="atlas|ultragen|full.")]
-Window = Annotated[str, typer.Option(help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px), or auto: near 3,15,16 and tiling the size.")]
+Window = Annotated[
+    str,
+    typer.Option(
+        help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px), or auto: near 3,15,16 and tiling the size."
+    ),
+]
 Shift = Annotated[bool, typer.Option("--shift/--no-shift", help="Alternate half-shifted windows over layers.")]
-ShiftAxes = Annotated[str, typer.Option(help="Axes shifted windows move along: thw, or e.g. hw (no shift in time: "
-                                             "far less halo traffic between ranks).")]
-PadWindows = Annotated[bool, typer.Option("--pad-windows/--no-pad-windows",
-                                          help="Allow windows that do not tile the grid (masked padding).")]
-UltragenPool = Annotated[str, typer.Option(help="With --attention ultragen: pooling cell T,H,W of the compressed "
-                                                "global branch (q, k, v averaged per cell).")]
+ShiftAxes = Annotated[
+    str,
+    typer.Option(
+        help="Axes shifted windows move along: thw, or e.g. hw (no shift in time: far less halo traffic between ranks)."
+    ),
+]
+PadWindows = Annotated[
+    bool,
+    typer.Option("--pad-windows/--no-pad-windows", help="Allow windows that do not tile the grid (masked padding)."),
+]
+UltragenPool = Annotated[
+    str,
+    typer.Option(
+        help="With --attention ultragen: pooling cell T,H,W of the compressed "
+        "global branch (q, k, v averaged per cell)."
+    ),
+]
 UltragenWeight = Annotated[float, typer.Option(help="With --attention ultragen: w in (1 - w) * windows + w * global.")]
 TemporalScale = Annotated[int, typer.Option(help="r_t: proxy fps = fps / r_t.")]
-SpatialScale = Annotated[int, typer.Option(help="Detail tokens per proxy token in height and width; 0 = auto "
-                                                "(the smallest divisor giving a proxy frame of at most 720P).")]
+SpatialScale = Annotated[
+    int,
+    typer.Option(
+        help="Detail tokens per proxy token in height and width; 0 = auto "
+        "(the smallest divisor giving a proxy frame of at most 720P)."
+    ),
+]
 ProxyContext = Annotated[str, typer.Option(help="all|aligned proxy keys per window.")]
 ProxyMode = Annotated[str, typer.Option(help="clean (proxy K/V cached once) | joint (re-noised every step).")]
 Gpus = Annotated[int, typer.Option(help="GPUs available (CUDA); workers default to this.")]
@@ -56,8 +77,10 @@ Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale; <
 DetailInit = Annotated[str, typer.Option(help="noise|proxy: start of the detail stage.")]
 InitStrength = Annotated[float, typer.Option(help="With --detail-init proxy: fraction of the detail steps run.")]
 Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU).")]
-DeviceProfileOpt = Annotated[Optional[str], typer.Option(
-    "--device-profile", help="h100|h200|cpu or a YAML/JSON file. [default: h100 on CUDA, cpu on CPU]")]
+DeviceProfileOpt = Annotated[
+    Optional[str],
+    typer.Option("--device-profile", help="h100|h200|cpu or a YAML/JSON file. [default: h100 on CUDA, cpu on CPU]"),
+]
 
 
 # -- parsing and building -------------------------------------------------------------------------------------
@@ -102,8 +125,9 @@ def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> in
     return g
 
 
-def build_method(grid: Grid, *, attention: str, window, spatial_scale: int, pad_windows: bool = False,
-                 **settings) -> AtlasConfig:
+def build_method(
+    grid: Grid, *, attention: str, window, spatial_scale: int, pad_windows: bool = False, **settings
+) -> AtlasConfig:
     """AtlasConfig from option values over the detail token ``grid`` (the one builder of generate and plan).
 
     ``window``: 'auto' (a window near (3, 15, 16) that tiles the grid: :func:`auto_window`; padded only when no
@@ -111,8 +135,12 @@ def build_method(grid: Grid, *, attention: str, window, spatial_scale: int, pad_
     ``settings`` are AtlasConfig fields; ``proxy_margin``/``ultragen_pool`` may be 'T,H,W' strings.
     """
     check(attention in MODES, "attention", attention, f"must be one of {MODES}")
-    check(isinstance(spatial_scale, int) and spatial_scale >= 0, "spatial_scale", spatial_scale,
-          "must be an integer >= 0 (0 = auto)")
+    check(
+        isinstance(spatial_scale, int) and spatial_scale >= 0,
+        "spatial_scale",
+        spatial_scale,
+        "must be an integer >= 0 (0 = auto)",
+    )
     if spatial_scale == 0:
         spatial_scale = auto_spatial_scale(grid)
     if window == "auto":
@@ -123,12 +151,21 @@ def build_method(grid: Grid, *, attention: str, window, spatial_scale: int, pad_
     for name in ("proxy_margin", "ultragen_pool"):
         if isinstance(settings.get(name), str):
             settings[name] = parse_triple(name, settings[name])
-    return AtlasConfig(mode=attention, window=tuple(window), spatial_scale=spatial_scale, pad_windows=pad_windows,
-                       **settings)
+    return AtlasConfig(
+        mode=attention, window=tuple(window), spatial_scale=spatial_scale, pad_windows=pad_windows, **settings
+    )
 
 
-def build_parallel(*, device: str, gpus: int, workers: int | None, proxy_parallel: str = "none",
-                   proxy_degree: int = 0, window_group: int = 1, window_parallel: str = "ulysses") -> ParallelPlan:
+def build_parallel(
+    *,
+    device: str,
+    gpus: int,
+    workers: int | None,
+    proxy_parallel: str = "none",
+    proxy_degree: int = 0,
+    window_group: int = 1,
+    window_parallel: str = "ulysses",
+) -> ParallelPlan:
     """ParallelPlan from option values: workers default to the GPUs (CUDA) or 1 (CPU); degree 0 = all workers."""
     check(device in ("cpu", "cuda"), "device", device, "must be cpu or cuda")
     check(device != "cuda" or gpus >= 1, "gpus", gpus, "must be >= 1 on CUDA (--device cpu runs CPU workers)")
@@ -136,8 +173,13 @@ def build_parallel(*, device: str, gpus: int, workers: int | None, proxy_paralle
         workers = gpus if device == "cuda" else 1
     degree = 1 if proxy_parallel == "none" else (proxy_degree or workers)
     check(proxy_degree >= 0, "proxy_degree", proxy_degree, "must be >= 0 (0 = all workers)")
-    return ParallelPlan(workers=workers, device=device, gpus=gpus if device == "cuda" else 0,
-                        proxy_parallel=proxy_parallel,
-                        ulysses_degree=degree if proxy_parallel == "ulysses" else 1,
-                        ring_degree=degree if proxy_parallel == "ring" else 1,
-                        window_group=window_group, window_parallel=window_parallel)
+    return ParallelPlan(
+        workers=workers,
+        device=device,
+        gpus=gpus if device == "cuda" else 0,
+        proxy_parallel=proxy_parallel,
+        ulysses_degree=degree if proxy_parallel == "ulysses" else 1,
+        ring_degree=degree if proxy_parallel == "ring" else 1,
+        window_group=window_group,
+        window_parallel=window_parallel,
+    )

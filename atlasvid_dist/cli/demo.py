@@ -23,21 +23,28 @@ from ..geometry.windows import WindowSpec
 DEMO_MAX_TOKENS = 32_768
 
 
-def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080p|2k|4k|8k) or WxH, pixels."),
-         frames: int = typer.Option(9, help="Frames (4k+1)."),
-         window: str = typer.Option("3,15,16", help="Window in tokens T,H,W."),
-         spatial_scale: int = typer.Option(2, help="Detail tokens per proxy token (height, width)."),
-         temporal_scale: int = typer.Option(4, help="r_t: proxy fps = fps / r_t."),
-         pad_windows: bool = typer.Option(True, help="Pad windows that do not tile the grid."),
-         seed: int = typer.Option(0, help="Random seed.")) -> None:
+def demo(
+    res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080p|2k|4k|8k) or WxH, pixels."),
+    frames: int = typer.Option(9, help="Frames (4k+1)."),
+    window: str = typer.Option("3,15,16", help="Window in tokens T,H,W."),
+    spatial_scale: int = typer.Option(2, help="Detail tokens per proxy token (height, width)."),
+    temporal_scale: int = typer.Option(4, help="r_t: proxy fps = fps / r_t."),
+    pad_windows: bool = typer.Option(True, help="Pad windows that do not tile the grid."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
     """Run the attention core (full vs atlas) once on the tiny model and print what it did."""
     from ..models.atlas_transformer import AtlasTransformer
     from .common import parse_triple
 
     video = VideoSpec.from_res(res, frames=frames)
     _check_demo_size(video)
-    cfg = AtlasConfig(mode="atlas", window=parse_triple("window", window), temporal_scale=temporal_scale,
-                      spatial_scale=spatial_scale, pad_windows=pad_windows)
+    cfg = AtlasConfig(
+        mode="atlas",
+        window=parse_triple("window", window),
+        temporal_scale=temporal_scale,
+        spatial_scale=spatial_scale,
+        pad_windows=pad_windows,
+    )
     lat = latent_grid(video.frames, video.gen_height, video.gen_width)
     grid = token_grid(lat)
     proxy = ProxyGeometry(grid, temporal_scale, spatial_scale).grid
@@ -50,8 +57,10 @@ def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080
     proxy_lat = torch.randn(1, 16, proxy.t, proxy.h * 2, proxy.w * 2, generator=g)
     text = torch.randn(1, 16, 32, generator=g)
     t = torch.tensor([900.0])
-    typer.echo(f"video {video.width}x{video.height}x{video.frames} -> token grid {grid.dims} = {grid.size:,} tokens; "
-               f"proxy {proxy.dims} = {proxy.size:,} tokens; {spec.num_windows} windows of {spec.window_tokens}")
+    typer.echo(
+        f"video {video.width}x{video.height}x{video.frames} -> token grid {grid.dims} = {grid.size:,} tokens; "
+        f"proxy {proxy.dims} = {proxy.size:,} tokens; {spec.num_windows} windows of {spec.window_tokens}"
+    )
     results = {}
     for mode in ("full", "atlas"):
         model = AtlasTransformer(tr, AtlasConfig(**{**cfg.__dict__, "mode": mode}))
@@ -68,6 +77,10 @@ def demo(res: str = typer.Option("480p", help="Resolution preset (480p|720p|1080
 def _check_demo_size(video: VideoSpec) -> None:
     """Refuse, by arithmetic before any tensor exists, a demo of more than DEMO_MAX_TOKENS tokens."""
     tokens = video.token_count_upper_bound()
-    check(tokens <= DEMO_MAX_TOKENS, "res/frames", f"{video.width}x{video.height} x {video.frames} frames",
-          f"{tokens:,} tokens; the demo runs full attention over all of them on the CPU and takes at most "
-          f"{DEMO_MAX_TOKENS:,} (e.g. 1080p x 9 frames); use `atlasvid-dist plan` to size larger runs")
+    check(
+        tokens <= DEMO_MAX_TOKENS,
+        "res/frames",
+        f"{video.width}x{video.height} x {video.frames} frames",
+        f"{tokens:,} tokens; the demo runs full attention over all of them on the CPU and takes at most "
+        f"{DEMO_MAX_TOKENS:,} (e.g. 1080p x 9 frames); use `atlasvid-dist plan` to size larger runs",
+    )

@@ -39,8 +39,9 @@ def _inputs(videos: Optional[str], video: Optional[str], caption: Optional[str])
 def evaluate(
     videos: Optional[str] = typer.Option(None, "--videos", help="Folder with videos and captions.jsonl."),
     video: Optional[str] = typer.Option(None, "--video", help="One mp4 (with --caption)."),
-    caption: Optional[str] = typer.Option(None, "--caption", help="What --video should show, e.g. "
-                                          "'a red square moving right'."),
+    caption: Optional[str] = typer.Option(
+        None, "--caption", help="What --video should show, e.g. 'a red square moving right'."
+    ),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the scores to this JSON file."),
     grid: Optional[str] = typer.Option(None, "--grid", help="Write a PNG grid of frames (row per video)."),
 ) -> None:

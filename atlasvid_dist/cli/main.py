@@ -32,8 +32,13 @@ class _AtlasGroup(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
 
 
-app = typer.Typer(cls=_AtlasGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="AtlasVid ultra-high-resolution long video generation on Wan2.1, distributed with Ray.")
+app = typer.Typer(
+    cls=_AtlasGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="AtlasVid ultra-high-resolution long video generation on Wan2.1, distributed with Ray.",
+)
 
 
 @app.callback()

@@ -19,32 +19,67 @@ from ..pipeline.adapter_geometry import run_geometry, warn_adapter_geometry
 from . import common as c
 
 
-def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 81, fps: c.Fps = 16,
-         gpus: c.Gpus = 1, workers: c.Workers = None, device: c.Device = "cuda",
-         attention: c.Attention = "atlas", window: c.Window = "auto", shift: c.Shift = True,
-         shift_axes: c.ShiftAxes = "thw",
-         pad_windows: c.PadWindows = False, temporal_scale: c.TemporalScale = 4, spatial_scale: c.SpatialScale = 0,
-         proxy_context: c.ProxyContext = "aligned", proxy_mode: c.ProxyMode = "clean",
-         ultragen_pool: c.UltragenPool = "1,4,4", ultragen_weight: c.UltragenWeight = 0.5,
-         proxy_parallel: c.ProxyParallel = "none", proxy_degree: c.ProxyDegree = 0,
-         window_group: c.WindowGroup = 1, window_parallel: c.WindowParallel = "ulysses",
-         steps: c.Steps = 30, proxy_steps: c.ProxySteps = 30, guidance: c.Guidance = 5.0,
-         detail_init: c.DetailInit = "noise", init_strength: c.InitStrength = 0.7, dtype: c.Dtype = "auto",
-         device_profile_name: c.DeviceProfileOpt = None,
-         window_order: str = typer.Option("thw", "--window-order", help="Ownership of window blocks, axes slowest "
-                                          "first: thw (time slabs, what generate runs) or wht (column slabs across "
-                                          "all time; MODELLED ONLY: generate does not pass it yet)."),
-         gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node: NVLink inside, InfiniBand across."),
-         decode_order: str = typer.Option("auto", "--decode-order", help="auto|together|sequential: a rank's decode "
-                                          "tiles together or one after another (auto: sequential when short)."),
-         offload_encoders: bool = typer.Option(False, "--offload-encoders", help="MODELLED ONLY: text encoder off the "
-                                               "GPU after encoding, VAE on it only for the decode."),
-         ffn_chunk: int = typer.Option(0, "--ffn-chunk", help="MODELLED ONLY: FFN over chunks of this many tokens "
-                                       "(0: all at once, what the runtime does)."),
-         lora_stage1: str = typer.Option(None, "--lora-stage1", help="Stage-1 adapter: warn if trained otherwise."),
-         lora_stage2: str = typer.Option(None, "--lora-stage2", help="Stage-2 adapter: warn if trained otherwise."),
-         json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-         plot: str = typer.Option(None, "--plot", help="Also draw the window-to-rank layout and the cost breakdown to FILE.png.")) -> None:
+def plan(
+    model: c.Model = "wan2.1-1.3b",
+    res: c.Res = "4k",
+    frames: c.Frames = 81,
+    fps: c.Fps = 16,
+    gpus: c.Gpus = 1,
+    workers: c.Workers = None,
+    device: c.Device = "cuda",
+    attention: c.Attention = "atlas",
+    window: c.Window = "auto",
+    shift: c.Shift = True,
+    shift_axes: c.ShiftAxes = "thw",
+    pad_windows: c.PadWindows = False,
+    temporal_scale: c.TemporalScale = 4,
+    spatial_scale: c.SpatialScale = 0,
+    proxy_context: c.ProxyContext = "aligned",
+    proxy_mode: c.ProxyMode = "clean",
+    ultragen_pool: c.UltragenPool = "1,4,4",
+    ultragen_weight: c.UltragenWeight = 0.5,
+    proxy_parallel: c.ProxyParallel = "none",
+    proxy_degree: c.ProxyDegree = 0,
+    window_group: c.WindowGroup = 1,
+    window_parallel: c.WindowParallel = "ulysses",
+    steps: c.Steps = 30,
+    proxy_steps: c.ProxySteps = 30,
+    guidance: c.Guidance = 5.0,
+    detail_init: c.DetailInit = "noise",
+    init_strength: c.InitStrength = 0.7,
+    dtype: c.Dtype = "auto",
+    device_profile_name: c.DeviceProfileOpt = None,
+    window_order: str = typer.Option(
+        "thw",
+        "--window-order",
+        help="Ownership of window blocks, axes slowest "
+        "first: thw (time slabs, what generate runs) or wht (column slabs across "
+        "all time; MODELLED ONLY: generate does not pass it yet).",
+    ),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node: NVLink inside, InfiniBand across."),
+    decode_order: str = typer.Option(
+        "auto",
+        "--decode-order",
+        help="auto|together|sequential: a rank's decode "
+        "tiles together or one after another (auto: sequential when short).",
+    ),
+    offload_encoders: bool = typer.Option(
+        False,
+        "--offload-encoders",
+        help="MODELLED ONLY: text encoder off the GPU after encoding, VAE on it only for the decode.",
+    ),
+    ffn_chunk: int = typer.Option(
+        0,
+        "--ffn-chunk",
+        help="MODELLED ONLY: FFN over chunks of this many tokens (0: all at once, what the runtime does).",
+    ),
+    lora_stage1: str = typer.Option(None, "--lora-stage1", help="Stage-1 adapter: warn if trained otherwise."),
+    lora_stage2: str = typer.Option(None, "--lora-stage2", help="Stage-2 adapter: warn if trained otherwise."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    plot: str = typer.Option(
+        None, "--plot", help="Also draw the window-to-rank layout and the cost breakdown to FILE.png."
+    ),
+) -> None:
     """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
     if plot:
         from .plot import check_plot_path
@@ -52,18 +87,44 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
         check_plot_path(plot)  # before minutes of cost model: a bad destination is refused first
     video = c.build_video(res, frames, fps)
     spec = c.resolve_model(model)
-    method = c.build_method(c.detail_grid(video, spec), attention=attention, window=window, shift=shift,
-                            shift_axes=shift_axes, pad_windows=pad_windows, temporal_scale=temporal_scale,
-                            spatial_scale=spatial_scale, proxy_context=proxy_context, proxy_mode=proxy_mode,
-                            ultragen_pool=ultragen_pool, ultragen_weight=ultragen_weight)
-    warn_adapter_geometry({1: lora_stage1, 2: lora_stage2},
-                          run_geometry(method, video.width, video.height, video.frames))  # stderr; exit 2 if unreadable
-    par = c.build_parallel(device=device, gpus=gpus, workers=workers, proxy_parallel=proxy_parallel,
-                           proxy_degree=proxy_degree, window_group=window_group, window_parallel=window_parallel)
+    method = c.build_method(
+        c.detail_grid(video, spec),
+        attention=attention,
+        window=window,
+        shift=shift,
+        shift_axes=shift_axes,
+        pad_windows=pad_windows,
+        temporal_scale=temporal_scale,
+        spatial_scale=spatial_scale,
+        proxy_context=proxy_context,
+        proxy_mode=proxy_mode,
+        ultragen_pool=ultragen_pool,
+        ultragen_weight=ultragen_weight,
+    )
+    warn_adapter_geometry(
+        {1: lora_stage1, 2: lora_stage2}, run_geometry(method, video.width, video.height, video.frames)
+    )  # stderr; exit 2 if unreadable
+    par = c.build_parallel(
+        device=device,
+        gpus=gpus,
+        workers=workers,
+        proxy_parallel=proxy_parallel,
+        proxy_degree=proxy_degree,
+        window_group=window_group,
+        window_parallel=window_parallel,
+    )
     par = dataclasses.replace(par, window_order=window_order, gpus_per_node=gpus_per_node)
-    run = RunSettings(dtype=dtype, steps=steps, proxy_steps=proxy_steps, guidance=guidance, detail_init=detail_init,
-                      init_strength=init_strength if detail_init == "proxy" else RunSettings.init_strength,
-                      decode_order=decode_order, offload_encoders=offload_encoders, ffn_chunk_tokens=ffn_chunk)
+    run = RunSettings(
+        dtype=dtype,
+        steps=steps,
+        proxy_steps=proxy_steps,
+        guidance=guidance,
+        detail_init=detail_init,
+        init_strength=init_strength if detail_init == "proxy" else RunSettings.init_strength,
+        decode_order=decode_order,
+        offload_encoders=offload_encoders,
+        ffn_chunk_tokens=ffn_chunk,
+    )
     profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
     report = estimate(video, spec, method, par, run, profile)
     options = stage1_options(video, spec, method, par, run, profile)
@@ -71,18 +132,35 @@ def plan(model: c.Model = "wan2.1-1.3b", res: c.Res = "4k", frames: c.Frames = 8
     orders = ownership_options(video, spec, method, par, run, profile)
     where = fit_by_gpus(video, spec, method, par, run, profile)
     if json_out:
-        typer.echo(json.dumps({**report.to_dict(), "stage1_seconds_by_proxy_parallel": options,
-                               "halo_bytes_per_step_per_rank_spatial_shift": spatial,
-                               "by_window_order": orders, "fit_by_gpus": where, "modelled_only": MODELLED_ONLY},
-                              indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    **report.to_dict(),
+                    "stage1_seconds_by_proxy_parallel": options,
+                    "halo_bytes_per_step_per_rank_spatial_shift": spatial,
+                    "by_window_order": orders,
+                    "fit_by_gpus": where,
+                    "modelled_only": MODELLED_ONLY,
+                },
+                indent=2,
+            )
+        )
     else:
         extra = ""
         if spatial is not None:
-            extra = (f"\nwithout shifts in time      --shift-axes {method.shift_axes.replace('t', '')}: halo "
-                     f"{_bytes(spatial)} / step / rank (now {_bytes(report.comm_bytes_per_step_per_rank['halo'])}); "
-                     f"changes the method: windows never cross time blocks")
-        typer.echo(format_report(report) + _format_options(options) + extra + _format_orders(orders)
-                   + _format_fit(where) + _format_modelled(window_order, offload_encoders, ffn_chunk))
+            extra = (
+                f"\nwithout shifts in time      --shift-axes {method.shift_axes.replace('t', '')}: halo "
+                f"{_bytes(spatial)} / step / rank (now {_bytes(report.comm_bytes_per_step_per_rank['halo'])}); "
+                f"changes the method: windows never cross time blocks"
+            )
+        typer.echo(
+            format_report(report)
+            + _format_options(options)
+            + extra
+            + _format_orders(orders)
+            + _format_fit(where)
+            + _format_modelled(window_order, offload_encoders, ffn_chunk)
+        )
     if plot:
         from ..cost.attention import layer_spec
         from .plot import save_plan_plot
@@ -103,8 +181,12 @@ def stage1_options(video, spec, method, par, run, profile) -> dict:
     for mode in ("none", "ulysses", "ring"):
         degree = 1 if mode == "none" else par.workers
         try:
-            alt = dataclasses.replace(par, proxy_parallel=mode, ulysses_degree=degree if mode == "ulysses" else 1,
-                                      ring_degree=degree if mode == "ring" else 1)
+            alt = dataclasses.replace(
+                par,
+                proxy_parallel=mode,
+                ulysses_degree=degree if mode == "ulysses" else 1,
+                ring_degree=degree if mode == "ring" else 1,
+            )
             report = estimate(video, spec, method, alt, run, profile, suggest=False)
             alt.check_proxy_split(report.proxy_tokens, spec.num_heads)
             out[mode] = report.seconds.get("proxy_stage")
@@ -116,17 +198,25 @@ def stage1_options(video, spec, method, par, run, profile) -> dict:
 def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
     """Halo bytes per step per rank if the shifted grid did not move in time (None when it does not already, or
     nothing is exchanged)."""
-    if par.workers == 1 or not method.uses_windows or not method.shift or "t" not in method.shift_axes \
-            or method.schedule is not None or len(method.shift_axes) == 1:
+    if (
+        par.workers == 1
+        or not method.uses_windows
+        or not method.shift
+        or "t" not in method.shift_axes
+        or method.schedule is not None
+        or len(method.shift_axes) == 1
+    ):
         return None
     alt = dataclasses.replace(method, shift_axes=method.shift_axes.replace("t", ""))
     return estimate(video, spec, alt, par, run, profile, suggest=False).comm_bytes_per_step_per_rank["halo"]
 
 
 #: Options plan prices that generate does not run yet (the README says the same).
-MODELLED_ONLY = {"--window-order wht": "parallel/sharding.py and halo.py support it; generate shards 'thw'",
-                 "--offload-encoders": "generate keeps the text encoder and the VAE on every rank's GPU",
-                 "--ffn-chunk": "the runtime runs the FFN on all of a rank's tokens at once"}
+MODELLED_ONLY = {
+    "--window-order wht": "parallel/sharding.py and halo.py support it; generate shards 'thw'",
+    "--offload-encoders": "generate keeps the text encoder and the VAE on every rank's GPU",
+    "--ffn-chunk": "the runtime runs the FFN on all of a rank's tokens at once",
+}
 
 
 def ownership_options(video, spec, method, par, run, profile) -> dict:
@@ -137,9 +227,12 @@ def ownership_options(video, spec, method, par, run, profile) -> dict:
     out = {}
     for order in ("thw", "wht"):
         r = estimate(video, spec, method, dataclasses.replace(par, window_order=order), run, profile, suggest=False)
-        out[order] = {"halo": r.comm_bytes_per_step_per_rank["halo"],
-                      "across_nodes": r.comm_bytes_per_step_per_rank["across_nodes"],
-                      "detail_stage": r.memory["detail_stage"]["total"], "memory_per_rank": r.memory_per_rank_bytes}
+        out[order] = {
+            "halo": r.comm_bytes_per_step_per_rank["halo"],
+            "across_nodes": r.comm_bytes_per_step_per_rank["across_nodes"],
+            "detail_stage": r.memory["detail_stage"]["total"],
+            "memory_per_rank": r.memory_per_rank_bytes,
+        }
     return out
 
 
@@ -159,21 +252,32 @@ def fit_by_gpus(video, spec, method, par, run, profile, counts=(4, 8, 16, 32)) -
 
 
 def _format_orders(orders: dict) -> str:
-    return "".join(f"\nownership --window-order {k}  halo {_bytes(v['halo'])} / step / rank "
-                   f"({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
-                   f"{_bytes(v['memory_per_rank'])} / rank" + (" (modelled only)" if k != "thw" else "")
-                   for k, v in orders.items())
+    return "".join(
+        f"\nownership --window-order {k}  halo {_bytes(v['halo'])} / step / rank "
+        f"({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
+        f"{_bytes(v['memory_per_rank'])} / rank" + (" (modelled only)" if k != "thw" else "")
+        for k, v in orders.items()
+    )
 
 
 def _format_fit(where: dict) -> str:
-    cells = [f"{n}: " + ("refused" if v is None else f"{_bytes(v['memory_per_rank'])} {'fits' if v['fits'] else 'NO'}")
-             for n, v in where.items()]
+    cells = [
+        f"{n}: " + ("refused" if v is None else f"{_bytes(v['memory_per_rank'])} {'fits' if v['fits'] else 'NO'}")
+        for n, v in where.items()
+    ]
     return ("\nfit by --gpus              " + "  |  ".join(cells)) if cells else ""
 
 
 def _format_modelled(window_order: str, offload: bool, ffn_chunk: int) -> str:
-    used = [k for k, on in (("--window-order wht", window_order != "thw"), ("--offload-encoders", offload),
-                            ("--ffn-chunk", bool(ffn_chunk))) if on]
+    used = [
+        k
+        for k, on in (
+            ("--window-order wht", window_order != "thw"),
+            ("--offload-encoders", offload),
+            ("--ffn-chunk", bool(ffn_chunk)),
+        )
+        if on
+    ]
     return "".join(f"\nMODELLED ONLY               {k}: {MODELLED_ONLY[k]}" for k in used)
 
 
@@ -210,33 +314,50 @@ def format_report(r: CostReport) -> str:
     """Human-readable table of a CostReport."""
     i = r.inputs
     v, m, p = i["video"], i["method"], i["parallel"]
-    rows = [("video", f"{v['width']}x{v['height']} x {v['frames']} frames @ {v['fps']} fps"),
-            ("model / dtype / device", f"{i['model']} / {i['dtype']} / {i['device_profile']['name']}"),
-            ("method", f"{m['mode']}, window {tuple(m['window'])}, proxy scale {m['spatial_scale']} (space) x "
-                       f"{m['temporal_scale']} (time), context {m['proxy_context']}"),
-            ("ranks", ParallelPlan(**p).describe()),
-            ("detail tokens", f"{_n(r.detail_tokens)}  grid {r.detail_grid}"),
-            ("proxy tokens", f"{_n(r.proxy_tokens)}  grid {r.proxy_grid}" if r.proxy_grid else "none")]
+    rows = [
+        ("video", f"{v['width']}x{v['height']} x {v['frames']} frames @ {v['fps']} fps"),
+        ("model / dtype / device", f"{i['model']} / {i['dtype']} / {i['device_profile']['name']}"),
+        (
+            "method",
+            f"{m['mode']}, window {tuple(m['window'])}, proxy scale {m['spatial_scale']} (space) x "
+            f"{m['temporal_scale']} (time), context {m['proxy_context']}",
+        ),
+        ("ranks", ParallelPlan(**p).describe()),
+        ("detail tokens", f"{_n(r.detail_tokens)}  grid {r.detail_grid}"),
+        ("proxy tokens", f"{_n(r.proxy_tokens)}  grid {r.proxy_grid}" if r.proxy_grid else "none"),
+    ]
     if r.num_windows:
-        rows += [("windows", f"{_n(r.num_windows)} x {_n(r.window_tokens)} tokens, + {_n(r.proxy_context_tokens)} "
-                             f"proxy keys each"),
-                 ("per rank", f"{_n(r.windows_per_rank)} windows, {_n(r.tokens_per_rank)} tokens")]
+        rows += [
+            (
+                "windows",
+                f"{_n(r.num_windows)} x {_n(r.window_tokens)} tokens, + {_n(r.proxy_context_tokens)} proxy keys each",
+            ),
+            ("per rank", f"{_n(r.windows_per_rank)} windows, {_n(r.tokens_per_rank)} tokens"),
+        ]
     else:
         rows.append(("per rank", f"{_n(r.tokens_per_rank)} tokens"))
     att = r.attention_flops_per_layer
     rows.append(("attention / layer", "  ".join(f"{k} {_flops(x)}" for k, x in att.items() if x is not None)))
-    rows.append(("full / this mode", f"{r.attention_flops_ratio:,.1f}x fewer attention FLOPs per layer; "
-                                     f"{r.step_flops_ratio_vs_full:,.1f}x per step "
-                                     f"(limit {r.attention_free_limit:,.1f}x)"))
+    rows.append(
+        (
+            "full / this mode",
+            f"{r.attention_flops_ratio:,.1f}x fewer attention FLOPs per layer; "
+            f"{r.step_flops_ratio_vs_full:,.1f}x per step "
+            f"(limit {r.attention_free_limit:,.1f}x)",
+        )
+    )
     rows.append(("linear / layer", "  ".join(f"{k} {_flops(x)}" for k, x in r.linear_flops_per_layer.items())))
     rows.append(("FLOPs / video", "  ".join(f"{k} {_flops(x)}" for k, x in r.flops_per_video.items())))
     for phase, parts in r.memory.items():
         detail = ", ".join(f"{k} {_bytes(x)}" for k, x in parts.items() if k != "total")
         rows.append((f"memory: {phase}", f"{_bytes(parts['total'])}  ({detail})"))
     rows.append(("memory / rank", f"{_bytes(r.memory_per_rank_bytes)} of {_bytes(r.memory_usable_bytes)} usable"))
-    rows.append(("traffic / step / rank", ", ".join(f"{k} {_bytes(x)}" for k, x in
-                                                   r.comm_bytes_per_step_per_rank.items() if x)
-                 or "none"))
+    rows.append(
+        (
+            "traffic / step / rank",
+            ", ".join(f"{k} {_bytes(x)}" for k, x in r.comm_bytes_per_step_per_rank.items() if x) or "none",
+        )
+    )
     rows.append(("seconds (lower bound)", "  ".join(f"{k} {_secs(x)}" for k, x in r.seconds.items())))
     rows.append(("fits", "yes" if r.fits else "NO"))
     rows += [("reason", x) for x in r.reasons] + [("note", x) for x in r.notes]

@@ -41,8 +41,12 @@ def check_plot_path(path: str) -> Path:
 
 def folder_write_rule(folder: Path, exc: OSError) -> str:
     """The rule a failed write into ``folder`` broke, from its errno (read-only, permission, full disk...)."""
-    reasons = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
-               errno.EPERM: "is not writable (operation not permitted)", errno.ENOSPC: "has no space left on device"}
+    reasons = {
+        errno.EROFS: "is on a read-only file system",
+        errno.EACCES: "is not writable (permission denied)",
+        errno.EPERM: "is not writable (operation not permitted)",
+        errno.ENOSPC: "has no space left on device",
+    }
     return f"folder {folder} {reasons.get(exc.errno, f'cannot be written: {exc.strerror or exc}')}"
 
 
@@ -54,8 +58,10 @@ def save_plan_plot(path: str, report: CostReport, spec: WindowSpec | None, ranks
     _bars(axes[1], report.flops_per_video, "FLOPs per video", 1e15, "PFLOP")
     mem = max(report.memory.values(), key=lambda d: d.get("total", 0))
     _bars(axes[2], mem, "memory per rank (peak phase)", 2**30, "GiB")
-    fig.suptitle(f"detail {report.detail_tokens:,} tokens, proxy {report.proxy_tokens:,}; attention FLOPs "
-                 f"{report.attention_flops_ratio:.0f}x fewer than full; fits: {report.fits}")
+    fig.suptitle(
+        f"detail {report.detail_tokens:,} tokens, proxy {report.proxy_tokens:,}; attention FLOPs "
+        f"{report.attention_flops_ratio:.0f}x fewer than full; fits: {report.fits}"
+    )
     fig.tight_layout()
     try:
         fig.savefig(out, dpi=110)
@@ -91,10 +97,13 @@ def _layout(ax, spec: WindowSpec | None, ranks: int, order: str = "thw") -> None
     canvas = np.full((rows * (ch + 1), cols * (cw + 1)), np.nan)
     for t in range(ct):
         r, c = divmod(t, cols)
-        canvas[r * (ch + 1):r * (ch + 1) + ch, c * (cw + 1):c * (cw + 1) + cw] = owner[t]
+        canvas[r * (ch + 1) : r * (ch + 1) + ch, c * (cw + 1) : c * (cw + 1) + cw] = owner[t]
     im = ax.imshow(canvas, cmap="tab20" if ranks <= 20 else "viridis", interpolation="nearest")
-    ax.set_title(f"window -> rank: {spec.num_windows} windows of {spec.window} tokens, {ranks} ranks\n"
-                 f"(one panel per block of {spec.window[0]} latent frames)", fontsize=9)
+    ax.set_title(
+        f"window -> rank: {spec.num_windows} windows of {spec.window} tokens, {ranks} ranks\n"
+        f"(one panel per block of {spec.window[0]} latent frames)",
+        fontsize=9,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.figure.colorbar(im, ax=ax, fraction=0.03, label="rank")

@@ -34,20 +34,36 @@ def _free_port() -> int:
 
 def launch_command(script_args: list[str], num_processes: int) -> list[str]:
     """The torch.distributed.run command line that starts ``num_processes`` ranks of the training script."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc_per_node={num_processes}",
-            "--master_addr", "127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT), *script_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        f"--nproc_per_node={num_processes}",
+        "--master_addr",
+        "127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(SCRIPT),
+        *script_args,
+    ]
 
 
 def train(
     stage: int = typer.Option(..., "--stage", help="1: proxy LoRA; 2: detail LoRA (see --mode)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Stage-2 attention: atlas (windows + proxy) | ultragen "
-                                       "(windows + compressed global branch, no proxy). [default: atlas]"),
+    mode: Optional[str] = typer.Option(
+        None,
+        "--mode",
+        help="Stage-2 attention: atlas (windows + proxy) | ultragen "
+        "(windows + compressed global branch, no proxy). [default: atlas]",
+    ),
     data: str = typer.Option(..., "--data", help="Folder with videos and captions.jsonl, or one made by prepare-data."),
     output: str = typer.Option(..., "--output", help="Folder for checkpoints, log.jsonl and adapter.safetensors."),
     model: str = typer.Option("tiny", "--model", help="'tiny' or a diffusers Wan2.1 folder."),
     max_steps: Optional[int] = typer.Option(None, "--steps", "--max-steps", help="Optimizer steps in total."),
-    res: Optional[str] = typer.Option(None, "--res", help="Detail training size WIDTHxHEIGHT. [default: 128x128 "
-                                      "for --model tiny, else 1280x704]"),
+    res: Optional[str] = typer.Option(
+        None, "--res", help="Detail training size WIDTHxHEIGHT. [default: 128x128 for --model tiny, else 1280x704]"
+    ),
     frames: Optional[int] = typer.Option(None, "--frames", help="Clip length, 4k+1. [default: 9 tiny, else 81]"),
     fps: Optional[float] = typer.Option(None, "--fps", help="Detail frame rate. [default: 16]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: 1e-4]"),
@@ -57,15 +73,22 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear lr warm-up steps. [default: 0]"),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: at the end)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Local ranks (one per GPU; CPU processes)."),
-    deepspeed_config: str = typer.Option(DEFAULT_DEEPSPEED, "--deepspeed-config", "--deepspeed_config",
-                                         help=f"DeepSpeed JSON file, or a packaged one: "
-                                              f"{'|'.join(DEEPSPEED_PRESETS)}."),
+    deepspeed_config: str = typer.Option(
+        DEFAULT_DEEPSPEED,
+        "--deepspeed-config",
+        "--deepspeed_config",
+        help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)}.",
+    ),
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (TrainConfig fields)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT/checkpoints/latest."),
-    lora_stage1: Optional[str] = typer.Option(None, "--lora-stage1", help="Stage 2: the frozen stage-1 adapter "
-                                              "(required; its proxy keys/values are what generate reads)."),
-    no_stage1_adapter: bool = typer.Option(False, "--no-stage1-adapter", help="Stage 2 without a stage-1 adapter "
-                                           "(the proxy from the base weights)."),
+    lora_stage1: Optional[str] = typer.Option(
+        None,
+        "--lora-stage1",
+        help="Stage 2: the frozen stage-1 adapter (required; its proxy keys/values are what generate reads).",
+    ),
+    no_stage1_adapter: bool = typer.Option(
+        False, "--no-stage1-adapter", help="Stage 2 without a stage-1 adapter (the proxy from the base weights)."
+    ),
 ) -> None:
     """Train a LoRA adapter for stage 1 or 2 under DeepSpeed ZeRO."""
     from ..configs import read_deepspeed_config
@@ -83,13 +106,39 @@ def train(
 
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ConfigError("num_processes", num_processes, "must be an integer >= 1")
-    args = ["--deepspeed_config", deepspeed_config, "--stage", str(stage), "--data", data, "--model", model,
-            "--output", output] + (["--config", config] if config else []) + (["--resume"] if resume else [])
-    flags = dict(mode=mode, max_steps=max_steps, res=res, frames=frames, fps=fps, lr=lr, batch=batch, grad_accum=grad_accum,
-                 seed=seed, warmup_steps=warmup_steps, save_every=save_every)
+    args = (
+        [
+            "--deepspeed_config",
+            deepspeed_config,
+            "--stage",
+            str(stage),
+            "--data",
+            data,
+            "--model",
+            model,
+            "--output",
+            output,
+        ]
+        + (["--config", config] if config else [])
+        + (["--resume"] if resume else [])
+    )
+    flags = dict(
+        mode=mode,
+        max_steps=max_steps,
+        res=res,
+        frames=frames,
+        fps=fps,
+        lr=lr,
+        batch=batch,
+        grad_accum=grad_accum,
+        seed=seed,
+        warmup_steps=warmup_steps,
+        save_every=save_every,
+    )
     args += [a for k, v in flags.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
-    args += (["--lora-stage1", lora_stage1] if lora_stage1 else []) + (["--no-stage1-adapter"] if no_stage1_adapter
-                                                                       else [])
+    args += (["--lora-stage1", lora_stage1] if lora_stage1 else []) + (
+        ["--no-stage1-adapter"] if no_stage1_adapter else []
+    )
     parsed = parse_args(args)
     cfg = load_train_config(parsed)  # ConfigError naming the field, before anything starts
     check_paths(cfg, output, deepspeed_config)
@@ -115,7 +164,9 @@ def prepare_data(
     data: str = typer.Option(..., "--data", help="Folder with videos and captions.jsonl."),
     output: str = typer.Option(..., "--output", help="Folder for the shards and index.json."),
     stage: int = typer.Option(1, "--stage", help="1: proxy clips; 2: detail + proxy clips."),
-    model: str = typer.Option("tiny", "--model", help="'tiny' or a diffusers Wan2.1 folder (its VAE and text encoder)."),
+    model: str = typer.Option(
+        "tiny", "--model", help="'tiny' or a diffusers Wan2.1 folder (its VAE and text encoder)."
+    ),
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (its geometry is what is prepared)."),
     clips_per_video: int = typer.Option(1, "--clips-per-video", help="Clips per video, starts spread evenly."),
     shard_size: int = typer.Option(64, "--shard-size", help="Clips per shard file."),
@@ -130,8 +181,9 @@ def prepare_data(
     from ..train.train import load_train_config, parse_args
 
     opts = PrepareOptions(clips_per_video=clips_per_video, shard_size=shard_size)
-    args = ["--stage", str(stage), "--data", data, "--model", model,
-            "--output", output] + (["--config", config] if config else [])
+    args = ["--stage", str(stage), "--data", data, "--model", model, "--output", output] + (
+        ["--config", config] if config else []
+    )
     cfg = load_train_config(parse_args(args))
     check_paths(cfg, output)
     if quiet:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import typer
 
-world_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="The shapes world: train the shapes model on it.")
+world_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="The shapes world: train the shapes model on it."
+)
 
 
 @world_app.command("train")
 def world_train(
     output: str = typer.Option(..., "--output", help="Folder for the model (diffusers layout) and its checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed of every init and draw (the run is reproducible from it)."),
-    budget: str = typer.Option("full", "--budget", help="tiny (about a minute, for tests) | short (few steps at full size) | full (the real recipe, "
-                               "within an hour on 2 CPU cores)."),
+    budget: str = typer.Option(
+        "full",
+        "--budget",
+        help="tiny (about a minute, for tests) | short (few steps at full size) | full (the real recipe, "
+        "within an hour on 2 CPU cores).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in a non-empty OUTPUT."),
 ) -> None:
     """Train the shapes model (VAE, then transformer) from scratch on world clips; writes a model folder."""

@@ -4,5 +4,12 @@ from .method import AtlasConfig
 from .model import MODEL_PRESETS, ModelSpec, model_preset
 from .video import RESOLUTION_PRESETS, VideoSpec, parse_resolution
 
-__all__ = ["AtlasConfig", "ModelSpec", "MODEL_PRESETS", "model_preset", "VideoSpec", "RESOLUTION_PRESETS",
-           "parse_resolution"]
+__all__ = [
+    "AtlasConfig",
+    "ModelSpec",
+    "MODEL_PRESETS",
+    "model_preset",
+    "VideoSpec",
+    "RESOLUTION_PRESETS",
+    "parse_resolution",
+]

@@ -45,8 +45,11 @@ def _read_text(p: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError("config", str(p), f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                                            f"{exc.start}); save it as UTF-8 YAML/JSON") from None
+        raise ConfigError(
+            "config",
+            str(p),
+            f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8 YAML/JSON",
+        ) from None
 
 
 def from_mapping(cls: type[T], data: dict, source: str = "config", overrides: dict | None = None) -> T:
@@ -55,10 +58,13 @@ def from_mapping(cls: type[T], data: dict, source: str = "config", overrides: di
     merged = {**data, **(overrides or {})}
     unknown = sorted(set(merged) - fields)
     if unknown:
-        raise ConfigError(f"{source}: {unknown[0]}", merged[unknown[0]],
-                          f"unknown key; {cls.__name__} accepts {sorted(fields)}")
-    kwargs = {k: (tuple(tuple(e) if isinstance(e, list) else e for e in v) if isinstance(v, list) else v)
-              for k, v in merged.items()}
+        raise ConfigError(
+            f"{source}: {unknown[0]}", merged[unknown[0]], f"unknown key; {cls.__name__} accepts {sorted(fields)}"
+        )
+    kwargs = {
+        k: (tuple(tuple(e) if isinstance(e, list) else e for e in v) if isinstance(v, list) else v)
+        for k, v in merged.items()
+    }
     return cls(**kwargs)
 
 

@@ -16,9 +16,11 @@ from .video import VideoSpec
 DETAIL_INITS = ("noise", "proxy")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
-                       "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 """Wan2.1's own default negative prompt (``sample_neg_prompt`` of its shared config), the default here too."""
 #: Longest prompt (characters) accepted. The text encoder reads at most 512 tokens (Wan2.1's UMT5: ~4 characters
 #: a token in English); a longer text is cut there anyway, and tokenizing megabytes of it before the cut cost
@@ -93,26 +95,51 @@ class GenerateConfig:
         self._check_texts()
         for name in ("steps", "proxy_steps"):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STEPS, name, v,
-                  f"must be an integer in [1, {MAX_STEPS}]")
+            check(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STEPS,
+                name,
+                v,
+                f"must be an integer in [1, {MAX_STEPS}]",
+            )
         check(_finite(self.guidance) and self.guidance >= 0, "guidance", self.guidance, "must be a finite number >= 0")
         for name in ("flow_shift", "proxy_flow_shift"):
             v = getattr(self, name)
             check(_finite(v) and v > 0, name, v, "must be a finite number > 0")
-        check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED, "seed",
-              self.seed, "must be an integer in [0, 2**63 - 1]")
+        check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+            "seed",
+            self.seed,
+            "must be an integer in [0, 2**63 - 1]",
+        )
         check(self.detail_init in DETAIL_INITS, "detail_init", self.detail_init, f"must be one of {DETAIL_INITS}")
-        check(isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1, "init_strength",
-              self.init_strength, "must be in (0, 1]")
+        check(
+            isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1,
+            "init_strength",
+            self.init_strength,
+            "must be in (0, 1]",
+        )
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        check(isinstance(self.text_len, int) and not isinstance(self.text_len, bool)
-              and 0 <= self.text_len <= MAX_TEXT_LEN, "text_len", self.text_len,
-              f"must be an integer in [0, {MAX_TEXT_LEN}] (0 = the tokenizer's maximum)")
-        check(isinstance(self.crf, int) and not isinstance(self.crf, bool) and 0 <= self.crf <= 51, "crf", self.crf,
-              "must be an integer in [0, 51] (0 = lossless)")
-        check(self.method.mode != "full" or self.detail_init == "noise", "detail_init", self.detail_init,
-              "'proxy' needs a proxy; mode 'full' has none")
+        check(
+            isinstance(self.text_len, int)
+            and not isinstance(self.text_len, bool)
+            and 0 <= self.text_len <= MAX_TEXT_LEN,
+            "text_len",
+            self.text_len,
+            f"must be an integer in [0, {MAX_TEXT_LEN}] (0 = the tokenizer's maximum)",
+        )
+        check(
+            isinstance(self.crf, int) and not isinstance(self.crf, bool) and 0 <= self.crf <= 51,
+            "crf",
+            self.crf,
+            "must be an integer in [0, 51] (0 = lossless)",
+        )
+        check(
+            self.method.mode != "full" or self.detail_init == "noise",
+            "detail_init",
+            self.detail_init,
+            "'proxy' needs a proxy; mode 'full' has none",
+        )
         self._check_paths()
         self._check_geometry()
 
@@ -123,9 +150,13 @@ class GenerateConfig:
         for name in ("prompt", "negative_prompt"):
             v = getattr(self, name)
             check(isinstance(v, str), name, v, "must be a text")
-            check(len(v) <= MAX_PROMPT_CHARS, name, f"{v[:40]}... ({len(v):,} characters)",
-                  f"must be at most {MAX_PROMPT_CHARS:,} characters (the text encoder reads {MAX_TEXT_LEN} tokens; "
-                  f"the rest would be cut)")
+            check(
+                len(v) <= MAX_PROMPT_CHARS,
+                name,
+                f"{v[:40]}... ({len(v):,} characters)",
+                f"must be at most {MAX_PROMPT_CHARS:,} characters (the text encoder reads {MAX_TEXT_LEN} tokens; "
+                f"the rest would be cut)",
+            )
         for name in ("model", "out", "device_profile"):
             check(isinstance(getattr(self, name), str), name, getattr(self, name), "must be a text (a name or path)")
         for name in ("lora_stage1", "lora_stage2", "save_proxy", "save_latents", "run_dir"):

@@ -61,16 +61,30 @@ class AtlasConfig:
         check(self.mode in MODES, "mode", self.mode, f"must be one of {MODES}")
         object.__setattr__(self, "window", _triple("window", self.window, minimum=1))
         check(isinstance(self.shift, bool), "shift", self.shift, "must be true or false")
-        check(isinstance(self.shift_axes, str) and self.shift_axes != "" and set(self.shift_axes) <= set("thw")
-              and len(set(self.shift_axes)) == len(self.shift_axes), "shift_axes", self.shift_axes,
-              "must be a non-empty subset of 'thw' (each axis once), e.g. 'thw' or 'hw'")
+        check(
+            isinstance(self.shift_axes, str)
+            and self.shift_axes != ""
+            and set(self.shift_axes) <= set("thw")
+            and len(set(self.shift_axes)) == len(self.shift_axes),
+            "shift_axes",
+            self.shift_axes,
+            "must be a non-empty subset of 'thw' (each axis once), e.g. 'thw' or 'hw'",
+        )
         if self.schedule is not None:
-            check(isinstance(self.schedule, (tuple, list)) and len(self.schedule) > 0, "schedule", self.schedule,
-                  "must be a non-empty list of (window, shift) pairs")
+            check(
+                isinstance(self.schedule, (tuple, list)) and len(self.schedule) > 0,
+                "schedule",
+                self.schedule,
+                "must be a non-empty list of (window, shift) pairs",
+            )
             entries = []
             for i, entry in enumerate(self.schedule):
-                check(isinstance(entry, (tuple, list)) and len(entry) == 2, f"schedule[{i}]", entry,
-                      "must be a (window, shift) pair")
+                check(
+                    isinstance(entry, (tuple, list)) and len(entry) == 2,
+                    f"schedule[{i}]",
+                    entry,
+                    "must be a (window, shift) pair",
+                )
                 w = _triple(f"schedule[{i}].window", entry[0], minimum=1)
                 s = _triple(f"schedule[{i}].shift", entry[1], minimum=0)
                 check(all(a < b for a, b in zip(s, w)), f"schedule[{i}].shift", s, "each shift must be < its window")
@@ -79,17 +93,29 @@ class AtlasConfig:
         for name in ("temporal_scale", "spatial_scale"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
-        check(self.proxy_context in PROXY_CONTEXTS, "proxy_context", self.proxy_context,
-              f"must be one of {PROXY_CONTEXTS}")
+        check(
+            self.proxy_context in PROXY_CONTEXTS,
+            "proxy_context",
+            self.proxy_context,
+            f"must be one of {PROXY_CONTEXTS}",
+        )
         object.__setattr__(self, "proxy_margin", _triple("proxy_margin", self.proxy_margin, minimum=0))
         check(self.proxy_mode in PROXY_MODES, "proxy_mode", self.proxy_mode, f"must be one of {PROXY_MODES}")
         check(isinstance(self.pad_windows, bool), "pad_windows", self.pad_windows, "must be true or false")
         check(self.backend in BACKENDS, "backend", self.backend, f"must be one of {BACKENDS}")
-        check(isinstance(self.max_window_batch, int) and self.max_window_batch >= 0, "max_window_batch",
-              self.max_window_batch, "must be an integer >= 0")
+        check(
+            isinstance(self.max_window_batch, int) and self.max_window_batch >= 0,
+            "max_window_batch",
+            self.max_window_batch,
+            "must be an integer >= 0",
+        )
         object.__setattr__(self, "ultragen_pool", _triple("ultragen_pool", self.ultragen_pool, minimum=1))
-        check(isinstance(self.ultragen_weight, (int, float)) and 0.0 <= self.ultragen_weight <= 1.0,
-              "ultragen_weight", self.ultragen_weight, "must be a number in [0, 1]")
+        check(
+            isinstance(self.ultragen_weight, (int, float)) and 0.0 <= self.ultragen_weight <= 1.0,
+            "ultragen_weight",
+            self.ultragen_weight,
+            "must be a number in [0, 1]",
+        )
 
     def layer_entries(self) -> tuple[tuple[Triple, Triple], ...]:
         """The (window, shift) entries cycled over layers (shift in tokens, before clamping to the grid)."""

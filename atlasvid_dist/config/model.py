@@ -67,8 +67,17 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
     "wan2.1-1.3b": ModelSpec("wan2.1-1.3b", num_layers=30, num_heads=12, head_dim=128, ffn_dim=8960),
     "wan2.1-14b": ModelSpec("wan2.1-14b", num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824),
     # Shapes of diffusers' own Wan tests: 2 layers, 2 heads x 12, text dim 32.
-    "tiny": ModelSpec("tiny", num_layers=2, num_heads=2, head_dim=12, ffn_dim=32, text_dim=32, text_len=512,
-                      text_encoder_params=50_000, vae_params=30_000),
+    "tiny": ModelSpec(
+        "tiny",
+        num_layers=2,
+        num_heads=2,
+        head_dim=12,
+        ffn_dim=32,
+        text_dim=32,
+        text_len=512,
+        text_encoder_params=50_000,
+        vae_params=30_000,
+    ),
 }
 
 

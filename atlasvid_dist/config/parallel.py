@@ -39,8 +39,12 @@ RUNTIME_PROXY_PARALLEL = ("ulysses", "ring")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
-          f"must be an integer >= {minimum}")
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        name,
+        value,
+        f"must be an integer >= {minimum}",
+    )
 
 
 @dataclass(frozen=True)
@@ -74,36 +78,64 @@ class ParallelPlan:
         _positive_int("workers", self.workers)
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         _positive_int("gpus", self.gpus, minimum=0)
-        check(self.proxy_parallel in PROXY_PARALLEL, "proxy_parallel", self.proxy_parallel,
-              f"must be one of {PROXY_PARALLEL}")
+        check(
+            self.proxy_parallel in PROXY_PARALLEL,
+            "proxy_parallel",
+            self.proxy_parallel,
+            f"must be one of {PROXY_PARALLEL}",
+        )
         for name in ("ulysses_degree", "ring_degree", "window_group"):
             _positive_int(name, getattr(self, name))
-        check(self.window_parallel in WINDOW_PARALLEL, "window_parallel", self.window_parallel,
-              f"must be one of {WINDOW_PARALLEL}")
-        check(self.window_order in WINDOW_ORDERS, "window_order", self.window_order,
-              f"must be one of {WINDOW_ORDERS} (window axes, slowest first)")
+        check(
+            self.window_parallel in WINDOW_PARALLEL,
+            "window_parallel",
+            self.window_parallel,
+            f"must be one of {WINDOW_PARALLEL}",
+        )
+        check(
+            self.window_order in WINDOW_ORDERS,
+            "window_order",
+            self.window_order,
+            f"must be one of {WINDOW_ORDERS} (window axes, slowest first)",
+        )
         _positive_int("gpus_per_node", self.gpus_per_node)
         if self.device == "cuda":
             check(self.gpus >= 1, "gpus", self.gpus, "device 'cuda' needs at least one GPU")
-            check(self.workers <= self.gpus, "workers", self.workers,
-                  f"more workers than GPUs: workers = {self.workers} > gpus = {self.gpus} (one GPU per worker)")
+            check(
+                self.workers <= self.gpus,
+                "workers",
+                self.workers,
+                f"more workers than GPUs: workers = {self.workers} > gpus = {self.gpus} (one GPU per worker)",
+            )
         self._check_proxy_degrees()
-        check(self.workers % self.window_group == 0, "window_group", self.window_group,
-              f"must divide workers: workers = {self.workers} is not num_window_groups x window_group "
-              f"(window_group = {self.window_group}; divisors of {self.workers}: {divisors(self.workers)})")
+        check(
+            self.workers % self.window_group == 0,
+            "window_group",
+            self.window_group,
+            f"must divide workers: workers = {self.workers} is not num_window_groups x window_group "
+            f"(window_group = {self.window_group}; divisors of {self.workers}: {divisors(self.workers)})",
+        )
 
     def _check_proxy_degrees(self) -> None:
         u, r, mode = self.ulysses_degree, self.ring_degree, self.proxy_parallel
         if mode == "none":
-            check(u == 1 and r == 1, "proxy_parallel", mode,
-                  f"'none' runs stage 1 on one rank, but ulysses_degree = {u} and ring_degree = {r} (both must be "
-                  f"1); choose 'ulysses' or 'ring'")
+            check(
+                u == 1 and r == 1,
+                "proxy_parallel",
+                mode,
+                f"'none' runs stage 1 on one rank, but ulysses_degree = {u} and ring_degree = {r} (both must be "
+                f"1); choose 'ulysses' or 'ring'",
+            )
         elif mode == "ulysses":
             check(r == 1, "ring_degree", r, "must be 1 with proxy_parallel='ulysses'")
         else:
             check(u == 1, "ulysses_degree", u, "must be 1 with proxy_parallel='ring'")
-        check(self.workers % (u * r) == 0, "proxy_degree", u * r,
-              f"ulysses_degree ({u}) x ring_degree ({r}) = {u * r} must divide workers = {self.workers}")
+        check(
+            self.workers % (u * r) == 0,
+            "proxy_degree",
+            u * r,
+            f"ulysses_degree ({u}) x ring_degree ({r}) = {u * r} must divide workers = {self.workers}",
+        )
 
     @property
     def proxy_degree(self) -> int:
@@ -122,22 +154,30 @@ class ParallelPlan:
         """
         u, g, num_heads = self.ulysses_degree, self.window_group, model.num_heads
         if num_heads % u:
-            raise PlanError(f"ulysses_degree = {u} does not divide the model's heads = {num_heads}: Ulysses gives "
-                            f"each rank heads / ulysses_degree heads; use --proxy-parallel ring, or a worker count "
-                            f"dividing {num_heads} ({divisors(num_heads)}: the runtime runs stage 1 over all workers)")
+            raise PlanError(
+                f"ulysses_degree = {u} does not divide the model's heads = {num_heads}: Ulysses gives "
+                f"each rank heads / ulysses_degree heads; use --proxy-parallel ring, or a worker count "
+                f"dividing {num_heads} ({divisors(num_heads)}: the runtime runs stage 1 over all workers)"
+            )
         if g > 1 and self.window_parallel == "ulysses" and num_heads % g:
-            raise PlanError(f"window_group = {g} does not divide the model's heads = {num_heads} (window_parallel "
-                            f"'ulysses' splits heads); use a window group dividing both {num_heads} and workers = "
-                            f"{self.workers} ({[d for d in divisors(num_heads) if self.workers % d == 0]})")
+            raise PlanError(
+                f"window_group = {g} does not divide the model's heads = {num_heads} (window_parallel "
+                f"'ulysses' splits heads); use a window group dividing both {num_heads} and workers = "
+                f"{self.workers} ({[d for d in divisors(num_heads) if self.workers % d == 0]})"
+            )
         if num_windows is None and self.window_parallel == "ulysses" and num_heads % self.workers:
-            raise PlanError(f"full attention splits the whole sequence over workers = {self.workers} with Ulysses, "
-                            f"which must divide the model's heads = {num_heads}; use a worker count dividing "
-                            f"{num_heads} ({divisors(num_heads)})")
+            raise PlanError(
+                f"full attention splits the whole sequence over workers = {self.workers} with Ulysses, "
+                f"which must divide the model's heads = {num_heads}; use a worker count dividing "
+                f"{num_heads} ({divisors(num_heads)})"
+            )
         if num_windows is not None and self.num_window_groups > num_windows:
-            raise PlanError(f"{self.num_window_groups} window groups (workers = {self.workers} / window_group = "
-                            f"{g}) but only {num_windows} windows: every group needs at least one window; use "
-                            f"fewer workers, smaller windows, or a window_group of at least "
-                            f"{-(-self.workers // num_windows)} to split windows")
+            raise PlanError(
+                f"{self.num_window_groups} window groups (workers = {self.workers} / window_group = "
+                f"{g}) but only {num_windows} windows: every group needs at least one window; use "
+                f"fewer workers, smaller windows, or a window_group of at least "
+                f"{-(-self.workers // num_windows)} to split windows"
+            )
 
     def check_runnable(self, model: ModelSpec, num_windows: int | None, proxy_tokens: int | None) -> None:
         """:meth:`check_against`, then what the distributed runtime refuses besides (ConfigError / PlanError):
@@ -151,8 +191,12 @@ class ParallelPlan:
     def check_window_split(self) -> None:
         """The runtime shares a split window with Ulysses only (ConfigError naming window_parallel otherwise)."""
         if self.window_group > 1:
-            check(self.window_parallel in RUNTIME_WINDOW_PARALLEL, "window_parallel", self.window_parallel,
-                  "only 'ulysses' splits a window over a group (ring inside windows is not implemented)")
+            check(
+                self.window_parallel in RUNTIME_WINDOW_PARALLEL,
+                "window_parallel",
+                self.window_parallel,
+                "only 'ulysses' splits a window over a group (ring inside windows is not implemented)",
+            )
 
     def check_proxy_split(self, tokens: int, heads: int) -> None:
         """With stage 1 over the ranks: the proxy's ``tokens`` (and, for Ulysses, ``heads``) split over every
@@ -163,13 +207,15 @@ class ParallelPlan:
     def describe(self) -> str:
         """One line with every factor, e.g. for logs and the plan table."""
         proxy = "1 rank" if self.proxy_parallel == "none" else f"{self.proxy_parallel} x{self.proxy_degree}"
-        return (f"{self.workers} worker(s) on {self.device}" + (f" ({self.gpus} GPUs)" if self.device == "cuda" else "")
-                + f"; stage 1: {proxy}; stage 2: {self.num_window_groups} window group(s) x {self.window_group} "
-                  f"rank(s)" + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else "")
-                + f", ownership {self.window_order}" + (f"; {self.gpus_per_node} GPUs per node"
-                                                        if self.workers > self.gpus_per_node else ""))
-
-
+        return (
+            f"{self.workers} worker(s) on {self.device}"
+            + (f" ({self.gpus} GPUs)" if self.device == "cuda" else "")
+            + f"; stage 1: {proxy}; stage 2: {self.num_window_groups} window group(s) x {self.window_group} "
+            f"rank(s)"
+            + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else "")
+            + f", ownership {self.window_order}"
+            + (f"; {self.gpus_per_node} GPUs per node" if self.workers > self.gpus_per_node else "")
+        )
 
 
 def check_proxy_split(tokens: int, heads: int, world: int, mode: str) -> None:
@@ -179,11 +225,15 @@ def check_proxy_split(tokens: int, heads: int, world: int, mode: str) -> None:
         raise ConfigError("proxy_parallel", mode, f"must be one of {RUNTIME_PROXY_PARALLEL} to run stage 1 over ranks")
     if tokens % world:
         fits = [d for d in range(1, min(tokens, 64) + 1) if tokens % d == 0]
-        raise PlanError(f"--proxy-parallel {mode}: the proxy's {tokens} tokens do not split into {world} equal "
-                        f"slices; use a worker count dividing {tokens} (e.g. {fits}) or --proxy-parallel none")
+        raise PlanError(
+            f"--proxy-parallel {mode}: the proxy's {tokens} tokens do not split into {world} equal "
+            f"slices; use a worker count dividing {tokens} (e.g. {fits}) or --proxy-parallel none"
+        )
     if mode == "ulysses" and heads % world:
-        raise PlanError(f"--proxy-parallel ulysses: the model's {heads} heads do not split over {world} ranks; "
-                        f"use --proxy-parallel ring or a worker count dividing {heads}")
+        raise PlanError(
+            f"--proxy-parallel ulysses: the model's {heads} heads do not split over {world} ranks; "
+            f"use --proxy-parallel ring or a worker count dividing {heads}"
+        )
 
 
 def runnable_proxy_parallel(tokens: int, heads: int, world: int) -> list[str]:

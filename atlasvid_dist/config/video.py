@@ -72,24 +72,36 @@ class VideoSpec:
             check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v, "must be a positive integer")
         check(self.fps <= MAX_FPS, "fps", self.fps, f"must be at most {MAX_FPS} frames per second")
         self._check_tokens()
-        check((self.frames - 1) % VAE_TEMPORAL == 0, "frames", self.frames,
-              f"must be 4k+1 (e.g. {self._near_frames()}); Wan's VAE compresses time 4x after the first frame")
+        check(
+            (self.frames - 1) % VAE_TEMPORAL == 0,
+            "frames",
+            self.frames,
+            f"must be 4k+1 (e.g. {self._near_frames()}); Wan's VAE compresses time 4x after the first frame",
+        )
         gw, gh = self.width, self.height
         if self.pad_and_crop:
             gw, gh = _round_up(gw, PIXELS_PER_TOKEN), _round_up(gh, PIXELS_PER_TOKEN)
         for name, v in (("width", gw), ("height", gh)):
-            check(v % PIXELS_PER_TOKEN == 0, name, v,
-                  f"must be a multiple of {PIXELS_PER_TOKEN} (VAE 8x times patch 2x); "
-                  f"nearest: {v // 16 * 16 or 16} or {_round_up(v, 16)}")
+            check(
+                v % PIXELS_PER_TOKEN == 0,
+                name,
+                v,
+                f"must be a multiple of {PIXELS_PER_TOKEN} (VAE 8x times patch 2x); "
+                f"nearest: {v // 16 * 16 or 16} or {_round_up(v, 16)}",
+            )
         object.__setattr__(self, "gen_width", gw)
         object.__setattr__(self, "gen_height", gh)
 
     def _check_tokens(self) -> None:
         """Refuse, from arithmetic alone, a video of more than MAX_TOKENS detail tokens (sizes rounded up)."""
         tokens = self.token_count_upper_bound()
-        check(tokens <= MAX_TOKENS, "res/frames", f"{self.width}x{self.height} x {self.frames} frames",
-              f"{tokens:,} detail tokens; at most {MAX_TOKENS:,} (e.g. 8K x 241 frames, 720P x 9,000 frames): "
-              f"lower the resolution or the frame count")
+        check(
+            tokens <= MAX_TOKENS,
+            "res/frames",
+            f"{self.width}x{self.height} x {self.frames} frames",
+            f"{tokens:,} detail tokens; at most {MAX_TOKENS:,} (e.g. 8K x 241 frames, 720P x 9,000 frames): "
+            f"lower the resolution or the frame count",
+        )
 
     def token_count_upper_bound(self) -> int:
         """Detail tokens of this size (latent frames x 16-pixel cells), sizes rounded up: pure arithmetic."""

@@ -30,8 +30,11 @@ def read_deepspeed_text(spec: str) -> str:
         return resources.files(__name__).joinpath(f"ds_{preset}.json").read_text()
     p = Path(spec)
     if not p.is_file():
-        raise ConfigError("deepspeed_config", str(spec),
-                          f"file not found (and not one of the packaged names {', '.join(DEEPSPEED_PRESETS)})")
+        raise ConfigError(
+            "deepspeed_config",
+            str(spec),
+            f"file not found (and not one of the packaged names {', '.join(DEEPSPEED_PRESETS)})",
+        )
     try:
         return p.read_text()
     except (OSError, UnicodeDecodeError) as e:

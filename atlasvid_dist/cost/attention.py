@@ -39,8 +39,9 @@ def layer_spec(cfg: AtlasConfig, grid: Grid, layer: int) -> WindowSpec:
     return WindowSpec(grid, window, shift, pad=cfg.pad_windows)
 
 
-def layer_attention_flops(cfg: AtlasConfig, grid: Grid, heads: int, head_dim: int, layer: int = 0,
-                          with_proxy: bool = True) -> int:
+def layer_attention_flops(
+    cfg: AtlasConfig, grid: Grid, heads: int, head_dim: int, layer: int = 0, with_proxy: bool = True
+) -> int:
     """Self-attention FLOPs of the detail tokens in ``layer`` for ``cfg.mode`` (full / atlas / ultragen)."""
     if cfg.mode == "full":
         return attention_flops(grid.size, grid.size, heads, head_dim)

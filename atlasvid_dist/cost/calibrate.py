@@ -38,8 +38,13 @@ def vae_tile(latent: int = 32, frames: int = 3) -> dict:
     base = torch.cuda.memory_allocated()
     peak = _peak(vae.decode, z)
     px = (latent * 8) ** 2
-    out = {"tile_px": latent * 8, "latent_frames": frames, "peak_above_weights_bytes": peak - base,
-           "bytes_per_tile_pixel": (peak - base) / px, "modelled_bytes_per_tile_pixel": VAE_DECODE_BYTES_PER_TILE_PIXEL}
+    out = {
+        "tile_px": latent * 8,
+        "latent_frames": frames,
+        "peak_above_weights_bytes": peak - base,
+        "bytes_per_tile_pixel": (peak - base) / px,
+        "modelled_bytes_per_tile_pixel": VAE_DECODE_BYTES_PER_TILE_PIXEL,
+    }
     del vae
     torch.cuda.empty_cache()
     return out
@@ -54,8 +59,13 @@ def transformer_peak(model: str, res: str, mode: str, spatial_scale: int) -> dic
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            tr = WanTransformer3DModel(num_attention_heads=spec.num_heads, attention_head_dim=spec.head_dim,
-                                       ffn_dim=spec.ffn_dim, num_layers=spec.num_layers, text_dim=spec.text_dim)
+            tr = WanTransformer3DModel(
+                num_attention_heads=spec.num_heads,
+                attention_head_dim=spec.head_dim,
+                ffn_dim=spec.ffn_dim,
+                num_layers=spec.num_layers,
+                text_dim=spec.text_dim,
+            )
     finally:
         torch.set_default_dtype(torch.float32)
     tr = tr.to(torch.bfloat16).eval()
@@ -74,13 +84,27 @@ def transformer_peak(model: str, res: str, mode: str, spatial_scale: int) -> dic
     t0 = time.perf_counter()
     peak = _peak(m, x, t, text, **kw)
     seconds = time.perf_counter() - t0
-    r = estimate(video, spec, cfg, ParallelPlan(workers=1, device="cuda", gpus=1),
-                 RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True), "h100")  # transformer alone
+    r = estimate(
+        video,
+        spec,
+        cfg,
+        ParallelPlan(workers=1, device="cuda", gpus=1),
+        RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True),
+        "h100",
+    )  # transformer alone
     del m, tr, kw
     torch.cuda.empty_cache()
-    return {"model": model, "res": res, "mode": mode, "tokens": r.detail_tokens, "peak_bytes": peak,
-            "modelled_bytes": r.memory["detail_stage"]["total"], "modelled_parts": r.memory["detail_stage"],
-            "forward_s": seconds, "modelled_forward_s_lower_bound": r.seconds["detail_step"]}
+    return {
+        "model": model,
+        "res": res,
+        "mode": mode,
+        "tokens": r.detail_tokens,
+        "peak_bytes": peak,
+        "modelled_bytes": r.memory["detail_stage"]["total"],
+        "modelled_parts": r.memory["detail_stage"],
+        "forward_s": seconds,
+        "modelled_forward_s_lower_bound": r.seconds["detail_step"],
+    }
 
 
 def main(argv=None) -> None:

@@ -114,18 +114,38 @@ class RunSettings:
         for name in ("steps", "proxy_steps", "decode_tile"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
-        check(isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
-              and math.isfinite(self.guidance) and self.guidance >= 0, "guidance", self.guidance,
-              "must be a finite number >= 0")
+        check(
+            isinstance(self.guidance, (int, float))
+            and not isinstance(self.guidance, bool)
+            and math.isfinite(self.guidance)
+            and self.guidance >= 0,
+            "guidance",
+            self.guidance,
+            "must be a finite number >= 0",
+        )
         check(self.detail_init in DETAIL_INITS, "detail_init", self.detail_init, f"must be one of {DETAIL_INITS}")
-        check(isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1, "init_strength",
-              self.init_strength, "must be in (0, 1]")
-        check(isinstance(self.decode_overlap, int) and 0 <= self.decode_overlap < self.decode_tile, "decode_overlap",
-              self.decode_overlap, f"must be an integer in [0, decode_tile = {self.decode_tile})")
+        check(
+            isinstance(self.init_strength, (int, float)) and 0 < self.init_strength <= 1,
+            "init_strength",
+            self.init_strength,
+            "must be in (0, 1]",
+        )
+        check(
+            isinstance(self.decode_overlap, int) and 0 <= self.decode_overlap < self.decode_tile,
+            "decode_overlap",
+            self.decode_overlap,
+            f"must be an integer in [0, decode_tile = {self.decode_tile})",
+        )
         check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
         check(isinstance(self.offload_encoders, bool), "offload_encoders", self.offload_encoders, "must be true/false")
-        check(isinstance(self.ffn_chunk_tokens, int) and not isinstance(self.ffn_chunk_tokens, bool)
-              and self.ffn_chunk_tokens >= 0, "ffn_chunk_tokens", self.ffn_chunk_tokens, "must be an integer >= 0")
+        check(
+            isinstance(self.ffn_chunk_tokens, int)
+            and not isinstance(self.ffn_chunk_tokens, bool)
+            and self.ffn_chunk_tokens >= 0,
+            "ffn_chunk_tokens",
+            self.ffn_chunk_tokens,
+            "must be an integer >= 0",
+        )
 
     @property
     def passes(self) -> int:
@@ -252,8 +272,10 @@ def mode_attention_per_layer(method: AtlasConfig, model: ModelSpec, grid: Grid, 
     if mode == "full":
         return layer_attention_flops(cfg, grid, model.num_heads, model.head_dim)
     k, n = len(cfg.layer_entries()), model.num_layers
-    total = sum(len(range(i, n, k)) * layer_attention_flops(cfg, grid, model.num_heads, model.head_dim, layer=i)
-                for i in range(min(k, n)))
+    total = sum(
+        len(range(i, n, k)) * layer_attention_flops(cfg, grid, model.num_heads, model.head_dim, layer=i)
+        for i in range(min(k, n))
+    )
     return total // n
 
 
@@ -280,9 +302,16 @@ def _geometry(video: VideoSpec, model: ModelSpec, method: AtlasConfig) -> _Geome
     return _Geometry(grid, proxy, specs, base)
 
 
-def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
-             run: RunSettings | None = None, profile: str | DeviceProfile = "h100", *,
-             suggest: bool = True) -> CostReport:
+def estimate(
+    video: VideoSpec,
+    model: ModelSpec,
+    method: AtlasConfig,
+    plan: ParallelPlan,
+    run: RunSettings | None = None,
+    profile: str | DeviceProfile = "h100",
+    *,
+    suggest: bool = True,
+) -> CostReport:
     """Cost of generating ``video`` with ``model`` / ``method`` on ``plan`` (see the module docstring).
 
     ``suggest``: when the detail stage does not fit, look for the smallest worker count that does (re-estimates).
@@ -293,8 +322,12 @@ def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: Para
     run = run or RunSettings()
     prof = profile if isinstance(profile, DeviceProfile) else device_profile(profile)
     if run.detail_init == "proxy":
-        check(method.mode == "atlas", "detail_init", run.detail_init, f"'proxy' needs a proxy; mode {method.mode!r} "
-              "has none")
+        check(
+            method.mode == "atlas",
+            "detail_init",
+            run.detail_init,
+            f"'proxy' needs a proxy; mode {method.mode!r} has none",
+        )
     elif run.init_strength != RunSettings.init_strength:
         warnings.warn("init_strength has no effect with detail_init='noise'", stacklevel=2)
     geo = _geometry(video, model, method)
@@ -314,19 +347,36 @@ def estimate(video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: Para
     peak = max(phase["total"] for phase in memory.values())
     report = CostReport(
         inputs=_inputs(video, model, method, plan, run, prof, dtype),
-        detail_grid=geo.grid.dims, proxy_grid=geo.proxy.dims if geo.proxy else None,
-        detail_tokens=geo.grid.size, proxy_tokens=geo.proxy.size if geo.proxy else 0,
-        num_windows=geo.base.num_windows if geo.base else 0, window_tokens=geo.base.window_tokens if geo.base else 0,
-        proxy_context_tokens=_context_tokens(geo, method), windows_per_rank=_windows_per_group(geo, plan),
-        tokens_per_rank=shares["tokens_per_rank"], detail_steps=run.detail_steps,
-        attention_flops_per_layer=attn, attention_flops_ratio=ratios[method.mode], attention_flops_ratios=ratios,
-        linear_flops_per_layer=linear, flops_per_step=flops["step"], flops_per_video=flops["video"],
+        detail_grid=geo.grid.dims,
+        proxy_grid=geo.proxy.dims if geo.proxy else None,
+        detail_tokens=geo.grid.size,
+        proxy_tokens=geo.proxy.size if geo.proxy else 0,
+        num_windows=geo.base.num_windows if geo.base else 0,
+        window_tokens=geo.base.window_tokens if geo.base else 0,
+        proxy_context_tokens=_context_tokens(geo, method),
+        windows_per_rank=_windows_per_group(geo, plan),
+        tokens_per_rank=shares["tokens_per_rank"],
+        detail_steps=run.detail_steps,
+        attention_flops_per_layer=attn,
+        attention_flops_ratio=ratios[method.mode],
+        attention_flops_ratios=ratios,
+        linear_flops_per_layer=linear,
+        flops_per_step=flops["step"],
+        flops_per_video=flops["video"],
         step_flops_ratio_vs_full=flops["full_step"] / flops["step"]["detail"],
         attention_free_limit=flops["full_step"] / flops["no_attention_step"],
-        memory=memory, memory_per_rank_bytes=peak, memory_usable_bytes=usable,
-        comm_bytes_per_step_per_rank=comm["step"], comm_bytes_per_proxy_step_per_rank=comm["proxy_step"],
-        comm_bytes_once=comm["once"], seconds=seconds, fits=peak <= usable, reasons=(), decode_order=decode_order,
-        notes=tuple(_notes(video, geo, model, method, plan, dtype)))
+        memory=memory,
+        memory_per_rank_bytes=peak,
+        memory_usable_bytes=usable,
+        comm_bytes_per_step_per_rank=comm["step"],
+        comm_bytes_per_proxy_step_per_rank=comm["proxy_step"],
+        comm_bytes_once=comm["once"],
+        seconds=seconds,
+        fits=peak <= usable,
+        reasons=(),
+        decode_order=decode_order,
+        notes=tuple(_notes(video, geo, model, method, plan, dtype)),
+    )
     if not report.fits:
         reasons = _reasons(report, video, model, method, plan, run, prof, dtype, suggest)
         report = dataclasses.replace(report, reasons=tuple(reasons))
@@ -363,14 +413,15 @@ def _shares(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan) -> dict:
     scales = (float(method.temporal_scale), s, s)
     aligned = method.proxy_context == "aligned"
     node = torch.arange(plan.num_window_groups) * plan.window_group // plan.gpus_per_node  # node of each group
-    layers = tuple((spec, n, group_share(sharding, spec, geo.proxy, scales, method.proxy_margin, aligned, node))
-                   for spec, n in geo.specs)
+    layers = tuple(
+        (spec, n, group_share(sharding, spec, geo.proxy, scales, method.proxy_margin, aligned, node))
+        for spec, n in geo.specs
+    )
     tokens = max(sh.tokens for _, _, sh in layers)
     return {"tokens_per_rank": -(-tokens // plan.window_group), "layers": layers}
 
 
-def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
-                    shares: dict) -> int:
+def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, shares: dict) -> int:
     """Detail self-attention FLOPs of the heaviest rank, summed over layers, one forward."""
     h, hd = model.num_heads, model.head_dim
     if geo.base is None:
@@ -406,12 +457,21 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
     cache = 0 if joint or geo.proxy is None else passes * proxy_fwd * plan.workers  # each rank builds its own
     text = 2 * model.text_encoder_params * model.text_len * passes
     vae = int(VAE_DECODE_FLOPS_PER_PIXEL * _decode_pixels(geo, run) * model.vae_params / VAE_REFERENCE_PARAMS)
-    video = {"text_encoder": text, "proxy_stage": proxy_step * run.proxy_steps, "proxy_cache": cache,
-             "detail_stage": detail * run.detail_steps, "vae_decode": vae}
+    video = {
+        "text_encoder": text,
+        "proxy_stage": proxy_step * run.proxy_steps,
+        "proxy_cache": cache,
+        "detail_stage": detail * run.detail_steps,
+        "vae_decode": vae,
+    }
     video["total"] = sum(video.values())
-    return {"step": {"detail": detail, "detail_per_rank": rank, "proxy": proxy_step}, "video": video,
-            "rank_attention": rank_attn,
-            "full_step": full_step, "no_attention_step": passes * no_attn}
+    return {
+        "step": {"detail": detail, "detail_per_rank": rank, "proxy": proxy_step},
+        "video": video,
+        "rank_attention": rank_attn,
+        "full_step": full_step,
+        "no_attention_step": passes * no_attn,
+    }
 
 
 def _decode_pixels(geo: _Geometry, run: RunSettings) -> float:
@@ -427,8 +487,9 @@ def _decode_pixels(geo: _Geometry, run: RunSettings) -> float:
 FFN_CHUNKED_RESIDENT_D_WIDTHS = 2
 
 
-def _activations(model: ModelSpec, tokens: int, b: int, extra_d_rows: float = 0.0, ffn_chunk: int = 0,
-                 attention_chunk: int = 0) -> int:
+def _activations(
+    model: ModelSpec, tokens: int, b: int, extra_d_rows: float = 0.0, ffn_chunk: int = 0, attention_chunk: int = 0
+) -> int:
     """Peak live activations of one block over ``tokens`` (inference), bytes. ``ffn_chunk`` > 0: the FFN phase runs
     over chunks of that many tokens; ``attention_chunk``: transient bytes of one windowed SDPA call."""
     d, f = model.dim, model.ffn_dim
@@ -451,8 +512,7 @@ def _attention_chunk_bytes(geo, model, method, b, shares) -> int:
     for spec, _, sh in shares["layers"]:
         ctx = proxy_context_tokens(method, spec, geo.proxy) if geo.proxy is not None else 0
         lk = spec.window_tokens + ctx
-        step = method.max_window_batch or auto_window_batch(1, sh.touched_windows, lk, model.num_heads,
-                                                            model.head_dim)
+        step = method.max_window_batch or auto_window_batch(1, sh.touched_windows, lk, model.num_heads, model.head_dim)
         step = min(step, sh.touched_windows)
         out = max(out, step * (2 * lk + spec.window_tokens) * d * b)
     return out
@@ -473,12 +533,13 @@ def _resident(model: ModelSpec, run: RunSettings, b: int, phase: str) -> dict:
 def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict, str]:
     """phase -> parts per rank, and the decode order used ('auto' resolved against ``usable``)."""
     d, passes = model.dim, run.passes
-    phases = {"text_encoder": {**_resident(model, run, b, "text_encoder"),
-                               "activations": _activations_text(model, b)}}
+    phases = {"text_encoder": {**_resident(model, run, b, "text_encoder"), "activations": _activations_text(model, b)}}
     if geo.proxy is not None:
         sp_tokens = -(-geo.proxy.size // plan.proxy_degree)
-        phases["proxy_stage"] = {**_resident(model, run, b, "proxy_stage"),
-                                 "activations": _activations(model, sp_tokens, b, ffn_chunk=run.ffn_chunk_tokens)}
+        phases["proxy_stage"] = {
+            **_resident(model, run, b, "proxy_stage"),
+            "activations": _activations(model, sp_tokens, b, ffn_chunk=run.ffn_chunk_tokens),
+        }
     rank_tokens = shares["tokens_per_rank"]
     detail = _resident(model, run, b, "detail_stage")
     extra = 0.0  # halo / proxy-context rows gathered in the attention phase
@@ -491,8 +552,11 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
         detail["proxy_kv_cache"] = kept
         # the runtime builds the whole proxy K/V of every pass (proxy_caches), then keeps its rows
         whole = model.num_layers * 2 * geo.proxy.size * d * b * passes
-        phases["proxy_cache"] = {**_resident(model, run, b, "proxy_cache"), "whole_proxy_kv": whole,
-                                 "kept_proxy_kv": kept}
+        phases["proxy_cache"] = {
+            **_resident(model, run, b, "proxy_cache"),
+            "whole_proxy_kv": whole,
+            "kept_proxy_kv": kept,
+        }
     elif geo.proxy is not None:  # joint: the proxy runs through the rank's forward
         rank_tokens += geo.proxy.size
         # every forward records the whole proxy's keys/values of every layer (one guidance pass at a time), then
@@ -509,8 +573,9 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
     order = run.decode_order
     if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit
         order = "together" if sum(decode.values()) + together <= usable else "sequential"
-    decode["tile_caches"] = (together if order == "together"
-                             else _decode_cache_bytes(geo, run, model, plan.workers, "sequential"))
+    decode["tile_caches"] = (
+        together if order == "together" else _decode_cache_bytes(geo, run, model, plan.workers, "sequential")
+    )
     phases["decode"] = decode
     for phase in phases.values():
         phase["total"] = sum(phase.values())
@@ -615,8 +680,12 @@ def _comm(geo, model, method, plan, run, b, shares) -> dict:
         proxy_step = int(passes * L * _seq_parallel_bytes(geo.proxy.size, d, b, plan.proxy_degree, kind))
         proxy_latent = geo.proxy.size * model.in_channels * math.prod(model.patch) * LATENT_CHANNELS_BYTES
         once["proxy_latent"] = proxy_latent * max(0, plan.workers - 1)
-    return {"step": step, "proxy_step": proxy_step, "once": once,
-            "proxy_step_across": int(proxy_step * _across_fraction(plan.proxy_degree, plan))}
+    return {
+        "step": step,
+        "proxy_step": proxy_step,
+        "once": once,
+        "proxy_step_across": int(proxy_step * _across_fraction(plan.proxy_degree, plan)),
+    }
 
 
 def _link_seconds(total: float, across: float, prof: DeviceProfile) -> float:
@@ -630,15 +699,19 @@ def _seconds(geo, model, method, plan, run, prof: DeviceProfile, flops, comm, dt
     dense = peak * prof.efficiency
     out = {"text_encoder": flops["video"]["text_encoder"] / dense}
     if geo.proxy is not None:
-        per_step = (flops["step"]["proxy"] / plan.proxy_degree / dense
-                    + _link_seconds(comm["proxy_step"], comm["proxy_step_across"], prof))
+        per_step = flops["step"]["proxy"] / plan.proxy_degree / dense + _link_seconds(
+            comm["proxy_step"], comm["proxy_step_across"], prof
+        )
         out["proxy_stage"] = per_step * run.proxy_steps
         out["proxy_cache"] = flops["video"]["proxy_cache"] / plan.workers / dense
     rank_attn = flops["rank_attention"] if geo.base is not None else 0
     rank_other = flops["step"]["detail_per_rank"] - rank_attn
     attn_eff = peak * (prof.window_efficiency if geo.base is not None else prof.efficiency)
-    step = (rank_other / dense + rank_attn / attn_eff
-            + _link_seconds(comm["step"]["total"], comm["step"]["across_nodes"], prof))
+    step = (
+        rank_other / dense
+        + rank_attn / attn_eff
+        + _link_seconds(comm["step"]["total"], comm["step"]["across_nodes"], prof)
+    )
     out["detail_step"] = step
     out["detail_stage"] = step * run.detail_steps
     out["vae_decode"] = flops["video"]["vae_decode"] / plan.workers / (prof.peak_flops_fp32 * prof.efficiency)
@@ -653,8 +726,9 @@ def _gib(x: float) -> str:
 
 def _reasons(report: CostReport, video, model, method, plan, run, prof, dtype, suggest) -> list[str]:
     usable = report.memory_usable_bytes
-    where = (f"{_gib(prof.memory_bytes)} x {prof.usable_fraction:g} usable on {prof.name}"
-             + (f", shared by {plan.workers} workers" if prof.shared_memory else ""))
+    where = f"{_gib(prof.memory_bytes)} x {prof.usable_fraction:g} usable on {prof.name}" + (
+        f", shared by {plan.workers} workers" if prof.shared_memory else ""
+    )
     out = []
     for phase, parts in report.memory.items():
         if parts["total"] <= usable:
@@ -690,38 +764,51 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
             w *= 2
             continue
         if r.memory["detail_stage"]["total"] <= r.memory_usable_bytes:
-            return (f"--gpus {w} fits the detail stage ({_gib(r.memory['detail_stage']['total'])} per rank"
-                    + ("" if r.fits else "; other phases still need attention") + ")")
+            return (
+                f"--gpus {w} fits the detail stage ({_gib(r.memory['detail_stage']['total'])} per rank"
+                + ("" if r.fits else "; other phases still need attention")
+                + ")"
+            )
         w *= 2
     fixed = {"weights": report.memory["detail_stage"]["weights"]}
     if method.proxy_context == "all" and "proxy_kv_cache" in report.memory["detail_stage"]:
         fixed["the whole proxy K/V cache"] = report.memory["detail_stage"]["proxy_kv_cache"]
     if "proxy_kv_joint" in report.memory["detail_stage"]:
         fixed["the whole proxy K/V of every forward (proxy_mode 'joint')"] = report.memory["detail_stage"][
-            "proxy_kv_joint"]
+            "proxy_kv_joint"
+        ]
     parts = " and ".join(f"{k} ({_gib(v)})" for k, v in fixed.items())
-    return (f"no worker count up to {min(limit, 1024)} fits: every rank holds the {parts} whatever the rank count; "
-            f"use a device with more memory, or --window-group to split windows")
+    return (
+        f"no worker count up to {min(limit, 1024)} fits: every rank holds the {parts} whatever the rank count; "
+        f"use a device with more memory, or --window-group to split windows"
+    )
 
 
-def _notes(video: VideoSpec, geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan,
-           dtype: str) -> list[str]:
+def _notes(
+    video: VideoSpec, geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, dtype: str
+) -> list[str]:
     notes = []
     if video.cropped:
-        notes.append(f"generated at {video.gen_width}x{video.gen_height} and cropped to {video.width}x{video.height} "
-                     f"when decoded")
+        notes.append(
+            f"generated at {video.gen_width}x{video.gen_height} and cropped to {video.width}x{video.height} "
+            f"when decoded"
+        )
     if geo.proxy is not None and (geo.grid.t - 1) % method.temporal_scale:
-        notes.append(f"the proxy has {geo.proxy.t} latent frames and extends past the clip's last frame "
-                     f"((f - 1) = {geo.grid.t - 1} is not a multiple of temporal_scale = {method.temporal_scale})")
-    padded = [spec for spec, _, in geo.specs if spec.padded]
+        notes.append(
+            f"the proxy has {geo.proxy.t} latent frames and extends past the clip's last frame "
+            f"((f - 1) = {geo.grid.t - 1} is not a multiple of temporal_scale = {method.temporal_scale})"
+        )
+    padded = [spec for spec, _ in geo.specs if spec.padded]
     if padded:
         notes.append(f"{len(padded)} of {len(geo.specs)} layer grids have partial windows (padded, masked)")
     if geo.proxy is not None and plan.workers > 1 and plan.proxy_parallel == "none":
         notes.append(_idle_stage1_note(geo.proxy.size, model.num_heads, plan.workers))
     if dtype == "fp32" and plan.device == "cuda":
         notes.append("fp32 on CUDA: bf16 is about twice as fast and half the memory")
-    notes.append("text encoder and VAE decode FLOPs, decode memory and all seconds are estimates "
-                 "(seconds are a lower bound: memory-bound work is not modelled)")
+    notes.append(
+        "text encoder and VAE decode FLOPs, decode memory and all seconds are estimates "
+        "(seconds are a lower bound: memory-bound work is not modelled)"
+    )
     return notes
 
 
@@ -735,7 +822,19 @@ def _idle_stage1_note(proxy_tokens: int, heads: int, workers: int) -> str:
 
 
 def _inputs(video, model, method, plan, run, prof, dtype) -> dict:
-    return {"video": {"width": video.width, "height": video.height, "frames": video.frames, "fps": video.fps,
-                      "gen_width": video.gen_width, "gen_height": video.gen_height},
-            "model": model.name, "method": dataclasses.asdict(method), "parallel": dataclasses.asdict(plan),
-            "run": dataclasses.asdict(run), "dtype": dtype, "device_profile": dataclasses.asdict(prof)}
+    return {
+        "video": {
+            "width": video.width,
+            "height": video.height,
+            "frames": video.frames,
+            "fps": video.fps,
+            "gen_width": video.gen_width,
+            "gen_height": video.gen_height,
+        },
+        "model": model.name,
+        "method": dataclasses.asdict(method),
+        "parallel": dataclasses.asdict(plan),
+        "run": dataclasses.asdict(run),
+        "dtype": dtype,
+        "device_profile": dataclasses.asdict(prof),
+    }

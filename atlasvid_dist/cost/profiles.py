@@ -82,19 +82,41 @@ PROFILES: dict[str, DeviceProfile] = {
     # efficiency 0.55: our dense attention ran at 516-549 TFLOP/s (benchmarks/results/attention-wan-*-cuda-bf16);
     # window_efficiency 0.08: the windowed kernel reached 64-100 TFLOP/s there. NVLink 4: 450 GB/s per direction
     # (300e9 planned as achieved); InfiniBand NDR: 400 Gb/s = 50 GB/s per GPU NIC (40e9 planned). Not measured here.
-    "h100": DeviceProfile("h100", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
-                          window_efficiency=0.08, memory_bytes=81_559 * 2**20, nvlink_bytes_per_s=300e9,
-                          ib_bytes_per_s=40e9),
+    "h100": DeviceProfile(
+        "h100",
+        peak_flops=989e12,
+        peak_flops_fp32=495e12,
+        efficiency=0.55,
+        window_efficiency=0.08,
+        memory_bytes=81_559 * 2**20,
+        nvlink_bytes_per_s=300e9,
+        ib_bytes_per_s=40e9,
+    ),
     # H200: same compute as H100, 141 GB HBM3e (143,771 MiB), same NVLink and InfiniBand.
-    "h200": DeviceProfile("h200", peak_flops=989e12, peak_flops_fp32=495e12, efficiency=0.55,
-                          window_efficiency=0.08, memory_bytes=143_771 * 2**20, nvlink_bytes_per_s=300e9,
-                          ib_bytes_per_s=40e9),
+    "h200": DeviceProfile(
+        "h200",
+        peak_flops=989e12,
+        peak_flops_fp32=495e12,
+        efficiency=0.55,
+        window_efficiency=0.08,
+        memory_bytes=143_771 * 2**20,
+        nvlink_bytes_per_s=300e9,
+        ib_bytes_per_s=40e9,
+    ),
     # A small CPU host (2 AVX2 cores ~ 0.1 TFLOP/s fp32, no fast bf16), gloo over loopback; its memory is this
     # machine's (host_memory_bytes), shared by all workers. A profile file with memory_bytes overrides it.
-    "cpu": DeviceProfile("cpu", peak_flops=1e11, peak_flops_fp32=1e11, efficiency=0.3, window_efficiency=0.2,
-                         memory_bytes=host_memory_bytes(), usable_fraction=0.8, nvlink_bytes_per_s=2e9,
-                         ib_bytes_per_s=2e9,
-                         shared_memory=True),
+    "cpu": DeviceProfile(
+        "cpu",
+        peak_flops=1e11,
+        peak_flops_fp32=1e11,
+        efficiency=0.3,
+        window_efficiency=0.2,
+        memory_bytes=host_memory_bytes(),
+        usable_fraction=0.8,
+        nvlink_bytes_per_s=2e9,
+        ib_bytes_per_s=2e9,
+        shared_memory=True,
+    ),
 }
 
 
@@ -103,7 +125,11 @@ def device_profile(name: str) -> DeviceProfile:
     key = str(name).strip().lower()
     if key in PROFILES:
         return PROFILES[key]
-    check(Path(name).suffix.lower() in (".yaml", ".yml", ".json"), "device_profile", name,
-          f"use a preset ({'|'.join(PROFILES)}) or a .yaml/.json file with DeviceProfile's fields")
+    check(
+        Path(name).suffix.lower() in (".yaml", ".yml", ".json"),
+        "device_profile",
+        name,
+        f"use a preset ({'|'.join(PROFILES)}) or a .yaml/.json file with DeviceProfile's fields",
+    )
     data = read_mapping(name)
     return from_mapping(DeviceProfile, {"name": str(name), **data}, source=str(name))

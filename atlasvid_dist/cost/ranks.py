@@ -46,8 +46,15 @@ def owner_of_tokens(sharding: WindowSharding) -> torch.Tensor:
     return sharding.window_owner[window_of]
 
 
-def group_share(sharding: WindowSharding, spec: WindowSpec, proxy: Grid | None, scales: tuple[float, float, float],
-                margin: Triple, aligned: bool, node: torch.Tensor | None = None) -> GroupShare:
+def group_share(
+    sharding: WindowSharding,
+    spec: WindowSpec,
+    proxy: Grid | None,
+    scales: tuple[float, float, float],
+    margin: Triple,
+    aligned: bool,
+    node: torch.Tensor | None = None,
+) -> GroupShare:
     """Count, for every group at once, what one layer grid ``spec`` asks of it; return the maxima.
 
     ``node``: (groups,) node of every group (None: all on one node)."""
@@ -74,6 +81,10 @@ def group_share(sharding: WindowSharding, spec: WindowSpec, proxy: Grid | None, 
         read = torch.zeros(g, proxy.size, dtype=torch.bool)  # (g, Np)
         read[pairs[:, 1:2].expand(-1, index.shape[1]), index[pairs[:, 0]]] = True
         ctx = read.sum(1)
-    return GroupShare(tokens=int(counts.sum(0).max()), touched_windows=int(touched.sum(0).max()),
-                      halo_tokens=int(halo.max()), halo_remote_tokens=int(remote.max()),
-                      proxy_tokens=int(ctx.max()))
+    return GroupShare(
+        tokens=int(counts.sum(0).max()),
+        touched_windows=int(touched.sum(0).max()),
+        halo_tokens=int(halo.max()),
+        halo_remote_tokens=int(remote.max()),
+        proxy_tokens=int(ctx.max()),
+    )

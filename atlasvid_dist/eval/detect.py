@@ -57,7 +57,7 @@ def dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     out = np.zeros_like(mask)
     for dy in range(2 * reach + 1):
         for dx in range(2 * reach + 1):
-            out |= pad[dy:dy + h, dx:dx + w]
+            out |= pad[dy : dy + h, dx : dx + w]
     return out
 
 
@@ -101,5 +101,12 @@ def detect(frame: np.ndarray) -> FrameObject | None:
     rgb = f[core if core.any() else mask].mean(axis=0)  # (3,) interior colour: edges are blended
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return FrameObject(int(big.sum()), tuple(bg.tolist()), mask, tuple(rgb.tolist()), float(fill),
-                       _centroid(f, mask, bg, rgb), _sharpness(f, mask, bg, rgb))
+    return FrameObject(
+        int(big.sum()),
+        tuple(bg.tolist()),
+        mask,
+        tuple(rgb.tolist()),
+        float(fill),
+        _centroid(f, mask, bg, rgb),
+        _sharpness(f, mask, bg, rgb),
+    )

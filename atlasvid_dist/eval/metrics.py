@@ -45,8 +45,8 @@ def _blur(img: np.ndarray) -> np.ndarray:
     """(H-10, W-10) separable gaussian filter of (H, W), valid region only."""
     g, n = _gaussian(), SSIM_WINDOW
     h, w = img.shape
-    rows = sum(g[k] * img[k:h - n + 1 + k, :] for k in range(n))  # (H-10, W)
-    return sum(g[k] * rows[:, k:w - n + 1 + k] for k in range(n))  # (H-10, W-10)
+    rows = sum(g[k] * img[k : h - n + 1 + k, :] for k in range(n))  # (H-10, W)
+    return sum(g[k] * rows[:, k : w - n + 1 + k] for k in range(n))  # (H-10, W-10)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -45,9 +45,14 @@ def _mean(values) -> float:
 
 def summarise(scores: list[VideoScore]) -> Summary:
     n = len(scores)
-    return Summary(n, sum(s.all_correct for s in scores) / max(n, 1), _mean(s.psnr for s in scores),
-                   sum(s.psnr == float("inf") for s in scores), _mean(s.ssim for s in scores),
-                   _mean(s.path_rms_px for s in scores))
+    return Summary(
+        n,
+        sum(s.all_correct for s in scores) / max(n, 1),
+        _mean(s.psnr for s in scores),
+        sum(s.psnr == float("inf") for s in scores),
+        _mean(s.ssim for s in scores),
+        _mean(s.path_rms_px for s in scores),
+    )
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -56,18 +61,24 @@ def _fmt(v: float, digits: int = 2) -> str:
 
 def format_table(scores: list[VideoScore]) -> str:
     """One line per video and a summary line, for the terminal."""
-    head = (f"{'video':<18} {'caption':<28} {'ok':<3} {'found':<24} {'objs':<5} {'rms px':>7} {'psnr':>6} "
-            f"{'ssim':>6} {'bg flk':>6} {'sharp':>5}")
+    head = (
+        f"{'video':<18} {'caption':<28} {'ok':<3} {'found':<24} {'objs':<5} {'rms px':>7} {'psnr':>6} "
+        f"{'ssim':>6} {'bg flk':>6} {'sharp':>5}"
+    )
     rows = [head]
     for s in scores:
         found = f"{s.colour} {s.shape} {s.direction}" if s.colour else "nothing"
         objs = "1" if s.one_object else f"{min(s.objects_per_frame)}-{max(s.objects_per_frame)}"
-        rows.append(f"{s.name[-18:]:<18} {s.caption[:28]:<28} {'yes' if s.all_correct else 'no':<3} "
-                    f"{found[:24]:<24} {objs:<5} {_fmt(s.path_rms_px):>7} {_fmt(s.psnr, 1):>6} "
-                    f"{_fmt(s.ssim, 3):>6} {_fmt(s.background_flicker):>6} {_fmt(s.edge_sharpness):>5}")
+        rows.append(
+            f"{s.name[-18:]:<18} {s.caption[:28]:<28} {'yes' if s.all_correct else 'no':<3} "
+            f"{found[:24]:<24} {objs:<5} {_fmt(s.path_rms_px):>7} {_fmt(s.psnr, 1):>6} "
+            f"{_fmt(s.ssim, 3):>6} {_fmt(s.background_flicker):>6} {_fmt(s.edge_sharpness):>5}"
+        )
     m = summarise(scores)
-    rows.append(f"{m.videos} videos: {m.all_correct:.0%} all-correct, PSNR {_fmt(m.mean_psnr, 1)} dB "
-                f"(+{m.identical} identical), SSIM {_fmt(m.mean_ssim, 3)}, path RMS {_fmt(m.mean_path_rms_px)} px")
+    rows.append(
+        f"{m.videos} videos: {m.all_correct:.0%} all-correct, PSNR {_fmt(m.mean_psnr, 1)} dB "
+        f"(+{m.identical} identical), SSIM {_fmt(m.mean_ssim, 3)}, path RMS {_fmt(m.mean_path_rms_px)} px"
+    )
     return "\n".join(rows)
 
 
@@ -97,7 +108,7 @@ def frame_grid(rows: list[np.ndarray], columns: int = GRID_COLUMNS, gap: int = 2
         picks = np.unique(np.linspace(0, len(video) - 1, columns).round().astype(int))
         for c, f in enumerate(picks):
             fh, fw = video.shape[1:3]
-            grid[r * (h + gap):r * (h + gap) + fh, c * (w + gap):c * (w + gap) + fw] = video[f]
+            grid[r * (h + gap) : r * (h + gap) + fh, c * (w + gap) : c * (w + gap) + fw] = video[f]
     return grid
 
 

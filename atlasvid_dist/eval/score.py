@@ -62,8 +62,7 @@ class VideoScore:
 def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise InputError(f"{name}: frames must be uint8 (N, H, W, 3) with N >= 1, got {frames.dtype} "
-                         f"{frames.shape}")
+        raise InputError(f"{name}: frames must be uint8 (N, H, W, 3) with N >= 1, got {frames.dtype} {frames.shape}")
     return frames
 
 
@@ -129,7 +128,24 @@ def score_video(frames: np.ndarray, caption: str, name: str = "array") -> VideoS
     bg_flicker, obj_flicker = _flicker(frames, found)
     err, db, sim = _compare(frames, scene, fit)
     return VideoScore(
-        name, caption, frames.shape[2], frames.shape[1], frames.shape[0], counts, one, colour, shape, direction,
-        correct, fill, float(np.hypot(*fit.velocity)) if fit else float("nan"),
-        fit.rms_px if fit else float("nan"), bg_flicker, obj_flicker,
-        float(np.mean([o.sharpness for _, o in seen])) if seen else float("nan"), err, db, sim)
+        name,
+        caption,
+        frames.shape[2],
+        frames.shape[1],
+        frames.shape[0],
+        counts,
+        one,
+        colour,
+        shape,
+        direction,
+        correct,
+        fill,
+        float(np.hypot(*fit.velocity)) if fit else float("nan"),
+        fit.rms_px if fit else float("nan"),
+        bg_flicker,
+        obj_flicker,
+        float(np.mean([o.sharpness for _, o in seen])) if seen else float("nan"),
+        err,
+        db,
+        sim,
+    )

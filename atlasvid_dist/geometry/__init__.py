@@ -3,5 +3,13 @@
 from .grid import Grid, ProxyGeometry, latent_grid, token_grid
 from .windows import WindowLayout, WindowSpec, proxy_regions, window_layout
 
-__all__ = ["Grid", "ProxyGeometry", "latent_grid", "token_grid", "WindowSpec", "WindowLayout", "window_layout",
-           "proxy_regions"]
+__all__ = [
+    "Grid",
+    "ProxyGeometry",
+    "latent_grid",
+    "token_grid",
+    "WindowSpec",
+    "WindowLayout",
+    "window_layout",
+    "proxy_regions",
+]

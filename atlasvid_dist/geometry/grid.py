@@ -20,8 +20,12 @@ class Grid:
     w: int
 
     def __post_init__(self) -> None:
-        check(all(isinstance(v, int) and v > 0 for v in (self.t, self.h, self.w)), "grid", self.dims,
-              "every axis must be a positive integer")
+        check(
+            all(isinstance(v, int) and v > 0 for v in (self.t, self.h, self.w)),
+            "grid",
+            self.dims,
+            "every axis must be a positive integer",
+        )
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -133,9 +137,13 @@ class ProxyGeometry:
 
     def __post_init__(self) -> None:
         s = self.spatial_scale
-        check(self.detail.h % s == 0 and self.detail.w % s == 0, "spatial_scale", s,
-              f"must divide the detail token grid {self.detail.h}x{self.detail.w} (h x w tokens); "
-              f"divisors that work: {_common_divisors(self.detail.h, self.detail.w)}")
+        check(
+            self.detail.h % s == 0 and self.detail.w % s == 0,
+            "spatial_scale",
+            s,
+            f"must divide the detail token grid {self.detail.h}x{self.detail.w} (h x w tokens); "
+            f"divisors that work: {_common_divisors(self.detail.h, self.detail.w)}",
+        )
 
     @property
     def grid(self) -> Grid:

@@ -43,9 +43,13 @@ class WindowSpec:
             if w == n:
                 shift[ax] = 0
             elif s == 0 and not self.pad:
-                check(n % w == 0, f"window.{names[ax]}", w,
-                      f"does not tile the token grid's {names[ax]} = {n} (token grid {self.grid.dims}); choose a "
-                      f"divisor ({divisors(n)}) or allow padding (pad_windows)")
+                check(
+                    n % w == 0,
+                    f"window.{names[ax]}",
+                    w,
+                    f"does not tile the token grid's {names[ax]} = {n} (token grid {self.grid.dims}); choose a "
+                    f"divisor ({divisors(n)}) or allow padding (pad_windows)",
+                )
         object.__setattr__(self, "shift", tuple(shift))
 
     @property
@@ -120,8 +124,12 @@ def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple)
     size per axis. The region covers the proxy tokens above the window's real tokens plus ``margin`` on each
     side; it has the same size for every window (clamped inside the proxy grid) so windows batch together.
     """
-    check(scales[1] == scales[2] and all(float(r).is_integer() for r in scales), "scales", scales,
-          "must be integers, equal in h and w")
+    check(
+        scales[1] == scales[2] and all(float(r).is_integer() for r in scales),
+        "scales",
+        scales,
+        "must be integers, equal in h and w",
+    )
     anchor = ProxyAnchor(int(scales[0]), int(scales[1]))
     starts = spec.starts()  # (n_win, 3)
     axes, sizes = [], []

@@ -49,8 +49,10 @@ class ProxyCache:
     weights: tuple | None = None
 
     def matches(self, proxy: torch.Tensor, text: torch.Tensor) -> bool:
-        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-                   for a, b in ((self.proxy, proxy), (self.text, text)))
+        return all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in ((self.proxy, proxy), (self.text, text))
+        )
 
 
 def weights_key(module: nn.Module) -> tuple:
@@ -67,8 +69,13 @@ def weights_key(module: nn.Module) -> tuple:
         active = getattr(m, "active_adapters", None)
         if active is not None and hasattr(m, "disable_adapters") and not callable(active):
             scaling = getattr(m, "scaling", {})
-            adapters.append((tuple(active), bool(m.disable_adapters),
-                             tuple(sorted(scaling.items())) if isinstance(scaling, dict) else ()))
+            adapters.append(
+                (
+                    tuple(active),
+                    bool(m.disable_adapters),
+                    tuple(sorted(scaling.items())) if isinstance(scaling, dict) else (),
+                )
+            )
     return tensors, tuple(adapters)
 
 
@@ -116,11 +123,19 @@ class AtlasTransformer(nn.Module):
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------------- public API
-    def forward(self, latents: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None, proxy: torch.Tensor | None = None, *,
-                proxy_cache: ProxyCache | None = None, proxy_noise: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None, attention_kwargs: dict | None = None,
-                return_dict: bool | None = None):
+    def forward(
+        self,
+        latents: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        proxy: torch.Tensor | None = None,
+        *,
+        proxy_cache: ProxyCache | None = None,
+        proxy_noise: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
+        return_dict: bool | None = None,
+    ):
         """Detail velocity (B, C, f, h, w). See the class docstring; ``proxy_noise`` is used in 'joint' mode.
 
         ``hidden_states`` is diffusers' name for ``latents``; with ``return_dict`` given (as diffusers' pipelines
@@ -144,8 +159,9 @@ class AtlasTransformer(nn.Module):
         attend = DetailAttention(self.atlas_config, grid, self.rotary, latents.device, proxy_kv, scales)
         return self._run(latents, timestep, encoder_hidden_states, grid, attend)
 
-    def proxy_forward(self, latents: torch.Tensor, timestep: torch.Tensor,
-                      encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def proxy_forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         """Stage 1: the proxy's velocity with full attention and temporally scaled RoPE (time x r_t)."""
         grid = self.token_grid(latents, "proxy latents")
         timestep = self._check_inputs(latents, timestep, encoder_hidden_states)
@@ -163,8 +179,9 @@ class AtlasTransformer(nn.Module):
         kv = self._record_proxy(proxy_b, t0, encoder_hidden_states, grid)
         return ProxyCache(kv, proxy.detach().clone(), encoder_hidden_states.detach().clone(), weights)
 
-    def joint_proxy_kv(self, proxy: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor,
-                       encoder_hidden_states: torch.Tensor) -> ProxyKV:
+    def joint_proxy_kv(
+        self, proxy: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> ProxyKV:
         """The proxy keys/values of ``proxy_mode='joint'`` at one detail step (what ``forward`` reads then).
 
         The proxy is re-noised to the step's level on the flow line, sigma = timestep / 1000:
@@ -176,8 +193,10 @@ class AtlasTransformer(nn.Module):
         b = encoder_hidden_states.shape[0]
         grid = self.token_grid(proxy, "proxy")
         if noise.shape[1:] != proxy.shape[1:] or noise.shape[0] not in (1, b) or proxy.shape[0] not in (1, b):
-            raise InputError(f"proxy_noise: expected the proxy's shape (B or 1, {', '.join(map(str, proxy.shape[1:]))})"
-                             f" with B = {b}; got proxy {tuple(proxy.shape)}, noise {tuple(noise.shape)}")
+            raise InputError(
+                f"proxy_noise: expected the proxy's shape (B or 1, {', '.join(map(str, proxy.shape[1:]))})"
+                f" with B = {b}; got proxy {tuple(proxy.shape)}, noise {tuple(noise.shape)}"
+            )
         timestep = self._check_inputs(proxy.expand(b, *proxy.shape[1:]), timestep, encoder_hidden_states)
         sigma = (timestep.float() / 1000.0).reshape(b, 1, 1, 1, 1)
         noisy = ((1.0 - sigma) * proxy + sigma * noise).to(proxy.dtype)
@@ -219,9 +238,11 @@ class AtlasTransformer(nn.Module):
         pg = self.proxy_geometry(self.token_grid(latents)).grid
         want = (latents.shape[1], *(n * p for n, p in zip(pg.dims, self.patch)))
         if proxy.ndim != 5 or tuple(proxy.shape[1:]) != want or proxy.shape[0] not in (1, latents.shape[0]):
-            raise InputError(f"proxy: expected (B or 1, {', '.join(map(str, want))}) for latents "
-                             f"{tuple(latents.shape)} with temporal_scale={self.atlas_config.temporal_scale}, "
-                             f"spatial_scale={self.atlas_config.spatial_scale}; got {tuple(proxy.shape)}")
+            raise InputError(
+                f"proxy: expected (B or 1, {', '.join(map(str, want))}) for latents "
+                f"{tuple(latents.shape)} with temporal_scale={self.atlas_config.temporal_scale}, "
+                f"spatial_scale={self.atlas_config.spatial_scale}; got {tuple(proxy.shape)}"
+            )
 
     # ------------------------------------------------------------------------------------------------ proxy
     def _proxy_kv(self, latents, timestep, text, proxy, cache, noise) -> ProxyKV:
@@ -276,8 +297,9 @@ class AtlasTransformer(nn.Module):
         return kv
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _run(self, latents, timestep, text, grid: Grid, attend: Attend, head: bool = True,
-             checkpoint: bool = True) -> torch.Tensor | None:
+    def _run(
+        self, latents, timestep, text, grid: Grid, attend: Attend, head: bool = True, checkpoint: bool = True
+    ) -> torch.Tensor | None:
         x, temb, tproj, text = self.embed(latents, timestep, text)
         x = self.run_blocks(x, text, tproj, attend, checkpoint=checkpoint)
         if not head:
@@ -302,8 +324,9 @@ class AtlasTransformer(nn.Module):
         use_ckpt = checkpoint and torch.is_grad_enabled() and getattr(tr, "gradient_checkpointing", False)
         for i, block in enumerate(tr.blocks):
             if use_ckpt:
-                x = torch.utils.checkpoint.checkpoint(self._block, i, block, x, text, tproj, attend,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    self._block, i, block, x, text, tproj, attend, use_reentrant=False
+                )
             else:
                 x = self._block(i, block, x, text, tproj, attend)
         return x

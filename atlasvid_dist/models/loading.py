@@ -24,13 +24,34 @@ from ..config.model import ModelSpec
 from ..errors import ModelLoadError
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-_CONFIG_FILE = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                "scheduler": "scheduler_config.json"}
+_CONFIG_FILE = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
 _WEIGHTED = ("transformer", "vae", "text_encoder")
 _CLASS_NAMES = {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "I16": 2,
-                "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
+}
 _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
 
 
@@ -70,8 +91,9 @@ def check_safetensors_file(path: str | os.PathLike) -> dict:
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise ModelLoadError(f"{path}: not a safetensors file or truncated (header length {header_len} bytes, "
-                                 f"file has {size} bytes)")
+            raise ModelLoadError(
+                f"{path}: not a safetensors file or truncated (header length {header_len} bytes, file has {size} bytes)"
+            )
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -81,8 +103,10 @@ def check_safetensors_file(path: str | os.PathLike) -> dict:
         raise ModelLoadError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_len = _tensor_data_length(path, header)
     if 8 + header_len + data_len != size:
-        raise ModelLoadError(f"{path}: truncated or corrupt: header declares {data_len} bytes of tensor data, the "
-                             f"file holds {size - 8 - header_len}")
+        raise ModelLoadError(
+            f"{path}: truncated or corrupt: header declares {data_len} bytes of tensor data, the "
+            f"file holds {size - 8 - header_len}"
+        )
     return header
 
 
@@ -99,8 +123,10 @@ def _tensor_data_length(path: Path, header: dict) -> int:
             raise ModelLoadError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
         nbytes = _DTYPE_BYTES.get(dtype)
         if nbytes is not None and end - begin != nbytes * math.prod(shape):
-            raise ModelLoadError(f"{path}: tensor {name!r} has {end - begin} bytes, dtype {dtype} x shape "
-                                 f"{shape} needs {nbytes * math.prod(shape)}")
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has {end - begin} bytes, dtype {dtype} x shape "
+                f"{shape} needs {nbytes * math.prod(shape)}"
+            )
         spans.append((begin, end, name))
     pos = 0
     for begin, end, name in sorted(spans):
@@ -163,9 +189,11 @@ def model_folder(model: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(str(model), cache_dir=str(cache), local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError, or a damaged cache entry
-        raise ModelLoadError(f"model={str(model)!r}: not a local folder, and this Hugging Face id is not in the "
-                             f"local cache {cache} (HF_HUB_CACHE); download it into that cache once (e.g. `hf "
-                             f"download {model}`) or pass a folder ({type(e).__name__})") from None
+        raise ModelLoadError(
+            f"model={str(model)!r}: not a local folder, and this Hugging Face id is not in the "
+            f"local cache {cache} (HF_HUB_CACHE); download it into that cache once (e.g. `hf "
+            f"download {model}`) or pass a folder ({type(e).__name__})"
+        ) from None
 
 
 # --- folder layout and configs -------------------------------------------------------------------------------
@@ -214,8 +242,10 @@ def _refuse_custom_code(path: Path, config: dict) -> None:
     """A config that maps classes to code shipped in the folder (``auto_map``) is refused: model folders are data,
     their Python files are never imported (every loader below also gets ``trust_remote_code=False``)."""
     if "auto_map" in config:
-        raise ModelLoadError(f"{path}: field auto_map declares custom code ({config['auto_map']!r}); code from a "
-                             f"model folder is never run - remove auto_map to load the built-in classes")
+        raise ModelLoadError(
+            f"{path}: field auto_map declares custom code ({config['auto_map']!r}); code from a "
+            f"model folder is never run - remove auto_map to load the built-in classes"
+        )
 
 
 def _field(configs: dict, part: str, key: str, source: str) -> int:
@@ -231,13 +261,17 @@ def check_compatible(configs: dict[str, dict], source: str) -> None:
     for key in ("in_channels", "out_channels"):
         ch = _field(configs, "transformer", key, source)
         if ch != z_dim:
-            raise ModelLoadError(f"{source}: transformer config field {key}={ch} does not match vae config field "
-                                 f"z_dim={z_dim} (latent channels must agree)")
+            raise ModelLoadError(
+                f"{source}: transformer config field {key}={ch} does not match vae config field "
+                f"z_dim={z_dim} (latent channels must agree)"
+            )
     text_dim = _field(configs, "transformer", "text_dim", source)
     d_model = _field(configs, "text_encoder", "d_model", source)
     if text_dim != d_model:
-        raise ModelLoadError(f"{source}: transformer config field text_dim={text_dim} does not match text_encoder "
-                             f"config field d_model={d_model}")
+        raise ModelLoadError(
+            f"{source}: transformer config field text_dim={text_dim} does not match text_encoder "
+            f"config field d_model={d_model}"
+        )
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -273,17 +307,25 @@ def check_weight_names(folder: Path, name: str, config: dict) -> None:
     expected = set(model.state_dict())
     where = {k: f for f in _weight_files(folder) for k in check_safetensors_file(f) if k != "__metadata__"}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    unexpected = sorted(k for k in set(where) - expected
-                        if not _ignored(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None)))
-    missing = sorted(k for k in expected - set(where) if not (tied.get(k) in where or _ignored(
-        k, getattr(model, "_keys_to_ignore_on_load_missing", None))))
+    unexpected = sorted(
+        k for k in set(where) - expected if not _ignored(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+    )
+    missing = sorted(
+        k
+        for k in expected - set(where)
+        if not (tied.get(k) in where or _ignored(k, getattr(model, "_keys_to_ignore_on_load_missing", None)))
+    )
     if unexpected:
-        raise ModelLoadError(f"{where[unexpected[0]]}: {len(unexpected)} unexpected weight(s) that the model of "
-                             f"{folder / 'config.json'} does not have, e.g. {unexpected[:5]} (config and weights "
-                             f"disagree, e.g. on num_layers)")
+        raise ModelLoadError(
+            f"{where[unexpected[0]]}: {len(unexpected)} unexpected weight(s) that the model of "
+            f"{folder / 'config.json'} does not have, e.g. {unexpected[:5]} (config and weights "
+            f"disagree, e.g. on num_layers)"
+        )
     if missing:
-        raise ModelLoadError(f"{folder}: {len(missing)} weight(s) of the model of {folder / 'config.json'} are "
-                             f"missing from {[f.name for f in _weight_files(folder)]}, e.g. {missing[:5]}")
+        raise ModelLoadError(
+            f"{folder}: {len(missing)} weight(s) of the model of {folder / 'config.json'} are "
+            f"missing from {[f.name for f in _weight_files(folder)]}, e.g. {missing[:5]}"
+        )
 
 
 def _validate(root: Path) -> dict[str, dict]:
@@ -307,11 +349,18 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
     root = model_folder(path)
     cfg = _read_configs(root)["transformer"]
     try:
-        return ModelSpec(name=str(root), num_layers=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
-                         head_dim=cfg["attention_head_dim"], ffn_dim=cfg["ffn_dim"], in_channels=cfg["in_channels"],
-                         text_dim=cfg["text_dim"], freq_dim=cfg.get("freq_dim", 256),
-                         patch=tuple(cfg.get("patch_size", (1, 2, 2))),
-                         **_part_sizes(root))
+        return ModelSpec(
+            name=str(root),
+            num_layers=cfg["num_layers"],
+            num_heads=cfg["num_attention_heads"],
+            head_dim=cfg["attention_head_dim"],
+            ffn_dim=cfg["ffn_dim"],
+            in_channels=cfg["in_channels"],
+            text_dim=cfg["text_dim"],
+            freq_dim=cfg.get("freq_dim", 256),
+            patch=tuple(cfg.get("patch_size", (1, 2, 2))),
+            **_part_sizes(root),
+        )
     except KeyError as e:
         raise ModelLoadError(f"{root / 'transformer' / 'config.json'}: field {e.args[0]} missing") from None
 
@@ -350,8 +399,9 @@ def _scheduler_class(root: Path, cfg: dict):
     name = cfg.get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(name, str) and name.endswith("Scheduler") and isinstance(cls, type)):
-        raise ModelLoadError(f"{root / 'scheduler' / 'scheduler_config.json'}: field _class_name={name!r} is not "
-                             f"a diffusers scheduler")
+        raise ModelLoadError(
+            f"{root / 'scheduler' / 'scheduler_config.json'}: field _class_name={name!r} is not a diffusers scheduler"
+        )
     return cls
 
 
@@ -362,19 +412,44 @@ def _load_folder(root: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> WanC
     configs = _validate(root)
     scheduler_cls = _scheduler_class(root, configs["scheduler"])
     return WanComponents(
-        transformer=_load_part(root / "transformer", lambda: WanTransformer3DModel.from_pretrained(
-            root, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True,
-            trust_remote_code=False)),
-        vae=_load_part(root / "vae", lambda: AutoencoderKLWan.from_pretrained(
-            root, subfolder="vae", torch_dtype=vae_dtype, use_safetensors=True, local_files_only=True,
-            trust_remote_code=False)),
-        text_encoder=_load_part(root / "text_encoder", lambda: UMT5EncoderModel.from_pretrained(
-            root / "text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True,
-            trust_remote_code=False)),
-        tokenizer=_load_part(root / "tokenizer", lambda: AutoTokenizer.from_pretrained(
-            root / "tokenizer", local_files_only=True, trust_remote_code=False)),
-        scheduler=_load_part(root / "scheduler", lambda: scheduler_cls.from_pretrained(
-            root, subfolder="scheduler", local_files_only=True, trust_remote_code=False)),
+        transformer=_load_part(
+            root / "transformer",
+            lambda: WanTransformer3DModel.from_pretrained(
+                root,
+                subfolder="transformer",
+                torch_dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                trust_remote_code=False,
+            ),
+        ),
+        vae=_load_part(
+            root / "vae",
+            lambda: AutoencoderKLWan.from_pretrained(
+                root,
+                subfolder="vae",
+                torch_dtype=vae_dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                trust_remote_code=False,
+            ),
+        ),
+        text_encoder=_load_part(
+            root / "text_encoder",
+            lambda: UMT5EncoderModel.from_pretrained(
+                root / "text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
+            ),
+        ),
+        tokenizer=_load_part(
+            root / "tokenizer",
+            lambda: AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True, trust_remote_code=False),
+        ),
+        scheduler=_load_part(
+            root / "scheduler",
+            lambda: scheduler_cls.from_pretrained(
+                root, subfolder="scheduler", local_files_only=True, trust_remote_code=False
+            ),
+        ),
         source=str(root),
     )
 
@@ -390,14 +465,18 @@ def _build_tiny(dtype: torch.dtype, vae_dtype: torch.dtype) -> WanComponents:
         parts.source = "tiny"
         return parts
     parts = build_tiny_components()
-    configs = {"transformer": dict(parts["transformer"].config), "vae": dict(parts["vae"].config),
-               "text_encoder": parts["text_encoder"].config.to_dict()}
+    configs = {
+        "transformer": dict(parts["transformer"].config),
+        "vae": dict(parts["vae"].config),
+        "text_encoder": parts["text_encoder"].config.to_dict(),
+    }
     check_compatible(configs, "tiny")
     return WanComponents(**parts, source="tiny")
 
 
-def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    vae_dtype: torch.dtype = torch.float32) -> WanComponents:
+def load_components(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", vae_dtype: torch.dtype = torch.float32
+) -> WanComponents:
     """Load ``"tiny"`` (built in memory), a diffusers-format Wan2.1 folder, or a Hugging Face id found in the local
     cache (see :func:`model_folder`) onto ``device`` in eval mode.
 
@@ -407,8 +486,9 @@ def load_components(model: str, *, dtype: torch.dtype = torch.float32, device: s
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
         raise ModelLoadError(f"model={model!r}: expected 'tiny', the path of a model folder or a Hugging Face id")
-    parts = _build_tiny(dtype, vae_dtype) if str(model) == "tiny" else _load_folder(model_folder(model), dtype,
-                                                                                    vae_dtype)
+    parts = (
+        _build_tiny(dtype, vae_dtype) if str(model) == "tiny" else _load_folder(model_folder(model), dtype, vae_dtype)
+    )
     for module in (parts.transformer, parts.vae, parts.text_encoder):
         module.to(device).eval().requires_grad_(False)
         if torch.device(device).type == "cpu":

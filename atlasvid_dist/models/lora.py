@@ -64,13 +64,15 @@ def _read_adapter(path: str | os.PathLike) -> tuple[Path, dict, dict | None]:
     if file.name != PEFT_WEIGHTS or not (file.parent / PEFT_CONFIG).is_file():
         return (file, *_unprefixed(file, *_read(file)))
     if not file.is_file() and (file.parent / "adapter_model.bin").is_file():
-        raise ModelLoadError(f"{file.parent / 'adapter_model.bin'}: pickle adapter files are not read; save with "
-                             f"safe_serialization=True (adapter_model.safetensors)")
+        raise ModelLoadError(
+            f"{file.parent / 'adapter_model.bin'}: pickle adapter files are not read; save with "
+            f"safe_serialization=True (adapter_model.safetensors)"
+        )
     state, _ = _read(file)
     stray = next((k for k in state if not k.startswith(PEFT_PREFIX)), None)
     if stray is not None:
         raise ModelLoadError(f"{file}: key {stray!r} lacks peft's prefix {PEFT_PREFIX!r}")
-    return file, {k[len(PEFT_PREFIX):]: v for k, v in state.items()}, _peft_config(file.parent / PEFT_CONFIG)
+    return file, {k[len(PEFT_PREFIX) :]: v for k, v in state.items()}, _peft_config(file.parent / PEFT_CONFIG)
 
 
 def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -103,9 +105,9 @@ def _unprefixed(file: Path, state: dict, metadata: dict | None) -> tuple[dict, d
         stray = next((k for k in state if not k.startswith(PREFIX + ".")), None)
         if stray is not None:
             raise ModelLoadError(f"{file}: key {stray!r} is not for the transformer (expected prefix '{PREFIX}.')")
-        state = {k[len(PREFIX) + 1:]: v for k, v in state.items()}
+        state = {k[len(PREFIX) + 1 :]: v for k, v in state.items()}
     if metadata and any(k.startswith(PREFIX + ".") for k in metadata):
-        metadata = {k[len(PREFIX) + 1:]: v for k, v in metadata.items() if k.startswith(PREFIX + ".")}
+        metadata = {k[len(PREFIX) + 1 :]: v for k, v in metadata.items() if k.startswith(PREFIX + ".")}
     return state, metadata
 
 
@@ -119,8 +121,12 @@ def _base_linear(transformer: torch.nn.Module, module_name: str) -> torch.nn.Lin
 
 
 def _expected_shape(layer: torch.nn.Linear, part: str, rank: int) -> tuple[int, ...] | None:
-    return {"lora_A.weight": (rank, layer.in_features), "lora_B.weight": (layer.out_features, rank),
-            "lora_B.bias": (layer.out_features,), "lora_magnitude_vector": (layer.out_features,)}.get(part)
+    return {
+        "lora_A.weight": (rank, layer.in_features),
+        "lora_B.weight": (layer.out_features, rank),
+        "lora_B.bias": (layer.out_features,),
+        "lora_magnitude_vector": (layer.out_features,),
+    }.get(part)
 
 
 def check_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -141,8 +147,9 @@ def check_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor
         if want is None:
             raise ModelLoadError(f"{source}: key {key!r} is not a LoRA tensor (lora_A/lora_B weight or bias)")
         if tuple(value.shape) != want:
-            raise ModelLoadError(f"{source}: key {key!r} has shape {tuple(value.shape)}, the module "
-                                 f"{module_name} needs {want}")
+            raise ModelLoadError(
+                f"{source}: key {key!r} has shape {tuple(value.shape)}, the module {module_name} needs {want}"
+            )
     missing_b = sorted(m for m in ranks if f"{m}.lora_B.weight" not in state)
     if missing_b:
         raise ModelLoadError(f"{source}: key {missing_b[0] + '.lora_A.weight'!r} has no matching lora_B.weight")
@@ -164,8 +171,9 @@ def load_lora(transformer: torch.nn.Module, path: str | os.PathLike, adapter_nam
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ConfigError("adapter_name", adapter_name, "must be a non-empty string")
     if adapter_name in adapter_names(transformer):
-        raise ModelLoadError(f"{file}: adapter name {adapter_name!r} is already loaded "
-                             f"(loaded: {adapter_names(transformer)})")
+        raise ModelLoadError(
+            f"{file}: adapter name {adapter_name!r} is already loaded (loaded: {adapter_names(transformer)})"
+        )
     file, state, metadata = _read_adapter(path)
     check_lora_state(transformer, state, str(file))
     try:
@@ -179,8 +187,12 @@ def _json_ready(config_dict: dict) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config_dict.items()}
 
 
-def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.PathLike,
-              extra_metadata: dict[str, str] | None = None) -> Path:
+def save_lora(
+    transformer: torch.nn.Module,
+    adapter_name: str,
+    path: str | os.PathLike,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
     """Write adapter ``adapter_name`` as WanPipeline.save_lora_weights does; returns the file written.
 
     ``path`` is a ``.safetensors`` file name or a folder (then ``pytorch_lora_weights.safetensors`` inside it).
@@ -197,8 +209,10 @@ def save_lora(transformer: torch.nn.Module, adapter_name: str, path: str | os.Pa
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state = {f"{PREFIX}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
     config = _json_ready(transformer.peft_config[adapter_name].to_dict())
-    metadata = {"format": "pt",
-                METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)}
+    metadata = {
+        "format": "pt",
+        METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True),
+    }
     metadata.update(extra_metadata or {})
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
     os.close(fd)

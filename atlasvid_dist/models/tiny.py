@@ -30,15 +30,34 @@ from ..errors import check
 from ..pipeline.outputs import apply_umask
 
 TINY_TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-    text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
     rope_max_seq_len=1024,
 )
-TINY_VAE_CONFIG = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                       temperal_downsample=[False, True, True])
-TINY_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
-                             flow_shift=3.0, solver_order=2, predict_x0=True, solver_type="bh2",
-                             lower_order_final=True, final_sigmas_type="zero", timestep_spacing="linspace")
+TINY_VAE_CONFIG = dict(
+    base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
+TINY_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+    solver_order=2,
+    predict_x0=True,
+    solver_type="bh2",
+    lower_order_final=True,
+    final_sigmas_type="zero",
+    timestep_spacing="linspace",
+)
 TINY_TEXT_DIM = 32
 """UMT5 d_model; equals the transformer's text_dim."""
 _SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
@@ -56,9 +75,11 @@ def build_tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=512)
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
 
 
 def build_tiny_scheduler():
@@ -70,9 +91,21 @@ def build_tiny_scheduler():
 def _tiny_text_encoder(vocab_size: int):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = UMT5Config(vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                     feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TINY_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     return UMT5EncoderModel(cfg)
 
 
@@ -111,8 +144,13 @@ def build_tiny_components(seed: int = 0) -> dict:
         vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
         _variance_preserving_convs(vae)
         text_encoder = _tiny_text_encoder(len(tokenizer))
-    return dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                tokenizer=tokenizer, scheduler=build_tiny_scheduler())
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=build_tiny_scheduler(),
+    )
 
 
 def _apply_umask_tree(root: Path) -> None:
@@ -129,8 +167,12 @@ def save_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     from diffusers import WanPipeline
 
     out = Path(path)
-    check(not out.exists() or (out.is_dir() and not any(out.iterdir())), "path", str(out),
-          "must not exist or be an empty folder")
+    check(
+        not out.exists() or (out.is_dir() and not any(out.iterdir())),
+        "path",
+        str(out),
+        "must not exist or be an empty folder",
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

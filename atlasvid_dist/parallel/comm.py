@@ -26,8 +26,14 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 # -- process groups ---------------------------------------------------------------------------------------------
-def init_group(backend: str, rank: int, world_size: int, init_method: str | None = None,
-               timeout_s: float = DEFAULT_TIMEOUT_S, device_id: torch.device | None = None) -> dist.ProcessGroup:
+def init_group(
+    backend: str,
+    rank: int,
+    world_size: int,
+    init_method: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device_id: torch.device | None = None,
+) -> dist.ProcessGroup:
     """Join the default process group and wait for every rank (one barrier), with ``timeout_s`` on every operation.
 
     ``init_method`` defaults to ``env://`` (MASTER_ADDR/MASTER_PORT). The barrier also creates the NCCL
@@ -42,16 +48,24 @@ def init_group(backend: str, rank: int, world_size: int, init_method: str | None
         raise ConfigError("process group", "initialized", "a default process group already exists in this process")
     kwargs = {"device_id": device_id} if device_id is not None else {}
     try:
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        dist.init_process_group(
+            backend,
+            init_method=init_method or "env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
         if backend == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
     except (RuntimeError, dist.DistError) as exc:  # the store or the barrier timed out
         where = init_method or f"env://{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        raise RunFailure(f"rank {rank}/{world_size}: could not join the {backend} process group at {where} "
-                         f"within {timeout_s:g} s: {exc}") from exc
+        raise RunFailure(
+            f"rank {rank}/{world_size}: could not join the {backend} process group at {where} "
+            f"within {timeout_s:g} s: {exc}"
+        ) from exc
     return dist.group.WORLD
 
 
@@ -120,9 +134,18 @@ def wait(work: dist.Work, group: dist.ProcessGroup | None, step: str, what: str,
         raise RunFailure(f"{_where(group, step)}: {what} did not complete within {t:g} s")
 
 
-def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[int, torch.Tensor]],
-             group: dist.ProcessGroup | None, *, stats: CommStats | None, category: str, step: str = "",
-             timeout: float | None = None, block: bool = True, tag: int = 0) -> "Pending":
+def exchange(
+    sends: Sequence[tuple[int, torch.Tensor]],
+    recvs: Sequence[tuple[int, torch.Tensor]],
+    group: dist.ProcessGroup | None,
+    *,
+    stats: CommStats | None,
+    category: str,
+    step: str = "",
+    timeout: float | None = None,
+    block: bool = True,
+    tag: int = 0,
+) -> "Pending":
     """Post point-to-point sends and receives (peers are group ranks) as one batch and count the sent bytes.
 
     With ``block`` the call waits (timed) before returning; otherwise call ``.wait()`` on the result before using
@@ -147,15 +170,24 @@ def exchange(sends: Sequence[tuple[int, torch.Tensor]], recvs: Sequence[tuple[in
     labels = [f"send to rank {p}" for p, _ in sends] + [f"receive from rank {p}" for p, _ in recvs]
     if len(works) != len(ops):  # NCCL coalesces the batch into one work: name every peer in it
         labels = [f"batch with ranks {sorted({p for p, _ in list(sends) + list(recvs)})}"] * len(works)
-    pending = Pending(list(zip(works, labels)),
-                      g, step, category, timeout, keep=[op.tensor for op in ops], copy_back=copy_back)
+    pending = Pending(
+        list(zip(works, labels)), g, step, category, timeout, keep=[op.tensor for op in ops], copy_back=copy_back
+    )
     if block:
         pending.wait()
     return pending
 
 
-def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None, *,
-               stats: CommStats | None, category: str, step: str = "", timeout: float | None = None) -> torch.Tensor:
+def all_to_all(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    *,
+    stats: CommStats | None,
+    category: str,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
     """``all_to_all_single`` with equal splits along dim 0 and a timed wait; counts the bytes leaving this rank."""
     n = group_size(group)
     stage = out.is_cuda and _stages_on_cpu(group)

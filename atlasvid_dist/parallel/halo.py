@@ -81,9 +81,20 @@ class HaloPlan:
     def to(self, device: torch.device | str) -> "HaloPlan":
         """The same plan with its index tensors on ``device``."""
         mv = lambda t: t.to(device)  # noqa: E731
-        return HaloPlan(self.rank, self.spec, self.num_local, tuple((p, mv(i)) for p, i in self.send), self.recv,
-                        mv(self.windows), mv(self.query_index), mv(self.query_valid), mv(self.key_index),
-                        mv(self.key_valid), mv(self.output_index), self.buckets)
+        return HaloPlan(
+            self.rank,
+            self.spec,
+            self.num_local,
+            tuple((p, mv(i)) for p, i in self.send),
+            self.recv,
+            mv(self.windows),
+            mv(self.query_index),
+            mv(self.query_valid),
+            mv(self.key_index),
+            mv(self.key_valid),
+            mv(self.output_index),
+            self.buckets,
+        )
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
@@ -142,8 +153,20 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
     query_valid[w_idx[own], row[own]] = True
     output_index = torch.empty(n_local, dtype=torch.long)
     output_index[local_pos[slots[own]]] = w_idx[own] * lq + row[own]
-    return HaloPlan(rank, spec, n_local, tuple(send), recv, windows, query_index, query_valid, key_index,
-                    valid.clone(), output_index, buckets)
+    return HaloPlan(
+        rank,
+        spec,
+        n_local,
+        tuple(send),
+        recv,
+        windows,
+        query_index,
+        query_valid,
+        key_index,
+        valid.clone(),
+        output_index,
+        buckets,
+    )
 
 
 # -- local layout -------------------------------------------------------------------------------------------------
@@ -170,12 +193,27 @@ def scatter_output(out_windows: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
 
 
 # -- the exchange -------------------------------------------------------------------------------------------------
-def _route(rows_out: list[tuple[int, torch.Tensor]], shapes_in: list[tuple[int, int]], like: torch.Tensor, group,
-           stats, category: str, step: str, timeout) -> list[torch.Tensor]:
+def _route(
+    rows_out: list[tuple[int, torch.Tensor]],
+    shapes_in: list[tuple[int, int]],
+    like: torch.Tensor,
+    group,
+    stats,
+    category: str,
+    step: str,
+    timeout,
+) -> list[torch.Tensor]:
     """Send every (peer, rows) and receive ``count`` rows from every (peer, count); tokens on dim 1."""
     bufs = [like.new_empty(like.shape[0], count, *like.shape[2:]) for _, count in shapes_in]
-    exchange(rows_out, [(p, b) for (p, _), b in zip(shapes_in, bufs)], group, stats=stats, category=category,
-             step=step, timeout=timeout)
+    exchange(
+        rows_out,
+        [(p, b) for (p, _), b in zip(shapes_in, bufs)],
+        group,
+        stats=stats,
+        category=category,
+        step=step,
+        timeout=timeout,
+    )
     return bufs
 
 
@@ -193,16 +231,31 @@ class _HaloExchange(torch.autograd.Function):
         plan = ctx.plan
         counts = [c for _, c in plan.recv]
         grads_back = list(zip([p for p, _ in plan.recv], grad.split(counts, dim=1))) if counts else []
-        bufs = _route(grads_back, [(p, int(idx.numel())) for p, idx in plan.send], grad, ctx.group, ctx.stats,
-                      "halo.bwd", ctx.step, ctx.timeout)
+        bufs = _route(
+            grads_back,
+            [(p, int(idx.numel())) for p, idx in plan.send],
+            grad,
+            ctx.group,
+            ctx.stats,
+            "halo.bwd",
+            ctx.step,
+            ctx.timeout,
+        )
         dx = grad.new_zeros(ctx.x_shape)
         for (_, idx), g in zip(plan.send, bufs):
             dx.index_add_(1, idx, g)
         return dx, None, None, None, None, None
 
 
-def halo_exchange(kv_local: torch.Tensor, plan: HaloPlan, group: dist.ProcessGroup | None = None,
-                  stats: CommStats | None = None, *, step: str = "", timeout: float | None = None) -> torch.Tensor:
+def halo_exchange(
+    kv_local: torch.Tensor,
+    plan: HaloPlan,
+    group: dist.ProcessGroup | None = None,
+    stats: CommStats | None = None,
+    *,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
     """Receive the halo rows of ``plan`` from their owners and send ours: (B, N_local, ...) -> (B, N_halo, ...).
 
     Differentiable: the gradient of a halo row goes back to its owner and is added to the owner's row. Exchange
@@ -210,6 +263,8 @@ def halo_exchange(kv_local: torch.Tensor, plan: HaloPlan, group: dist.ProcessGro
     ``halo.fwd`` / ``halo.bwd``; a plan without peers (a layer on the base grid) sends nothing.
     """
     if kv_local.shape[1] != plan.num_local:
-        raise InputError(f"halo_exchange: kv_local has {kv_local.shape[1]} tokens on dim 1 {tuple(kv_local.shape)}; "
-                         f"rank {plan.rank} owns {plan.num_local}")
+        raise InputError(
+            f"halo_exchange: kv_local has {kv_local.shape[1]} tokens on dim 1 {tuple(kv_local.shape)}; "
+            f"rank {plan.rank} owns {plan.num_local}"
+        )
     return _HaloExchange.apply(kv_local, plan, group, stats, step, timeout)

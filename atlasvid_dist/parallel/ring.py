@@ -45,7 +45,9 @@ def _use_cuda_flash(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
 
 
-def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q to one key block: (out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) in the accumulation dtype)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
@@ -66,18 +68,40 @@ def _math_forward(q, k, v, scale):
     return torch.matmul(torch.exp(s - lse[..., None]), v.to(acc)).to(q.dtype), lse
 
 
-def _block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of one key block given the *merged* output and log-sum-exp of all blocks."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, False, scale=scale)
+            dout, q, k, v, out, lse, 0.0, False, scale=scale
+        )
     if _use_cuda_flash(q):
         # sequence offsets and RNG state as the forward returned them (undefined/unused: dense, no dropout)
         cum_q, cum_k, seed, offset = _FLASH_AUX[q.device]
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float(), cum_q, cum_k, q.shape[-2], k.shape[-2], 0.0, False, seed, offset,
-            scale=scale)
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse.float(),
+            cum_q,
+            cum_k,
+            q.shape[-2],
+            k.shape[-2],
+            0.0,
+            False,
+            seed,
+            offset,
+            scale=scale,
+        )
     return _math_backward(dout, q, k, v, out, lse, scale)
 
 
@@ -117,8 +141,17 @@ class _RingAttention(torch.autograd.Function):
             pending, incoming = None, None
             if s < n - 1:
                 incoming = torch.empty_like(kv)
-                pending = exchange([(nxt, kv)], [(prv, incoming)], group, stats=stats, category="ring.fwd",
-                                   step=step, timeout=timeout, block=False, tag=_TAG_KV)
+                pending = exchange(
+                    [(nxt, kv)],
+                    [(prv, incoming)],
+                    group,
+                    stats=stats,
+                    category="ring.fwd",
+                    step=step,
+                    timeout=timeout,
+                    block=False,
+                    tag=_TAG_KV,
+                )
             out, lse = _merge(out, lse, *_block_forward(q, kv[0], kv[1], scale))
             if pending is not None:
                 pending.wait()
@@ -148,8 +181,17 @@ class _RingAttention(torch.autograd.Function):
             kv_pending, kv_in = None, None
             if s < n - 1:
                 kv_in = torch.empty_like(kv)
-                kv_pending = exchange([(nxt, kv)], [(prv, kv_in)], group, stats=stats, category="ring.bwd",
-                                      step=step, timeout=timeout, block=False, tag=_TAG_KV)
+                kv_pending = exchange(
+                    [(nxt, kv)],
+                    [(prv, kv_in)],
+                    group,
+                    stats=stats,
+                    category="ring.bwd",
+                    step=step,
+                    timeout=timeout,
+                    block=False,
+                    tag=_TAG_KV,
+                )
             dq_s, dk_s, dv_s = _block_backward(dout, q, kv[0], kv[1], out, lse, scale)
             dq += dq_s
             if dkv_pending is not None:  # the accumulator that travelled with this block from the ranks before us
@@ -159,8 +201,17 @@ class _RingAttention(torch.autograd.Function):
             dkv[1] += dv_s
             if n > 1:
                 dkv_in = torch.empty_like(dkv)
-                dkv_pending = exchange([(nxt, dkv)], [(prv, dkv_in)], group, stats=stats, category="ring.bwd",
-                                       step=step, timeout=timeout, block=False, tag=_TAG_DKV)
+                dkv_pending = exchange(
+                    [(nxt, dkv)],
+                    [(prv, dkv_in)],
+                    group,
+                    stats=stats,
+                    category="ring.bwd",
+                    step=step,
+                    timeout=timeout,
+                    block=False,
+                    tag=_TAG_DKV,
+                )
             if kv_pending is not None:
                 kv_pending.wait()
                 kv = kv_in
@@ -173,10 +224,19 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk, dv, dek, dev, None, None, None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
-                   stats: CommStats | None = None, *, extra_k: torch.Tensor | None = None,
-                   extra_v: torch.Tensor | None = None, scale: float | None = None, step: str = "",
-                   timeout: float | None = None) -> torch.Tensor:
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    stats: CommStats | None = None,
+    *,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
     """Dense attention of the local queries over the whole (concatenated, rank-ordered) sequence of the group.
 
     q, k, v: (B, H, L_local, D), the same L_local on every rank. extra_k, extra_v: (B, H, C, D), keys every rank
@@ -191,13 +251,21 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
 
 def _check_inputs(q, k, v, extra_k, extra_v) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
-        raise InputError(f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
-                         f"(B, H, L_local, D) with the same B, H, D (and k, v of one shape)")
+        raise InputError(
+            f"ring_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be "
+            f"(B, H, L_local, D) with the same B, H, D (and k, v of one shape)"
+        )
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise InputError(f"ring_attention: empty local shard (q {tuple(q.shape)}, k {tuple(k.shape)})")
     if (extra_k is None) != (extra_v is None):
         raise InputError("ring_attention: give both extra_k and extra_v, or neither")
-    if extra_k is not None and (extra_k.shape != extra_v.shape or extra_k.dim() != 4
-                                or extra_k.shape[:2] != q.shape[:2] or extra_k.shape[-1] != q.shape[-1]):
-        raise InputError(f"ring_attention: extra_k {tuple(extra_k.shape)}, extra_v {tuple(extra_v.shape)} must be "
-                         f"(B, H, C, D) with q's B, H, D {tuple(q.shape[:2])}, {q.shape[-1]}")
+    if extra_k is not None and (
+        extra_k.shape != extra_v.shape
+        or extra_k.dim() != 4
+        or extra_k.shape[:2] != q.shape[:2]
+        or extra_k.shape[-1] != q.shape[-1]
+    ):
+        raise InputError(
+            f"ring_attention: extra_k {tuple(extra_k.shape)}, extra_v {tuple(extra_v.shape)} must be "
+            f"(B, H, C, D) with q's B, H, D {tuple(q.shape[:2])}, {q.shape[-1]}"
+        )

@@ -30,8 +30,13 @@ WINDOW_ORDERS = ("thw", "wht", "hwt", "twh", "htw", "wth")
 
 def ownership_sequence(spec: WindowSpec, order: str = "thw") -> torch.Tensor:
     """(num_windows,) window ids (window-major, as ``window_layout``) in the ownership ``order``."""
-    check(order in WINDOW_ORDERS, "window_order", order, f"must be one of {WINDOW_ORDERS} (window axes, slowest "
-          "first: 'thw' = time slabs, 'wht' = column slabs across all time)")
+    check(
+        order in WINDOW_ORDERS,
+        "window_order",
+        order,
+        f"must be one of {WINDOW_ORDERS} (window axes, slowest "
+        "first: 'thw' = time slabs, 'wht' = column slabs across all time)",
+    )
     ct, ch, cw = spec.counts
     ids = torch.arange(ct * ch * cw).view(ct, ch, cw)
     return ids.permute(*["thw".index(a) for a in order]).reshape(-1)
@@ -52,10 +57,16 @@ class WindowSharding:
 
     def __post_init__(self) -> None:
         b = self.bounds
-        check(len(b) == self.world_size + 1 and b[0] == 0 and b[-1] == self.spec.num_windows
-              and all(x < y for x, y in zip(b[:-1], b[1:])), "bounds", b,
-              f"must rise strictly from 0 to num_windows = {self.spec.num_windows} in world_size + 1 = "
-              f"{self.world_size + 1} steps (use shard_windows)")
+        check(
+            len(b) == self.world_size + 1
+            and b[0] == 0
+            and b[-1] == self.spec.num_windows
+            and all(x < y for x, y in zip(b[:-1], b[1:])),
+            "bounds",
+            b,
+            f"must rise strictly from 0 to num_windows = {self.spec.num_windows} in world_size + 1 = "
+            f"{self.world_size + 1} steps (use shard_windows)",
+        )
 
     @cached_property
     def sequence(self) -> torch.Tensor:
@@ -70,7 +81,7 @@ class WindowSharding:
     def windows(self, rank: int) -> torch.Tensor:
         """Base window ids (window-major numbering) ``rank`` owns, in its local order."""
         r = self.window_range(rank)
-        return self.sequence[r.start:r.stop]
+        return self.sequence[r.start : r.stop]
 
     @cached_property
     def window_owner(self) -> torch.Tensor:
@@ -144,9 +155,11 @@ def shard_windows(spec: WindowSpec, world_size: int, order: str = "thw") -> Wind
     check(isinstance(world_size, int) and world_size >= 1, "world_size", world_size, "must be a positive integer")
     n = spec.num_windows
     if n < world_size:
-        raise PlanError(f"window sharding: {n} windows (grid {spec.grid.dims}, window {spec.window}, counts "
-                        f"{spec.counts}) cannot be shared by {world_size} ranks: every rank needs at least one "
-                        f"window; use fewer ranks, smaller windows, or split a window with Ulysses/ring")
+        raise PlanError(
+            f"window sharding: {n} windows (grid {spec.grid.dims}, window {spec.window}, counts "
+            f"{spec.counts}) cannot be shared by {world_size} ranks: every rank needs at least one "
+            f"window; use fewer ranks, smaller windows, or split a window with Ulysses/ring"
+        )
     weights = window_layout(spec).valid.sum(1)[ownership_sequence(spec, order)]  # real tokens per window, in order
     cum = torch.cat([weights.new_zeros(1), weights.cumsum(0)]).tolist()  # tokens before window i
     total, bounds = cum[-1], [0]

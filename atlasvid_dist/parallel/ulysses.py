@@ -18,8 +18,9 @@ from ..errors import InputError, PlanError
 from .comm import CommStats, all_to_all, group_rank, group_size
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group, stats, category: str, step: str,
-                timeout) -> torch.Tensor:
+def _all_to_all(
+    x: torch.Tensor, scatter_dim: int, gather_dim: int, group, stats, category: str, step: str, timeout
+) -> torch.Tensor:
     """Split ``scatter_dim`` into P chunks (chunk j to rank j) and concatenate what arrives along ``gather_dim``."""
     n = group_size(group)
     if n == 1:
@@ -42,22 +43,41 @@ class _AllToAll(torch.autograd.Function):
         return g, None, None, None, None, None, None, None
 
 
-def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None = None,
-                 step: str = "", timeout: float | None = None) -> torch.Tensor:
+def seq_to_heads(
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
     """(..., H, L_local, D) sequence shards -> (..., H/P, L, D) head shards, differentiable."""
     return _AllToAll.apply(x, x.dim() - 3, x.dim() - 2, group, stats, "ulysses", step, timeout)
 
 
-def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats | None = None,
-                 step: str = "", timeout: float | None = None) -> torch.Tensor:
+def heads_to_seq(
+    x: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: CommStats | None = None,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
     """(..., H/P, L, D) head shards -> (..., H, L_local, D) sequence shards, differentiable."""
     return _AllToAll.apply(x, x.dim() - 2, x.dim() - 3, group, stats, "ulysses", step, timeout)
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None = None,
-                      stats: CommStats | None = None, *, extra_k: torch.Tensor | None = None,
-                      extra_v: torch.Tensor | None = None, scale: float | None = None, step: str = "",
-                      timeout: float | None = None) -> torch.Tensor:
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    stats: CommStats | None = None,
+    *,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
     """Dense attention of the local queries over the whole (rank-ordered) sequence, by head-parallel all-to-all.
 
     q, k, v: (B, H, L_local, D) with the same L_local on every rank (unequal shards are not supported: the
@@ -68,15 +88,23 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     """
     n = group_size(group)
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
-        raise InputError(f"ulysses_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all "
-                         f"be (B, H, L_local, D) of one shape")
+        raise InputError(
+            f"ulysses_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must all "
+            f"be (B, H, L_local, D) of one shape"
+        )
     if q.shape[1] % n:
-        raise PlanError(f"ulysses_attention: {q.shape[1]} heads do not split over a group of {n} ranks "
-                        f"(heads must be divisible by the group size)")
+        raise PlanError(
+            f"ulysses_attention: {q.shape[1]} heads do not split over a group of {n} ranks "
+            f"(heads must be divisible by the group size)"
+        )
     if (extra_k is None) != (extra_v is None):
         raise InputError("ulysses_attention: give both extra_k and extra_v, or neither")
-    if extra_k is not None and (extra_k.shape != extra_v.shape or extra_k.dim() != 4
-                                or extra_k.shape[:2] != q.shape[:2] or extra_k.shape[-1] != q.shape[-1]):
+    if extra_k is not None and (
+        extra_k.shape != extra_v.shape
+        or extra_k.dim() != 4
+        or extra_k.shape[:2] != q.shape[:2]
+        or extra_k.shape[-1] != q.shape[-1]
+    ):
         raise InputError(f"ulysses_attention: extra_k {tuple(extra_k.shape)} must be (B, H, C, D) with q's B, H, D")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     qkv = seq_to_heads(torch.stack([q, k, v]), group, stats, step, timeout)  # (3, B, H/P, L, D)

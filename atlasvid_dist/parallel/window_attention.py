@@ -68,10 +68,21 @@ class _Layer:
 class ShardedWindowAttention:
     """``attend(layer, q, k, v)`` for one rank's tokens (see the module docstring)."""
 
-    def __init__(self, config: AtlasConfig, grid: Grid, rotary: Rotary3D, sharding: WindowSharding, rank: int,
-                 device: torch.device | str, proxy=None, scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                 num_layers: int | None = None, group: dist.ProcessGroup | None = None,
-                 stats: CommStats | None = None, timeout: float | None = None):
+    def __init__(
+        self,
+        config: AtlasConfig,
+        grid: Grid,
+        rotary: Rotary3D,
+        sharding: WindowSharding,
+        rank: int,
+        device: torch.device | str,
+        proxy=None,
+        scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        num_layers: int | None = None,
+        group: dist.ProcessGroup | None = None,
+        stats: CommStats | None = None,
+        timeout: float | None = None,
+    ):
         if config.mode != "atlas":
             raise ConfigError("method.mode", config.mode, "sharded window attention runs mode 'atlas' only")
         if sharding.spec != base_spec(config, grid):
@@ -149,6 +160,12 @@ class ShardedWindowAttention:
             if lq == 0:
                 continue
             out[:, w0:w1, :lq] = windows_sdpa(
-                qw[:, w0:w1, :lq], kw[:, w0:w1], vw[:, w0:w1], plan.key_valid[w0:w1], self.config.max_window_batch,
-                None if pk is None else pk[:, w0:w1], None if pv is None else pv[:, w0:w1])
+                qw[:, w0:w1, :lq],
+                kw[:, w0:w1],
+                vw[:, w0:w1],
+                plan.key_valid[w0:w1],
+                self.config.max_window_batch,
+                None if pk is None else pk[:, w0:w1],
+                None if pv is None else pv[:, w0:w1],
+            )
         return scatter_output(out, plan)  # (B, N_local, H, D)

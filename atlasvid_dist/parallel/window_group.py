@@ -60,8 +60,10 @@ def group_layout(sharding: WindowSharding, rank: int, window_group: int) -> Grou
     length = -(-n // g)
     count = min(length, n - s * length)
     if n - (g - 1) * length < 1:
-        raise PlanError(f"window group {j} has {n} tokens: too few to give each of its {g} ranks a slice of "
-                        f"{length}; use a smaller window_group or larger windows")
+        raise PlanError(
+            f"window group {j} has {n} tokens: too few to give each of its {g} ranks a slice of "
+            f"{length}; use a smaller window_group or larger windows"
+        )
     return GroupLayout(j, s, g, length, s * length, count)
 
 
@@ -88,26 +90,55 @@ class _HeadSlice:
 class GroupedWindowAttention:
     """``attend(layer, q, k, v)`` for a rank's token slice of its window group (see the module docstring)."""
 
-    def __init__(self, config: AtlasConfig, grid: Grid, rotary: Rotary3D, sharding: WindowSharding,
-                 layout: GroupLayout, num_heads: int, device, proxy=None,
-                 scales: tuple[float, float, float] = (1.0, 1.0, 1.0), num_layers: int | None = None,
-                 group: dist.ProcessGroup | None = None, slot_group: dist.ProcessGroup | None = None,
-                 stats: CommStats | None = None, timeout: float | None = None, window_parallel: str = "ulysses"):
+    def __init__(
+        self,
+        config: AtlasConfig,
+        grid: Grid,
+        rotary: Rotary3D,
+        sharding: WindowSharding,
+        layout: GroupLayout,
+        num_heads: int,
+        device,
+        proxy=None,
+        scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        num_layers: int | None = None,
+        group: dist.ProcessGroup | None = None,
+        slot_group: dist.ProcessGroup | None = None,
+        stats: CommStats | None = None,
+        timeout: float | None = None,
+        window_parallel: str = "ulysses",
+    ):
         if window_parallel != "ulysses":
-            raise ConfigError("window_parallel", window_parallel,
-                              "only 'ulysses' splits a window over a group (ring inside windows is not implemented)")
+            raise ConfigError(
+                "window_parallel",
+                window_parallel,
+                "only 'ulysses' splits a window over a group (ring inside windows is not implemented)",
+            )
         if num_heads % layout.size:
-            raise PlanError(f"window_group = {layout.size} does not divide the model's {num_heads} heads "
-                            f"(Ulysses gives each rank heads / window_group of them)")
+            raise PlanError(
+                f"window_group = {layout.size} does not divide the model's {num_heads} heads "
+                f"(Ulysses gives each rank heads / window_group of them)"
+            )
         hp = num_heads // layout.size
         heads = slice(layout.slot * hp, (layout.slot + 1) * hp)
         if proxy is not None:
-            proxy = _HeadSlice([k[:, :, heads] for k in proxy.keys], [v[:, :, heads] for v in proxy.values],
-                               proxy.grid)
+            proxy = _HeadSlice([k[:, :, heads] for k in proxy.keys], [v[:, :, heads] for v in proxy.values], proxy.grid)
         self.layout, self.group, self.timeout = layout, group, timeout
         self.stats = stats if stats is not None else CommStats()
-        self.inner = ShardedWindowAttention(config, grid, rotary, sharding, layout.group, device, proxy, scales,
-                                            num_layers, slot_group, self.stats, timeout)
+        self.inner = ShardedWindowAttention(
+            config,
+            grid,
+            rotary,
+            sharding,
+            layout.group,
+            device,
+            proxy,
+            scales,
+            num_layers,
+            slot_group,
+            self.stats,
+            timeout,
+        )
         self.group_tokens = sharding.num_tokens(layout.group)
         self.layer_bytes: dict[int, int] = {}
 
@@ -117,13 +148,13 @@ class GroupedWindowAttention:
         step = f"layer {layer} (window group)"
         qkv = torch.stack([self._pad(t) for t in (q, k, v.to(q.dtype))])  # (3, B, L, H, D)
         qkv = seq_to_heads(qkv.transpose(2, 3), self.group, self.stats, step, self.timeout)  # (3, B, H/g, g*L, D)
-        qh, kh, vh = qkv[..., :self.group_tokens, :].transpose(2, 3).unbind(0)  # (B, n_j, H/g, D) each
+        qh, kh, vh = qkv[..., : self.group_tokens, :].transpose(2, 3).unbind(0)  # (B, n_j, H/g, D) each
         out = self.inner(layer, qh.contiguous(), kh.contiguous(), vh.contiguous())  # (B, n_j, H/g, D)
         pad = lay.size * lay.slice_len - self.group_tokens
         out = torch.nn.functional.pad(out, (0, 0, 0, 0, 0, pad)).transpose(1, 2)  # (B, H/g, g*L, D)
         out = heads_to_seq(out.contiguous(), self.group, self.stats, step, self.timeout)  # (B, H, L, D)
         self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + self.stats.total() - before
-        return out.transpose(1, 2)[:, :lay.count]  # (B, count, H, D)
+        return out.transpose(1, 2)[:, : lay.count]  # (B, count, H, D)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, count, H, D) -> (B, L, H, D), zero rows after the slice (only the last member has any)."""

@@ -29,10 +29,26 @@ def training_geometry(cfg) -> dict:
 
     if cfg.stage == 1:
         s = cfg.spatial_scale
-        return dict(stage=1, mode="full", window=None, spatial_scales=[s], temporal_scale=cfg.temporal_scale,
-                    width=cfg.width // s, height=cfg.height // s, frames=proxy_pixel_frames(cfg))
-    out = dict(stage=2, mode=cfg.mode, window=list(cfg.window), spatial_scales=list(cfg.scales),
-               temporal_scale=cfg.temporal_scale, width=cfg.width, height=cfg.height, frames=cfg.frames)
+        return dict(
+            stage=1,
+            mode="full",
+            window=None,
+            spatial_scales=[s],
+            temporal_scale=cfg.temporal_scale,
+            width=cfg.width // s,
+            height=cfg.height // s,
+            frames=proxy_pixel_frames(cfg),
+        )
+    out = dict(
+        stage=2,
+        mode=cfg.mode,
+        window=list(cfg.window),
+        spatial_scales=list(cfg.scales),
+        temporal_scale=cfg.temporal_scale,
+        width=cfg.width,
+        height=cfg.height,
+        frames=cfg.frames,
+    )
     if cfg.mode == "ultragen":
         m = cfg.method_config()
         out.update(ultragen_pool=list(m.ultragen_pool), ultragen_weight=m.ultragen_weight)
@@ -63,8 +79,15 @@ def read_geometry(path: str | os.PathLike) -> dict | None:
 
 def run_geometry(method, width: int, height: int, frames: int) -> dict:
     """The geometry of a generation run: its AtlasConfig and output size."""
-    return dict(mode=method.mode, window=list(method.window), spatial_scale=method.spatial_scale,
-                temporal_scale=method.temporal_scale, width=width, height=height, frames=frames)
+    return dict(
+        mode=method.mode,
+        window=list(method.window),
+        spatial_scale=method.spatial_scale,
+        temporal_scale=method.temporal_scale,
+        width=width,
+        height=height,
+        frames=frames,
+    )
 
 
 def differences(trained: dict, run: dict, stage: int) -> list[str]:
@@ -83,8 +106,10 @@ def _describe(g: dict, scale_key: str) -> str:
     window = f"window {tuple(g['window'])}, " if g.get("window") else ""
     scale = g[scale_key]
     scale = "/".join(map(str, scale)) if isinstance(scale, list) else scale
-    return (f"mode {g['mode']}, {window}spatial scale {scale}, temporal scale {g['temporal_scale']}, "
-            f"{g['width']}x{g['height']}x{g['frames']}")
+    return (
+        f"mode {g['mode']}, {window}spatial scale {scale}, temporal scale {g['temporal_scale']}, "
+        f"{g['width']}x{g['height']}x{g['frames']}"
+    )
 
 
 def mismatch_line(option: str, path, trained: dict, run: dict, stage: int) -> str | None:
@@ -92,9 +117,11 @@ def mismatch_line(option: str, path, trained: dict, run: dict, stage: int) -> st
     diff = differences(trained, run, stage)
     if not diff:
         return None
-    return (f"warning: {option} {path} was trained at stage {trained.get('stage')} with "
-            f"{_describe(trained, 'spatial_scales')}; this run uses {_describe(run, 'spatial_scale')} "
-            f"(differs in {', '.join(diff)})")
+    return (
+        f"warning: {option} {path} was trained at stage {trained.get('stage')} with "
+        f"{_describe(trained, 'spatial_scales')}; this run uses {_describe(run, 'spatial_scale')} "
+        f"(differs in {', '.join(diff)})"
+    )
 
 
 def warn_adapter_geometry(adapters: dict, run: dict, strict: bool = True, stream=None) -> list[str]:

@@ -33,16 +33,29 @@ class AtlasVidOutput:
 class AtlasVidPipeline:
     """Two-stage AtlasVid text-to-video on Wan2.1, called like a diffusers pipeline."""
 
-    def __init__(self, components, lora_stage1: str | None = None, lora_stage2: str | None = None,
-                 device: str = "cpu", dtype: str = "auto", model: str = "tiny"):
+    def __init__(
+        self,
+        components,
+        lora_stage1: str | None = None,
+        lora_stage2: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        model: str = "tiny",
+    ):
         self.components, self.model = components, model
         self.lora_stage1, self.lora_stage2 = lora_stage1, lora_stage2
         self.device, self.dtype = device, dtype
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike = "tiny", *, lora_stage1: str | os.PathLike | None = None,
-                        lora_stage2: str | os.PathLike | None = None, device: str = "cpu",
-                        dtype: str = "auto") -> "AtlasVidPipeline":
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "tiny",
+        *,
+        lora_stage1: str | os.PathLike | None = None,
+        lora_stage2: str | os.PathLike | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+    ) -> "AtlasVidPipeline":
         """Load ``"tiny"``, a diffusers-format Wan2.1 T2V folder or a cached Hugging Face id, and the adapters
         (diffusers-format .safetensors or peft ``save_pretrained`` folders); every failure is a ModelLoadError."""
         from ..config.generate import GenerateConfig
@@ -51,18 +64,36 @@ class AtlasVidPipeline:
         from ..models.loading import load_components
         from .generate import resolve_dtype
 
-        probe = GenerateConfig(prompt="-", model=str(model), device=device, dtype=dtype,  # checks device, dtype
-                               method=AtlasConfig(mode="full"))
+        probe = GenerateConfig(
+            prompt="-",
+            model=str(model),
+            device=device,
+            dtype=dtype,  # checks device, dtype
+            method=AtlasConfig(mode="full"),
+        )
         parts = load_components(str(model), dtype=resolve_dtype(probe), device=device)
         for name, path in (("stage1", lora_stage1), ("stage2", lora_stage2)):
             if path is not None:
                 lora.load_lora(parts.transformer, path, name)
         return cls(parts, _opt_str(lora_stage1), _opt_str(lora_stage2), device, dtype, str(model))
 
-    def __call__(self, prompt: str, *, negative_prompt: str | None = None, height: int = 480, width: int = 832,
-                 num_frames: int = 81, num_inference_steps: int = 30, proxy_steps: int | None = None,
-                 guidance_scale: float = 5.0, seed: int = 0, fps: int = 16, output_path: str | None = None,
-                 crf: int = 18, **options) -> AtlasVidOutput:
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 30,
+        proxy_steps: int | None = None,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        fps: int = 16,
+        output_path: str | None = None,
+        crf: int = 18,
+        **options,
+    ) -> AtlasVidOutput:
         """Generate one video. ``options`` are further ``generate`` options by name (``attention``, ``window``,
         ``temporal_scale``, ``spatial_scale``, ``flow_shift``, ...); ``negative_prompt=None`` means the default
         (Wan's own). Returns the frames (uint8) and, with ``output_path`` (.mp4), writes the video there too."""
@@ -71,14 +102,27 @@ class AtlasVidPipeline:
         with tempfile.TemporaryDirectory(prefix="atlasvid-pipe-") as tmp:
             lossless = output_path is None
             out = str(Path(tmp) / "video.mp4") if lossless else str(output_path)
-            cfg = self._config(prompt, negative_prompt, f"{width}x{height}", num_frames, fps, num_inference_steps,
-                               proxy_steps, guidance_scale, seed, out, 0 if lossless else crf, options)
+            cfg = self._config(
+                prompt,
+                negative_prompt,
+                f"{width}x{height}",
+                num_frames,
+                fps,
+                num_inference_steps,
+                proxy_steps,
+                guidance_scale,
+                seed,
+                out,
+                0 if lossless else crf,
+                options,
+            )
             result = self._generator(cfg).run()
             frames = read_mp4(out)
         return AtlasVidOutput(frames=frames, path=None if lossless else out, result=result)
 
-    def _config(self, prompt, negative_prompt, res, frames, fps, steps, proxy_steps, guidance, seed, out, crf,
-                options: dict):
+    def _config(
+        self, prompt, negative_prompt, res, frames, fps, steps, proxy_steps, guidance, seed, out, crf, options: dict
+    ):
         """GenerateConfig from the call's arguments, through the CLI's option table (same names, same defaults)."""
         from ..cli.generate import DEFAULTS, build_config
 
@@ -86,10 +130,25 @@ class AtlasVidPipeline:
         clash = sorted(fixed & set(options))
         if clash:
             raise ConfigError(clash[0], options[clash[0]], "is set by from_pretrained or a named argument of the call")
-        values = {**DEFAULTS, **options, "prompt": prompt, "model": self.model, "lora_stage1": self.lora_stage1,
-                  "lora_stage2": self.lora_stage2, "device": self.device, "dtype": self.dtype, "res": res,
-                  "frames": frames, "fps": fps, "steps": steps, "proxy_steps": proxy_steps or steps,
-                  "guidance": guidance, "seed": seed, "out": out, "crf": crf}
+        values = {
+            **DEFAULTS,
+            **options,
+            "prompt": prompt,
+            "model": self.model,
+            "lora_stage1": self.lora_stage1,
+            "lora_stage2": self.lora_stage2,
+            "device": self.device,
+            "dtype": self.dtype,
+            "res": res,
+            "frames": frames,
+            "fps": fps,
+            "steps": steps,
+            "proxy_steps": proxy_steps or steps,
+            "guidance": guidance,
+            "seed": seed,
+            "out": out,
+            "crf": crf,
+        }
         if negative_prompt is not None:
             values["negative_prompt"] = negative_prompt
         return build_config(values)

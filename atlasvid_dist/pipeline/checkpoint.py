@@ -43,8 +43,12 @@ STAGE_SPAN = 100000
 
 def step_key(stage: int, step: int) -> int:
     """The committed step number of (stage index, step): ordered by stage first, then step; never crosses stages."""
-    check(isinstance(step, int) and 0 <= step < STAGE_SPAN, "steps", step,
-          f"a checkpointed stage runs at most {STAGE_SPAN - 1} steps")
+    check(
+        isinstance(step, int) and 0 <= step < STAGE_SPAN,
+        "steps",
+        step,
+        f"a checkpointed stage runs at most {STAGE_SPAN - 1} steps",
+    )
     return stage * STAGE_SPAN + step
 
 
@@ -57,10 +61,15 @@ def config_checksum(config: dict, ignore: tuple[str, ...] = ()) -> str:
 class StepCheckpointer:
     """Commits, finds and loads step checkpoints in one run folder (one writer per folder)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int = 2, run_id: str | None = None,
-                 config_sha256: str | None = None):
-        check(isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1, "keep", keep,
-              "must be an integer >= 1 (committed steps kept)")
+    def __init__(
+        self, run_dir: str | os.PathLike, keep: int = 2, run_id: str | None = None, config_sha256: str | None = None
+    ):
+        check(
+            isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1,
+            "keep",
+            keep,
+            "must be an integer >= 1 (committed steps kept)",
+        )
         self.run_dir, self.keep = Path(run_dir), keep
         self.identity = {"run_id": run_id, "config_sha256": config_sha256}
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,8 +80,9 @@ class StepCheckpointer:
     # ------------------------------------------------------------------------------------------------ write
     def commit(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
         """Write step ``step`` and commit it; then prune older steps. Returns the step folder."""
-        check(isinstance(step, int) and not isinstance(step, bool) and step >= 0, "step", step,
-              "must be an integer >= 0")
+        check(
+            isinstance(step, int) and not isinstance(step, bool) and step >= 0, "step", step, "must be an integer >= 0"
+        )
         tensors = _cpu_tensors(tensors)
         try:
             meta_text = json.dumps({"step": step, "meta": meta}, indent=1)
@@ -97,7 +107,7 @@ class StepCheckpointer:
 
     def _prune(self, newest: int) -> None:
         committed = self.committed_steps()
-        for step in committed[:-self.keep]:
+        for step in committed[: -self.keep]:
             self._remove(step)
         for step in self._all_steps():  # leftovers of interrupted writes, older than the newest commit
             if step < newest and step not in committed:
@@ -167,8 +177,10 @@ class StepCheckpointer:
         d = self.step_dir(step)
         for key, want in self.identity.items():
             if want is not None and marker.get(key) != want:
-                raise InputError(f"checkpoint {d / MARKER}: {key}={marker.get(key)!r}, this run has {want!r} "
-                                 f"(a step of another run or configuration)")
+                raise InputError(
+                    f"checkpoint {d / MARKER}: {key}={marker.get(key)!r}, this run has {want!r} "
+                    f"(a step of another run or configuration)"
+                )
         for name, f in marker["files"].items():
             path = d / name
             if not path.is_file():
@@ -218,8 +230,10 @@ def generator_state(gen: torch.Generator) -> torch.Tensor:
 def restore_generator(gen: torch.Generator, state: torch.Tensor) -> None:
     """Inverse of :func:`generator_state`."""
     if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.ndim != 1:
-        raise InputError(f"generator state: expected a 1-D uint8 tensor, got "
-                         f"{getattr(state, 'dtype', type(state).__name__)} {getattr(state, 'shape', '')}")
+        raise InputError(
+            f"generator state: expected a 1-D uint8 tensor, got "
+            f"{getattr(state, 'dtype', type(state).__name__)} {getattr(state, 'shape', '')}"
+        )
     try:
         gen.set_state(state.cpu())
     except RuntimeError as e:

@@ -45,10 +45,18 @@ class DecodeTiling:
 
     def __post_init__(self) -> None:
         check(_is_int(self.tile) and self.tile >= 1, "decode_tile", self.tile, "must be an integer >= 1")
-        check(_is_int(self.overlap) and 0 <= self.overlap <= self.tile // 2, "decode_overlap", self.overlap,
-              f"must be an integer in [0, decode_tile // 2 = {self.tile // 2}]")
-        check(_is_int(self.chunk_frames) and self.chunk_frames >= 1, "decode_chunk_frames", self.chunk_frames,
-              "must be an integer >= 1")
+        check(
+            _is_int(self.overlap) and 0 <= self.overlap <= self.tile // 2,
+            "decode_overlap",
+            self.overlap,
+            f"must be an integer in [0, decode_tile // 2 = {self.tile // 2}]",
+        )
+        check(
+            _is_int(self.chunk_frames) and self.chunk_frames >= 1,
+            "decode_chunk_frames",
+            self.chunk_frames,
+            "must be an integer >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -135,11 +143,19 @@ def plan_tiles(latent_hw: tuple[int, int], tiling: DecodeTiling) -> list[Tile]:
     tiles = []
     for r, (y0, y1) in enumerate(rows):
         for c, (x0, x1) in enumerate(cols):
-            tiles.append(Tile(len(tiles), y0, y1, x0, x1,
-                              blend_top=rows[r - 1][1] - y0 if r > 0 else 0,
-                              blend_bottom=y1 - rows[r + 1][0] if r + 1 < len(rows) else 0,
-                              blend_left=cols[c - 1][1] - x0 if c > 0 else 0,
-                              blend_right=x1 - cols[c + 1][0] if c + 1 < len(cols) else 0))
+            tiles.append(
+                Tile(
+                    len(tiles),
+                    y0,
+                    y1,
+                    x0,
+                    x1,
+                    blend_top=rows[r - 1][1] - y0 if r > 0 else 0,
+                    blend_bottom=y1 - rows[r + 1][0] if r + 1 < len(rows) else 0,
+                    blend_left=cols[c - 1][1] - x0 if c > 0 else 0,
+                    blend_right=x1 - cols[c + 1][0] if c + 1 < len(cols) else 0,
+                )
+            )
     return tiles
 
 
@@ -163,15 +179,17 @@ def unnormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=latents.device)
     std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=latents.device)
     if mean.numel() != c or std.numel() != c:
-        raise InputError(f"latents: {c} channels, but the VAE's latents_mean/latents_std have "
-                         f"{mean.numel()}/{std.numel()}")
+        raise InputError(
+            f"latents: {c} channels, but the VAE's latents_mean/latents_std have {mean.numel()}/{std.numel()}"
+        )
     return latents.float() * std.view(1, c, 1, 1, 1) + mean.view(1, c, 1, 1, 1)
 
 
 def _check_latents(vae, latents) -> None:
     if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
-        raise InputError(f"latents: expected a tensor (1, C, f, h, w), got "
-                         f"{getattr(latents, 'shape', type(latents).__name__)}")
+        raise InputError(
+            f"latents: expected a tensor (1, C, f, h, w), got {getattr(latents, 'shape', type(latents).__name__)}"
+        )
     b, c = latents.shape[:2]
     if b != 1:
         raise InputError(f"latents: batch {b}; decode one video at a time (batch 1)")
@@ -199,13 +217,13 @@ class _TileDecoder:
     def __init__(self, vae, latents: torch.Tensor, tile: Tile):
         self.vae, self.tile = vae, tile
         self.device, self.dtype = _vae_placement(vae)
-        self.z = latents[:, :, :, tile.y0:tile.y1, tile.x0:tile.x1]  # (1, C, f, th, tw), model space
+        self.z = latents[:, :, :, tile.y0 : tile.y1, tile.x0 : tile.x1]  # (1, C, f, th, tw), model space
         self.cache: list = [None] * _conv_count(vae)
 
     @torch.no_grad()
     def frame(self, i: int) -> torch.Tensor:
         """Pixels of latent frame i: (1, 3, n, th*s, tw*s), n = 1 for i == 0 else the temporal factor; unclamped."""
-        z = unnormalize_latents(self.vae, self.z[:, :, i:i + 1]).to(self.device, self.dtype)  # (1, C, 1, th, tw)
+        z = unnormalize_latents(self.vae, self.z[:, :, i : i + 1]).to(self.device, self.dtype)  # (1, C, 1, th, tw)
         x = self.vae.post_quant_conv(z)
         out = self.vae.decoder(x, feat_cache=self.cache, feat_idx=[0], first_chunk=(i == 0))
         if self.vae.config.patch_size is not None:
@@ -215,8 +233,9 @@ class _TileDecoder:
         return out
 
 
-def decode_tile_stream(vae, latents: torch.Tensor, tile: Tile,
-                       tiling: DecodeTiling) -> Iterator[tuple[int, np.ndarray]]:
+def decode_tile_stream(
+    vae, latents: torch.Tensor, tile: Tile, tiling: DecodeTiling
+) -> Iterator[tuple[int, np.ndarray]]:
     """Decode one tile over time: yields (first video frame, pixels float32 (n, th*s, tw*s, 3)) in time order.
 
     ``latents`` are model-space (what the transformer produces), (1, C, f, h, w) on any device; they are
@@ -230,8 +249,9 @@ def decode_tile_stream(vae, latents: torch.Tensor, tile: Tile,
     return _tile_chunks(_TileDecoder(vae, latents, tile), vae_scale(vae), latents.shape[2], tiling.chunk_frames)
 
 
-def _tile_chunks(dec: _TileDecoder, scale: VaeScale, latent_frames: int,
-                 chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+def _tile_chunks(
+    dec: _TileDecoder, scale: VaeScale, latent_frames: int, chunk: int
+) -> Iterator[tuple[int, np.ndarray]]:
     th, tw = (dec.tile.y1 - dec.tile.y0) * scale.spatial, (dec.tile.x1 - dec.tile.x0) * scale.spatial
     for start in range(0, latent_frames, chunk):
         count = min(chunk, latent_frames - start)
@@ -239,8 +259,10 @@ def _tile_chunks(dec: _TileDecoder, scale: VaeScale, latent_frames: int,
         parts = [dec.frame(i) for i in range(start, start + count)]
         px = torch.cat(parts, dim=2)[0] if len(parts) > 1 else parts[0][0]  # (3, n, th, tw)
         if tuple(px.shape) != (3, n, th, tw):
-            raise RunFailure(f"tile {dec.tile.index}: the VAE decoded latent frames [{start}, {start + count}) to "
-                             f"{tuple(px.shape)}, expected (3, {n}, {th}, {tw}) from its config")
+            raise RunFailure(
+                f"tile {dec.tile.index}: the VAE decoded latent frames [{start}, {start + count}) to "
+                f"{tuple(px.shape)}, expected (3, {n}, {th}, {tw}) from its config"
+            )
         del parts
         yield first, px.permute(1, 2, 3, 0).float().cpu().numpy()  # (n, th, tw, 3)
 
@@ -266,7 +288,7 @@ def _ramp(n: int, up: int, down: int) -> np.ndarray:
     if up:
         w[:up] = (np.arange(up, dtype=np.float32) + 0.5) / up
     if down:
-        w[n - down:] = 1.0 - (np.arange(down, dtype=np.float32) + 0.5) / down
+        w[n - down :] = 1.0 - (np.arange(down, dtype=np.float32) + 0.5) / down
     return w
 
 
@@ -288,13 +310,25 @@ class TileBlender:
     fastest tile; with ``max_window`` a chunk that would make that more than ``max_window`` frames is refused.
     """
 
-    def __init__(self, tiles: Sequence[Tile], *, frames: int, scale: int, pixel_hw: tuple[int, int],
-                 out_hw: tuple[int, int] | None = None, max_window: int | None = None):
+    def __init__(
+        self,
+        tiles: Sequence[Tile],
+        *,
+        frames: int,
+        scale: int,
+        pixel_hw: tuple[int, int],
+        out_hw: tuple[int, int] | None = None,
+        max_window: int | None = None,
+    ):
         if not tiles or [t.index for t in tiles] != list(range(len(tiles))):
             raise InputError("TileBlender: tiles must be plan_tiles()' list (indices 0..n-1 in order)")
         check(_is_int(frames) and frames >= 1, "frames", frames, "must be an integer >= 1")
-        check(max_window is None or (_is_int(max_window) and max_window >= 1), "max_window", max_window,
-              "must be None or an integer >= 1")
+        check(
+            max_window is None or (_is_int(max_window) and max_window >= 1),
+            "max_window",
+            max_window,
+            "must be None or an integer >= 1",
+        )
         self.tiles, self.frames, self.scale, self.max_window = list(tiles), frames, scale, max_window
         self.top, self.left = crop_offset(pixel_hw, out_hw)
         self.out_hw = out_hw or pixel_hw
@@ -308,12 +342,24 @@ class TileBlender:
         self._acc: dict[int, np.ndarray] = {}
 
     @classmethod
-    def for_latents(cls, latent_fhw: tuple[int, int, int], tiling: DecodeTiling, scale: VaeScale,
-                    out_hw: tuple[int, int] | None = None, max_window: int | None = None) -> "TileBlender":
+    def for_latents(
+        cls,
+        latent_fhw: tuple[int, int, int],
+        tiling: DecodeTiling,
+        scale: VaeScale,
+        out_hw: tuple[int, int] | None = None,
+        max_window: int | None = None,
+    ) -> "TileBlender":
         """The blender for a (f, h, w) latent cut by ``plan_tiles`` (a writer needs no VAE, only its scale)."""
         f, h, w = latent_fhw
-        return cls(plan_tiles((h, w), tiling), frames=scale.frames(f), scale=scale.spatial,
-                   pixel_hw=(h * scale.spatial, w * scale.spatial), out_hw=out_hw, max_window=max_window)
+        return cls(
+            plan_tiles((h, w), tiling),
+            frames=scale.frames(f),
+            scale=scale.spatial,
+            pixel_hw=(h * scale.spatial, w * scale.spatial),
+            out_hw=out_hw,
+            max_window=max_window,
+        )
 
     def _placement(self, t: Tile) -> _Placement | None:
         py0, py1, px0, px1 = t.pixel_box(self.scale)
@@ -348,8 +394,10 @@ class TileBlender:
         """Accumulate one chunk; return the frames it completed (n, H, W, 3) uint8."""
         n = self._check_chunk(tile_index, frame_start, pixels)
         if self.max_window is not None and frame_start + n - self.emitted > self.max_window:
-            raise RunFailure(f"decode: tile {tile_index} would run {frame_start + n - self.emitted} frames ahead of "
-                             f"the slowest tile (frame {self.emitted}); the window is {self.max_window} frames")
+            raise RunFailure(
+                f"decode: tile {tile_index} would run {frame_start + n - self.emitted} frames ahead of "
+                f"the slowest tile (frame {self.emitted}); the window is {self.max_window} frames"
+            )
         place = self._place[tile_index]
         for k in range(n):
             f = frame_start + k
@@ -366,14 +414,23 @@ class TileBlender:
         if not _is_int(i) or not 0 <= i < len(self.tiles):
             raise InputError(f"decode chunk: tile index {i!r} not in [0, {len(self.tiles)})")
         if frame_start != self.progress[i]:
-            raise InputError(f"decode chunk: tile {i} sent frame {frame_start}, expected frame {self.progress[i]} "
-                             f"(each tile's chunks must come in time order, without gaps or repeats)")
+            raise InputError(
+                f"decode chunk: tile {i} sent frame {frame_start}, expected frame {self.progress[i]} "
+                f"(each tile's chunks must come in time order, without gaps or repeats)"
+            )
         py0, py1, px0, px1 = self.tiles[i].pixel_box(self.scale)
         shape = getattr(pixels, "shape", None)
-        if (not isinstance(pixels, np.ndarray) or pixels.ndim != 4 or shape[1:] != (py1 - py0, px1 - px0, 3)
-                or shape[0] < 1 or frame_start + shape[0] > self.frames):
-            raise InputError(f"decode chunk: tile {i} pixels {shape}, expected an array (n, {py1 - py0}, "
-                             f"{px1 - px0}, 3) with 1 <= n <= {self.frames - frame_start}")
+        if (
+            not isinstance(pixels, np.ndarray)
+            or pixels.ndim != 4
+            or shape[1:] != (py1 - py0, px1 - px0, 3)
+            or shape[0] < 1
+            or frame_start + shape[0] > self.frames
+        ):
+            raise InputError(
+                f"decode chunk: tile {i} pixels {shape}, expected an array (n, {py1 - py0}, "
+                f"{px1 - px0}, 3) with 1 <= n <= {self.frames - frame_start}"
+            )
         return shape[0]
 
     def _emit(self) -> np.ndarray:
@@ -394,8 +451,9 @@ def to_uint8(frame: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ one process
-def decode_stream(vae, latents: torch.Tensor, tiling: DecodeTiling,
-                  out_hw: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+def decode_stream(
+    vae, latents: torch.Tensor, tiling: DecodeTiling, out_hw: tuple[int, int] | None = None
+) -> Iterator[np.ndarray]:
     """Model-space Wan latents (1, C, f, h, w) -> uint8 frame chunks (n, H, W, 3) in frame order.
 
     All tiles advance together one chunk at a time (the blender's window is one chunk of video frames:
@@ -404,8 +462,9 @@ def decode_stream(vae, latents: torch.Tensor, tiling: DecodeTiling,
     """
     _check_latents(vae, latents)
     scale = vae_scale(vae)
-    blender = TileBlender.for_latents(tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw,
-                                      max_window=tiling.chunk_frames * scale.temporal)
+    blender = TileBlender.for_latents(
+        tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw, max_window=tiling.chunk_frames * scale.temporal
+    )
     streams = [decode_tile_stream(vae, latents, t, tiling) for t in blender.tiles]
     return _drive(blender, streams)
 

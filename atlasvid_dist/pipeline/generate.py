@@ -61,31 +61,63 @@ class RunResult:
     @classmethod
     def for_config(cls, cfg: GenerateConfig, seconds: dict, out_bytes: int, **extra) -> "RunResult":
         """The result of a run of ``cfg`` (sizes, paths, seed and model from the configuration)."""
-        return cls(cfg.out, cfg.video.frames, cfg.video.width, cfg.video.height, cfg.video.fps, cfg.detail_grid.size,
-                   cfg.proxy.grid.size if cfg.uses_proxy else 0, cfg.steps, cfg.proxy_steps if cfg.uses_proxy else 0,
-                   dict(seconds), out_bytes, proxy_out=cfg.save_proxy if cfg.uses_proxy else None,
-                   latents_out=cfg.save_latents, seed=cfg.seed, model=cfg.model, **extra)
+        return cls(
+            cfg.out,
+            cfg.video.frames,
+            cfg.video.width,
+            cfg.video.height,
+            cfg.video.fps,
+            cfg.detail_grid.size,
+            cfg.proxy.grid.size if cfg.uses_proxy else 0,
+            cfg.steps,
+            cfg.proxy_steps if cfg.uses_proxy else 0,
+            dict(seconds),
+            out_bytes,
+            proxy_out=cfg.save_proxy if cfg.uses_proxy else None,
+            latents_out=cfg.save_latents,
+            seed=cfg.seed,
+            model=cfg.model,
+            **extra,
+        )
 
     def to_dict(self) -> dict:
         """The machine-readable summary (``generate --json``): paths, geometry, times, memory, model, seed."""
         from .report import model_info, path_or_none
 
-        return {"paths": {"video": path_or_none(self.out), "proxy": path_or_none(self.proxy_out),
-                          "latents": path_or_none(self.latents_out)},
-                "width": self.width, "height": self.height, "frames": self.frames, "fps": self.fps,
-                "out_bytes": self.out_bytes, "steps": self.steps, "proxy_steps": self.proxy_steps,
-                "detail_tokens": self.detail_tokens, "proxy_tokens": self.proxy_tokens,
-                "seconds": dict(self.seconds), "median_step_seconds": dict(self.step_seconds),
-                "wall_seconds": self.wall_seconds, "peak_memory": list(self.peak_memory),
-                "model": model_info(self.model), "seed": self.seed, "resumed_from": self.resumed_from,
-                "workers": 1, "bytes_sent": None}
+        return {
+            "paths": {
+                "video": path_or_none(self.out),
+                "proxy": path_or_none(self.proxy_out),
+                "latents": path_or_none(self.latents_out),
+            },
+            "width": self.width,
+            "height": self.height,
+            "frames": self.frames,
+            "fps": self.fps,
+            "out_bytes": self.out_bytes,
+            "steps": self.steps,
+            "proxy_steps": self.proxy_steps,
+            "detail_tokens": self.detail_tokens,
+            "proxy_tokens": self.proxy_tokens,
+            "seconds": dict(self.seconds),
+            "median_step_seconds": dict(self.step_seconds),
+            "wall_seconds": self.wall_seconds,
+            "peak_memory": list(self.peak_memory),
+            "model": model_info(self.model),
+            "seed": self.seed,
+            "resumed_from": self.resumed_from,
+            "workers": 1,
+            "bytes_sent": None,
+        }
 
     def summary(self) -> str:
         t = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         resumed = f"; resumed from {self.resumed_from}" if self.resumed_from else ""
-        return (f"{self.out}: {self.width}x{self.height}, {self.frames} frames at {self.fps:g} fps, "
-                f"{self.out_bytes / 1e6:.2f} MB | detail {self.detail_tokens:,} tokens x {self.steps} steps, "
-                f"proxy {self.proxy_tokens:,} tokens x {self.proxy_steps} steps | {t}{resumed}")
+        return (
+            f"{self.out}: {self.width}x{self.height}, {self.frames} frames at {self.fps:g} fps, "
+            f"{self.out_bytes / 1e6:.2f} MB | detail {self.detail_tokens:,} tokens x {self.steps} steps, "
+            f"proxy {self.proxy_tokens:,} tokens x {self.proxy_steps} steps | {t}{resumed}"
+        )
 
 
 def resolve_dtype(cfg: GenerateConfig) -> torch.dtype:
@@ -153,10 +185,14 @@ class TwoStageGenerator:
         out_bytes = self.write_videos(comp, latents, proxy)
         from .report import median, peak_memory
 
-        return RunResult.for_config(cfg, self.seconds, out_bytes,
-                                    resumed_from=f"{state['stage']} step {state['step']}" if state else None,
-                                    step_seconds={k: median(v) for k, v in self.step_times.items()},
-                                    peak_memory=[{"rank": 0, **peak_memory(cfg.device)}])
+        return RunResult.for_config(
+            cfg,
+            self.seconds,
+            out_bytes,
+            resumed_from=f"{state['stage']} step {state['step']}" if state else None,
+            step_seconds={k: median(v) for k, v in self.step_times.items()},
+            peak_memory=[{"rank": 0, **peak_memory(cfg.device)}],
+        )
 
     # ------------------------------------------------------------------------------------------------ stages
     def preflight(self, workers: int = 1, plan=None):
@@ -173,9 +209,16 @@ class TwoStageGenerator:
             profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in self._gpu_name() else "h100")
         if plan is None:
             plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
-        run = RunSettings(dtype=cfg.dtype, steps=cfg.steps, proxy_steps=cfg.proxy_steps, guidance=cfg.guidance,
-                          detail_init=cfg.detail_init, init_strength=cfg.init_strength,
-                          decode_tile=cfg.decode_tile or 32, decode_overlap=cfg.decode_overlap)
+        run = RunSettings(
+            dtype=cfg.dtype,
+            steps=cfg.steps,
+            proxy_steps=cfg.proxy_steps,
+            guidance=cfg.guidance,
+            detail_init=cfg.detail_init,
+            init_strength=cfg.init_strength,
+            decode_tile=cfg.decode_tile or 32,
+            decode_overlap=cfg.decode_overlap,
+        )
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
         self.warn_adapter_geometry()
@@ -233,9 +276,16 @@ class TwoStageGenerator:
         t0 = time.perf_counter()
         cfg = self.cfg
         text_len = cfg.text_len or min(512, int(comp.tokenizer.model_max_length))  # Wan: 512
-        text = encode_prompts(comp.tokenizer, comp.text_encoder, cfg.prompt, cfg.negative_prompt,
-                              max_length=text_len, use_cfg=cfg.guidance > 1.0, device=self.device,
-                              dtype=self.dtype)
+        text = encode_prompts(
+            comp.tokenizer,
+            comp.text_encoder,
+            cfg.prompt,
+            cfg.negative_prompt,
+            max_length=text_len,
+            use_cfg=cfg.guidance > 1.0,
+            device=self.device,
+            dtype=self.dtype,
+        )
         text.check(comp.transformer.config.text_dim)
         self.seconds["text"] = time.perf_counter() - t0
         return text
@@ -282,12 +332,15 @@ class TwoStageGenerator:
                     return model(x, t, getattr(text, kind))
                 if caches:
                     return model(x, t, getattr(text, kind), proxy_cache=caches[kind])
-                return model(x, t, getattr(text, kind), proxy=proxy,
-                             proxy_noise=torch.randn(proxy.shape, generator=gen).to(x))
+                return model(
+                    x, t, getattr(text, kind), proxy=proxy, proxy_noise=torch.randn(proxy.shape, generator=gen).to(x)
+                )
+
             return f
 
-        velocity = sampling.guided(forward("cond"), forward("uncond") if text.uncond is not None else None,
-                                   cfg.guidance)
+        velocity = sampling.guided(
+            forward("cond"), forward("uncond") if text.uncond is not None else None, cfg.guidance
+        )
         latents = self._denoise(STAGE2, velocity, noise, comp.scheduler, scfg, start, ckpt, state, gen, proxy)
         _check_finite("detail latents", latents)
         self.seconds["detail"] = time.perf_counter() - t0
@@ -299,8 +352,11 @@ class TwoStageGenerator:
         from .proxy_cache import proxy_cache_for
 
         adapter = "stage1" if self.cfg.lora_stage1 else None
-        return {k: proxy_cache_for(model, proxy, e, adapter) for k, e in (("cond", text.cond), ("uncond", text.uncond))
-                if e is not None}
+        return {
+            k: proxy_cache_for(model, proxy, e, adapter)
+            for k, e in (("cond", text.cond), ("uncond", text.uncond))
+            if e is not None
+        }
 
     def write_videos(self, comp, latents, proxy) -> int:
         """The video and (with --save-proxy) the proxy video, put in place together: when either fails, neither
@@ -309,11 +365,19 @@ class TwoStageGenerator:
 
         cfg = self.cfg
         with PendingOutputs() as pending:
-            out_bytes = self.decode(comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width),
-                                    pending=pending)
+            out_bytes = self.decode(
+                comp, latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width), pending=pending
+            )
             if cfg.save_proxy and proxy is not None:
-                self.decode(comp, proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None,
-                            "decode proxy", pending=pending)
+                self.decode(
+                    comp,
+                    proxy,
+                    cfg.save_proxy,
+                    cfg.video.fps / cfg.method.temporal_scale,
+                    None,
+                    "decode proxy",
+                    pending=pending,
+                )
         return out_bytes
 
     def decode(self, comp, latents, path: str, fps: float, out_hw, label: str = "decode", pending=None) -> int:
@@ -436,6 +500,7 @@ class TwoStageGenerator:
 
     def _resume_state(self, ckpt) -> dict | None:
         """The newest committed step that loads (a damaged newer step is skipped, saying which and why)."""
+
         def skipped(step, reason):
             print(f"resume: skipping {ckpt.step_dir(step)} ({reason}); trying an older step", file=sys.stderr)
 
@@ -444,9 +509,15 @@ class TwoStageGenerator:
             return None
         _, tensors, meta = found
         sched_tensors = {k: v for k, v in tensors.items() if k.startswith("sched.")}
-        return {"stage": meta["stage"], "step": meta["step"], "latents": tensors["latents"],
-                "rng": tensors["rng"], "proxy": tensors.get("proxy"), "sched_tensors": sched_tensors,
-                "sched_meta": meta["sched"]}
+        return {
+            "stage": meta["stage"],
+            "step": meta["step"],
+            "latents": tensors["latents"],
+            "rng": tensors["rng"],
+            "proxy": tensors.get("proxy"),
+            "sched_tensors": sched_tensors,
+            "sched_meta": meta["sched"],
+        }
 
 
 def _cfg_velocity(fn, text: TextEmbeddings, scfg: sampling.SamplerConfig):
@@ -473,8 +544,11 @@ def _save_latents(path: str, latents: torch.Tensor, cfg: GenerateConfig, proxy: 
     tmp = partial_path(path)
     try:
         tensors = {"latents": latents, **({"proxy": proxy} if proxy is not None else {})}
-        save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                         metadata={"config": json.dumps(cfg.to_dict())})
+        save_safetensors(
+            {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+            tmp,
+            metadata={"config": json.dumps(cfg.to_dict())},
+        )
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -75,13 +75,16 @@ def _check_distinct(outs: dict[str, Path]) -> None:
     """No two outputs may be one file: same resolved path, or the same existing file (hard links)."""
     names = list(outs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             pa, pb = outs[a], outs[b]
-            same = os.path.realpath(pa) == os.path.realpath(pb) or (pa.exists() and pb.exists()
-                                                                     and os.path.samefile(pa, pb))
+            same = os.path.realpath(pa) == os.path.realpath(pb) or (
+                pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+            )
             if same:
-                raise InputError(f"{a}={str(pa)!r} and {b}={str(pb)!r} name the same file "
-                                 f"({os.path.realpath(pa)}); one would replace the other: give each its own path")
+                raise InputError(
+                    f"{a}={str(pa)!r} and {b}={str(pb)!r} name the same file "
+                    f"({os.path.realpath(pa)}); one would replace the other: give each its own path"
+                )
 
 
 def _check_outside_run(outs: dict[str, Path], run: Path) -> None:
@@ -90,8 +93,10 @@ def _check_outside_run(outs: dict[str, Path], run: Path) -> None:
     for field, p in outs.items():
         real = Path(os.path.realpath(p))
         if real == root or any(q.parent == root and _RUN_NAMES.match(q.name) for q in (real, *real.parents)):
-            raise InputError(f"{field}={str(p)!r}: is the run folder {run} or one of its files (config, manifest, "
-                             f"checkpoints); write outputs elsewhere")
+            raise InputError(
+                f"{field}={str(p)!r}: is the run folder {run} or one of its files (config, manifest, "
+                f"checkpoints); write outputs elsewhere"
+            )
 
 
 def probe_writable(field: str, path: Path) -> None:
@@ -102,8 +107,10 @@ def probe_writable(field: str, path: Path) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise InputError(f"{field}={str(path)!r}: cannot write in folder {path.parent} ({e.strerror}: "
-                         f"test file {tmp.name}); choose a writable folder (and a shorter name if too long)") from e
+        raise InputError(
+            f"{field}={str(path)!r}: cannot write in folder {path.parent} ({e.strerror}: "
+            f"test file {tmp.name}); choose a writable folder (and a shorter name if too long)"
+        ) from e
 
 
 def pid_alive(pid: int) -> bool:

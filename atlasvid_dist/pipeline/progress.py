@@ -27,16 +27,31 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def progress_bar(total: int, desc: str, unit: str = "step", initial: int = 0, enabled: bool = True,
-                 stream: TextIO | None = None, position: int | None = None):
+def progress_bar(
+    total: int,
+    desc: str,
+    unit: str = "step",
+    initial: int = 0,
+    enabled: bool = True,
+    stream: TextIO | None = None,
+    position: int | None = None,
+):
     """A tqdm bar on a terminal, a :class:`LineProgress` elsewhere; a disabled tqdm when not ``enabled``."""
     from tqdm.auto import tqdm
 
     stream = sys.stderr if stream is None else stream
     if enabled and not is_terminal(stream):
         return LineProgress(total, desc, unit, initial, stream)
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled, file=stream, leave=False,
-                position=position)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        disable=not enabled,
+        file=stream,
+        leave=False,
+        position=position,
+    )
 
 
 class LineProgress:

@@ -1,7 +1,7 @@
 """What a run measured, in a form a program can read (``generate --json``): memory peaks, the model used, medians.
 
-    peak_memory("cpu")      # {'cpu_max_rss_bytes': 812345344, 'cuda_max_allocated_bytes': None}
-    model_info("tiny")      # {'name': 'tiny', 'folder': None, 'random_weights': True}
+peak_memory("cpu")      # {'cpu_max_rss_bytes': 812345344, 'cuda_max_allocated_bytes': None}
+model_info("tiny")      # {'name': 'tiny', 'folder': None, 'random_weights': True}
 """
 
 from __future__ import annotations

@@ -53,13 +53,17 @@ def _claim(run: Path, overwrite: bool) -> None:
         raise InputError(f"run_dir: {run} is a file, not a folder")
     held = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
     if held and not overwrite:
-        raise InputError(f"run_dir: {run} already holds a run ({', '.join(held[:4])}"
-                         f"{', ...' if len(held) > 4 else ''}); continue it with --resume {run}, or choose a new "
-                         f"folder, or pass --overwrite-run-dir to clear it first")
+        raise InputError(
+            f"run_dir: {run} already holds a run ({', '.join(held[:4])}"
+            f"{', ...' if len(held) > 4 else ''}); continue it with --resume {run}, or choose a new "
+            f"folder, or pass --overwrite-run-dir to clear it first"
+        )
     if held:
         if not ((run / CONFIG_FILE).is_file() or (run / MANIFEST_FILE).is_file()):
-            raise InputError(f"run_dir: {run} holds files but is not a run folder (no {CONFIG_FILE} or "
-                             f"{MANIFEST_FILE}); --overwrite-run-dir clears run folders only, choose another folder")
+            raise InputError(
+                f"run_dir: {run} holds files but is not a run folder (no {CONFIG_FILE} or "
+                f"{MANIFEST_FILE}); --overwrite-run-dir clears run folders only, choose another folder"
+            )
         for p in run.iterdir():
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     run.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,9 @@ def read_config(run: Path) -> dict:
     try:
         stored = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: damaged run configuration, not readable JSON ({e}); the run cannot be resumed") from e
+        raise InputError(
+            f"{path}: damaged run configuration, not readable JSON ({e}); the run cannot be resumed"
+        ) from e
     if not isinstance(stored, dict):
         raise InputError(f"{path}: damaged run configuration (a JSON {type(stored).__name__}, expected an object)")
     return stored
@@ -83,8 +89,10 @@ def read_manifest(run: Path) -> dict:
     """run.json of a run folder; InputError (exit 2) naming the file when missing or damaged."""
     path = run / MANIFEST_FILE
     if not path.is_file():
-        raise InputError(f"resume: {path} not found; {run} was not written by this version (or is not a run "
-                         f"folder) and cannot be checked; start a new run")
+        raise InputError(
+            f"resume: {path} not found; {run} was not written by this version (or is not a run "
+            f"folder) and cannot be checked; start a new run"
+        )
     try:
         manifest = json.loads(path.read_text())
         ok = isinstance(manifest["run_id"], str) and isinstance(manifest["config_sha256"], str)
@@ -101,12 +109,16 @@ def open_run(run: Path, config: dict, workers: int | None) -> dict:
     stored = manifest.get("workers")
     if stored != workers:
         have = "one process" if stored is None else f"--workers {stored}"
-        raise InputError(f"resume: {run} was written by a run on {have}; resume it with the same"
-                         + ("" if stored is None else f" (--workers {stored} or --gpus {stored})"))
+        raise InputError(
+            f"resume: {run} was written by a run on {have}; resume it with the same"
+            + ("" if stored is None else f" (--workers {stored} or --gpus {stored})")
+        )
     path = run / CONFIG_FILE
     if checksum(read_config(run)) != manifest["config_sha256"]:
-        raise InputError(f"resume: {path} was changed after the run started (its sha256 differs from "
-                         f"config_sha256 in {run / MANIFEST_FILE}); restore it or start a new run")
+        raise InputError(
+            f"resume: {path} was changed after the run started (its sha256 differs from "
+            f"config_sha256 in {run / MANIFEST_FILE}); restore it or start a new run"
+        )
     if checksum(config) != manifest["config_sha256"]:
         raise InputError(f"resume: the configuration differs from the run's {path} (only outputs may change)")
     return manifest
@@ -118,5 +130,9 @@ def run_checkpointer(folder: str | os.PathLike, sub: str | None = None, keep: in
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     manifest = read_manifest(folder) if path.is_file() else {}
-    return StepCheckpointer(folder / sub if sub else folder, keep=keep, run_id=manifest.get("run_id"),
-                            config_sha256=manifest.get("config_sha256"))
+    return StepCheckpointer(
+        folder / sub if sub else folder,
+        keep=keep,
+        run_id=manifest.get("run_id"),
+        config_sha256=manifest.get("config_sha256"),
+    )

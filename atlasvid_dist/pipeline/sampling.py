@@ -31,12 +31,24 @@ class SamplerConfig:
     """Flow-matching timestep shift (Wan: 3.0 at 480P, 5.0 at 720P and above)."""
 
     def __post_init__(self) -> None:
-        check(isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1, "steps",
-              self.steps, "must be an integer >= 1")
-        check(isinstance(self.guidance, (int, float)) and self.guidance >= 0, "guidance", self.guidance,
-              "must be a number >= 0")
-        check(isinstance(self.flow_shift, (int, float)) and self.flow_shift > 0, "flow_shift", self.flow_shift,
-              "must be a number > 0")
+        check(
+            isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1,
+            "steps",
+            self.steps,
+            "must be an integer >= 1",
+        )
+        check(
+            isinstance(self.guidance, (int, float)) and self.guidance >= 0,
+            "guidance",
+            self.guidance,
+            "must be a number >= 0",
+        )
+        check(
+            isinstance(self.flow_shift, (int, float)) and self.flow_shift > 0,
+            "flow_shift",
+            self.flow_shift,
+            "must be a number > 0",
+        )
 
     @property
     def uses_cfg(self) -> bool:
@@ -65,9 +77,16 @@ def guided(cond: Velocity, uncond: Velocity | None, scale: float) -> Velocity:
     return velocity
 
 
-def denoise(velocity: Velocity, latents: torch.Tensor, scheduler, steps: int, *, start: int = 0,
-            on_step: Callable[[int, torch.Tensor, object], None] | None = None,
-            stop_after: int | None = None) -> torch.Tensor:
+def denoise(
+    velocity: Velocity,
+    latents: torch.Tensor,
+    scheduler,
+    steps: int,
+    *,
+    start: int = 0,
+    on_step: Callable[[int, torch.Tensor, object], None] | None = None,
+    stop_after: int | None = None,
+) -> torch.Tensor:
     """Run steps ``start .. steps-1`` (the scheduler must hold the state of step ``start``; see restore).
 
     ``on_step(done, latents, scheduler)`` is called after each step with the number of steps done (a checkpoint
@@ -115,8 +134,10 @@ def _encode(name: str, value, tensors: dict):
         tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
         return {"ndarray": name}
     if isinstance(value, (list, tuple)):
-        return {"list": [_encode(f"{name}.{i}", v, tensors) for i, v in enumerate(value)],
-                "tuple": isinstance(value, tuple)}
+        return {
+            "list": [_encode(f"{name}.{i}", v, tensors) for i, v in enumerate(value)],
+            "tuple": isinstance(value, tuple),
+        }
     if value is None or isinstance(value, (bool, int, float, str)):
         return {"value": value}
     if isinstance(value, (np.integer, np.floating)):

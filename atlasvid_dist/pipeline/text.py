@@ -21,8 +21,7 @@ class TextEmbeddings:
     def check(self, text_dim: int) -> None:
         for name, t in (("cond", self.cond), ("uncond", self.uncond)):
             if t is not None and (t.ndim != 3 or t.shape[-1] != text_dim or not torch.isfinite(t).all()):
-                raise InputError(f"text embeddings ({name}): expected finite (1, L, {text_dim}), got "
-                                 f"{tuple(t.shape)}")
+                raise InputError(f"text embeddings ({name}): expected finite (1, L, {text_dim}), got {tuple(t.shape)}")
 
 
 @torch.no_grad()
@@ -30,15 +29,23 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int, de
     """(len(prompts), max_length, dim) embeddings of the cleaned prompts; positions past a prompt's tokens are zero."""
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    batch = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length, truncation=True,
-                      add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    batch = tokenizer(
+        [prompt_clean(p) for p in prompts],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     hidden = text_encoder(ids, mask).last_hidden_state.to(dtype)  # (B, L, dim)
     return hidden * mask[..., None].to(dtype)  # zero past each prompt's length, as Wan's pipeline does
 
 
-def encode_prompts(tokenizer, text_encoder, prompt: str, negative_prompt: str, *, max_length: int,
-                   use_cfg: bool, device, dtype) -> TextEmbeddings:
+def encode_prompts(
+    tokenizer, text_encoder, prompt: str, negative_prompt: str, *, max_length: int, use_cfg: bool, device, dtype
+) -> TextEmbeddings:
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
     if not isinstance(prompt, str) or not prompt_clean(prompt):

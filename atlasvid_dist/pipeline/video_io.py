@@ -48,8 +48,18 @@ class Mp4Writer:
     (libx264rgb, RGB 4:4:4, quantiser 0): reading the file back gives exactly the frames that were written.
     """
 
-    def __init__(self, path: str | os.PathLike, *, fps: float, width: int, height: int, crf: int = 18,
-                 preset: str = "medium", verify: bool = True, pending=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        fps: float,
+        width: int,
+        height: int,
+        crf: int = 18,
+        preset: str = "medium",
+        verify: bool = True,
+        pending=None,
+    ):
         self.path = Path(path)
         _check_writer_args(self.path, fps, width, height, crf)
         self.tmp = partial_path(self.path)
@@ -65,12 +75,22 @@ class Mp4Writer:
     def __enter__(self) -> "Mp4Writer":
         import imageio_ffmpeg
 
-        codec, pix_fmt, rate = ("libx264rgb", "rgb24", ["-qp", "0"]) if self.crf == 0 else \
-            ("libx264", "yuv420p", ["-crf", str(self.crf)])
+        codec, pix_fmt, rate = (
+            ("libx264rgb", "rgb24", ["-qp", "0"]) if self.crf == 0 else ("libx264", "yuv420p", ["-crf", str(self.crf)])
+        )
         self._gen = imageio_ffmpeg.write_frames(
-            str(self.tmp), (self.width, self.height), fps=self.fps, codec=codec, pix_fmt_in="rgb24",
-            pix_fmt_out=pix_fmt, quality=None, macro_block_size=1, ffmpeg_log_level="error",
-            ffmpeg_timeout=0, output_params=[*rate, "-preset", self.preset, "-f", "mp4"])
+            str(self.tmp),
+            (self.width, self.height),
+            fps=self.fps,
+            codec=codec,
+            pix_fmt_in="rgb24",
+            pix_fmt_out=pix_fmt,
+            quality=None,
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+            ffmpeg_timeout=0,
+            output_params=[*rate, "-preset", self.preset, "-f", "mp4"],
+        )
         try:
             self._gen.send(None)  # starts ffmpeg
         except BaseException:
@@ -86,8 +106,10 @@ class Mp4Writer:
         if frames.ndim == 3:
             frames = frames[None]
         if frames.dtype != np.uint8 or frames.shape[1:] != (self.height, self.width, 3):
-            raise InputError(f"{self.path}: frames must be uint8 (N, {self.height}, {self.width}, 3) or "
-                             f"({self.height}, {self.width}, 3), got {frames.dtype} {frames.shape}")
+            raise InputError(
+                f"{self.path}: frames must be uint8 (N, {self.height}, {self.width}, 3) or "
+                f"({self.height}, {self.width}, 3), got {frames.dtype} {frames.shape}"
+            )
         try:
             for f in frames:
                 self._gen.send(np.ascontiguousarray(f))
@@ -169,8 +191,19 @@ def _count_frames(path: Path) -> int:
     """Video packets in the first video stream (stream copy, no decoding: fast even at 8K)."""
     import imageio_ffmpeg
 
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy",
-           "-f", "null", "-"]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-i",
+        str(path),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "null",
+        "-",
+    ]
     res = subprocess.run(cmd, capture_output=True)
     text = res.stderr.decode(errors="replace")
     if res.returncode != 0:

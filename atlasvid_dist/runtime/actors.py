@@ -57,9 +57,11 @@ def device_problem(cfg, role: str) -> str | None:
     import ray
 
     node = ray.util.get_node_ip_address() if ray.is_initialized() else "this machine"
-    return (f"{role} on node {node}: --gpus runs on CUDA, but this worker's torch finds no usable CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}, "
-            f"built for CUDA {torch.version.cuda}); check the node's driver and that Ray gave the worker a GPU")
+    return (
+        f"{role} on node {node}: --gpus runs on CUDA, but this worker's torch finds no usable CUDA device "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}, "
+        f"built for CUDA {torch.version.cuda}); check the node's driver and that Ray gave the worker a GPU"
+    )
 
 
 def _maybe_crash(step: int, fault_step: int | None, marker: str | None, who: str) -> None:
@@ -129,8 +131,13 @@ class ProxyWorker:
         gen.seconds["proxy actor"] = time.perf_counter() - t0
         self.log.info("text%s done in %.1f s", " + stage 1" if proxy is not None else "", gen.seconds["proxy actor"])
         shared = SharedText(_cpu(text.cond), _cpu(text.uncond), _cpu(proxy))
-        return ProxyResult(shared, gen.seconds, list(gen.step_times.get("proxy", [])),
-                           None if state is None else state["step"], _reconstructed())
+        return ProxyResult(
+            shared,
+            gen.seconds,
+            list(gen.step_times.get("proxy", [])),
+            None if state is None else state["step"],
+            _reconstructed(),
+        )
 
     def device_check(self) -> str | None:
         """Why this worker cannot run (``device_problem``); None when it can."""
@@ -148,8 +155,17 @@ class ProxyWorker:
 class DetailWorker:
     """One rank of stage 2: joins the detail group, denoises its own windows, returns its tokens."""
 
-    def __init__(self, cfg, rank: int, world: int, ckpt_dir: str | None = None, fault_step: int | None = None,
-                 proxy_parallel: str = "none", window_group: int = 1, window_parallel: str = "ulysses"):
+    def __init__(
+        self,
+        cfg,
+        rank: int,
+        world: int,
+        ckpt_dir: str | None = None,
+        fault_step: int | None = None,
+        proxy_parallel: str = "none",
+        window_group: int = 1,
+        window_parallel: str = "ulysses",
+    ):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.proxy_parallel, self.window_group, self.window_parallel = proxy_parallel, window_group, window_parallel
         self.log = rank_logger(f"rank {rank}")
@@ -172,6 +188,7 @@ class DetailWorker:
     def committed_steps(self) -> list[int]:
         """Stage-2 steps this rank has committed and that are intact (empty without checkpoints); a damaged step
         is logged with the reason and left out, so the run resumes from an older step every rank still has."""
+
         def skipped(step, reason):
             self.log.warning("skipping committed step %d: %s", step, reason)
 
@@ -186,8 +203,9 @@ class DetailWorker:
 
         return rendezvous(ray.util.get_node_ip_address(), local)
 
-    def run(self, master: tuple[str, str], text: SharedText, timeout_s: float,
-            resume_step: int | None = None) -> RankResult:
+    def run(
+        self, master: tuple[str, str], text: SharedText, timeout_s: float, resume_step: int | None = None
+    ) -> RankResult:
         """Stage 2 on this rank (stage 1 too with --proxy-parallel): its tokens and what it sent, as a RankResult."""
         from ..parallel import comm
         from ..pipeline.text import TextEmbeddings
@@ -203,12 +221,17 @@ class DetailWorker:
             if proxy is None and self.cfg.uses_proxy:  # --proxy-parallel: stage 1 over this group
                 from .proxy import denoise_proxy_rank
 
-                proxy = denoise_proxy_rank(self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None,
-                                           proxy_stats, timeout_s)
+                proxy = denoise_proxy_rank(
+                    self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None, proxy_stats, timeout_s
+                )
             stats = comm.CommStats()
             tokens, per_layer = self._stage2(comp, emb, proxy, stats, timeout_s, resume_step)
-            self.log.info("stage 2 done: %d tokens, %.1f s, %.3f MB sent", tokens.shape[1], time.perf_counter() - t0,
-                          stats.total() / 1e6)
+            self.log.info(
+                "stage 2 done: %d tokens, %.1f s, %.3f MB sent",
+                tokens.shape[1],
+                time.perf_counter() - t0,
+                stats.total() / 1e6,
+            )
             mine = proxy.cpu() if self.rank == 0 and text.proxy is None and proxy is not None else None
             return self._result(tokens, per_layer, stats, proxy_stats, time.perf_counter() - t0, mine)
         finally:
@@ -228,8 +251,12 @@ class DetailWorker:
             torch.cuda.set_device(0)  # Ray gives each actor its own GPU (CUDA_VISIBLE_DEVICES)
             device_id = torch.device("cuda", 0)
         comm.init_group(backend, self.rank, self.world, init_method, timeout_s=timeout_s, device_id=device_id)
-        self.log.info("joined the %s group of %d ranks%s", backend, self.world,
-                      f"; resuming from committed step {resume_step}" if resume_step else "")
+        self.log.info(
+            "joined the %s group of %d ranks%s",
+            backend,
+            self.world,
+            f"; resuming from committed step {resume_step}" if resume_step else "",
+        )
 
     def _stage2(self, comp, emb, proxy, stats, timeout_s: float, resume_step: int | None):
         """``detail.denoise_rank`` on this rank's windows: (own tokens, bytes sent per layer)."""
@@ -241,18 +268,40 @@ class DetailWorker:
             from ..parallel.window_group import new_groups
 
             groups = new_groups(self.world, self.window_group)
-        return denoise_rank(self.gen, comp, emb, proxy, self.rank, self.world, None, stats, timeout_s,
-                            on_step=self._step, ckpt=self.ckpt, resume_step=resume_step,
-                            window_group=self.window_group, groups=groups, window_parallel=self.window_parallel)
+        return denoise_rank(
+            self.gen,
+            comp,
+            emb,
+            proxy,
+            self.rank,
+            self.world,
+            None,
+            stats,
+            timeout_s,
+            on_step=self._step,
+            ckpt=self.ckpt,
+            resume_step=resume_step,
+            window_group=self.window_group,
+            groups=groups,
+            window_parallel=self.window_parallel,
+        )
 
     def _result(self, tokens, per_layer, stats, proxy_stats, seconds: float, proxy) -> RankResult:
         from ..pipeline.report import peak_memory
 
         median = sorted(self.step_times)[len(self.step_times) // 2] if self.step_times else 0.0
-        return RankResult(rank=self.rank, tokens=tokens, sent=stats.total(), per_layer=per_layer,
-                          sent_per_step=stats.total() // max(1, self.steps_run), proxy_sent=proxy_stats.total(),
-                          seconds=seconds, step_seconds=median, peak_memory=peak_memory(self.cfg.device),
-                          proxy=proxy)
+        return RankResult(
+            rank=self.rank,
+            tokens=tokens,
+            sent=stats.total(),
+            per_layer=per_layer,
+            sent_per_step=stats.total() // max(1, self.steps_run),
+            proxy_sent=proxy_stats.total(),
+            seconds=seconds,
+            step_seconds=median,
+            peak_memory=peak_memory(self.cfg.device),
+            proxy=proxy,
+        )
 
     def vae_scale(self) -> tuple[int, int]:
         """(temporal, spatial) pixels per latent unit of this worker's VAE (the driver's blender needs them)."""

@@ -82,9 +82,18 @@ def start_ray(ray, address: str | None, workers: int, device: str) -> bool:
         ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return True
     gpus = workers if device == "cuda" else 0
-    init_with_retry(lambda: ray.init(address="local", num_cpus=workers, num_gpus=gpus, include_dashboard=False,
-                                     _node_ip_address=LOOPBACK, log_to_driver=True, configure_logging=False),
-                    cleanup=ray.shutdown)
+    init_with_retry(
+        lambda: ray.init(
+            address="local",
+            num_cpus=workers,
+            num_gpus=gpus,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            log_to_driver=True,
+            configure_logging=False,
+        ),
+        cleanup=ray.shutdown,
+    )
     _warn_off_loopback(ray.util.get_node_ip_address())
     return True
 
@@ -97,7 +106,9 @@ def _warn_off_loopback(node_ip: str) -> None:
 
         logging.getLogger("atlasvid_dist.runtime").warning(
             "embedded Ray runs on %s, not 127.0.0.1 (ray was imported before the run could keep it on "
-            "loopback); its ports listen there (docs/security.md)", node_ip)
+            "loopback); its ports listen there (docs/security.md)",
+            node_ip,
+        )
 
 
 def check_capacity(ray, bundle: dict, workers: int) -> None:
@@ -106,8 +117,10 @@ def check_capacity(ray, bundle: dict, workers: int) -> None:
     for name, per in bundle.items():
         need, have = per * workers, total.get(name, 0.0)
         if have < need:
-            raise PlanError(f"{workers} workers need {need:g} {name} in all; the Ray cluster has {have:g} "
-                            f"({total}); use fewer workers or add nodes")
+            raise PlanError(
+                f"{workers} workers need {need:g} {name} in all; the Ray cluster has {have:g} "
+                f"({total}); use fewer workers or add nodes"
+            )
 
 
 def cluster_gpu_name(ray, workers: int) -> str:
@@ -133,8 +146,10 @@ def placement(ray, calls: RayCalls, workers: int, cuda: bool):
     pg = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
     if not calls.ready(pg.ready()):
         remove_placement_group(pg)
-        raise PlanError(f"placement group of {workers} bundles {bundle} could not be reserved within "
-                        f"{calls.timeout_s:g} s (cluster resources: {ray.cluster_resources()})")
+        raise PlanError(
+            f"placement group of {workers} bundles {bundle} could not be reserved within "
+            f"{calls.timeout_s:g} s (cluster resources: {ray.cluster_resources()})"
+        )
     try:
         yield pg
     finally:
@@ -181,16 +196,35 @@ def start_actors(ray, pg, s: ActorSettings) -> Actors:
     cuda, plan, fault = s.cfg.device == "cuda", s.plan, s.fault
 
     def on(i, share, restarts=0):
-        return dict(num_cpus=share, num_gpus=share if cuda else 0, max_restarts=restarts,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+        return dict(
+            num_cpus=share,
+            num_gpus=share if cuda else 0,
+            max_restarts=restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        )
 
     # a crashed proxy worker is restarted by Ray and its task retried: it resumes stage 1 from its checkpoint
-    proxy = ray.remote(ProxyWorker).options(**on(0, 0.5, 1), max_task_retries=1).remote(
-        s.cfg, s.ckpt_dir, fault[1] if fault and fault[0] == "proxy" else None)
+    proxy = (
+        ray.remote(ProxyWorker)
+        .options(**on(0, 0.5, 1), max_task_retries=1)
+        .remote(s.cfg, s.ckpt_dir, fault[1] if fault and fault[0] == "proxy" else None)
+    )
     # two threads: progress() answers while run() works
-    ranks = [ray.remote(DetailWorker).options(**on(r, 0.5, s.max_restarts), max_concurrency=2).remote(
-        s.cfg, r, plan.workers, s.ckpt_dir, fault[1] if fault and fault[0] == r else None,
-        plan.proxy_parallel, plan.window_group, plan.window_parallel) for r in range(plan.workers)]
+    ranks = [
+        ray.remote(DetailWorker)
+        .options(**on(r, 0.5, s.max_restarts), max_concurrency=2)
+        .remote(
+            s.cfg,
+            r,
+            plan.workers,
+            s.ckpt_dir,
+            fault[1] if fault and fault[0] == r else None,
+            plan.proxy_parallel,
+            plan.window_group,
+            plan.window_parallel,
+        )
+        for r in range(plan.workers)
+    ]
     return Actors(proxy, ranks)
 
 

@@ -45,8 +45,9 @@ def assign_tiles(tiles: Sequence[Tile], ranks: int) -> list[list[int]]:
     return [sorted(ids) for ids in out]
 
 
-def decode_tiles(vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling,
-                 sequential: bool = False) -> Iterator[Chunk]:
+def decode_tiles(
+    vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling, sequential: bool = False
+) -> Iterator[Chunk]:
     """Decode ``tiles`` of model-space ``latents`` (1, C, f, h, w), all tiles advancing together: chunk k of every
     tile (in the given order) before chunk k + 1 of any; every tile's causal cache is live at once.
 
@@ -70,8 +71,9 @@ def decode_tiles(vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling,
         streams = alive
 
 
-def stream_to_writer(blender: TileBlender, owner: Sequence[int], streams: Sequence[Iterator[Chunk]],
-                     write: Callable[[np.ndarray], None]) -> int:
+def stream_to_writer(
+    blender: TileBlender, owner: Sequence[int], streams: Sequence[Iterator[Chunk]], write: Callable[[np.ndarray], None]
+) -> int:
     """Blend chunks from every rank's stream and ``write`` finished frames (n, H, W, 3) uint8 in frame order.
 
     ``owner[i]`` is the rank (index into ``streams``) that decodes tile i. Pulls from the owner of the tile
@@ -86,8 +88,10 @@ def stream_to_writer(blender: TileBlender, owner: Sequence[int], streams: Sequen
         try:
             index, start, px = next(streams[r])
         except StopIteration:
-            raise RunFailure(f"decode: rank {r} ended its stream with frames missing (frame {blender.emitted} of "
-                             f"{blender.frames} not complete)") from None
+            raise RunFailure(
+                f"decode: rank {r} ended its stream with frames missing (frame {blender.emitted} of "
+                f"{blender.frames} not complete)"
+            ) from None
         if owner[index] != r:
             raise RunFailure(f"decode: rank {r} sent tile {index}, which rank {owner[index]} owns")
         frames = blender.add(index, start, px)
@@ -147,11 +151,13 @@ class RankDecoder:
         if cfg.save_latents:
             _save_latents(cfg.save_latents, latents, cfg, proxy)
         with PendingOutputs() as pending:
-            out_bytes = self.decode(latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width), "decode",
-                                    pending)
+            out_bytes = self.decode(
+                latents, cfg.out, cfg.video.fps, (cfg.video.height, cfg.video.width), "decode", pending
+            )
             if cfg.save_proxy and proxy is not None:
-                self.decode(proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy",
-                            pending)
+                self.decode(
+                    proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy", pending
+                )
         return out_bytes
 
     def decode(self, latents, path: str, fps: float, out_hw, label: str, pending=None) -> int:
@@ -165,8 +171,9 @@ class RankDecoder:
         blender = TileBlender.for_latents(tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw)
         per_rank = assign_tiles(blender.tiles, len(self.ranks))
         streams = self._streams(latents, per_rank, tiling)
-        size = self._write(blender, tile_owners(per_rank, len(blender.tiles)), streams, path, fps, out_hw, label,
-                           pending)
+        size = self._write(
+            blender, tile_owners(per_rank, len(blender.tiles)), streams, path, fps, out_hw, label, pending
+        )
         if label == "decode":
             self.tiles = [len(ids) for ids in per_rank]
         self.gen.seconds[label] = time.perf_counter() - t0
@@ -178,10 +185,19 @@ class RankDecoder:
 
         ray = self.ray
         ref = ray.put(latents.cpu())  # once; every rank reads it from the object store
-        return [ray_stream(ray, a.decode.options(num_returns="streaming",
-                                                 _generator_backpressure_num_objects=2 * len(ids)).remote(
-                    ref, ids, asdict(tiling)), r, self.calls.timeout_s) if ids else iter(())
-                for r, (a, ids) in enumerate(zip(self.ranks, per_rank))]
+        return [
+            ray_stream(
+                ray,
+                a.decode.options(num_returns="streaming", _generator_backpressure_num_objects=2 * len(ids)).remote(
+                    ref, ids, asdict(tiling)
+                ),
+                r,
+                self.calls.timeout_s,
+            )
+            if ids
+            else iter(())
+            for r, (a, ids) in enumerate(zip(self.ranks, per_rank))
+        ]
 
     def _write(self, blender, owner, streams, path: str, fps: float, out_hw, label: str, pending) -> int:
         """Blend the streams into one mp4 at ``path``; its bytes."""
@@ -190,9 +206,11 @@ class RankDecoder:
         h, w = out_hw or blender.out_hw
         bar = self.gen._bar(blender.frames, f"{label} ({len(self.ranks)} workers)", "frame")
         with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.gen.cfg.crf) as writer:
+
             def write(frames):
                 writer.write(frames)
                 bar.update(len(frames))
+
             stream_to_writer(blender, owner, streams, write)
         bar.close()
         return writer.written.stat().st_size

@@ -61,11 +61,23 @@ def check_supported(cfg) -> None:
         raise ConfigError("attention", m.mode, "the distributed runtime runs 'atlas' only (windows shard by rank)")
 
 
-def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, rank: int, world: int,
-                 group=None, stats: CommStats | None = None, timeout: float | None = None,
-                 on_step: Callable[[int], None] | None = None, ckpt=None,
-                 resume_step: int | None = None, window_group: int = 1, groups=None,
-                 window_parallel: str = "ulysses") -> tuple[torch.Tensor, dict[int, int]]:
+def denoise_rank(
+    gen,
+    comp,
+    text: TextEmbeddings,
+    proxy: torch.Tensor | None,
+    rank: int,
+    world: int,
+    group=None,
+    stats: CommStats | None = None,
+    timeout: float | None = None,
+    on_step: Callable[[int], None] | None = None,
+    ckpt=None,
+    resume_step: int | None = None,
+    window_group: int = 1,
+    groups=None,
+    window_parallel: str = "ulysses",
+) -> tuple[torch.Tensor, dict[int, int]]:
     """Stage 2 of ``gen`` (a TwoStageGenerator, for its config and stage helpers) on rank ``rank`` of ``world``.
 
     ``ckpt`` (a StepCheckpointer of this rank) commits the rank's strip, scheduler state and stage-2 generator
@@ -117,10 +129,10 @@ def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, ra
             if joint:
                 _add_bytes(per_layer, attend.layer_bytes)
             return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
+
         return f
 
-    velocity = sampling.guided(forward("cond"), forward("uncond") if text.uncond is not None else None,
-                               cfg.guidance)
+    velocity = sampling.guided(forward("cond"), forward("uncond") if text.uncond is not None else None, cfg.guidance)
     sched = sampling.start_scheduler(comp.scheduler, scfg, device)
     if start and hasattr(sched, "set_begin_index"):
         sched.set_begin_index(start)
@@ -134,6 +146,7 @@ def denoise_rank(gen, comp, text: TextEmbeddings, proxy: torch.Tensor | None, ra
             ckpt.commit(done, tensors, {"step": done, "sched": meta})
         if on_step is not None:
             on_step(done)
+
     with torch.no_grad():
         local = sampling.denoise(velocity, local, sched, scfg.steps, start=start, on_step=hook)
     for a in attends.values():
@@ -162,7 +175,7 @@ def _own_tokens(sharding, layout, rank: int, tokens: torch.Tensor) -> torch.Tens
     order, or with a window group its slice of the group's."""
     if layout is None:
         return sharding.shard(tokens, rank)
-    return sharding.shard(tokens, layout.group)[:, layout.start:layout.start + layout.count]
+    return sharding.shard(tokens, layout.group)[:, layout.start : layout.start + layout.count]
 
 
 def _clean_attends(gen, model, text, proxy, window_attention) -> dict:
@@ -185,8 +198,25 @@ def _window_attention(gen, comp, model, grid, sharding, rank, group, stats, time
         if split is not None:
             layout, (wgroup, slot), window_parallel = split
             heads = comp.transformer.config.num_attention_heads
-            return GroupedWindowAttention(cfg.method, grid, model.rotary, sharding, layout, heads, gen.device, kv,
-                                          scales, layers, wgroup, slot, stats, timeout, window_parallel)
-        return ShardedWindowAttention(cfg.method, grid, model.rotary, sharding, rank, gen.device, kv, scales,
-                                      layers, group, stats, timeout)
+            return GroupedWindowAttention(
+                cfg.method,
+                grid,
+                model.rotary,
+                sharding,
+                layout,
+                heads,
+                gen.device,
+                kv,
+                scales,
+                layers,
+                wgroup,
+                slot,
+                stats,
+                timeout,
+                window_parallel,
+            )
+        return ShardedWindowAttention(
+            cfg.method, grid, model.rotary, sharding, rank, gen.device, kv, scales, layers, group, stats, timeout
+        )
+
     return make

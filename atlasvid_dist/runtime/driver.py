@@ -40,8 +40,15 @@ from .cluster import (
 )
 from .results import ProxyResult, RankResult
 
-__all__ = ["DEFAULT_TIMEOUT_S", "SCRATCH_PREFIX", "DistributedGenerator", "DistributedResult", "fault_injection",
-           "rank_scratch", "remove_stale_scratch"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "SCRATCH_PREFIX",
+    "DistributedGenerator",
+    "DistributedResult",
+    "fault_injection",
+    "rank_scratch",
+    "remove_stale_scratch",
+]
 
 #: seconds a rank may wait in one collective / rendezvous before the run fails naming it
 DEFAULT_TIMEOUT_S = 600.0
@@ -76,38 +83,62 @@ class DistributedResult:
 
     def to_dict(self) -> dict:
         """The run's machine-readable summary (``RunResult.to_dict``) with the distribution's numbers by rank."""
-        return {**self.result.to_dict(), "workers": self.workers, "bytes_sent": list(self.bytes_sent),
-                "bytes_sent_per_step": list(self.bytes_per_step), "proxy_bytes_sent": list(self.proxy_bytes),
-                "tokens": list(self.tokens), "decode_tiles": list(self.tiles),
-                "median_step_seconds_by_rank": list(self.step_seconds), "restarted": list(self.restarted)}
+        return {
+            **self.result.to_dict(),
+            "workers": self.workers,
+            "bytes_sent": list(self.bytes_sent),
+            "bytes_sent_per_step": list(self.bytes_per_step),
+            "proxy_bytes_sent": list(self.proxy_bytes),
+            "tokens": list(self.tokens),
+            "decode_tiles": list(self.tiles),
+            "median_step_seconds_by_rank": list(self.step_seconds),
+            "restarted": list(self.restarted),
+        }
 
     def summary(self) -> str:
         per_step = self.bytes_per_step or [0] * len(self.bytes_sent)
-        sent = ", ".join(f"rank {r}: {b / 1e6:.3f} MB, {s / 1e6:.3f} MB/step"
-                         for r, (b, s) in enumerate(zip(self.bytes_sent, per_step)))
+        sent = ", ".join(
+            f"rank {r}: {b / 1e6:.3f} MB, {s / 1e6:.3f} MB/step"
+            for r, (b, s) in enumerate(zip(self.bytes_sent, per_step))
+        )
         restarts = "".join(f"; worker of rank {r} was restarted" for r in self.restarted)
         if self.proxy_resumed is not None:
             restarts += f"; proxy worker was restarted and resumed stage 1 from step {self.proxy_resumed}"
         proxy = ""
         if any(self.proxy_bytes):
-            proxy = "; stage 1 on all ranks, bytes sent " + ", ".join(f"rank {r}: {b / 1e6:.3f} MB"
-                                                                       for r, b in enumerate(self.proxy_bytes))
+            proxy = "; stage 1 on all ranks, bytes sent " + ", ".join(
+                f"rank {r}: {b / 1e6:.3f} MB" for r, b in enumerate(self.proxy_bytes)
+            )
         tiles = f"; decode tiles per rank {self.tiles}" if self.tiles else ""
         if self.step_seconds:
             tiles += "; s/step per rank [" + ", ".join(f"{x:.3f}" for x in self.step_seconds) + "]"
-        return (f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
-                f"bytes sent per rank ({sent}){proxy}{tiles}{restarts}")
+        return (
+            f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
+            f"bytes sent per rank ({sent}){proxy}{tiles}{restarts}"
+        )
 
 
 class DistributedGenerator:
     """Runs one GenerateConfig over ``workers`` detail actors (see the module docstring)."""
 
-    def __init__(self, cfg: GenerateConfig, workers: int, ray_address: str | None = None, progress: bool = True,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_restarts: int = 2, plan=None):
+    def __init__(
+        self,
+        cfg: GenerateConfig,
+        workers: int,
+        ray_address: str | None = None,
+        progress: bool = True,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_restarts: int = 2,
+        plan=None,
+    ):
         from ..config.parallel import ParallelPlan
 
-        check(isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1, "workers", workers,
-              "must be an integer >= 1")
+        check(
+            isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1,
+            "workers",
+            workers,
+            "must be an integer >= 1",
+        )
         if plan is None:
             plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
         check(plan.workers == workers, "plan.workers", plan.workers, f"must equal workers = {workers}")
@@ -203,13 +234,26 @@ class DistributedGenerator:
 
         gen = self._gen
         steps = {"proxy": median(gen.step_times.get("proxy", [])), "detail": median(p.step_seconds for p in parts)}
-        result = RunResult.for_config(self.cfg, gen.seconds, out_bytes,
-                                      step_seconds={k: v for k, v in steps.items() if v is not None},
-                                      peak_memory=[{"rank": p.rank, **p.peak_memory} for p in parts])
-        return DistributedResult(result, self.workers, [p.sent for p in parts], [p.per_layer for p in parts],
-                                 [p.tokens.shape[1] for p in parts], list(self.restarted),
-                                 [p.sent_per_step for p in parts], self.proxy_resumed,
-                                 [p.proxy_sent for p in parts], self.tiles, [p.step_seconds for p in parts])
+        result = RunResult.for_config(
+            self.cfg,
+            gen.seconds,
+            out_bytes,
+            step_seconds={k: v for k, v in steps.items() if v is not None},
+            peak_memory=[{"rank": p.rank, **p.peak_memory} for p in parts],
+        )
+        return DistributedResult(
+            result,
+            self.workers,
+            [p.sent for p in parts],
+            [p.per_layer for p in parts],
+            [p.tokens.shape[1] for p in parts],
+            list(self.restarted),
+            [p.sent_per_step for p in parts],
+            self.proxy_resumed,
+            [p.proxy_sent for p in parts],
+            self.tiles,
+            [p.step_seconds for p in parts],
+        )
 
     def _embedded(self) -> bool:
         """True when this run starts (or found) Ray on this machine only (``local.embedded``)."""
@@ -245,8 +289,9 @@ class DistributedGenerator:
     def _stage1(self, ray, calls: RayCalls, proxy_actor) -> ProxyResult:
         """Text (and stage 1 unless --proxy-parallel) on the proxy worker, which is then stopped."""
         stage1 = self.plan.proxy_parallel == "none"
-        shared = calls.wait(proxy_actor.run.remote(stage1),
-                            "proxy worker (text + stage 1)" if stage1 else "proxy worker (text)")
+        shared = calls.wait(
+            proxy_actor.run.remote(stage1), "proxy worker (text + stage 1)" if stage1 else "proxy worker (text)"
+        )
         ray.kill(proxy_actor)
         if shared.restarted:
             self.proxy_resumed = shared.resumed_step or 0
@@ -261,8 +306,16 @@ class DistributedGenerator:
         """Stage 2 under a :class:`~.supervisor.Stage2Supervisor` (restarts recorded in :attr:`restarted`)."""
         from .supervisor import Stage2Supervisor
 
-        sup = Stage2Supervisor(ray, calls, ranks, self.max_restarts, self.cfg.steps, self.progress,
-                               restarted=self.restarted, stores=self.stores)
+        sup = Stage2Supervisor(
+            ray,
+            calls,
+            ranks,
+            self.max_restarts,
+            self.cfg.steps,
+            self.progress,
+            restarted=self.restarted,
+            stores=self.stores,
+        )
         parts = sup.run(text_ref, self.resume)
         self._gen.seconds["detail (slowest rank)"] = max(p.seconds for p in parts)
         return parts

@@ -48,8 +48,12 @@ def loopback_ray_env() -> bool:
     return os.environ[RAY_LOOPBACK_ENV] == "0"
 
 
-def init_with_retry(init: Callable[[], T], cleanup: Callable[[], None] = lambda: None, what: str = "embedded Ray",
-                    logger: logging.Logger = log) -> T:
+def init_with_retry(
+    init: Callable[[], T],
+    cleanup: Callable[[], None] = lambda: None,
+    what: str = "embedded Ray",
+    logger: logging.Logger = log,
+) -> T:
     """``init()``; when it raises, log the first error, ``cleanup()`` (a half-started Ray) and call it once more. A
     second failure is a RunFailure naming both errors."""
     try:
@@ -60,8 +64,10 @@ def init_with_retry(init: Callable[[], T], cleanup: Callable[[], None] = lambda:
         try:
             return init()
         except Exception as second:  # noqa: BLE001
-            raise RunFailure(f"{what} failed to start twice: first {type(first).__name__}: {first}; then "
-                             f"{type(second).__name__}: {second}") from second
+            raise RunFailure(
+                f"{what} failed to start twice: first {type(first).__name__}: {first}; then "
+                f"{type(second).__name__}: {second}"
+            ) from second
 
 
 def rendezvous(node_ip: str, local: bool, folder: str | None = None) -> tuple[str, str]:
@@ -85,4 +91,4 @@ def remove_store(init_method: str) -> None:
     if init_method.startswith("file://"):
         import shutil
 
-        shutil.rmtree(os.path.dirname(init_method[len("file://"):]), ignore_errors=True)
+        shutil.rmtree(os.path.dirname(init_method[len("file://") :]), ignore_errors=True)

@@ -19,14 +19,23 @@ from typing import Sequence, TextIO
 class RankBars:
     """One bar per rank (tqdm positions 0..ranks-1 on a terminal, plain lines elsewhere), labelled with the rank."""
 
-    def __init__(self, total: int, ranks: int, desc: str, unit: str = "step", enabled: bool = True,
-                 stream: TextIO | None = None):
+    def __init__(
+        self, total: int, ranks: int, desc: str, unit: str = "step", enabled: bool = True, stream: TextIO | None = None
+    ):
         from ..pipeline.progress import progress_bar
 
         self.total, self.done = total, [0] * ranks
-        self.bars = [progress_bar(total, f"{desc} rank {r}", unit, enabled=enabled,
-                                  stream=sys.stderr if stream is None else stream, position=r)
-                     for r in range(ranks)]
+        self.bars = [
+            progress_bar(
+                total,
+                f"{desc} rank {r}",
+                unit,
+                enabled=enabled,
+                stream=sys.stderr if stream is None else stream,
+                position=r,
+            )
+            for r in range(ranks)
+        ]
 
     def update(self, done: Sequence[int | None]) -> None:
         """Set each rank's count (None: that rank did not answer this time; its bar keeps its count)."""

@@ -35,9 +35,17 @@ MODES = RUNTIME_PROXY_PARALLEL
 # check_proxy_split: the one check of a proxy's split, in config/parallel.py (the driver's pre-flight uses it too)
 
 
-def denoise_proxy_rank(gen, comp, text: TextEmbeddings, rank: int, world: int, mode: str,
-                       group: dist.ProcessGroup | None = None, stats: comm.CommStats | None = None,
-                       timeout: float | None = None) -> torch.Tensor:
+def denoise_proxy_rank(
+    gen,
+    comp,
+    text: TextEmbeddings,
+    rank: int,
+    world: int,
+    mode: str,
+    group: dist.ProcessGroup | None = None,
+    stats: comm.CommStats | None = None,
+    timeout: float | None = None,
+) -> torch.Tensor:
     """Stage 1 of ``gen`` (a TwoStageGenerator) on rank ``rank`` of ``world``; returns the whole clean proxy
     latent (1, C, f, h, w) on every rank."""
     cfg = gen.cfg
@@ -60,11 +68,13 @@ def denoise_proxy_rank(gen, comp, text: TextEmbeddings, rank: int, world: int, m
             tokens, temb, tproj, txt = model.embed(x, t, emb)
             out = model.run_blocks(tokens, txt, tproj, attend)
             return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
+
         return f
 
     scfg = sampling.SamplerConfig(cfg.proxy_steps, cfg.guidance, cfg.proxy_flow_shift)
-    velocity = sampling.guided(forward(text.cond), forward(text.uncond) if text.uncond is not None else None,
-                               cfg.guidance)
+    velocity = sampling.guided(
+        forward(text.cond), forward(text.uncond) if text.uncond is not None else None, cfg.guidance
+    )
     sched = sampling.start_scheduler(comp.scheduler, scfg, device)
     with torch.no_grad():
         local = sampling.denoise(velocity, local, sched, scfg.steps)
@@ -79,8 +89,15 @@ def _attend(model, grid: Grid, mine: slice, mode: str, group, stats, timeout, de
     def attend(layer, q, k, v):  # (B, n, H, D) each, un-rotated
         qr, kr = apply_rotary(q, tables), apply_rotary(k, tables)
         qh, kh, vh = (t.transpose(1, 2) for t in (qr, kr, v.to(qr.dtype)))  # (B, H, n, D)
-        out = attention(qh.contiguous(), kh.contiguous(), vh.contiguous(), group, stats,
-                        step=f"proxy layer {layer}", timeout=timeout)
+        out = attention(
+            qh.contiguous(),
+            kh.contiguous(),
+            vh.contiguous(),
+            group,
+            stats,
+            step=f"proxy layer {layer}",
+            timeout=timeout,
+        )
         return out.transpose(1, 2)  # (B, n, H, D)
 
     return attend

@@ -76,8 +76,9 @@ class Stage2Supervisor:
 
     def common_step(self) -> int | None:
         """The newest stage-2 step every rank has committed (None: start stage 2 from the beginning)."""
-        steps = [set(self.calls.call(a.committed_steps, f"detail rank {i} (checkpoints)"))
-                 for i, a in enumerate(self.ranks)]
+        steps = [
+            set(self.calls.call(a.committed_steps, f"detail rank {i} (checkpoints)")) for i, a in enumerate(self.ranks)
+        ]
         common = set.intersection(*steps)
         return max(common) if common else None
 
@@ -91,8 +92,9 @@ class Stage2Supervisor:
         while pending:
             if time.monotonic() > deadline:
                 steps = "" if self.bar is None else f" (steps done by rank: {self.bar.done})"
-                raise RunFailure(f"detail ranks {sorted(pending)} did not finish within {self.timeout_s * 2:g} s"
-                                 f"{steps}")
+                raise RunFailure(
+                    f"detail ranks {sorted(pending)} did not finish within {self.timeout_s * 2:g} s{steps}"
+                )
             ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0.5)
             for i in [i for i, ref in pending.items() if ref in ready]:
                 try:

@@ -96,33 +96,64 @@ class TrainConfig:
         _check_types(self)
         check(self.stage in (1, 2), "stage", self.stage, "must be 1 or 2")
         check(self.mode in TRAIN_MODES, "mode", self.mode, f"must be one of {TRAIN_MODES}")
-        check(self.stage == 2 or self.mode == "atlas", "mode", self.mode,
-              "'ultragen' has no proxy stage: it trains stage 2 only")
+        check(
+            self.stage == 2 or self.mode == "atlas",
+            "mode",
+            self.mode,
+            "'ultragen' has no proxy stage: it trains stage 2 only",
+        )
         check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
         for name in ("width", "height"):
             v = getattr(self, name)
-            check(v > 0 and v % (16 * self.spatial_scale) == 0, name, v,
-                  f"must be a positive multiple of 16 * spatial_scale = {16 * self.spatial_scale}")
+            check(
+                v > 0 and v % (16 * self.spatial_scale) == 0,
+                name,
+                v,
+                f"must be a positive multiple of 16 * spatial_scale = {16 * self.spatial_scale}",
+            )
         self._check_scales()
-        for name in ("temporal_scale", "spatial_scale", "text_len", "lora_rank", "max_steps", "log_every",
-                     "batch", "grad_accum"):
+        for name in (
+            "temporal_scale",
+            "spatial_scale",
+            "text_len",
+            "lora_rank",
+            "max_steps",
+            "log_every",
+            "batch",
+            "grad_accum",
+        ):
             check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
             check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        check(self.fps > 0 and self.lr > 0 and self.lora_alpha > 0, "fps/lr/lora_alpha",
-              (self.fps, self.lr, self.lora_alpha), "must all be > 0")
+        check(
+            self.fps > 0 and self.lr > 0 and self.lora_alpha > 0,
+            "fps/lr/lora_alpha",
+            (self.fps, self.lr, self.lora_alpha),
+            "must all be > 0",
+        )
         check(self.bad_data in BAD_DATA_POLICIES, "bad_data", self.bad_data, f"must be one of {BAD_DATA_POLICIES}")
-        check(self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling", self.timestep_sampling,
-              f"must be one of {TIMESTEP_SAMPLING}")
+        check(
+            self.timestep_sampling in TIMESTEP_SAMPLING,
+            "timestep_sampling",
+            self.timestep_sampling,
+            f"must be one of {TIMESTEP_SAMPLING}",
+        )
         check(self.timestep_shift > 0, "timestep_shift", self.timestep_shift, "must be > 0")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"must be one of {LR_SCHEDULES}")
-        check(len(self.window) == 3 and all(isinstance(v, int) and v >= 1 for v in self.window), "window",
-              self.window, "must be three integers >= 1 (t, h, w)")
+        check(
+            len(self.window) == 3 and all(isinstance(v, int) and v >= 1 for v in self.window),
+            "window",
+            self.window,
+            "must be three integers >= 1 (t, h, w)",
+        )
         if self.stage == 2:
             self._check_window()
-        check(len(self.lora_targets) >= 1 and all(isinstance(v, str) and v for v in self.lora_targets),
-              "lora_targets", self.lora_targets, "must be a non-empty list of module names")
-
+        check(
+            len(self.lora_targets) >= 1 and all(isinstance(v, str) and v for v in self.lora_targets),
+            "lora_targets",
+            self.lora_targets,
+            "must be a non-empty list of module names",
+        )
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -130,21 +161,40 @@ class TrainConfig:
         return tuple(self.spatial_scales) or (self.spatial_scale,)
 
     def _check_scales(self) -> None:
-        check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.spatial_scales),
-              "spatial_scales", self.spatial_scales, "must be a list of integers >= 1")
-        check(not self.spatial_scales or self.stage == 2, "spatial_scales", self.spatial_scales,
-              "is a stage-2 setting (stage 1 trains the proxy at one size: width / spatial_scale)")
-        check(self.lora_stage1 == "" or self.stage == 2, "lora_stage1", self.lora_stage1,
-              "is a stage-2 setting (the frozen proxy adapter)")
+        check(
+            all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.spatial_scales),
+            "spatial_scales",
+            self.spatial_scales,
+            "must be a list of integers >= 1",
+        )
+        check(
+            not self.spatial_scales or self.stage == 2,
+            "spatial_scales",
+            self.spatial_scales,
+            "is a stage-2 setting (stage 1 trains the proxy at one size: width / spatial_scale)",
+        )
+        check(
+            self.lora_stage1 == "" or self.stage == 2,
+            "lora_stage1",
+            self.lora_stage1,
+            "is a stage-2 setting (the frozen proxy adapter)",
+        )
         for s in self.spatial_scales:
-            check(self.width % (16 * s) == 0 and self.height % (16 * s) == 0, "spatial_scales",
-                  list(self.spatial_scales), f"{s} needs width and height multiples of 16 * {s} = {16 * s} "
-                  f"(got {self.width}x{self.height})")
+            check(
+                self.width % (16 * s) == 0 and self.height % (16 * s) == 0,
+                "spatial_scales",
+                list(self.spatial_scales),
+                f"{s} needs width and height multiples of 16 * {s} = {16 * s} (got {self.width}x{self.height})",
+            )
 
     def method_config(self, spatial_scale: int | None = None) -> AtlasConfig:
         """The AtlasConfig the model trains with: ``mode``, the window and the proxy scales."""
-        return AtlasConfig(mode=self.mode, window=tuple(self.window), temporal_scale=self.temporal_scale,
-                           spatial_scale=self.spatial_scale if spatial_scale is None else spatial_scale)
+        return AtlasConfig(
+            mode=self.mode,
+            window=tuple(self.window),
+            temporal_scale=self.temporal_scale,
+            spatial_scale=self.spatial_scale if spatial_scale is None else spatial_scale,
+        )
 
     def _check_window(self) -> None:
         """The window and every spatial scale tile the detail token grid (ConfigError naming the field)."""
@@ -158,8 +208,11 @@ class TrainConfig:
             try:
                 ProxyGeometry(grid, self.temporal_scale, s)
             except ConfigError as e:
-                raise ConfigError("spatial_scales", list(self.scales), f"{s} does not tile the detail token grid "
-                                  f"{grid.t}x{grid.h}x{grid.w} ({e})") from None
+                raise ConfigError(
+                    "spatial_scales",
+                    list(self.scales),
+                    f"{s} does not tile the detail token grid {grid.t}x{grid.h}x{grid.w} ({e})",
+                ) from None
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "tuple": (tuple, list)}

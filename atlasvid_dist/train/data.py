@@ -122,8 +122,9 @@ def scan_dataset(folder: str | Path, cfg: TrainConfig) -> Dataset:
         if record is not None:
             records.append(record)
     if not records:
-        raise InputError(f"{root}: no usable videos ({len(skipped)} skipped: "
-                         f"{'; '.join(f'{f}: {r}' for f, r in skipped[:3])})")
+        raise InputError(
+            f"{root}: no usable videos ({len(skipped)} skipped: {'; '.join(f'{f}: {r}' for f, r in skipped[:3])})"
+        )
     return Dataset(tuple(records), tuple(skipped))
 
 
@@ -138,9 +139,14 @@ def _probe(path: Path, caption: str, cfg: TrainConfig, skipped: list) -> VideoRe
         return None
     need = needed_source_frames(cfg, info.fps)
     if info.frames < need:
-        _bad(cfg.bad_data, skipped, str(path), f"too few frames: {info.frames}, a clip needs {need} "
-             f"(frames={cfg.frames} at fps={cfg.fps:g}, temporal_scale={cfg.temporal_scale}: lower --frames or "
-             f"--fps, or set temporal_scale in --config)")
+        _bad(
+            cfg.bad_data,
+            skipped,
+            str(path),
+            f"too few frames: {info.frames}, a clip needs {need} "
+            f"(frames={cfg.frames} at fps={cfg.fps:g}, temporal_scale={cfg.temporal_scale}: lower --frames or "
+            f"--fps, or set temporal_scale in --config)",
+        )
         return None
     return VideoRecord(path, caption, info.fps, info.frames)
 
@@ -157,7 +163,7 @@ def resize_crop(frames: np.ndarray, width: int, height: int) -> torch.Tensor:
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - height) // 2, (nw - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
+    x = x[:, :, top : top + height, left : left + width]
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()  # (3, N, H, W)
 
 
@@ -198,10 +204,10 @@ def cut_clip(rec: VideoRecord, start: int, cfg: TrainConfig) -> Clip:
     frames = read_mp4(rec.path)
     if len(frames) < start + need:  # probe and decode disagree (damaged tail)
         raise InputError(f"{rec.path}: decoded {len(frames)} frames, a clip at {start} needs {start + need}")
-    seq = frames[start:start + need:stride]  # at the detail rate
+    seq = frames[start : start + need : stride]  # at the detail rate
     pw, ph = cfg.width // cfg.spatial_scale, cfg.height // cfg.spatial_scale
-    proxy = resize_crop(seq[::cfg.temporal_scale][:proxy_pixel_frames(cfg)], pw, ph)
-    detail = resize_crop(seq[:cfg.frames], cfg.width, cfg.height) if cfg.stage == 2 else None
+    proxy = resize_crop(seq[:: cfg.temporal_scale][: proxy_pixel_frames(cfg)], pw, ph)
+    detail = resize_crop(seq[: cfg.frames], cfg.width, cfg.height) if cfg.stage == 2 else None
     return Clip(rec.caption, proxy, detail)
 
 
@@ -231,6 +237,7 @@ class LatentEncoder:
     def text(self, caption: str) -> torch.Tensor:
         """(1, text_len, dim) embedding of one caption."""
         if caption not in self._text:
-            self._text[caption] = encode_text(self.tokenizer, self.text_encoder, [caption], self.text_len,
-                                              self.device, self.dtype)
+            self._text[caption] = encode_text(
+                self.tokenizer, self.text_encoder, [caption], self.text_len, self.device, self.dtype
+            )
         return self._text[caption]

@@ -48,8 +48,12 @@ def run_launcher(cmd: list[str], env: dict, grace_s: float = GRACE_S) -> int:
 
     SIGTERM/SIGINT received meanwhile are forwarded to its process group; if it has not exited ``grace_s``
     seconds after that, the group is SIGKILLed. Any exception while waiting also SIGKILLs the group."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            preexec_fn=_preexec_for(os.getpid()) if sys.platform.startswith("linux") else None)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_preexec_for(os.getpid()) if sys.platform.startswith("linux") else None,
+    )
     forwarded_at: list[float] = []
 
     def forward(signum, _frame) -> None:

@@ -58,8 +58,14 @@ def geometry(cfg: TrainConfig) -> dict:
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def prepare(cfg: TrainConfig, output: str | os.PathLike, opts: PrepareOptions = PrepareOptions(), *,
-            log=print, progress: bool = True) -> dict:
+def prepare(
+    cfg: TrainConfig,
+    output: str | os.PathLike,
+    opts: PrepareOptions = PrepareOptions(),
+    *,
+    log=print,
+    progress: bool = True,
+) -> dict:
     """Encode ``cfg.data`` (videos + captions.jsonl) into shards under ``output``; returns the index.
 
     With ``progress``, stderr shows clips done/total, seconds per clip and the ETA (pipeline/progress.py: a bar on
@@ -91,13 +97,21 @@ def prepare(cfg: TrainConfig, output: str | os.PathLike, opts: PrepareOptions = 
         bar.close()
     if buf:
         shards.append(_write_shard(out, len(shards), buf))
-    index = {"format": FORMAT, "geometry": geometry(cfg), "records": len(sources), "shards": shards,
-             "sources": sources, "skipped": [list(s) for s in data.skipped]}
+    index = {
+        "format": FORMAT,
+        "geometry": geometry(cfg),
+        "records": len(sources),
+        "shards": shards,
+        "sources": sources,
+        "skipped": [list(s) for s in data.skipped],
+    }
     tmp = out / f".{INDEX}.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(out / INDEX)
-    log(f"prepared {len(sources)} clips from {len(data.records)} videos into {len(shards)} shard(s) at {out}"
-        + (f"; skipped {len(data.skipped)} bad entries" if data.skipped else ""))
+    log(
+        f"prepared {len(sources)} clips from {len(data.records)} videos into {len(shards)} shard(s) at {out}"
+        + (f"; skipped {len(data.skipped)} bad entries" if data.skipped else "")
+    )
     return index
 
 
@@ -139,8 +153,12 @@ class PreparedData:
         for k, want in geometry(cfg).items():
             have = self.index["geometry"].get(k)
             if have != want:
-                raise ConfigError(k, want, f"the prepared data at {self.root} was made with {k} = {have!r}; "
-                                           f"prepare it again with this config or train with {k} = {have!r}")
+                raise ConfigError(
+                    k,
+                    want,
+                    f"the prepared data at {self.root} was made with {k} = {have!r}; "
+                    f"prepare it again with this config or train with {k} = {have!r}",
+                )
         self.starts = []  # first record of every shard
         total = 0
         for shard in self.index["shards"]:
@@ -162,7 +180,7 @@ class PreparedData:
         path, i = self.root / self.index["shards"][s]["file"], j - self.starts[s]
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_slice(k)[i:i + 1] for k in f.keys()}
+                return {k: f.get_slice(k)[i : i + 1] for k in f.keys()}
         except Exception as e:  # safetensors raises its own types on damaged files
             raise InputError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
 

@@ -46,8 +46,12 @@ def resumable(output: str | Path) -> int | None:
         return None
     step = StepCheckpointer(folder, keep=KEEP).latest()
     if step is None and any(folder.rglob("*.pt")):
-        raise ConfigError("resume", str(folder), "holds only DeepSpeed .pt checkpoints (pickles, which can run "
-                          "code when loaded); they are never loaded: move them away and train without --resume")
+        raise ConfigError(
+            "resume",
+            str(folder),
+            "holds only DeepSpeed .pt checkpoints (pickles, which can run "
+            "code when loaded); they are never loaded: move them away and train without --resume",
+        )
     return step
 
 
@@ -76,16 +80,24 @@ def gather_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
     for name, p in trainable(trainer):
         tensors[f"param/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu()
         for key in MOMENTS:
-            full = safe_get_full_optimizer_state(p, key) if has_moments else torch.zeros(p.ds_shape if hasattr(
-                p, "ds_shape") else p.shape)
+            full = (
+                safe_get_full_optimizer_state(p, key)
+                if has_moments
+                else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            )
             tensors[f"{key}/{name}"] = full.detach().float().cpu()
     tensors["adam_step"] = _adam_step(trainer.optimizer)
     tensors["rng/cpu"] = _gather_rows(torch.get_rng_state(), trainer.device)
     engine = trainer.engine
-    meta = dict(step=trainer.step, world=trainer.world, scheduler=trainer.scheduler.state_dict(),
-                lr=[group["lr"] for group in trainer.optimizer.param_groups],
-                engine=dict(global_steps=engine.global_steps, global_samples=engine.global_samples,
-                            skipped_steps=engine.skipped_steps))
+    meta = dict(
+        step=trainer.step,
+        world=trainer.world,
+        scheduler=trainer.scheduler.state_dict(),
+        lr=[group["lr"] for group in trainer.optimizer.param_groups],
+        engine=dict(
+            global_steps=engine.global_steps, global_samples=engine.global_samples, skipped_steps=engine.skipped_steps
+        ),
+    )
     return tensors, meta
 
 
@@ -126,14 +138,20 @@ def restore_state(trainer, tensors: dict[str, torch.Tensor], meta: dict) -> None
 def check_state(tensors: dict, meta: dict, params: list, world: int) -> None:
     """The checkpoint holds exactly this run's LoRA tensors with their shapes, and came from ``world`` ranks."""
     if meta.get("world") != world:
-        raise ConfigError("num_processes", world, f"the checkpoint was written by {meta.get('world')} ranks; "
-                          "resume with the same number (the data order depends on it)")
+        raise ConfigError(
+            "num_processes",
+            world,
+            f"the checkpoint was written by {meta.get('world')} ranks; "
+            "resume with the same number (the data order depends on it)",
+        )
     want = {f"{k}/{n}": tuple(getattr(p, "ds_shape", p.shape)) for n, p in params for k in ("param", *MOMENTS)}
     got = {k: tuple(v.shape) for k, v in tensors.items() if k.split("/")[0] in ("param", *MOMENTS)}
     if want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:3]
-        raise InputError(f"checkpoint step {meta.get('step')}: LoRA tensors do not match this model "
-                         f"(first differences, name and shape: {diff}); same lora_rank/lora_targets/model needed")
+        raise InputError(
+            f"checkpoint step {meta.get('step')}: LoRA tensors do not match this model "
+            f"(first differences, name and shape: {diff}); same lora_rank/lora_targets/model needed"
+        )
     for key in ("scheduler", "engine"):
         if not isinstance(meta.get(key), dict):
             raise InputError(f"checkpoint step {meta.get('step')}: meta field {key!r} missing")
@@ -146,8 +164,11 @@ def _flat_partitions(engine) -> list[torch.Tensor]:
         flats = getattr(zero, attr, None)
         if flats:
             return list(flats)
-    raise ConfigError("zero_optimization.stage", engine.zero_optimization_stage(),
-                      "resume supports ZeRO stages 1-3 (no flat fp32 partitions found)")
+    raise ConfigError(
+        "zero_optimization.stage",
+        engine.zero_optimization_stage(),
+        "resume supports ZeRO stages 1-3 (no flat fp32 partitions found)",
+    )
 
 
 def _restore_moments(trainer, params: list, tensors: dict) -> None:

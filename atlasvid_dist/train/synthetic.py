@@ -18,12 +18,23 @@ from ..world import COLOURS, DIRECTIONS, SHAPES, Scene, sample_motion, write_cli
 
 def _scene(i: int) -> Scene:
     """Video i's scene: colours and shapes cycle, directions shift every len(COLOURS) videos."""
-    return Scene(list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)],
-                 list(DIRECTIONS)[(i // len(COLOURS) + i) % len(DIRECTIONS)])
+    return Scene(
+        list(COLOURS)[i % len(COLOURS)],
+        SHAPES[i % len(SHAPES)],
+        list(DIRECTIONS)[(i // len(COLOURS) + i) % len(DIRECTIONS)],
+    )
 
 
-def write_synthetic_dataset(folder: str | os.PathLike, *, num_videos: int = 4, frames: int = 17,
-                            width: int = 64, height: int = 64, fps: float = 16.0, seed: int = 0) -> Path:
+def write_synthetic_dataset(
+    folder: str | os.PathLike,
+    *,
+    num_videos: int = 4,
+    frames: int = 17,
+    width: int = 64,
+    height: int = 64,
+    fps: float = 16.0,
+    seed: int = 0,
+) -> Path:
     """Write ``num_videos`` moving-shape mp4s (``video_{i:03d}.mp4``) and ``captions.jsonl`` into ``folder``;
     returns the folder."""
     check(isinstance(num_videos, int) and num_videos >= 1, "num_videos", num_videos, "must be an integer >= 1")

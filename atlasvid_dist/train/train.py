@@ -56,8 +56,14 @@ class FlowMatchingLoss(nn.Module):
     then ``adapter`` (the one being trained) is made active for the detail tokens, the only ones in the loss.
     ``atlases`` maps each spatial scale trained to an AtlasTransformer over the same transformer."""
 
-    def __init__(self, atlas: nn.Module, stage: int, adapter: str | None = None, proxy_adapter: str | None = None,
-                 atlases: dict | None = None):
+    def __init__(
+        self,
+        atlas: nn.Module,
+        stage: int,
+        adapter: str | None = None,
+        proxy_adapter: str | None = None,
+        atlases: dict | None = None,
+    ):
         super().__init__()
         self.atlas, self.stage = atlas, stage
         if adapter is None:  # the adapter active now is the one trained
@@ -65,7 +71,9 @@ class FlowMatchingLoss(nn.Module):
 
             adapter = active_adapter(atlas.transformer)
         self.adapter, self.proxy_adapter = adapter, proxy_adapter
-        self._atlases = dict(atlases or {atlas.atlas_config.spatial_scale: atlas})  # plain dict: weights registered once
+        self._atlases = dict(
+            atlases or {atlas.atlas_config.spatial_scale: atlas}
+        )  # plain dict: weights registered once
 
     def forward(self, x0, noise, sigma, text, proxy=None, spatial_scale=None):
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -128,8 +136,9 @@ def sample_sigma(cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     seeded generator, so resume stays exact), then Wan's shift."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    s = compute_density_for_timestep_sampling(cfg.timestep_sampling, batch_size=1, logit_mean=0.0, logit_std=1.0,
-                                              generator=gen)
+    s = compute_density_for_timestep_sampling(
+        cfg.timestep_sampling, batch_size=1, logit_mean=0.0, logit_std=1.0, generator=gen
+    )
     return shift_sigma(s, cfg.timestep_shift).clamp(1e-3, 1 - 1e-3)
 
 
@@ -142,8 +151,12 @@ def lr_scheduler_factory(cfg: TrainConfig):
     "scheduler" block): diffusers' get_scheduler, a LambdaLR whose state_dict is plain JSON."""
     from diffusers.optimization import get_scheduler
 
-    return lambda optimizer: get_scheduler(DIFFUSERS_SCHEDULES[cfg.lr_schedule], optimizer,
-                                           num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    return lambda optimizer: get_scheduler(
+        DIFFUSERS_SCHEDULES[cfg.lr_schedule],
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=cfg.max_steps,
+    )
 
 
 def add_lora(transformer: nn.Module, cfg: TrainConfig, name: str) -> None:
@@ -152,9 +165,15 @@ def add_lora(transformer: nn.Module, cfg: TrainConfig, name: str) -> None:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                           target_modules=list(cfg.lora_targets), init_lora_weights=True),
-                                adapter_name=name)
+        transformer.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=list(cfg.lora_targets),
+                init_lora_weights=True,
+            ),
+            adapter_name=name,
+        )
     if not any(p.requires_grad for n, p in transformer.named_parameters() if f".{name}." in n):
         raise ConfigError("lora_targets", cfg.lora_targets, "matched no module of the transformer")
 
@@ -173,17 +192,23 @@ def trained_adapter_name(cfg: TrainConfig) -> str:
 def require_stage1_adapter(cfg: TrainConfig) -> None:
     """Stage 2 needs the frozen stage-1 adapter (lora_stage1 FILE) or an explicit 'none' (ConfigError otherwise)."""
     if cfg.stage == 2 and cfg.mode == "atlas" and not cfg.lora_stage1:
-        raise ConfigError("lora_stage1", "", "stage 2 reads the proxy keys/values of the stage-1 model, as generate "
-                          "does: pass --lora-stage1 FILE (the stage-1 adapter), or --no-stage1-adapter "
-                          "(lora_stage1: none) to train against the base weights")
+        raise ConfigError(
+            "lora_stage1",
+            "",
+            "stage 2 reads the proxy keys/values of the stage-1 model, as generate "
+            "does: pass --lora-stage1 FILE (the stage-1 adapter), or --no-stage1-adapter "
+            "(lora_stage1: none) to train against the base weights",
+        )
 
 
 def no_adapter_warning(cfg: TrainConfig) -> str | None:
     """The loud line a stage-2 run without a stage-1 adapter prints (None otherwise)."""
     if cfg.stage != 2 or cfg.mode != "atlas" or cfg.lora_stage1 != NO_ADAPTER:
         return None
-    return ("WARNING: stage 2 trains WITHOUT a stage-1 adapter (lora_stage1: none): the proxy keys/values come from "
-            "the base weights, so generate must run stage 1 without --lora-stage1 for the adapter to see the same")
+    return (
+        "WARNING: stage 2 trains WITHOUT a stage-1 adapter (lora_stage1: none): the proxy keys/values come from "
+        "the base weights, so generate must run stage 1 without --lora-stage1 for the adapter to see the same"
+    )
 
 
 def build_adapters(transformer: nn.Module, cfg: TrainConfig) -> tuple[str, str | None]:
@@ -203,9 +228,13 @@ def build_adapters(transformer: nn.Module, cfg: TrainConfig) -> tuple[str, str |
     return name, frozen
 
 
-SHARED_KEYS = {("train_micro_batch_size_per_gpu",): "batch", ("gradient_accumulation_steps",): "grad_accum",
-               ("gradient_clipping",): "grad_clip", ("optimizer", "params", "lr"): "lr",
-               ("optimizer", "params", "weight_decay"): "weight_decay"}
+SHARED_KEYS = {
+    ("train_micro_batch_size_per_gpu",): "batch",
+    ("gradient_accumulation_steps",): "grad_accum",
+    ("gradient_clipping",): "grad_clip",
+    ("optimizer", "params", "lr"): "lr",
+    ("optimizer", "params", "weight_decay"): "weight_decay",
+}
 """DeepSpeed JSON key path -> the TrainConfig field that sets the same thing."""
 SCHEDULE_FIELDS = ("warmup_steps", "lr_schedule")
 """TrainConfig fields of our lr schedule (a JSON "scheduler" block replaces them)."""
@@ -231,17 +260,23 @@ def merge_deepspeed(ds: dict, cfg: TrainConfig, explicit: set[str], world: int) 
         if path[-1] not in parent:
             parent[path[-1]] = ours
         elif field in explicit and parent[path[-1]] != ours:
-            raise ConfigError(f"deepspeed_config {'.'.join(path)}", parent[path[-1]],
-                              f"conflicts with the training config's {field}={ours!r}; set it in one place")
+            raise ConfigError(
+                f"deepspeed_config {'.'.join(path)}",
+                parent[path[-1]],
+                f"conflicts with the training config's {field}={ours!r}; set it in one place",
+            )
         else:
             updates[field] = parent[path[-1]]
     _check_scheduler(ds, cfg, explicit)
     cfg = _replace(cfg, updates)
     total = cfg.batch * cfg.grad_accum * world
     if ds.setdefault("train_batch_size", total) != total:
-        raise ConfigError("deepspeed_config train_batch_size", ds["train_batch_size"],
-                          f"must be train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks = "
-                          f"{cfg.batch} x {cfg.grad_accum} x {world} = {total}")
+        raise ConfigError(
+            "deepspeed_config train_batch_size",
+            ds["train_batch_size"],
+            f"must be train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks = "
+            f"{cfg.batch} x {cfg.grad_accum} x {world} = {total}",
+        )
     ds.setdefault("steps_per_print", 10**9)
     ds["zero_allow_untested_optimizer"] = True
     return ds, cfg
@@ -264,9 +299,12 @@ def _check_scheduler(ds: dict, cfg: TrainConfig, explicit: set[str]) -> None:
         return
     both = sorted(set(SCHEDULE_FIELDS) & explicit)
     if both:
-        raise ConfigError("deepspeed_config scheduler", sched.get("type"),
-                          f"conflicts with the training config's {', '.join(f'{f}={getattr(cfg, f)!r}' for f in both)}"
-                          "; use one lr schedule (remove one of them)")
+        raise ConfigError(
+            "deepspeed_config scheduler",
+            sched.get("type"),
+            f"conflicts with the training config's {', '.join(f'{f}={getattr(cfg, f)!r}' for f in both)}"
+            "; use one lr schedule (remove one of them)",
+        )
     if sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
         sched.setdefault("params", {}).setdefault("total_num_steps", cfg.max_steps)
 
@@ -276,8 +314,9 @@ def _replace(cfg: TrainConfig, updates: dict) -> TrainConfig:
     return dataclasses.replace(cfg, **updates) if updates else cfg
 
 
-def deepspeed_config(spec: str, cfg: TrainConfig, world: int, device: torch.device,
-                     explicit: set[str] | None = None) -> tuple[dict, TrainConfig]:
+def deepspeed_config(
+    spec: str, cfg: TrainConfig, world: int, device: torch.device, explicit: set[str] | None = None
+) -> tuple[dict, TrainConfig]:
     """The DeepSpeed dict of a run (a packaged name or a JSON file, merged with the config by merge_deepspeed;
     bf16 on bf16-capable CUDA unless set; torch's AdamW for an Adam block on a machine without CUDA, where
     DeepSpeed's fused Adam would need a compiled op) and the config the run uses."""
@@ -315,8 +354,11 @@ class Trainer:
             print(no_adapter_warning(cfg), file=sys.stderr, flush=True)
         self.prepared = PreparedData(cfg.data, cfg) if is_prepared(cfg.data) else None
         if self.prepared is not None and len(cfg.scales) > 1:
-            raise ConfigError("spatial_scales", list(cfg.scales), "prepared data holds one proxy size; train from the "
-                              "videos to draw the spatial scale per step")
+            raise ConfigError(
+                "spatial_scales",
+                list(cfg.scales),
+                "prepared data holds one proxy size; train from the videos to draw the spatial scale per step",
+            )
         self.data = scan_dataset(cfg.data, cfg) if self.prepared is None else None
         comp = load_components(cfg.model, device=str(self.device))
         self.transformer = comp.transformer
@@ -324,26 +366,25 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
-        atlases = {s: AtlasTransformer(self.transformer, cfg.method_config(s))
-                   for s in cfg.scales}
+        atlases = {s: AtlasTransformer(self.transformer, cfg.method_config(s)) for s in cfg.scales}
         self.dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
-        self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device,
-                                     self.dtype)
+        self.encoder = LatentEncoder(comp.vae, comp.tokenizer, comp.text_encoder, cfg.text_len, self.device, self.dtype)
         params = [p for p in self.transformer.parameters() if p.requires_grad]
         # The JSON's "optimizer" / "scheduler" blocks are built by DeepSpeed; without them, ours.
         opt = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = None if "scheduler" in ds else lr_scheduler_factory(cfg)
         loss = FlowMatchingLoss(atlases[cfg.scales[0]], cfg.stage, self.adapter, frozen, atlases)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=loss,
-                                                                 model_parameters=params, optimizer=opt,
-                                                                 lr_scheduler=sched, config=ds)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=loss, model_parameters=params, optimizer=opt, lr_scheduler=sched, config=ds
+        )
         self.optimizer = self.engine.optimizer.optimizer  # the torch optimizer inside ZeRO (its state: Adam's)
         self.step, self._committed = 0, None
         self.out = Path(cfg.output)
         self.tb = tensorboard_writer(cfg, self.out) if self.rank == 0 else None
         if self.data is not None and self.data.skipped and self.rank == 0:
-            log(f"skipped {len(self.data.skipped)} bad entries: "
-                + "; ".join(f"{f}: {r}" for f, r in self.data.skipped))
+            log(
+                f"skipped {len(self.data.skipped)} bad entries: " + "; ".join(f"{f}: {r}" for f, r in self.data.skipped)
+            )
 
     # ---------------------------------------------------------------------------------------------- batches
     def batch(self, step: int) -> tuple[dict, int]:
@@ -427,9 +468,18 @@ class Trainer:
             if (self.step - 1) % cfg.log_every == 0 and self.rank == 0:
                 now = time.perf_counter()
                 eta = (stop - self.step) * (now - start) / len(losses)  # remaining steps x mean step time
-                self._log(dict(step=self.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
-                               tokens_per_s=tokens * self.world / (now - t0), step_s=now - t0,
-                               peak_mem_gb=_peak_memory_gb(), eta_s=round(eta, 1), eta=_hms(eta)))
+                self._log(
+                    dict(
+                        step=self.step,
+                        loss=loss,
+                        lr=self.optimizer.param_groups[0]["lr"],
+                        tokens_per_s=tokens * self.world / (now - t0),
+                        step_s=now - t0,
+                        peak_mem_gb=_peak_memory_gb(),
+                        eta_s=round(eta, 1),
+                        eta=_hms(eta),
+                    )
+                )
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
         self.save()
@@ -487,8 +537,12 @@ class Trainer:
         lora_params = [p for n, p in self.transformer.named_parameters() if ".lora_" in n]
         with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):  # ZeRO-3 shards; else a no-op
             if self.rank == 0:
-                path = save_lora(self.transformer, self.adapter, self.out / ADAPTER_FILE,
-                                 extra_metadata=geometry_metadata(training_geometry(self.cfg)))
+                path = save_lora(
+                    self.transformer,
+                    self.adapter,
+                    self.out / ADAPTER_FILE,
+                    extra_metadata=geometry_metadata(training_geometry(self.cfg)),
+                )
         dist.barrier()
         return path
 
@@ -510,34 +564,62 @@ def _peak_memory_gb() -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="AtlasVid LoRA training under DeepSpeed ZeRO")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", default=DEFAULT_DEEPSPEED,
-                   help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)} (default: %(default)s)")
-    p.add_argument("--deepspeed", action="store_true",
-                   help="accepted as DeepSpeed's scripts pass it; DeepSpeed is always enabled here")
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        default=DEFAULT_DEEPSPEED,
+        help=f"DeepSpeed JSON file, or a packaged one: {'|'.join(DEEPSPEED_PRESETS)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="accepted as DeepSpeed's scripts pass it; DeepSpeed is always enabled here",
+    )
     p.add_argument("--config", default=None, help="training YAML (TrainConfig fields)")
     p.add_argument("--stage", type=int, default=None)
     p.add_argument("--data", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--output", default=None)
-    p.add_argument("--steps", "--max-steps", "--max_steps", type=int, default=None, dest="max_steps",
-                   help="optimizer steps in total")
+    p.add_argument(
+        "--steps",
+        "--max-steps",
+        "--max_steps",
+        type=int,
+        default=None,
+        dest="max_steps",
+        help="optimizer steps in total",
+    )
     for flag, typ, helptext in OVERRIDE_FLAGS:
         p.add_argument(flag, type=typ, default=None, help=helptext)
     p.add_argument("--res", default=None, help="detail training size WIDTHxHEIGHT, e.g. 128x128")
-    p.add_argument("--lora-stage1", "--lora_stage1", default=None, dest="lora_stage1",
-                   help="stage 2: the frozen stage-1 adapter whose proxy keys/values the detail reads")
-    p.add_argument("--no-stage1-adapter", action="store_true",
-                   help="stage 2 without a stage-1 adapter (lora_stage1: none; the proxy from the base weights)")
+    p.add_argument(
+        "--lora-stage1",
+        "--lora_stage1",
+        default=None,
+        dest="lora_stage1",
+        help="stage 2: the frozen stage-1 adapter whose proxy keys/values the detail reads",
+    )
+    p.add_argument(
+        "--no-stage1-adapter",
+        action="store_true",
+        help="stage 2 without a stage-1 adapter (lora_stage1: none; the proxy from the base weights)",
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
 
-OVERRIDE_FLAGS = (("--mode", str, "stage-2 attention: atlas | ultragen"),
-                  ("--frames", int, "detail clip length in frames (4k+1)"), ("--fps", float, "detail frame rate"),
-                  ("--lr", float, "peak learning rate"), ("--batch", int, "clips per rank per micro step"),
-                  ("--grad-accum", int, "micro steps per optimizer step"), ("--seed", int, "random seed"),
-                  ("--warmup-steps", int, "linear lr warm-up steps"), ("--save-every", int, "checkpoint every N steps"))
+OVERRIDE_FLAGS = (
+    ("--mode", str, "stage-2 attention: atlas | ultragen"),
+    ("--frames", int, "detail clip length in frames (4k+1)"),
+    ("--fps", float, "detail frame rate"),
+    ("--lr", float, "peak learning rate"),
+    ("--batch", int, "clips per rank per micro step"),
+    ("--grad-accum", int, "micro steps per optimizer step"),
+    ("--seed", int, "random seed"),
+    ("--warmup-steps", int, "linear lr warm-up steps"),
+    ("--save-every", int, "checkpoint every N steps"),
+)
 """Command-line flags that set the TrainConfig field of the same name (dashes for underscores)."""
 
 

@@ -91,7 +91,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 def restore(module: torch.nn.Module, opt: torch.optim.Optimizer | None, tensors: dict, prefix: str) -> None:
     """Load ``prefix.*`` into the module and ``opt.*`` into the optimizer (its param groups kept)."""
-    module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
     if opt is None:
         return
     state: dict[int, dict] = {}

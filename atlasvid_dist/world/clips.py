@@ -41,8 +41,16 @@ def evaluation_set(seeds: tuple[int, ...] = EVAL_SEEDS) -> tuple[WorldClip, ...]
     return tuple(WorldClip(scene, seed) for seed in seeds for scene in all_scenes())
 
 
-def write_clips(folder: str | os.PathLike, clips: list[tuple[Scene, Motion]], *, frames: int, width: int,
-                height: int, fps: float, crf: int = 10) -> Path:
+def write_clips(
+    folder: str | os.PathLike,
+    clips: list[tuple[Scene, Motion]],
+    *,
+    frames: int,
+    width: int,
+    height: int,
+    fps: float,
+    crf: int = 10,
+) -> Path:
     """Write ``video_{i:03d}.mp4`` for each (scene, motion) and ``captions.jsonl`` into ``folder``; returns it."""
     from ..pipeline.video_io import Mp4Writer
 

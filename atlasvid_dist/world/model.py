@@ -16,15 +16,25 @@ import torch
 
 from .scene import COLOURS, DIRECTIONS, SHAPES
 
-SHAPES_VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                         temperal_downsample=[False, True, True])
+SHAPES_VAE_CONFIG = dict(
+    base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
 """Channels 8/16/32/32 from full to 1/8 resolution: cheap at full size, the capacity where the latent lives."""
 SHAPES_TEXT_DIM = 32
 """UMT5 d_model = the transformer's text_dim."""
 SHAPES_TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-    text_dim=SHAPES_TEXT_DIM, freq_dim=256, ffn_dim=256, num_layers=4, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=16,
+    out_channels=16,
+    text_dim=SHAPES_TEXT_DIM,
+    freq_dim=256,
+    ffn_dim=256,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=1024,
 )
 SHAPES_TEXT_LEN = 16
 """Tokenizer model_max_length: generate pads prompts to this (captions are 6 tokens with </s>)."""
@@ -51,9 +61,15 @@ def build_world_tokenizer():
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=SHAPES_TEXT_LEN)
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=SHAPES_TEXT_LEN,
+    )
 
 
 def build_text_encoder(vocab_size: int, seed: int):
@@ -61,9 +77,21 @@ def build_text_encoder(vocab_size: int, seed: int):
     its fixed embeddings)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = UMT5Config(vocab_size=vocab_size, d_model=SHAPES_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                     feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=SHAPES_TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UMT5EncoderModel(cfg).eval().requires_grad_(False)

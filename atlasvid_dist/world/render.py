@@ -50,14 +50,17 @@ def centres_px(scene: Scene, motion: Motion, width: int, height: int, frames: in
     return norm * np.array([width, height], float)
 
 
-def sample_motion(scene: Scene, width: int, height: int, rng: np.random.Generator,
-                  travel: float = TRAVEL) -> Motion:
+def sample_motion(scene: Scene, width: int, height: int, rng: np.random.Generator, travel: float = TRAVEL) -> Motion:
     """A start drawn from ``rng`` such that the whole object stays inside the frame for the whole clip."""
     r = radius_px(width, height) / np.array([width, height], float)  # (2,) normalised radius in x and y
     step = np.array(scene.step)
     axis = int(np.argmax(np.abs(step)))
-    check(0 <= travel <= 1 - 2 * r[axis], "travel", travel, f"must be in [0, {1 - 2 * r[axis]:.4g}] so the "
-          f"object stays inside a {width}x{height} frame")
+    check(
+        0 <= travel <= 1 - 2 * r[axis],
+        "travel",
+        travel,
+        f"must be in [0, {1 - 2 * r[axis]:.4g}] so the object stays inside a {width}x{height} frame",
+    )
     lo, hi = r.copy(), 1 - r  # (2,) bounds of the start in x and y
     if step[axis] > 0:
         hi[axis] -= travel
@@ -69,6 +72,7 @@ def sample_motion(scene: Scene, width: int, height: int, rng: np.random.Generato
 
 def _square_coverage(cx: float, cy: float, r: float, width: int, height: int) -> np.ndarray:
     """(H, W) exact area of [cx-r, cx+r] x [cy-r, cy+r] inside each pixel (separable)."""
+
     def overlap(n: int, c: float) -> np.ndarray:
         edges = np.arange(n, dtype=float)
         return np.clip(np.minimum(edges + 1, c + r) - np.maximum(edges, c - r), 0.0, 1.0)
@@ -115,8 +119,9 @@ def frame_coverage(shape: str, centre: tuple[float, float], width: int, height: 
 def coverage(scene: Scene, motion: Motion, width: int, height: int, frames: int) -> np.ndarray:
     """(N, H, W) fraction of each pixel covered by the object in each frame."""
     _check_size(width, height, frames)
-    return np.stack([frame_coverage(scene.shape, c, width, height)
-                     for c in centres_px(scene, motion, width, height, frames)])
+    return np.stack(
+        [frame_coverage(scene.shape, c, width, height) for c in centres_px(scene, motion, width, height, frames)]
+    )
 
 
 def render_frame(scene: Scene, centre: tuple[float, float], width: int, height: int) -> np.ndarray:

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from ..errors import InputError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40)}
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (230, 210, 40),
+}
 """Saturated RGB of each object colour."""
 BACKGROUND: tuple[int, int, int] = (24, 24, 24)
 """The dark plain background (RGB)."""
@@ -32,8 +36,11 @@ class Scene:
     """One of DIRECTIONS: the way the object moves."""
 
     def __post_init__(self) -> None:
-        for field, value, allowed in (("colour", self.colour, COLOURS), ("shape", self.shape, SHAPES),
-                                      ("direction", self.direction, DIRECTIONS)):
+        for field, value, allowed in (
+            ("colour", self.colour, COLOURS),
+            ("shape", self.shape, SHAPES),
+            ("direction", self.direction, DIRECTIONS),
+        ):
             if value not in allowed:
                 raise InputError(f"{field}={value!r}: must be one of {'|'.join(allowed)}")
 
@@ -50,8 +57,14 @@ class Scene:
 def parse_caption(text: str) -> Scene:
     """``'a red square moving right'`` -> Scene; anything else is an InputError naming the caption."""
     words = text.strip().split(" ") if isinstance(text, str) else []
-    if (len(words) != 5 or words[0] != "a" or words[3] != "moving" or words[1] not in COLOURS
-            or words[2] not in SHAPES or words[4] not in DIRECTIONS):
+    if (
+        len(words) != 5
+        or words[0] != "a"
+        or words[3] != "moving"
+        or words[1] not in COLOURS
+        or words[2] not in SHAPES
+        or words[4] not in DIRECTIONS
+    ):
         raise InputError(f"caption {text!r}: does not parse; expected '{CAPTION_FORMAT}'")
     return Scene(words[1], words[2], words[4])
 

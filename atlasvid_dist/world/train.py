@@ -105,25 +105,82 @@ class WorldBudget:
 
     def __post_init__(self) -> None:
         check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
-        check((self.vae_frames - 1) % 4 == 0 and self.vae_frames <= self.frames, "vae_frames", self.vae_frames,
-              "must be 4k+1 and at most frames")
-        check(self.width % 16 == 0 and self.height % 16 == 0, "width/height", (self.width, self.height),
-              "must be multiples of 16 (8x VAE, 2x2 patches)")
-        check(self.vae_crop % 8 == 0 and self.vae_crop <= min(self.width, self.height), "vae_crop", self.vae_crop,
-              "must be a multiple of 8 that fits the frame")
+        check(
+            (self.vae_frames - 1) % 4 == 0 and self.vae_frames <= self.frames,
+            "vae_frames",
+            self.vae_frames,
+            "must be 4k+1 and at most frames",
+        )
+        check(
+            self.width % 16 == 0 and self.height % 16 == 0,
+            "width/height",
+            (self.width, self.height),
+            "must be multiples of 16 (8x VAE, 2x2 patches)",
+        )
+        check(
+            self.vae_crop % 8 == 0 and self.vae_crop <= min(self.width, self.height),
+            "vae_crop",
+            self.vae_crop,
+            "must be a multiple of 8 that fits the frame",
+        )
         check(1 <= self.pool_scenes <= len(all_scenes()), "pool_scenes", self.pool_scenes, "must be in 1..32")
 
 
 BUDGETS = {
-    "tiny": WorldBudget(width=64, height=64, frames=5, fps=16.0, vae_steps=2, vae_batch=1, vae_frames=5,
-                        vae_crop=32, vae_lr=1e-3, pool_seeds=1, pool_scenes=2, dit_steps=3, dit_batch=1,
-                        dit_lr=1e-3, save_every=0, log_every=1),
-    "full": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=300, vae_batch=2, vae_frames=5,
-                        vae_crop=64, vae_lr=1e-3, pool_seeds=3, pool_scenes=32, dit_steps=2000, dit_batch=4,
-                        dit_lr=5e-4, save_every=50, log_every=25),
-    "short": WorldBudget(width=128, height=128, frames=17, fps=16.0, vae_steps=30, vae_batch=2, vae_frames=5,
-                         vae_crop=64, vae_lr=2e-3, pool_seeds=1, pool_scenes=32, dit_steps=60, dit_batch=4,
-                         dit_lr=1e-3, save_every=10, log_every=10),
+    "tiny": WorldBudget(
+        width=64,
+        height=64,
+        frames=5,
+        fps=16.0,
+        vae_steps=2,
+        vae_batch=1,
+        vae_frames=5,
+        vae_crop=32,
+        vae_lr=1e-3,
+        pool_seeds=1,
+        pool_scenes=2,
+        dit_steps=3,
+        dit_batch=1,
+        dit_lr=1e-3,
+        save_every=0,
+        log_every=1,
+    ),
+    "full": WorldBudget(
+        width=128,
+        height=128,
+        frames=17,
+        fps=16.0,
+        vae_steps=300,
+        vae_batch=2,
+        vae_frames=5,
+        vae_crop=64,
+        vae_lr=1e-3,
+        pool_seeds=3,
+        pool_scenes=32,
+        dit_steps=2000,
+        dit_batch=4,
+        dit_lr=5e-4,
+        save_every=50,
+        log_every=25,
+    ),
+    "short": WorldBudget(
+        width=128,
+        height=128,
+        frames=17,
+        fps=16.0,
+        vae_steps=30,
+        vae_batch=2,
+        vae_frames=5,
+        vae_crop=64,
+        vae_lr=2e-3,
+        pool_seeds=1,
+        pool_scenes=32,
+        dit_steps=60,
+        dit_batch=4,
+        dit_lr=1e-3,
+        save_every=10,
+        log_every=10,
+    ),
 }
 """tiny: end to end in about a minute (tests); short: the full recipe's sizes with few steps (a first look);
 full: the real recipe, meant to fit an hour on 2 CPU cores."""
@@ -143,8 +200,12 @@ class WorldTrainConfig:
     """Continue the run in a non-empty OUTPUT instead of refusing it."""
 
     def __post_init__(self) -> None:
-        check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", self.seed,
-              "must be an integer >= 0")
+        check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            "seed",
+            self.seed,
+            "must be an integer >= 0",
+        )
         check(self.budget in BUDGETS, "budget", self.budget, f"must be one of {'|'.join(BUDGETS)}")
 
     @property
@@ -163,8 +224,9 @@ def prepare_output(cfg: WorldTrainConfig) -> Path:
     run = {"seed": cfg.seed, "budget": cfg.budget}
     if out.exists() and any(out.iterdir()):
         if not cfg.resume:
-            raise ConfigError("output", cfg.output, "is not empty; pass --resume to continue the run in it, or "
-                              "choose a new folder")
+            raise ConfigError(
+                "output", cfg.output, "is not empty; pass --resume to continue the run in it, or choose a new folder"
+            )
         saved = _read_run(out)
         if saved != run:
             raise ConfigError("resume", cfg.output, f"the folder holds a run with {saved}, not {run}")
@@ -209,8 +271,7 @@ def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str]
     """Train ``stage`` from its last checkpoint (or from scratch) to ``stage.steps``; checkpoint every save_every
     and at the end. Returns the final state (done)."""
     folder = stage_dir(out, stage.name)
-    opt = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad], lr=stage.lr,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad], lr=stage.lr, weight_decay=0.0)
     state, tensors = read_stage(folder)
     if tensors:
         restore(stage.module, opt, tensors, "model")
@@ -230,8 +291,10 @@ def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str]
         state.step += 1
         if state.step % plan.log_every == 0 or state.step == stage.steps:
             state.losses.append([state.step, round(float(loss.detach()), 6)])
-            log(f"{stage.name}: step {state.step}/{stage.steps} loss {state.losses[-1][1]:.5f} "
-                f"({state.seconds + time.perf_counter() - start:.0f} s)")
+            log(
+                f"{stage.name}: step {state.step}/{stage.steps} loss {state.losses[-1][1]:.5f} "
+                f"({state.seconds + time.perf_counter() - start:.0f} s)"
+            )
         last = state.step == stage.steps
         if last or (plan.save_every and state.step % plan.save_every == 0):
             state.seconds += time.perf_counter() - start
@@ -265,13 +328,13 @@ def vae_crop(plan: WorldBudget, rng: np.random.Generator) -> torch.Tensor:
     clip = WorldClip(all_scenes()[int(rng.integers(len(all_scenes())))], POOL_SEED_BASE + int(rng.integers(10**6)))
     motion = clip.motion(plan.width, plan.height)
     first = int(rng.integers(plan.frames - plan.vae_frames + 1))
-    frames = clip.render(plan.width, plan.height, plan.frames)[first:first + plan.vae_frames]
+    frames = clip.render(plan.width, plan.height, plan.frames)[first : first + plan.vae_frames]
     cx, cy = centres_px(clip.scene, motion, plan.width, plan.height, plan.frames)[first]
     c = plan.vae_crop
     jitter = rng.integers(-c // 4, c // 4 + 1, size=2)
     left = int(np.clip(cx - c / 2 + jitter[0], 0, plan.width - c))
     top = int(np.clip(cy - c / 2 + jitter[1], 0, plan.height - c))
-    return to_pixels(frames[:, top:top + c, left:left + c])
+    return to_pixels(frames[:, top : top + c, left : left + c])
 
 
 def vae_loss(vae, plan: WorldBudget, seed: int, kl_weight: float = 1e-4) -> Callable[[int], torch.Tensor]:
@@ -292,7 +355,7 @@ def vae_loss(vae, plan: WorldBudget, seed: int, kl_weight: float = 1e-4) -> Call
 
 def pool_clips(plan: WorldBudget) -> list[WorldClip]:
     """The clips the transformer trains on: the first pool_scenes captions x pool_seeds start seeds."""
-    scenes = all_scenes()[:plan.pool_scenes]
+    scenes = all_scenes()[: plan.pool_scenes]
     seeds = [POOL_SEED_BASE + k for k in range(plan.pool_seeds)]
     return [WorldClip(s, k) for k in seeds for s in scenes]
 
@@ -301,8 +364,9 @@ def pool_clips(plan: WorldBudget) -> list[WorldClip]:
 def encode_pool(vae, plan: WorldBudget) -> dict[str, torch.Tensor]:
     """Raw VAE latents of the pool (posterior mean), their caption indices and the per-channel mean / std."""
     clips = pool_clips(plan)
-    lat = torch.cat([vae.encode(to_pixels(c.render(plan.width, plan.height, plan.frames))[None]).latent_dist.mode()
-                     for c in clips])  # (N, C, f, h, w)
+    lat = torch.cat(
+        [vae.encode(to_pixels(c.render(plan.width, plan.height, plan.frames))[None]).latent_dist.mode() for c in clips]
+    )  # (N, C, f, h, w)
     caption = torch.tensor([all_scenes().index(c.scene) for c in clips])
     mean = lat.mean(dim=(0, 2, 3, 4))
     std = lat.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
@@ -317,8 +381,9 @@ def set_latent_stats(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
 # --- stage B: transformer -------------------------------------------------------------------------------------
 
 
-def flow_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
-              text: torch.Tensor) -> torch.Tensor:
+def flow_loss(
+    transformer, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
     """Wan's flow matching on the base model (full attention): v = noise - x0 predicted at timestep 1000 sigma."""
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1.0 - s) * x0 + s * noise
@@ -326,8 +391,9 @@ def flow_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.T
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def dit_loss(transformer, pool: dict, texts: torch.Tensor, plan: WorldBudget,
-             seed: int) -> Callable[[int], torch.Tensor]:
+def dit_loss(
+    transformer, pool: dict, texts: torch.Tensor, plan: WorldBudget, seed: int
+) -> Callable[[int], torch.Tensor]:
     """Loss of one step: ``dit_batch`` pool clips, each with its own sigma and noise; texts is (33, L, D), the 32
     captions then the empty prompt."""
     from ..train.config import TrainConfig
@@ -369,8 +435,10 @@ def latent_stage(out: Path, vae, plan: WorldBudget, log) -> tuple[StageState, di
         pool = encode_pool(vae, plan)
         state = StageState(step=1, done=True, seconds=time.perf_counter() - start)
         commit_stage(folder, state, pool)
-        log(f"latents: {len(pool['latents'])} clips encoded to {tuple(pool['latents'].shape[1:])} "
-            f"({state.seconds:.0f} s)")
+        log(
+            f"latents: {len(pool['latents'])} clips encoded to {tuple(pool['latents'].shape[1:])} "
+            f"({state.seconds:.0f} s)"
+        )
     return state, pool
 
 
@@ -379,10 +447,24 @@ def model_defaults(cfg: WorldTrainConfig, times: dict, sizes: dict) -> dict:
     run it with (detail at 2x the base size, windows of half the detail's token rows/columns)."""
     p = cfg.plan
     frames_tokens = (p.frames - 1) // 4 + 1
-    return {"name": "shapes", "base_width": p.width, "base_height": p.height, "frames": p.frames, "fps": p.fps,
-            "spatial_scale": 2, "temporal_scale": 1, "window": [frames_tokens, p.height // 16, p.width // 16],
-            "detail_res": f"{2 * p.width}x{2 * p.height}", "flow_shift": FLOW_SHIFT, "text_len": SHAPES_TEXT_LEN,
-            "seed": cfg.seed, "budget": cfg.budget, "seconds": times, "params": sizes, "trained_on": asdict(p)}
+    return {
+        "name": "shapes",
+        "base_width": p.width,
+        "base_height": p.height,
+        "frames": p.frames,
+        "fps": p.fps,
+        "spatial_scale": 2,
+        "temporal_scale": 1,
+        "window": [frames_tokens, p.height // 16, p.width // 16],
+        "detail_res": f"{2 * p.width}x{2 * p.height}",
+        "flow_shift": FLOW_SHIFT,
+        "text_len": SHAPES_TEXT_LEN,
+        "seed": cfg.seed,
+        "budget": cfg.budget,
+        "seconds": times,
+        "params": sizes,
+        "trained_on": asdict(p),
+    }
 
 
 def export(out: Path, parts: dict, defaults: dict) -> None:
@@ -403,23 +485,39 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     tokenizer = build_world_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), cfg.seed + 2)
     vae = build_vae(cfg.seed)
-    vae_state = run_stage(out, plan, StageRun("vae", vae, vae_loss(vae, plan, cfg.seed), plan.vae_steps,
-                                              plan.vae_lr), log)
+    vae_state = run_stage(
+        out, plan, StageRun("vae", vae, vae_loss(vae, plan, cfg.seed), plan.vae_steps, plan.vae_lr), log
+    )
     vae.requires_grad_(False)
     pool_state, pool = latent_stage(out, vae, plan, log)
     set_latent_stats(vae, pool["mean"], pool["std"])
     transformer = build_transformer(cfg.seed + 1)
     texts = caption_embeddings(tokenizer, text_encoder)
-    dit_state = run_stage(out, plan, StageRun("dit", transformer, dit_loss(transformer, pool, texts, plan, cfg.seed),
-                                              plan.dit_steps, plan.dit_lr), log)
+    dit_state = run_stage(
+        out,
+        plan,
+        StageRun("dit", transformer, dit_loss(transformer, pool, texts, plan, cfg.seed), plan.dit_steps, plan.dit_lr),
+        log,
+    )
     start = time.perf_counter()
-    times = {"vae": round(vae_state.seconds, 1), "latents": round(pool_state.seconds, 1),
-             "dit": round(dit_state.seconds, 1)}
-    sizes = {k: param_count(m) for k, m in (("vae", vae), ("transformer", transformer),
-                                              ("text_encoder", text_encoder))}
+    times = {
+        "vae": round(vae_state.seconds, 1),
+        "latents": round(pool_state.seconds, 1),
+        "dit": round(dit_state.seconds, 1),
+    }
+    sizes = {k: param_count(m) for k, m in (("vae", vae), ("transformer", transformer), ("text_encoder", text_encoder))}
     defaults = model_defaults(cfg, times, sizes)
-    export(out, dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder, tokenizer=tokenizer,
-                     scheduler=build_scheduler()), defaults)
+    export(
+        out,
+        dict(
+            transformer=transformer.eval(),
+            vae=vae.eval(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=build_scheduler(),
+        ),
+        defaults,
+    )
     times["export"] = round(time.perf_counter() - start, 1)
     write_defaults(out, {**defaults, "seconds": times})
     log(f"model: {out} (seconds per stage: {times})")

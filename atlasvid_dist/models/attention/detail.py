@@ -51,8 +51,15 @@ def resolve_backend(name: str, device: torch.device) -> str:
 class DetailAttention:
     """Attention for the detail tokens of one forward pass (see module docstring)."""
 
-    def __init__(self, config: AtlasConfig, grid: Grid, rotary: Rotary3D, device: torch.device,
-                 proxy: ProxyKV | None = None, scales: tuple[float, float, float] = (1.0, 1.0, 1.0)):
+    def __init__(
+        self,
+        config: AtlasConfig,
+        grid: Grid,
+        rotary: Rotary3D,
+        device: torch.device,
+        proxy: ProxyKV | None = None,
+        scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ):
         self.config, self.grid, self.rotary, self.device = config, grid, rotary, device
         self.proxy, self.scales = proxy, scales
         self.backend = resolve_backend(config.backend, device)
@@ -74,8 +81,9 @@ class DetailAttention:
             if self.proxy is not None and self.config.proxy_context == "aligned":
                 index, _ = proxy_regions(spec, self.proxy.grid, self.scales, self.config.proxy_margin)
                 index = index.to(self.device)
-            self._layers[spec] = LayerWindows(spec, lay.order.to(self.device), lay.inverse.to(self.device),
-                                              lay.valid.to(self.device), index)
+            self._layers[spec] = LayerWindows(
+                spec, lay.order.to(self.device), lay.inverse.to(self.device), lay.valid.to(self.device), index
+            )
         return self._layers[spec]
 
     # -- entry point --------------------------------------------------------------------------------------------
@@ -191,7 +199,7 @@ def upsample_cells(x: torch.Tensor, grid: Grid, pool) -> torch.Tensor:
     x = x.reshape(b, cells[0], 1, cells[1], 1, cells[2], 1, h, d)  # (B, t', 1, h', 1, w', 1, H, D)
     x = x.expand(b, cells[0], pool[0], cells[1], pool[1], cells[2], pool[2], h, d)
     x = x.reshape(b, *(c * p for c, p in zip(cells, pool)), h, d)  # (B, t'*pt, h'*ph, w'*pw, H, D)
-    return x[:, :grid.t, :grid.h, :grid.w].reshape(b, grid.size, h, d)  # crop, raster (B, N, H, D)
+    return x[:, : grid.t, : grid.h, : grid.w].reshape(b, grid.size, h, d)  # crop, raster (B, N, H, D)
 
 
 def pooled_positions(grid: Grid, pool) -> torch.Tensor:

@@ -40,16 +40,25 @@ def _block_mask(key, window_tokens: int, valid: torch.Tensor, proxy_tokens: int,
         return (in_detail & detail_ok) | proxy_ok
 
     # _compile=True builds the block mask blockwise instead of evaluating a dense (Lq, Lk) mask (477 GB at 4K)
-    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=lw, KV_LEN=lw + proxy_tokens, device=valid.device,
-                             _compile=True)
+    mask = create_block_mask(
+        mask_mod, B=None, H=None, Q_LEN=lw, KV_LEN=lw + proxy_tokens, device=valid.device, _compile=True
+    )
     if len(_BLOCK_MASKS) > 64:
         _BLOCK_MASKS.clear()
     _BLOCK_MASKS[key] = mask
     return mask
 
 
-def flex_windows(qw: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, valid: torch.Tensor,
-                 pk: torch.Tensor | None, pv: torch.Tensor | None, table: torch.Tensor | None, key) -> torch.Tensor:
+def flex_windows(
+    qw: torch.Tensor,
+    kw: torch.Tensor,
+    vw: torch.Tensor,
+    valid: torch.Tensor,
+    pk: torch.Tensor | None,
+    pv: torch.Tensor | None,
+    table: torch.Tensor | None,
+    key,
+) -> torch.Tensor:
     """qw, kw, vw (B, W, L, H, D) window-major; pk, pv (B, Np, H, D) or None; table (W, Np) or None (all).
 
     Returns (B, W, L, H, D).

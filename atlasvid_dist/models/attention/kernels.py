@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Slow, obvious attention: softmax(q k^T / sqrt(d) masked) v. mask (Lq, Lk) bool, True = may attend."""
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
     if mask is not None:
@@ -23,8 +24,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """torch SDPA on (B, L, H, D); mask broadcastable to (B, H, Lq, Lk), bool, True = may attend."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask)  # (B, H, Lq, D)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )  # (B, H, Lq, D)
     return out.transpose(1, 2)
 
 
@@ -38,9 +40,15 @@ def auto_window_batch(batch: int, windows: int, key_len: int, heads: int, head_d
     return max(1, min(windows, AUTO_CHUNK_ELEMENTS // max(per_window, 1)))
 
 
-def windows_sdpa(qw: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, key_valid: torch.Tensor | None,
-                 max_windows: int = 0, extra_k: torch.Tensor | None = None,
-                 extra_v: torch.Tensor | None = None) -> torch.Tensor:
+def windows_sdpa(
+    qw: torch.Tensor,
+    kw: torch.Tensor,
+    vw: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    max_windows: int = 0,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention inside windows stacked in the batch dimension.
 
     qw (B, W, Lq, H, D); kw, vw (B, W, Lk, H, D); key_valid (W, Lk) bool or None (padding slots are False).
