@@ -129,7 +129,7 @@ BAD = [
     (["--steps", "-2"], "steps"),
     (["--model", "/nonexistent/wan"], "nonexistent"),
     (["--lora-stage2", "README.md"], "README.md"),
-    (["--attention", "sparse"], "mode"),
+    (["--attention", "sparse"], "attention"),  # named as the option the user typed
     (["--attention", "ultragen", "--ultragen-weight", "2"], "ultragen_weight"),
     (["--attention", "ultragen", "--ultragen-pool", "1,4"], "ultragen_pool"),
 ]
