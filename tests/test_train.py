@@ -51,7 +51,7 @@ def _fit(rank, world, cfg_kw, ds_config, steps):
 
 def frozen_unchanged(trainer, stage1_file) -> bool | None:
     """Stage 2: the frozen stage-1 adapter's weights in the trained model still equal its file (None in stage 1)."""
-    if not stage1_file:
+    if not stage1_file or stage1_file == "none":  # stage 1, or stage 2 trained without a stage-1 adapter
         return None
     from safetensors.torch import load_file
 
