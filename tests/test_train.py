@@ -55,12 +55,13 @@ def frozen_unchanged(trainer, stage1_file) -> bool | None:
         return None
     from safetensors.torch import load_file
 
+    import deepspeed
+
     params = dict(trainer.transformer.named_parameters())
     saved = load_file(stage1_file)
-    return len(saved) > 0 and all(
-        torch.equal(params[k.removeprefix("transformer.").replace(".weight", ".stage1.weight")].detach().cpu(), v)
-        for k, v in saved.items()
-    )
+    names = {k: k.removeprefix("transformer.").replace(".weight", ".stage1.weight") for k in saved}
+    with deepspeed.zero.GatheredParameters([params[n] for n in names.values()]):  # ZeRO-3 shards them; else no-op
+        return len(saved) > 0 and all(torch.equal(params[names[k]].detach().cpu(), v) for k, v in saved.items())
 
 
 @pytest.mark.parametrize(
