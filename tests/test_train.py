@@ -53,9 +53,8 @@ def frozen_unchanged(trainer, stage1_file) -> bool | None:
     """Stage 2: the frozen stage-1 adapter's weights in the trained model still equal its file (None in stage 1)."""
     if not stage1_file or stage1_file == "none":  # stage 1, or stage 2 trained without a stage-1 adapter
         return None
-    from safetensors.torch import load_file
-
     import deepspeed
+    from safetensors.torch import load_file
 
     params = dict(trainer.transformer.named_parameters())
     saved = load_file(stage1_file)
