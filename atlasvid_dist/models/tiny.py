@@ -89,11 +89,17 @@ def build_tiny_scheduler():
 
 
 def _tiny_text_encoder(vocab_size: int):
+    return small_umt5_encoder(vocab_size, TINY_TEXT_DIM)
+
+
+def small_umt5_encoder(vocab_size: int, d_model: int):
+    """A 2-layer UMT5 encoder (random weights from torch's current RNG): the built-in model's and the shapes
+    world's text encoder."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = UMT5Config(
         vocab_size=vocab_size,
-        d_model=TINY_TEXT_DIM,
+        d_model=d_model,
         d_kv=8,
         d_ff=64,
         num_layers=2,

@@ -75,26 +75,11 @@ def build_world_tokenizer():
 def build_text_encoder(vocab_size: int, seed: int):
     """A small UMT5 encoder with random weights drawn from ``seed``; it stays frozen (the transformer learns to read
     its fixed embeddings)."""
-    from transformers import UMT5Config, UMT5EncoderModel
+    from ..models.tiny import small_umt5_encoder
 
-    cfg = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=SHAPES_TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UMT5EncoderModel(cfg).eval().requires_grad_(False)
+        return small_umt5_encoder(vocab_size, SHAPES_TEXT_DIM).eval().requires_grad_(False)
 
 
 def build_vae(seed: int):
