@@ -143,28 +143,28 @@ def test_ultragen_options_reach_the_method(tmp_path):
     assert config(tmp_path).method.ultragen_pool == (1, 4, 4) and config(tmp_path).method.ultragen_weight == 0.5
 
 
+SMALL_ARGS = [
+    "--prompt",
+    "x",
+    "--res",
+    "256x256",
+    "--frames",
+    "9",
+    "--steps",
+    "1",
+    "--proxy-steps",
+    "1",
+    "--window",
+    "3,8,8",
+    "--quiet",
+]
+"""The smallest generate run the CLI tests share (256x256 x 9 frames, one step per stage)."""
+
+
 @pytest.mark.parametrize("args,needle", BAD)
 def test_bad_inputs_exit_2_and_no_output(tmp_path, capsys, args, needle):
     out = tmp_path / "bad.mp4"
-    code = cli(
-        "generate",
-        "--prompt",
-        "x",
-        "--res",
-        "256x256",
-        "--frames",
-        "9",
-        "--steps",
-        "1",
-        "--proxy-steps",
-        "1",
-        "--window",
-        "3,8,8",
-        "--quiet",
-        "--out",
-        str(out),
-        *args,
-    )
+    code = cli("generate", *SMALL_ARGS, "--out", str(out), *args)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and needle in err

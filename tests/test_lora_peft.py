@@ -11,6 +11,7 @@ from atlasvid_dist.cli.main import main
 from atlasvid_dist.errors import ModelLoadError
 from atlasvid_dist.models.lora import load_lora
 from atlasvid_dist.models.tiny import build_tiny_transformer
+from tests.test_generate import SMALL_ARGS
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.2"]
 
@@ -54,30 +55,7 @@ def test_cli_accepts_peft_folder(peft_saved, tmp_path):
     folder, _ = peft_saved
     out = tmp_path / "o.mp4"
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "generate",
-                "--prompt",
-                "x",
-                "--res",
-                "256x256",
-                "--frames",
-                "9",
-                "--steps",
-                "1",
-                "--proxy-steps",
-                "1",
-                "--window",
-                "3,8,8",
-                "--quiet",
-                "--out",
-                str(out),
-                "--lora-stage1",
-                str(folder),
-                "--lora-stage2",
-                str(folder),
-            ]
-        )
+        main(["generate", *SMALL_ARGS, "--out", str(out), "--lora-stage1", str(folder), "--lora-stage2", str(folder)])
     assert e.value.code in (0, None) and out.exists()
 
 

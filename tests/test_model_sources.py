@@ -14,6 +14,7 @@ from atlasvid_dist.cli.main import main
 from atlasvid_dist.errors import ModelLoadError
 from atlasvid_dist.models.loading import load_components, model_folder, read_model_spec, validate_model_dir
 from atlasvid_dist.models.tiny import save_tiny_pipeline
+from tests.test_generate import SMALL_ARGS
 
 HASH = "0123456789abcdef0123456789abcdef01234567"
 
@@ -30,29 +31,7 @@ def model_copy(tiny_dir, tmp_path):
 
 def cli_generate(model, out, *extra):
     with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "generate",
-                "--prompt",
-                "x",
-                "--model",
-                str(model),
-                "--res",
-                "256x256",
-                "--frames",
-                "9",
-                "--steps",
-                "1",
-                "--proxy-steps",
-                "1",
-                "--window",
-                "3,8,8",
-                "--quiet",
-                "--out",
-                str(out),
-                *extra,
-            ]
-        )
+        main(["generate", *SMALL_ARGS, "--model", str(model), "--out", str(out), *extra])
     return e.value.code
 
 

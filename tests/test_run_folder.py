@@ -12,23 +12,14 @@ import torch
 
 from atlasvid_dist.errors import InputError
 from atlasvid_dist.pipeline.generate import RunInterrupted, TwoStageGenerator
-from tests.test_generate import cli, config, generate, latents_of, tiny_components  # noqa: F401 (fixture)
-
-SMALL_ARGS = [
-    "--prompt",
-    "x",
-    "--res",
-    "256x256",
-    "--frames",
-    "9",
-    "--steps",
-    "1",
-    "--proxy-steps",
-    "1",
-    "--window",
-    "3,8,8",
-    "--quiet",
-]
+from tests.test_generate import (  # noqa: F401 (fixture)
+    SMALL_ARGS,
+    cli,
+    config,
+    generate,
+    latents_of,
+    tiny_components,
+)
 
 
 def interrupted(cfg, comp, stop):
