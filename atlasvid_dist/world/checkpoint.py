@@ -1,13 +1,12 @@
 """Per-stage checkpoints of `world train`: weights and Adam moments in safetensors, progress in JSON (no pickle).
 
-Layout: ``OUTPUT/checkpoints/<stage>/state.json`` names the committed ``state-<step>.safetensors``; the JSON is
-written (atomically, by rename) after the tensors, so a stop between the two leaves the previous commit valid.
+Each stage folder ``OUTPUT/checkpoints/<stage>/`` is a :class:`~atlasvid_dist.pipeline.checkpoint.StepCheckpointer`
+folder (the project's one committed-step format: a marker written last, sizes and sha256 checked on load), keeping
+the newest commit only; the stage's progress is the commit's JSON meta.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 from ..errors import ModelLoadError
 
 CHECKPOINTS = "checkpoints"
-STATE_JSON = "state.json"
 
 
 @dataclass
@@ -31,8 +29,6 @@ class StageState:
     """Wall time spent in the stage, summed over resumes."""
     losses: list = field(default_factory=list)
     """(step, loss) pairs logged so far."""
-    file: str = ""
-    """The committed safetensors file (relative to the stage folder)."""
 
 
 def stage_dir(output: Path, name: str) -> Path:
@@ -41,39 +37,26 @@ def stage_dir(output: Path, name: str) -> Path:
 
 def read_stage(folder: Path) -> tuple[StageState, dict[str, torch.Tensor]]:
     """The committed state and its tensors (empty state and no tensors when nothing is committed)."""
-    from safetensors.torch import load_file
+    from ..pipeline.checkpoint import StepCheckpointer
 
-    path = folder / STATE_JSON
-    if not path.is_file():
+    if not folder.is_dir():
         return StageState(), {}
+    ckpt = StepCheckpointer(folder, keep=1)
+    step = ckpt.latest()
+    if step is None:
+        return StageState(), {}
+    tensors, meta = ckpt.load(step)
     try:
-        state = StageState(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path}: not a world-train stage state ({e})") from None
-    if not state.file:
-        return state, {}
-    from ..models.loading import check_safetensors_file
-
-    check_safetensors_file(folder / state.file)
-    return state, load_file(str(folder / state.file))
+        return StageState(**meta), tensors
+    except TypeError as e:
+        raise ModelLoadError(f"{folder}: not a world-train stage state ({e})") from None
 
 
 def commit_stage(folder: Path, state: StageState, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the tensors, then the JSON naming them (atomic rename), then drop older tensor files."""
-    from safetensors.torch import save_file
+    """Commit the stage's tensors and progress as its newest step (older commits are dropped)."""
+    from ..pipeline.checkpoint import StepCheckpointer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if tensors:
-        state.file = f"state-{state.step:07d}.safetensors"
-        tmp = folder / f".{state.file}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / state.file)
-    tmp = folder / f".{STATE_JSON}.tmp"
-    tmp.write_text(json.dumps(asdict(state)) + "\n")
-    os.replace(tmp, folder / STATE_JSON)
-    for old in folder.glob("state-*.safetensors"):
-        if old.name != state.file:
-            old.unlink()
+    StepCheckpointer(folder, keep=1).commit(state.step, tensors, asdict(state))
 
 
 def module_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
