@@ -21,6 +21,7 @@ part of this recipe yet.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -150,18 +151,18 @@ BUDGETS = {
         height=128,
         frames=17,
         fps=16.0,
-        vae_steps=300,
+        vae_steps=800,
         vae_batch=2,
         vae_frames=5,
         vae_crop=64,
-        vae_lr=1e-3,
-        pool_seeds=3,
+        vae_lr=2e-3,
+        pool_seeds=6,
         pool_scenes=32,
-        dit_steps=2000,
-        dit_batch=4,
-        dit_lr=5e-4,
-        save_every=50,
-        log_every=25,
+        dit_steps=3000,
+        dit_batch=16,
+        dit_lr=1e-3,
+        save_every=100,
+        log_every=50,
     ),
     "short": WorldBudget(
         width=128,
@@ -265,6 +266,25 @@ class StageRun:
     loss: Callable[[int], torch.Tensor]
     steps: int
     lr: float
+    ema: torch.nn.Module | None = None
+    """A copy of ``module`` that tracks an exponential moving average of its weights (what is exported)."""
+
+
+def ema_decay(step: int, cap: float = 0.999) -> float:
+    """EMA decay after ``step`` optimizer steps: (1 + step) / (10 + step), at most ``cap`` (short runs average
+    less of their noisy start)."""
+    return min(cap, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, module: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), module.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def stage_tensors(stage: "StageRun", opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    ema = {} if stage.ema is None else module_tensors(stage.ema, "ema")
+    return {**module_tensors(stage.module, "model"), **ema, **optimizer_tensors(opt)}
 
 
 def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str], None]) -> StageState:
@@ -275,6 +295,8 @@ def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str]
     state, tensors = read_stage(folder)
     if tensors:
         restore(stage.module, opt, tensors, "model")
+        if stage.ema is not None:
+            restore(stage.ema, None, tensors, "ema")
         log(f"{stage.name}: resumed at step {state.step}")
     if state.done:
         return state
@@ -288,6 +310,8 @@ def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str]
         torch.nn.utils.clip_grad_norm_(stage.module.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if stage.ema is not None:
+            ema_update(stage.ema, stage.module, ema_decay(state.step))
         state.step += 1
         if state.step % plan.log_every == 0 or state.step == stage.steps:
             state.losses.append([state.step, round(float(loss.detach()), 6)])
@@ -300,7 +324,7 @@ def run_stage(out: Path, plan: WorldBudget, stage: StageRun, log: Callable[[str]
             state.seconds += time.perf_counter() - start
             start = time.perf_counter()
             state.done = last
-            commit_stage(folder, state, {**module_tensors(stage.module, "model"), **optimizer_tensors(opt)})
+            commit_stage(folder, state, stage_tensors(stage, opt))
     stage.module.eval()
     return state
 
@@ -491,12 +515,15 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     vae.requires_grad_(False)
     pool_state, pool = latent_stage(out, vae, plan, log)
     set_latent_stats(vae, pool["mean"], pool["std"])
-    transformer = build_transformer(cfg.seed + 1)
+    trained = build_transformer(cfg.seed + 1)
+    transformer = copy.deepcopy(trained).requires_grad_(False)  # the EMA of `trained`: what is exported
     texts = caption_embeddings(tokenizer, text_encoder)
     dit_state = run_stage(
         out,
         plan,
-        StageRun("dit", transformer, dit_loss(transformer, pool, texts, plan, cfg.seed), plan.dit_steps, plan.dit_lr),
+        StageRun(
+            "dit", trained, dit_loss(trained, pool, texts, plan, cfg.seed), plan.dit_steps, plan.dit_lr, transformer
+        ),
         log,
     )
     start = time.perf_counter()
