@@ -13,15 +13,13 @@ from typing import Annotated, Optional
 import typer
 
 from ..config.method import MODES, AtlasConfig
-from ..config.model import MODEL_PRESETS, ModelSpec
+from ..config.model import MODEL_PRESETS, WAN_BASE, BaseSize, ModelSpec
 from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
 from ..errors import ConfigError, check
 from ..geometry.grid import Grid, latent_grid, token_grid
 from ..geometry.windows import auto_window
 
-#: Proxy tokens per frame the automatic spatial scale aims at: a 720P frame (45 x 80 tokens), what Wan saw.
-PROXY_FRAME_TOKENS = 45 * 80
 
 # -- the options ----------------------------------------------------------------------------------------------
 Model = Annotated[str, typer.Option(help=f"{'|'.join(MODEL_PRESETS)} (shapes) or a diffusers Wan2.1 folder.")]
@@ -113,7 +111,7 @@ def detail_grid(video: VideoSpec, model: ModelSpec) -> Grid:
     return token_grid(latent_grid(video.frames, video.gen_height, video.gen_width), model.patch)
 
 
-def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> int:
+def auto_spatial_scale(grid: Grid, frame_tokens: int = WAN_BASE.frame_tokens) -> int:
     """Smallest divisor s of both h and w with a proxy frame (h/s x w/s) of at most ``frame_tokens`` tokens.
 
     4K (135 x 240) -> 3, 2K (90 x 160) -> 2, 8K (270 x 480) -> 6, 720P -> 1: a 720P-sized proxy, tokens aligned.
@@ -126,14 +124,24 @@ def auto_spatial_scale(grid: Grid, frame_tokens: int = PROXY_FRAME_TOKENS) -> in
 
 
 def build_method(
-    grid: Grid, *, attention: str, window, spatial_scale: int, pad_windows: bool = False, **settings
+    grid: Grid,
+    *,
+    attention: str,
+    window,
+    spatial_scale: int,
+    pad_windows: bool = False,
+    base: BaseSize | None = None,
+    **settings,
 ) -> AtlasConfig:
     """AtlasConfig from option values over the detail token ``grid`` (the one builder of generate and plan).
 
-    ``window``: 'auto' (a window near (3, 15, 16) that tiles the grid: :func:`auto_window`; padded only when no
-    such window exists), 'T,H,W' or a triple. ``spatial_scale`` 0 picks :func:`auto_spatial_scale`. Other
-    ``settings`` are AtlasConfig fields; ``proxy_margin``/``ultragen_pool`` may be 'T,H,W' strings.
+    ``window``: 'auto' (a window near the model's own window, (3, 15, 16) for Wan, that tiles the grid:
+    :func:`auto_window`; padded only when no such window exists), 'T,H,W' or a triple. ``spatial_scale`` 0 picks
+    :func:`auto_spatial_scale` (a proxy frame of at most the model's base size: 720P for Wan). ``base``: what the
+    model folder says it was trained at (None: Wan2.1's 720P). Other ``settings`` are AtlasConfig fields;
+    ``proxy_margin``/``ultragen_pool`` may be 'T,H,W' strings.
     """
+    base = base or BaseSize()
     check(attention in MODES, "attention", attention, f"must be one of {MODES}")
     check(
         isinstance(spatial_scale, int) and spatial_scale >= 0,
@@ -142,9 +150,9 @@ def build_method(
         "must be an integer >= 0 (0 = auto)",
     )
     if spatial_scale == 0:
-        spatial_scale = auto_spatial_scale(grid)
+        spatial_scale = auto_spatial_scale(grid, base.frame_tokens)
     if window == "auto":
-        window, padded = auto_window(grid)
+        window, padded = auto_window(grid, base.window)
         pad_windows = pad_windows or padded
     elif isinstance(window, str):
         window = parse_triple("window", window)

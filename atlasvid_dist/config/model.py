@@ -81,6 +81,50 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class BaseSize:
+    """The size a model was trained at ("at home"): the method's automatic choices aim the proxy and the window at
+    it. Wan2.1's is 720P; a model folder may say its own in atlasvid_model.json (``base_width``, ``base_height``,
+    ``window``)."""
+
+    width: int = 1280
+    """Training width in pixels."""
+    height: int = 720
+    """Training height in pixels."""
+    window: tuple[int, int, int] = (3, 15, 16)
+    """The window (t, h, w tokens) `--window auto` starts from: Wan's tiles 720P, 2K, 4K and 8K in space."""
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 16, f"base_{name}", v, "must be an integer >= 16")
+        w = self.window
+        check(
+            isinstance(w, tuple) and len(w) == 3 and all(isinstance(x, int) and x >= 1 for x in w),
+            "window",
+            w,
+            "must be three integers >= 1",
+        )
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens in one frame at this size (16 px per token: 8x VAE, 2x2 patches); 720P: 45 x 80."""
+        return (self.height // 16) * (self.width // 16)
+
+    @classmethod
+    def from_defaults(cls, defaults: dict) -> "BaseSize":
+        """From a model folder's atlasvid_model.json (absent keys: Wan2.1's 720P)."""
+        keys = {"base_width": "width", "base_height": "height", "window": "window"}
+        found = {field: defaults[key] for key, field in keys.items() if key in defaults}
+        if "window" in found and isinstance(found["window"], list):
+            found["window"] = tuple(found["window"])
+        return cls(**found)
+
+
+WAN_BASE = BaseSize()
+"""Wan2.1's own base size (720P) and window."""
+
+
 def model_preset(name: str) -> ModelSpec:
     check(name in MODEL_PRESETS, "model", name, f"unknown preset; use one of {sorted(MODEL_PRESETS)} or a folder")
     return MODEL_PRESETS[name]

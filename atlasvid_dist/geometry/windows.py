@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from ..config.model import WAN_BASE
 from ..errors import check
 from .grid import Grid, ProxyAnchor, divisors
 
@@ -146,7 +147,7 @@ def proxy_regions(spec: WindowSpec, proxy: Grid, scales: Triple, margin: Triple)
     return index.reshape(spec.num_windows, -1), tuple(sizes)  # type: ignore[return-value]
 
 
-DEFAULT_WINDOW: Triple = (3, 15, 16)
+DEFAULT_WINDOW: Triple = WAN_BASE.window
 """The window the method starts from: it tiles 720P, 2K, 4K and 8K token grids in space (docs/method.md)."""
 
 

@@ -177,10 +177,19 @@ def is_hub_id(model: str | os.PathLike) -> bool:
     return bool(_HUB_ID.match(text)) and ".." not in text and not Path(text).exists()
 
 
+BUILTIN_FOLDERS = {"shapes": Path(__file__).parent / "shapes"}
+"""Models shipped inside the package as diffusers-format folders (name -> folder). ``shapes`` is the project's own
+model of the shapes world, made by `atlasvid-dist world train` (docs/shapes.md)."""
+DEFAULTS_FILE = "atlasvid_model.json"
+"""A model folder's own defaults (base size, window, generate options), next to model_index.json."""
+
+
 def model_folder(model: str | os.PathLike) -> Path:
-    """The folder to read for ``model``: a local path as given, or a Hugging Face id (``Wan-AI/Wan2.1-T2V-1.3B-
-    Diffusers``) resolved in the local cache without any network access; ModelLoadError names the id and the cache
-    folder when the id is not cached."""
+    """The folder to read for ``model``: a built-in name (:data:`BUILTIN_FOLDERS`), a local path as given, or a
+    Hugging Face id (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``) resolved in the local cache without any network access;
+    ModelLoadError names the id and the cache folder when the id is not cached."""
+    if str(model) in BUILTIN_FOLDERS:
+        return BUILTIN_FOLDERS[str(model)]
     if not is_hub_id(model):
         return Path(model)
     from huggingface_hub import snapshot_download
@@ -194,6 +203,20 @@ def model_folder(model: str | os.PathLike) -> Path:
             f"local cache {cache} (HF_HUB_CACHE); download it into that cache once (e.g. `hf "
             f"download {model}`) or pass a folder ({type(e).__name__})"
         ) from None
+
+
+def read_model_defaults(model: str | os.PathLike) -> dict:
+    """The model folder's :data:`DEFAULTS_FILE` as a dict ({} for the built-in tiny model, a preset name or a folder
+    without one). ModelLoadError names the file when it is not a JSON object."""
+    if str(model) == "tiny" or (str(model) not in BUILTIN_FOLDERS and not Path(str(model)).is_dir()):
+        return {}
+    path = model_folder(model) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: must hold a JSON object")
+    return data
 
 
 # --- folder layout and configs -------------------------------------------------------------------------------
