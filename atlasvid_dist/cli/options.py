@@ -20,6 +20,7 @@ from ..config.generate import GenerateConfig
 from ..config.method import AtlasConfig
 from ..config.parallel import ParallelPlan
 from ..config.video import DEFAULT_RES, RESOLUTION_PRESETS, VideoSpec
+from ..cost.model import RunSettings
 
 #: Help panels of ``--help``, in the order shown.
 VIDEO, METHOD, MODEL, RUN, DISTRIBUTED, OUTPUT = "Video", "Method", "Model", "Run", "Distributed", "Output"
@@ -84,9 +85,11 @@ class Opt:
         v = self.value
         if isinstance(v, tuple):
             return ",".join(map(str, v))
-        if isinstance(v, bool) and self.decls:
-            on, off = self.decls[0].split("/")
-            return (on if v else off).lstrip("-")
+        if isinstance(v, bool):
+            if self.decls and "/" in self.decls[0]:
+                on, off = self.decls[0].split("/")
+                return (on if v else off).lstrip("-")
+            return "on" if v else "off"
         if v is None:
             return "none"
         return str(v)
@@ -101,7 +104,7 @@ def _opts(*opts: Opt) -> dict[str, Opt]:
     return {o.name: o for o in opts}
 
 
-_G, _A, _V, _P = GenerateConfig, AtlasConfig, VideoSpec, ParallelPlan
+_G, _A, _V, _P, _R = GenerateConfig, AtlasConfig, VideoSpec, ParallelPlan, RunSettings
 
 OPTIONS: dict[str, Opt] = _opts(
     # video
@@ -167,6 +170,12 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("proxy_parallel", DISTRIBUTED, _P),
     Opt("window_group", DISTRIBUTED, _P),
     Opt("window_parallel", DISTRIBUTED, _P),
+    Opt("window_order", DISTRIBUTED, _P),  # plan only
+    Opt("gpus_per_node", DISTRIBUTED, _P),  # plan only
+    # what plan prices and generate does not expose (RunSettings of the cost model)
+    Opt("decode_order", RUN, _R),
+    Opt("offload_encoders", RUN, _R, decls=("--offload-encoders",)),
+    Opt("ffn_chunk", RUN, _R, field="ffn_chunk_tokens"),
     # output
     Opt("out", OUTPUT, _G),
     Opt("save_proxy", OUTPUT, _G),
@@ -178,17 +187,18 @@ OPTIONS: dict[str, Opt] = _opts(
 )
 
 
-def option(name: str, *, cli_default: bool = False, note: str = "", **kw) -> Any:
+def option(name: str, *decls: str, cli_default: bool = False, note: str = "", **kw) -> Any:
     """The typer option of ``name``: its help (ending in its default), its help panel and its declarations.
 
     ``cli_default=False`` (generate): the option's value is None when not given, so that a --config file can set
     what the command line does not; :data:`DEFAULTS` fills in the rest. ``cli_default=True`` (plan, no --config):
     the option's value defaults to the default itself. ``note`` is appended to the help (what this command does
-    differently); ``kw`` go to ``typer.Option``."""
+    differently); ``decls`` replace the option's declarations (e.g. a flag named otherwise than the parameter);
+    ``kw`` go to ``typer.Option``."""
     o = OPTIONS[name]
     return typer.Option(
         o.cli_value() if cli_default else None,
-        *o.decls,
+        *(decls or o.decls),
         help=with_default(f"{o.help_text()} {note}".strip(), o.default_text()),
         rich_help_panel=o.panel,
         show_default=False,
@@ -204,9 +214,11 @@ def with_default(help: str, default: str) -> str:
     return escape(f"{help} [default: {default}]")
 
 
-#: The default of every option (option names, the command line's values), the one table generate and the Python
-#: API fill in under a --config file and the command line.
-DEFAULTS: dict[str, Any] = {name: o.cli_value() for name, o in OPTIONS.items() if o.source is not _P}
+#: The default of every setting of a run (option names, the command line's values), the one table generate and the
+#: Python API fill in under a --config file and the command line.
+DEFAULTS: dict[str, Any] = {
+    name: o.cli_value() for name, o in OPTIONS.items() if o.source in (None, GenerateConfig, AtlasConfig, VideoSpec)
+}
 
 #: The kind of value every option takes in a --config file (the command line's parser already enforces them).
-OPTION_KINDS: dict[str, str] = {name: o.value_kind for name, o in OPTIONS.items() if o.value_kind is not None}
+OPTION_KINDS: dict[str, str] = {name: kind for name in DEFAULTS if (kind := OPTIONS[name].value_kind) is not None}
