@@ -53,6 +53,11 @@ class Opt:
     """typer parameter declarations (a boolean's '--shift/--no-shift')."""
 
     @property
+    def cli_rule(self) -> bool:
+        """True when the command line's default is not its field's (a rule the command line applies)."""
+        return self.source is not None and self.default is not _FIELD
+
+    @property
     def info(self):
         return config_fields(self.source)[self.field or self.name] if self.source is not None else None
 
