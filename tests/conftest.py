@@ -24,6 +24,15 @@ def tiny_wan():
 
 
 @pytest.fixture(autouse=True)
+def _auto_device_is_cpu(monkeypatch):
+    """The suite is written for the CPU: device 'auto' (generate's default) means cpu in-process here, also on a
+    machine with CUDA; tests of CUDA name it (tests/test_cli_options.py checks what 'auto' picks)."""
+    from atlasvid_dist.config import generate
+
+    monkeypatch.setattr(generate, "auto_device", lambda: "cpu")
+
+
+@pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
     yield

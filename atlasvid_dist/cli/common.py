@@ -1,16 +1,13 @@
-"""Options and builders shared by the commands (plan, generate): one parser per option, one builder per config.
+"""Builders shared by the commands (plan, generate): one parser per option, one builder per config.
 
-Options are ``Annotated`` types so a command declares ``res: Res = "4k"`` and gets the same flag, help and
-parsing as every other command. Builders turn option values into the validated config dataclasses; every bad
-value is a ConfigError naming the option (exit code 2).
+The options themselves (flags, defaults, help) are in cli/options.py, read from the config dataclasses. Builders
+turn option values into the validated config dataclasses; every bad value is a ConfigError naming the option
+(exit code 2).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Optional
-
-import typer
 
 from ..config.method import MODES, AtlasConfig
 from ..config.model import MODEL_PRESETS, WAN_BASE, BaseSize, ModelSpec
@@ -20,65 +17,6 @@ from ..errors import ConfigError, check
 from ..geometry.grid import Grid, latent_grid, token_grid
 from ..geometry.windows import auto_window
 
-
-# -- the options ----------------------------------------------------------------------------------------------
-Model = Annotated[str, typer.Option(help=f"{'|'.join(MODEL_PRESETS)} (shapes) or a diffusers Wan2.1 folder.")]
-Res = Annotated[str, typer.Option(help="480p|720p|1080p|2k|4k|8k or WIDTHxHEIGHT (pixels, multiples of 16).")]
-Frames = Annotated[int, typer.Option(help="Frames, 4k+1.")]
-Fps = Annotated[int, typer.Option(help="Frames per second of the output.")]
-Attention = Annotated[str, typer.Option(help="atlas|ultragen|full.")]
-Window = Annotated[
-    str,
-    typer.Option(
-        help="Window in tokens T,H,W (1 token = 4 frames x 16 x 16 px), or auto: near 3,15,16 and tiling the size."
-    ),
-]
-Shift = Annotated[bool, typer.Option("--shift/--no-shift", help="Alternate half-shifted windows over layers.")]
-ShiftAxes = Annotated[
-    str,
-    typer.Option(
-        help="Axes shifted windows move along: thw, or e.g. hw (no shift in time: far less halo traffic between ranks)."
-    ),
-]
-PadWindows = Annotated[
-    bool,
-    typer.Option("--pad-windows/--no-pad-windows", help="Allow windows that do not tile the grid (masked padding)."),
-]
-UltragenPool = Annotated[
-    str,
-    typer.Option(
-        help="With --attention ultragen: pooling cell T,H,W of the compressed "
-        "global branch (q, k, v averaged per cell)."
-    ),
-]
-UltragenWeight = Annotated[float, typer.Option(help="With --attention ultragen: w in (1 - w) * windows + w * global.")]
-TemporalScale = Annotated[int, typer.Option(help="r_t: proxy fps = fps / r_t.")]
-SpatialScale = Annotated[
-    int,
-    typer.Option(
-        help="Detail tokens per proxy token in height and width; 0 = auto "
-        "(the smallest divisor giving a proxy frame of at most 720P)."
-    ),
-]
-ProxyContext = Annotated[str, typer.Option(help="all|aligned proxy keys per window.")]
-ProxyMode = Annotated[str, typer.Option(help="clean (proxy K/V cached once) | joint (re-noised every step).")]
-Gpus = Annotated[int, typer.Option(help="GPUs available (CUDA); workers default to this.")]
-Workers = Annotated[Optional[int], typer.Option(help="Detail ranks. [default: --gpus on CUDA, 1 on CPU]")]
-Device = Annotated[str, typer.Option(help="cuda|cpu.")]
-ProxyParallel = Annotated[str, typer.Option(help="Stage-1 sequence parallelism: none|ulysses|ring.")]
-ProxyDegree = Annotated[int, typer.Option(help="Ranks sharing the proxy sequence; 0 = all workers.")]
-WindowGroup = Annotated[int, typer.Option(help="Ranks per window (split windows too big for one rank).")]
-WindowParallel = Annotated[str, typer.Option(help="How a split window is shared: ulysses|ring.")]
-Steps = Annotated[int, typer.Option(help="Detail-stage denoising steps.")]
-ProxySteps = Annotated[int, typer.Option(help="Proxy-stage denoising steps.")]
-Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale; <= 1 disables the second pass.")]
-DetailInit = Annotated[str, typer.Option(help="noise|proxy: start of the detail stage.")]
-InitStrength = Annotated[float, typer.Option(help="With --detail-init proxy: fraction of the detail steps run.")]
-Dtype = Annotated[str, typer.Option(help="auto|fp32|bf16|fp16 (auto: bf16 on CUDA, fp32 on CPU).")]
-DeviceProfileOpt = Annotated[
-    Optional[str],
-    typer.Option("--device-profile", help="h100|h200|cpu or a YAML/JSON file. [default: h100 on CUDA, cpu on CPU]"),
-]
 
 
 # -- parsing and building -------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",  # help panels; help texts with brackets are escaped (options.with_default)
     help="AtlasVid ultra-high-resolution long video generation on Wan2.1, distributed with Ray.",
 )
 

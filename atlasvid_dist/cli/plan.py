@@ -8,76 +8,95 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Optional
 
 import typer
 
+from ..config.generate import resolve_device
+from ..config.model import MODEL_PRESETS
 from ..config.parallel import ParallelPlan
 from ..cost.model import CostReport, RunSettings, estimate
 from ..cost.profiles import device_profile
 from ..errors import AtlasError, PlanError
 from ..pipeline.adapter_geometry import run_geometry, warn_adapter_geometry
 from . import common as c
+from .options import DISTRIBUTED, OUTPUT, option, with_default
+
+#: Model presets plan prices from their shapes alone (generate runs 'tiny' or a folder).
+SHAPE_PRESETS = tuple(name for name in MODEL_PRESETS if name != "tiny")
 
 
 def plan(
-    model: c.Model = "wan2.1-1.3b",
-    res: c.Res = "4k",
-    frames: c.Frames = 81,
-    fps: c.Fps = 16,
-    gpus: c.Gpus = 1,
-    workers: c.Workers = None,
-    device: c.Device = "cuda",
-    attention: c.Attention = "atlas",
-    window: c.Window = "auto",
-    shift: c.Shift = True,
-    shift_axes: c.ShiftAxes = "thw",
-    pad_windows: c.PadWindows = False,
-    temporal_scale: c.TemporalScale = 4,
-    spatial_scale: c.SpatialScale = 0,
-    proxy_context: c.ProxyContext = "aligned",
-    proxy_mode: c.ProxyMode = "clean",
-    ultragen_pool: c.UltragenPool = "1,4,4",
-    ultragen_weight: c.UltragenWeight = 0.5,
-    proxy_parallel: c.ProxyParallel = "none",
-    proxy_degree: c.ProxyDegree = 0,
-    window_group: c.WindowGroup = 1,
-    window_parallel: c.WindowParallel = "ulysses",
-    steps: c.Steps = 30,
-    proxy_steps: c.ProxySteps = 30,
-    guidance: c.Guidance = 5.0,
-    detail_init: c.DetailInit = "noise",
-    init_strength: c.InitStrength = 0.7,
-    dtype: c.Dtype = "auto",
-    device_profile_name: c.DeviceProfileOpt = None,
-    window_order: str = typer.Option(
-        "thw",
-        "--window-order",
-        help="Ownership of window blocks, axes slowest "
-        "first: thw (time slabs, what generate runs) or wht (column slabs across "
-        "all time; MODELLED ONLY: generate does not pass it yet).",
+    # video
+    res: str = option("res", cli_default=True),
+    frames: int = option("frames", cli_default=True),
+    fps: int = option("fps", cli_default=True),
+    # method
+    attention: str = option("attention", cli_default=True),
+    window: str = option("window", cli_default=True),
+    shift: bool = option("shift", cli_default=True),
+    shift_axes: str = option("shift_axes", cli_default=True),
+    pad_windows: bool = option("pad_windows", cli_default=True),
+    temporal_scale: int = option("temporal_scale", cli_default=True),
+    spatial_scale: int = option("spatial_scale", cli_default=True),
+    proxy_context: str = option("proxy_context", cli_default=True),
+    proxy_mode: str = option("proxy_mode", cli_default=True),
+    ultragen_pool: str = option("ultragen_pool", cli_default=True),
+    ultragen_weight: float = option("ultragen_weight", cli_default=True),
+    # model
+    model: str = option("model", cli_default=True, note=f"plan also takes the shapes {'|'.join(SHAPE_PRESETS)}."),
+    lora_stage1: Optional[str] = option("lora_stage1", cli_default=True, note="plan warns if trained otherwise."),
+    lora_stage2: Optional[str] = option("lora_stage2", cli_default=True, note="plan warns if trained otherwise."),
+    dtype: str = option("dtype", cli_default=True),
+    # run
+    steps: int = option("steps", cli_default=True),
+    proxy_steps: int = option("proxy_steps", cli_default=True),
+    guidance: float = option("guidance", cli_default=True),
+    detail_init: str = option("detail_init", cli_default=True),
+    init_strength: float = option("init_strength", cli_default=True),
+    device: str = option("device", cli_default=True, note="With --gpus (and auto): cuda."),
+    device_profile_name: str = option("device_profile", "--device-profile", cli_default=True),
+    decode_order: str = option("decode_order", cli_default=True),
+    offload_encoders: bool = option("offload_encoders", cli_default=True),
+    ffn_chunk: int = option("ffn_chunk", cli_default=True),
+    # distributed
+    gpus: Optional[int] = typer.Option(
+        None,
+        help=with_default("GPUs available (CUDA); workers default to this.", "1 on CUDA"),
+        rich_help_panel=DISTRIBUTED,
+        show_default=False,
     ),
-    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node: NVLink inside, InfiniBand across."),
-    decode_order: str = typer.Option(
-        "auto",
-        "--decode-order",
-        help="auto|together|sequential: a rank's decode "
-        "tiles together or one after another (auto: sequential when short).",
+    workers: Optional[int] = typer.Option(
+        None,
+        help=with_default("Detail ranks.", "--gpus on CUDA, 1 on CPU"),
+        rich_help_panel=DISTRIBUTED,
+        show_default=False,
     ),
-    offload_encoders: bool = typer.Option(
-        False,
-        "--offload-encoders",
-        help="MODELLED ONLY: text encoder off the GPU after encoding, VAE on it only for the decode.",
-    ),
-    ffn_chunk: int = typer.Option(
+    proxy_parallel: str = option("proxy_parallel", cli_default=True),
+    proxy_degree: int = typer.Option(
         0,
-        "--ffn-chunk",
-        help="MODELLED ONLY: FFN over chunks of this many tokens (0: all at once, what the runtime does).",
+        help=with_default("Ranks sharing the proxy sequence; 0 = all workers.", "0"),
+        rich_help_panel=DISTRIBUTED,
+        show_default=False,
     ),
-    lora_stage1: str = typer.Option(None, "--lora-stage1", help="Stage-1 adapter: warn if trained otherwise."),
-    lora_stage2: str = typer.Option(None, "--lora-stage2", help="Stage-2 adapter: warn if trained otherwise."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    plot: str = typer.Option(
-        None, "--plot", help="Also draw the window-to-rank layout and the cost breakdown to FILE.png."
+    window_group: int = option("window_group", cli_default=True),
+    window_parallel: str = option("window_parallel", cli_default=True),
+    window_order: str = option("window_order", cli_default=True),
+    gpus_per_node: int = option("gpus_per_node", cli_default=True),
+    # output
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help=with_default("Print one JSON object instead of the table.", "off"),
+        rich_help_panel=OUTPUT,
+        show_default=False,
+    ),
+    plot: Optional[str] = typer.Option(
+        None,
+        "--plot",
+        help=with_default("Also draw the window-to-rank layout and the cost breakdown to FILE.png.", "none"),
+        rich_help_panel=OUTPUT,
+        show_default=False,
     ),
 ) -> None:
     """Cost, memory and fit of a run (tokens, FLOPs, bytes, seconds) from the one cost model; nothing loads."""
@@ -85,6 +104,9 @@ def plan(
         from .plot import check_plot_path
 
         check_plot_path(plot)  # before minutes of cost model: a bad destination is refused first
+    if device == "auto":
+        device = "cuda" if gpus is not None else resolve_device(device)  # --gpus N plans N GPUs, here or not
+    gpus = 1 if gpus is None else gpus
     video = c.build_video(res, frames, fps)
     spec = c.resolve_model(model)
     method = c.build_method(
@@ -125,7 +147,8 @@ def plan(
         offload_encoders=offload_encoders,
         ffn_chunk_tokens=ffn_chunk,
     )
-    profile = device_profile(device_profile_name or ("h100" if device == "cuda" else "cpu"))
+    auto_profile = device_profile_name in (None, "auto")
+    profile = device_profile(("h100" if device == "cuda" else "cpu") if auto_profile else device_profile_name)
     report = estimate(video, spec, method, par, run, profile)
     options = stage1_options(video, spec, method, par, run, profile)
     spatial = spatial_shift_halo(video, spec, method, par, run, profile)

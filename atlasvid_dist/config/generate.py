@@ -6,16 +6,18 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from ..errors import check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 from .method import AtlasConfig
-from .video import VideoSpec
+from .video import DEFAULT_RES, VideoSpec
 
-DETAIL_INITS = ("noise", "proxy")
-DEVICES = ("cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DetailInit = Literal["noise", "proxy"]
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+DETAIL_INITS, DEVICES, DTYPES = (get_args(t) for t in (DetailInit, Device, Dtype))
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
@@ -40,14 +42,15 @@ class GenerateConfig:
 
     prompt: str
     """Text prompt."""
-    video: VideoSpec = field(default_factory=lambda: VideoSpec.from_res("720p", frames=81))
+    video: VideoSpec = field(default_factory=lambda: VideoSpec.from_res(DEFAULT_RES))
     """Output video (size, frames, fps)."""
     method: AtlasConfig = field(default_factory=AtlasConfig)
     """Attention method for stage 2 (stage 1 always uses full attention at the proxy size)."""
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     """Negative prompt for classifier-free guidance (default: Wan2.1's own; "" for none)."""
     model: str = "tiny"
-    """'tiny' (built in) or a local diffusers-format Wan2.1 T2V folder."""
+    """'tiny' (built in, random weights: its video is noise; for trying the pipeline) or a local diffusers-format
+    Wan2.1 T2V folder."""
     lora_stage1: str | None = None
     """LoRA adapter (safetensors) active for the proxy stage (and the cached proxy path)."""
     lora_stage2: str | None = None
@@ -64,13 +67,13 @@ class GenerateConfig:
     """Flow-matching shift of the proxy stage."""
     seed: int = 0
     """Random seed (noise of both stages)."""
-    detail_init: str = "noise"
+    detail_init: DetailInit = "noise"
     """'noise', or 'proxy': start from the upsampled proxy noised to ``init_strength``."""
     init_strength: float = 0.7
     """With detail_init='proxy': fraction of the detail steps that run (1.0 = from pure noise)."""
-    device: str = "cpu"
-    """'cpu' or 'cuda'."""
-    dtype: str = "auto"
+    device: Device = "auto"
+    """'auto' (cuda when torch sees a CUDA device, else cpu; resolved when the config is built), 'cpu' or 'cuda'."""
+    dtype: Dtype = "auto"
     """'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16', 'fp16'."""
     text_len: int = 0
     """Text tokens per prompt; 0 = the tokenizer's maximum, at most 512 (Wan2.1 uses 512)."""
@@ -92,6 +95,7 @@ class GenerateConfig:
     """Cost-model device profile for the pre-flight memory check: h100|h200|cpu|FILE.yaml; auto = by device."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", resolve_device(self.device))
         self._check_texts()
         for name in ("steps", "proxy_steps"):
             v = getattr(self, name)
@@ -210,6 +214,18 @@ class GenerateConfig:
             m["schedule"] = tuple((tuple(w), tuple(s)) for w, s in m["schedule"])
         method = AtlasConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
         return cls(video=video, method=method, **d)
+
+
+def auto_device() -> str:
+    """The device 'auto' stands for here: 'cuda' when torch sees a CUDA device, else 'cpu'."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: object) -> object:
+    """'auto' -> :func:`auto_device`; any other value unchanged (and checked by the config that holds it)."""
+    return auto_device() if device == "auto" else device
 
 
 def _finite(v: object) -> bool:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ..errors import check
 
-MODES = ("full", "atlas", "ultragen")
-PROXY_CONTEXTS = ("all", "aligned")
-PROXY_MODES = ("clean", "joint")
-BACKENDS = ("auto", "reference", "sdpa", "flex")
+Mode = Literal["full", "atlas", "ultragen"]
+ProxyContext = Literal["all", "aligned"]
+ProxyMode = Literal["clean", "joint"]
+Backend = Literal["auto", "reference", "sdpa", "flex"]
+MODES, PROXY_CONTEXTS, PROXY_MODES, BACKENDS = (get_args(t) for t in (Mode, ProxyContext, ProxyMode, Backend))
 
 Triple = tuple[int, int, int]
 
@@ -25,7 +27,7 @@ def _triple(field: str, value, *, minimum: int) -> Triple:
 class AtlasConfig:
     """Method settings. Every value is a setting (docs/method.md), validated here, before any work."""
 
-    mode: str = "atlas"
+    mode: Mode = "atlas"
     """'full' (plain Wan attention, the native baseline), 'atlas' (windows + proxy) or 'ultragen'."""
     window: Triple = (3, 15, 16)
     """Window size in tokens (t, h, w). (3,15,16) tiles 720P, 2K, 4K and 8K grids in space."""
@@ -40,15 +42,15 @@ class AtlasConfig:
     """r_t: proxy fps = target fps / r_t; proxy latent frame j sits at detail time position j*r_t."""
     spatial_scale: int = 2
     """Proxy token grid = detail token grid / spatial_scale in height and width (must divide)."""
-    proxy_context: str = "aligned"
+    proxy_context: ProxyContext = "aligned"
     """Which proxy keys a detail window reads: 'all', or 'aligned' (the region above the window + margin)."""
     proxy_margin: Triple = (1, 1, 1)
     """Extra proxy tokens on each side of the aligned region (t, h, w)."""
-    proxy_mode: str = "clean"
+    proxy_mode: ProxyMode = "clean"
     """'clean': proxy at timestep 0, its keys/values cached once. 'joint': re-noised to the detail timestep."""
     pad_windows: bool = False
     """Allow a window grid that does not tile the token grid (masked padding); refused otherwise."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Attention kernel: 'reference' (dense masked), 'sdpa' (windows stacked in batch), 'flex' (CUDA), 'auto'."""
     max_window_batch: int = 0
     """Windows per SDPA call (bounds transient memory); 0 = all at once."""

@@ -23,15 +23,17 @@ Layout of the ranks (docs/distribution.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import divisors
 from ..parallel.sharding import WINDOW_ORDERS
 from .model import ModelSpec
 
-DEVICES = ("cpu", "cuda")
-PROXY_PARALLEL = ("none", "ulysses", "ring")
-WINDOW_PARALLEL = ("ulysses", "ring")
+Device = Literal["cpu", "cuda"]
+ProxyParallel = Literal["none", "ulysses", "ring"]
+WindowParallel = Literal["ulysses", "ring"]
+DEVICES, PROXY_PARALLEL, WINDOW_PARALLEL = (get_args(t) for t in (Device, ProxyParallel, WindowParallel))
 RUNTIME_WINDOW_PARALLEL = ("ulysses",)
 """How the distributed runtime shares a split window (ring inside windows is costed, not implemented)."""
 RUNTIME_PROXY_PARALLEL = ("ulysses", "ring")
@@ -53,11 +55,11 @@ class ParallelPlan:
 
     workers: int = 1
     """Detail ranks (one process each; one GPU each on CUDA)."""
-    device: str = "cpu"
+    device: Device = "cpu"
     """'cpu' (gloo, local processes) or 'cuda' (NCCL, one GPU per worker)."""
     gpus: int = 0
     """GPUs available to the run (0 on CPU)."""
-    proxy_parallel: str = "none"
+    proxy_parallel: ProxyParallel = "none"
     """Stage-1 sequence parallelism: 'none' (one rank), 'ulysses' (all-to-all over heads) or 'ring'."""
     ulysses_degree: int = 1
     """Stage-1 ranks sharing the proxy sequence with Ulysses (must divide the heads)."""
@@ -65,7 +67,7 @@ class ParallelPlan:
     """Stage-1 ranks sharing the proxy sequence with ring attention."""
     window_group: int = 1
     """Ranks per window when a window is split (1 = every rank owns whole windows)."""
-    window_parallel: str = "ulysses"
+    window_parallel: WindowParallel = "ulysses"
     """How a split window is shared by its group: 'ulysses' (heads) or 'ring' (keys/values)."""
     window_order: str = "thw"
     """Ownership order of the window blocks (window axes, slowest first): 'thw' = time slabs (what generate runs

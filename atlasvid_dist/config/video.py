@@ -20,6 +20,8 @@ RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
     "4k": (3840, 2160),
     "8k": (7680, 4320),
 }
+#: The resolution a run has when none is given (generate and plan).
+DEFAULT_RES = "720p"
 #: presets allowed to pad to the next multiple of 16 and crop on decode.
 PAD_AND_CROP_PRESETS = frozenset({"1080p"})
 PIXELS_PER_TOKEN = 16  # VAE spatial 8x times patch 2x
