@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from atlasvid_dist.cli.main import app
-from atlasvid_dist.world.model import DEFAULTS_FILE, build_world_tokenizer
+from atlasvid_dist.models.loading import DEFAULTS_FILE
+from atlasvid_dist.world.model import build_world_tokenizer
 
 runner = CliRunner()
 
@@ -107,3 +108,25 @@ def test_plan_reads_the_small_parts_sizes_from_the_folder(trained):
     spec, parts = read_model_spec(trained), load_components(str(trained))
     assert spec.text_encoder_params == param_count(parts.text_encoder)
     assert spec.vae_params == param_count(parts.vae)
+
+
+def test_model_folder_defaults_fill_what_the_user_left_unset(trained):
+    """atlasvid_model.json's options sit between generate's defaults and the user's: a bare `--model FOLDER
+    --prompt` runs at 4x the base size per side with the model's shift, guidance and text length; its base size
+    and window aim `--window auto` and the automatic spatial scale; a flag still wins; a bad key is refused."""
+    from atlasvid_dist.cli.generate import build_config
+    from atlasvid_dist.errors import ConfigError
+
+    cfg = build_config({"model": str(trained), "prompt": "a red disc moving up"})
+    assert (cfg.video.width, cfg.video.height, cfg.video.frames) == (256, 256, 17)
+    assert cfg.flow_shift == 3.0 and cfg.guidance == 4.0 and cfg.negative_prompt == "" and cfg.text_len == 16
+    # base 64x64 = 4x4 tokens per frame: a 256x256 detail (16x16 tokens) gets a 4x4-token proxy, scale 4
+    assert cfg.method.spatial_scale == 4 and cfg.method.window[1:] == (4, 4)
+    cfg = build_config({"model": str(trained), "prompt": "x", "res": "128x128", "guidance": 2.0})
+    assert (cfg.video.width, cfg.guidance, cfg.method.spatial_scale) == (128, 2.0, 2)
+    defaults = json.loads((trained / DEFAULTS_FILE).read_text())
+    bad = trained.parent / "bad"
+    shutil.copytree(trained, bad)
+    (bad / DEFAULTS_FILE).write_text(json.dumps({**defaults, "generate": {"stepz": 3}}))
+    with pytest.raises(ConfigError, match="stepz"):
+        build_config({"model": str(bad), "prompt": "x"})

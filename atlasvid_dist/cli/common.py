@@ -8,6 +8,7 @@ turn option values into the validated config dataclasses; every bad value is a C
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ..config.method import MODES, AtlasConfig
 from ..config.model import MODEL_PRESETS, WAN_BASE, BaseSize, ModelSpec
@@ -38,11 +39,48 @@ def resolve_model(model: str) -> ModelSpec:
         return MODEL_PRESETS[model]
     from pathlib import Path
 
-    if not Path(model).exists():
+    from ..models.loading import BUILTIN_FOLDERS
+
+    if model not in BUILTIN_FOLDERS and not Path(model).exists():
         raise ConfigError("model", model, f"is neither a preset ({'|'.join(MODEL_PRESETS)}) nor an existing folder")
     from ..models.loading import read_model_spec
 
     return read_model_spec(model)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model folder says about running it (its atlasvid_model.json): option defaults and its base size."""
+
+    options: dict
+    """Option name -> default, between the command's own defaults and a --config file / the command line."""
+    base: BaseSize
+    """The size it was trained at and its window (Wan2.1's 720P when the folder says nothing)."""
+
+
+def model_defaults(model: str, known: set[str] | None = None) -> ModelDefaults:
+    """Read ``model``'s own defaults; an option outside ``known`` (None: any) is refused naming the file
+    (ConfigError). Adapter paths (``lora_stage1``/``lora_stage2``) are relative to the folder."""
+    from ..models.loading import DEFAULTS_FILE, model_folder, read_model_defaults
+
+    found = read_model_defaults(model)
+    if not found:
+        return ModelDefaults({}, WAN_BASE)
+    where = f"{model_folder(model) / DEFAULTS_FILE}"
+    options = found.get("generate", {})
+    if not isinstance(options, dict):
+        raise ConfigError("generate", options, f"in {where} must be a mapping of option defaults")
+    for key in options:
+        if known is not None and key not in known:
+            raise ConfigError(key, options[key], f"in {where}: unknown option; known: {sorted(known)}")
+    for key in ("lora_stage1", "lora_stage2"):
+        if isinstance(options.get(key), str):
+            options[key] = str(model_folder(model) / options[key])
+    try:
+        base = BaseSize.from_defaults(found)
+    except (TypeError, ConfigError) as e:
+        raise ConfigError("model", model, f"{where}: base size/window invalid ({e})") from None
+    return ModelDefaults(options, base)
 
 
 def detail_grid(video: VideoSpec, model: ModelSpec) -> Grid:

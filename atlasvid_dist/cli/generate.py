@@ -15,10 +15,11 @@ from ..config.fields import KIND_RULES, config_fields, is_kind
 from ..config.files import read_mapping
 from ..config.generate import GenerateConfig
 from ..config.method import AtlasConfig
+from ..config.model import BaseSize
 from ..config.parallel import ParallelPlan
 from ..config.video import VideoSpec
 from ..errors import AtlasError, ConfigError, InputError, RunFailure
-from .common import build_method, build_parallel
+from .common import build_method, build_parallel, model_defaults
 from .options import DEFAULTS, DISTRIBUTED, OPTION_KINDS, OPTIONS, OUTPUT, RUN, option, with_default
 
 __all__ = ["DEFAULTS", "OPTION_KINDS", "KIND_RULES", "build_config", "flatten_config_file", "generate"]
@@ -31,6 +32,9 @@ METHOD_KEYS = tuple(name for name, o in OPTIONS.items() if o.source is AtlasConf
 #: How a distributed run is spread (ParallelPlan; command line only).
 DIST_KEYS = ("proxy_parallel", "window_group", "window_parallel")
 
+
+NO_ADAPTER = "none"
+"""``--lora-stage1 none``: run without the adapter the model folder ships."""
 
 RESUME_OVERRIDES = ("out", "save_latents", "save_proxy", "crf")
 """What a resumed run may write elsewhere than the stored config says (its outputs; nothing that changes them)."""
@@ -57,10 +61,15 @@ def flatten_config_file(mapping: dict) -> dict:
 def build_config(values: dict) -> GenerateConfig:
     """Merged option values -> GenerateConfig; raises ConfigError naming the option."""
     check_kinds(values)
-    v = {**DEFAULTS, **values}
+    own = model_defaults(values.get("model", DEFAULTS["model"]), set(DEFAULTS))
+    check_kinds(own.options)
+    v = {**DEFAULTS, **own.options, **values}
     video = VideoSpec.from_res(v.pop("res"), frames=v.pop("frames"), fps=v.pop("fps"))
-    method = _method(v, video)
+    method = _method(v, video, own.base)
     run = {k: v.pop(k) for k in RUN_KEYS if k in v}
+    for key in ("lora_stage1", "lora_stage2"):
+        if run.get(key) == NO_ADAPTER:  # the model's own adapter switched off
+            run[key] = None
     if v:
         key = sorted(v)[0]
         raise ConfigError(key, v[key], f"unknown option; known: {sorted(DEFAULTS)}")
@@ -69,12 +78,12 @@ def build_config(values: dict) -> GenerateConfig:
     return GenerateConfig(video=video, method=method, **run)
 
 
-def _method(v: dict, video: VideoSpec) -> AtlasConfig:
+def _method(v: dict, video: VideoSpec, base: BaseSize) -> AtlasConfig:
     """Pop the method options from ``v`` (option names) and build the AtlasConfig (plan's builder too)."""
     from ..geometry.grid import latent_grid, token_grid
 
     grid = token_grid(latent_grid(video.frames, video.gen_height, video.gen_width))
-    return build_method(grid, **{k: v.pop(k) for k in METHOD_KEYS})
+    return build_method(grid, base=base, **{k: v.pop(k) for k in METHOD_KEYS})
 
 
 def check_kinds(values: dict) -> None:

@@ -111,6 +111,7 @@ def plan(
     spec = c.resolve_model(model)
     method = c.build_method(
         c.detail_grid(video, spec),
+        base=c.model_defaults(model).base,
         attention=attention,
         window=window,
         shift=shift,

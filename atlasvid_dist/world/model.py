@@ -40,8 +40,6 @@ SHAPES_TEXT_LEN = 16
 """Tokenizer model_max_length: generate pads prompts to this (captions are 6 tokens with </s>)."""
 FLOW_SHIFT = 3.0
 """Wan's shift of the noise level, in training (sigma sampling) and in the saved scheduler."""
-DEFAULTS_FILE = "atlasvid_model.json"
-"""The model's own defaults (base size, window, scales) next to model_index.json."""
 _SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
 
 
@@ -113,6 +111,8 @@ def param_count(module: torch.nn.Module) -> int:
 
 def write_defaults(folder: str | os.PathLike, defaults: dict) -> Path:
     """Write DEFAULTS_FILE (the model's base size, window, scales, how it was trained) into ``folder``."""
+    from ..models.loading import DEFAULTS_FILE
+
     path = Path(folder) / DEFAULTS_FILE
     path.write_text(json.dumps(defaults, indent=2, sort_keys=True) + "\n")
     return path

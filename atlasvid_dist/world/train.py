@@ -466,23 +466,38 @@ def latent_stage(out: Path, vae, plan: WorldBudget, log) -> tuple[StageState, di
     return state, pool
 
 
+GENERATE_GUIDANCE = 4.0
+"""Classifier-free guidance the shapes model is run with (its atlasvid_model.json default)."""
+GENERATE_STEPS = 20
+"""Denoising steps per stage the shapes model is run with."""
+
+
 def model_defaults(cfg: WorldTrainConfig, times: dict, sizes: dict) -> dict:
-    """What atlasvid_model.json records: the base size the transformer was trained at and the AtlasVid settings to
-    run it with (detail at 2x the base size, windows of half the detail's token rows/columns)."""
+    """What atlasvid_model.json records: the base size the transformer was trained at and its window (what
+    ``--window auto`` and the automatic spatial scale aim at), the options generate runs it with unless told
+    otherwise (4x the base size per side, 4x the frames: the README's main command), and how it was made."""
     p = cfg.plan
-    frames_tokens = (p.frames - 1) // 4 + 1
+    frames = 4 * (p.frames - 1) + 1
     return {
         "name": "shapes",
         "base_width": p.width,
         "base_height": p.height,
-        "frames": p.frames,
-        "fps": p.fps,
-        "spatial_scale": 2,
-        "temporal_scale": 1,
-        "window": [frames_tokens, p.height // 16, p.width // 16],
-        "detail_res": f"{2 * p.width}x{2 * p.height}",
-        "flow_shift": FLOW_SHIFT,
-        "text_len": SHAPES_TEXT_LEN,
+        "base_frames": p.frames,
+        "window": [(p.frames - 1) // 4 + 1, p.height // 16, p.width // 16],
+        "generate": {
+            "res": f"{4 * p.width}x{4 * p.height}",
+            "frames": frames,
+            "fps": int(p.fps),
+            "temporal_scale": 4,
+            "spatial_scale": 0,
+            "flow_shift": FLOW_SHIFT,
+            "proxy_flow_shift": FLOW_SHIFT,
+            "negative_prompt": "",
+            "text_len": SHAPES_TEXT_LEN,
+            "guidance": GENERATE_GUIDANCE,
+            "steps": GENERATE_STEPS,
+            "proxy_steps": GENERATE_STEPS,
+        },
         "seed": cfg.seed,
         "budget": cfg.budget,
         "seconds": times,
