@@ -19,7 +19,6 @@ from ..geometry.grid import Grid, latent_grid, token_grid
 from ..geometry.windows import auto_window
 
 
-
 # -- parsing and building -------------------------------------------------------------------------------------
 def parse_triple(field: str, text: str) -> tuple[int, int, int]:
     """'3,15,16' -> (3, 15, 16); anything else is a ConfigError naming the option."""
