@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..world import parse_caption
 from .score import VideoScore
 
 GRID_COLUMNS = 6
@@ -28,6 +29,14 @@ class Summary:
     """Videos scored."""
     all_correct: float
     """Fraction of videos with one object in every frame and colour, shape and direction right."""
+    one_object: float
+    """Fraction with exactly one object in every frame."""
+    colour: float
+    """Fraction whose detected colour is the caption's."""
+    shape: float
+    """Fraction whose detected shape is the caption's."""
+    direction: float
+    """Fraction whose detected direction is the caption's."""
     mean_psnr: float
     """Mean PSNR (dB) over videos with a finite one (identical videos are left out; nan: none)."""
     identical: int
@@ -43,11 +52,21 @@ def _mean(values) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _fraction(scores: list[VideoScore], right) -> float:
+    return sum(bool(right(s)) for s in scores) / max(len(scores), 1)
+
+
 def summarise(scores: list[VideoScore]) -> Summary:
     n = len(scores)
+    scenes = [parse_caption(s.caption) for s in scores]
+    found = list(zip(scores, scenes))
     return Summary(
         n,
-        sum(s.all_correct for s in scores) / max(n, 1),
+        _fraction(scores, lambda s: s.all_correct),
+        _fraction(scores, lambda s: s.one_object),
+        sum(s.colour == c.colour for s, c in found) / max(n, 1),
+        sum(s.shape == c.shape for s, c in found) / max(n, 1),
+        sum(s.direction == c.direction for s, c in found) / max(n, 1),
         _mean(s.psnr for s in scores),
         sum(s.psnr == float("inf") for s in scores),
         _mean(s.ssim for s in scores),
@@ -76,26 +95,27 @@ def format_table(scores: list[VideoScore]) -> str:
         )
     m = summarise(scores)
     rows.append(
-        f"{m.videos} videos: {m.all_correct:.0%} all-correct, PSNR {_fmt(m.mean_psnr, 1)} dB "
+        f"{m.videos} videos: {m.all_correct:.0%} all-correct (one object {m.one_object:.0%}, colour {m.colour:.0%}, "
+        f"shape {m.shape:.0%}, direction {m.direction:.0%}), PSNR {_fmt(m.mean_psnr, 1)} dB "
         f"(+{m.identical} identical), SSIM {_fmt(m.mean_ssim, 3)}, path RMS {_fmt(m.mean_path_rms_px)} px"
     )
     return "\n".join(rows)
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 
 def to_json(scores: list[VideoScore]) -> str:
     """{"summary": {...}, "videos": [{...}, ...]} as strict JSON."""
     doc = {"summary": asdict(summarise(scores)), "videos": [asdict(s) for s in scores]}
-    return json.dumps(_jsonable(doc), indent=1, allow_nan=False)
+    return json.dumps(jsonable(doc), indent=1, allow_nan=False)
 
 
 def frame_grid(rows: list[np.ndarray], columns: int = GRID_COLUMNS, gap: int = 2) -> np.ndarray:

@@ -1,0 +1,165 @@
+"""AtlasVid's claim on the shapes world: a model trained at its base size, asked for 4x the size per side and 4x the
+frames, with and without the method; every row scored by `atlasvid-dist eval`'s scorer against an analytic
+re-render of the caption at the output size.
+
+Rows (same captions and seeds):
+  base          the model at home: base size, base frames, full attention
+  full          4x base per side x 65 frames, full attention (RoPE extrapolated, no high-resolution training)
+  atlas         the same size with AtlasVid, without LoRAs
+  atlas_lora    AtlasVid with the model's stage-1 and stage-2 adapters (only when the folder ships them)
+  ultragen      UltraGen mode (windows + compressed global branch)
+  atlas_init    AtlasVid + --detail-init proxy
+  rt2, rt8      ablation of the proxy fps (temporal scale 2, 8; the default is 4)
+  scale2        ablation of the proxy resolution (spatial scale 2: a proxy at twice the base size)
+
+    python benchmarks/bench_shapes_claim.py [--model shapes] [--rows base,full,atlas] [--captions 32] [--seeds 0]
+
+Prints a table, writes benchmarks/results/shapes-claim.json (device, torch, commit, command, per-video scores) and a
+PNG grid (rows: methods; columns: frames) of the first caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import RESULTS, environment, save  # noqa: E402
+
+NO_ADAPTERS = {"lora_stage1": "none", "lora_stage2": "none"}
+ROWS: dict[str, dict] = {
+    "base": {"attention": "full", **NO_ADAPTERS},  # res/frames: the model's base size (filled in below)
+    "full": {"attention": "full", **NO_ADAPTERS},
+    "atlas": {"attention": "atlas", **NO_ADAPTERS},
+    "atlas_lora": {"attention": "atlas"},
+    "ultragen": {"attention": "ultragen", **NO_ADAPTERS},
+    "atlas_init": {"attention": "atlas", "detail_init": "proxy", **NO_ADAPTERS},
+    "rt2": {"attention": "atlas", "temporal_scale": 2, **NO_ADAPTERS},
+    "rt8": {"attention": "atlas", "temporal_scale": 8, **NO_ADAPTERS},
+    "scale2": {"attention": "atlas", "spatial_scale": 2, **NO_ADAPTERS},
+}
+NEEDS_ADAPTERS = {"atlas_lora"}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="shapes")
+    p.add_argument("--rows", default="base,full,atlas,atlas_init,ultragen", help=f"comma list of {','.join(ROWS)}")
+    p.add_argument("--captions", type=int, default=32, help="captions used (evenly spread over the 32)")
+    p.add_argument("--seeds", default="0", help="comma list of evaluation seeds")
+    p.add_argument("--name", default="shapes-claim", help="result file name (without .json)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args()
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {list(ROWS)}")
+    return args
+
+
+def clips(captions: int, seeds: list[int]):
+    from atlasvid_dist.world import all_scenes
+    from atlasvid_dist.world.clips import WorldClip
+
+    scenes = all_scenes()
+    picks = sorted({round(i * len(scenes) / captions) for i in range(captions)})
+    return [WorldClip(scenes[i], seed) for seed in seeds for i in picks]
+
+
+def row_options(name: str, own: dict) -> dict:
+    """The generate options of one row over the model's own defaults."""
+    opts = dict(ROWS[name])
+    if name == "base":
+        opts.update(res=f"{own['base_width']}x{own['base_height']}", frames=own["base_frames"])
+    return opts
+
+
+def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
+    """Generate and score every clip with one row's options; returns scores, seconds per video, first video."""
+    from atlasvid_dist.cli.generate import build_config
+    from atlasvid_dist.eval import score_video
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+    from atlasvid_dist.pipeline.video_io import read_mp4
+
+    scores, seconds, first = [], [], None
+    for k, clip in enumerate(items):
+        out = tmp / f"{name}-{k}.mp4"
+        values = {"model": model, "prompt": clip.scene.caption, "seed": clip.seed, "out": str(out), "crf": 0}
+        cfg = build_config({**values, **opts})
+        t0 = time.perf_counter()
+        TwoStageGenerator(cfg, components=components, progress=False).run()
+        seconds.append(time.perf_counter() - t0)
+        frames = read_mp4(out)
+        scores.append(score_video(frames, clip.scene.caption, name=f"{name}-{k}"))
+        first = frames if first is None else first
+        out.unlink()
+    return scores, seconds, first
+
+
+def line(name: str, summary, seconds: float) -> str:
+    s = summary
+    return (
+        f"{name:<11} {s.all_correct:>6.0%} {s.one_object:>6.0%} {s.colour:>6.0%} {s.shape:>6.0%} "
+        f"{s.direction:>6.0%} {s.mean_path_rms_px:>8.2f} {s.mean_psnr:>6.1f} {s.mean_ssim:>6.3f} {seconds:>8.1f}"
+    )
+
+
+def main() -> None:
+    args = parse()
+    from atlasvid_dist.eval import summarise, write_grid
+    from atlasvid_dist.models.loading import load_components, read_model_defaults
+
+    own = read_model_defaults(args.model)
+    if "base_width" not in own:
+        raise SystemExit(f"{args.model}: no atlasvid_model.json with a base size (a shapes-world model is needed)")
+    shipped = own.get("generate", {})
+    has_adapters = bool(shipped.get("lora_stage1") and shipped.get("lora_stage2"))
+    items = clips(args.captions, [int(s) for s in args.seeds.split(",")])
+    components = load_components(args.model)
+    header = (
+        f"{'row':<11} {'all ok':>6} {'1 obj':>6} {'colour':>6} {'shape':>6} {'dir':>6} {'rms px':>8} "
+        f"{'psnr':>6} {'ssim':>6} {'s/video':>8}"
+    )
+    print(f"{len(items)} videos per row, model {args.model}\n{header}", flush=True)
+    results, grid_rows = {}, []
+    with tempfile.TemporaryDirectory(prefix="shapes-claim-") as tmp:
+        for name in args.rows.split(","):
+            if name in NEEDS_ADAPTERS and not has_adapters:
+                results[name] = {"skipped": "the model folder ships no stage-1/stage-2 adapters"}
+                print(f"{name:<11} skipped: no adapters in {args.model}", flush=True)
+                continue
+            opts = row_options(name, own)
+            scores, seconds, first = run_row(name, opts, items, components, args.model, Path(tmp))
+            summary = summarise(scores)
+            per_video = sum(seconds) / len(seconds)
+            print(line(name, summary, per_video), flush=True)
+            results[name] = {
+                "options": opts,
+                "summary": asdict(summary),
+                "seconds_per_video": per_video,
+                "videos": [asdict(s) for s in scores],
+            }
+            grid_rows.append(first)
+    out_dir = Path(args.out) if args.out else RESULTS
+    payload = {
+        **environment("cpu"),
+        "model": args.model,
+        "model_defaults": shipped,
+        "captions": [c.scene.caption for c in items],
+        "seeds": [c.seed for c in items],
+        "rows": results,
+    }
+    from atlasvid_dist.eval.report import jsonable
+
+    path = save(args.name, jsonable(payload), args.out)
+    if grid_rows:
+        write_grid(out_dir / f"{args.name}.png", grid_rows)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
