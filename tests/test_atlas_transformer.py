@@ -184,6 +184,7 @@ def test_ultragen_mode(tiny_wan):
     torch.testing.assert_close(mixed, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # backward through the tiny model; test_train_modes keeps a LoRA-gradient check fast
 def test_gradients_flow_through_windows_and_proxy(tiny_wan):
     model = atlas(tiny_wan)
     x, t, enc = inputs()
@@ -194,6 +195,7 @@ def test_gradients_flow_through_windows_and_proxy(tiny_wan):
     tiny_wan.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow  # two backward passes; test_train_data's stage-1 case keeps it fast
 def test_gradient_checkpointing_gives_same_grads():
     tr = make_tiny_wan(seed=1)
     model = atlas(tr)

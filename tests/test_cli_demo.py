@@ -12,6 +12,7 @@ def run_cli(*args):
     )
 
 
+@pytest.mark.slow  # a 480p attention demo in a subprocess
 def test_demo_runs_full_and_atlas():
     r = run_cli("demo", "--res", "480p", "--frames", "9")
     assert r.returncode == 0, r.stderr
@@ -22,10 +23,11 @@ def test_demo_runs_full_and_atlas():
     "args,field",
     [
         (["--frames", "8"], "frames"),
-        (["--res", "1000x720"], "width"),
-        (["--res", "9k"], "res"),
-        (["--window", "3,15"], "window"),
-        (["--spatial-scale", "7"], "spatial_scale"),
+        # each case starts a Python subprocess; test_hostile_input checks the fields in process
+        pytest.param(["--res", "1000x720"], "width", marks=pytest.mark.slow),
+        pytest.param(["--res", "9k"], "res", marks=pytest.mark.slow),
+        pytest.param(["--window", "3,15"], "window", marks=pytest.mark.slow),
+        pytest.param(["--spatial-scale", "7"], "spatial_scale", marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_exit_code_2(args, field):

@@ -167,6 +167,7 @@ def head(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts a Ray head in a subprocess
 def test_the_test_head_refuses_a_client_with_a_wrong_token(head):
     """The head above enforces its token: a job API client with another token is turned away."""
     address, env = head

@@ -32,6 +32,7 @@ def _hung_peer(rank, world, op):
     return "no error", time.monotonic() - t0
 
 
+@pytest.mark.slow  # spawns 2 gloo processes
 @pytest.mark.parametrize("op,step", [("exchange", "layer 3"), ("ring", "proxy step 2")])
 def test_a_hung_peer_is_reported_with_rank_and_step(op, step):
     msg, seconds = run_ranks(_hung_peer, 2, op, timeout=60)[0]

@@ -59,7 +59,14 @@ def test_end_to_end_mp4_and_determinism(tmp_path, tiny_components):
     assert not torch.equal(latents_of(a), latents_of(c))
 
 
-@pytest.mark.parametrize("stop", [("proxy", 1), ("proxy", 2), ("detail", 1)])
+@pytest.mark.parametrize(
+    "stop",
+    [
+        ("proxy", 1),
+        pytest.param(("proxy", 2), marks=pytest.mark.slow),
+        pytest.param(("detail", 1), marks=pytest.mark.slow),
+    ],
+)
 def test_resume_from_each_step_equals_uninterrupted(tmp_path, tiny_components, stop):
     ref = config(tmp_path, "ref")
     generate(ref, tiny_components)
@@ -74,6 +81,7 @@ def test_resume_from_each_step_equals_uninterrupted(tmp_path, tiny_components, s
     assert torch.equal(latents_of(cfg), latents_of(ref))
 
 
+@pytest.mark.slow  # two 4-step generate runs
 def test_detail_init_from_proxy_runs_fewer_steps(tmp_path, tiny_components):
     cfg = config(tmp_path, "init", detail_init="proxy", init_strength=0.5, steps=4)
     generate(cfg, tiny_components)
@@ -87,6 +95,7 @@ def generate_ref(tmp_path, comp, **kw):
     return cfg
 
 
+@pytest.mark.slow  # saves the tiny model and generates twice
 def test_model_folder_equals_built_in(tmp_path, tiny_components):
     from atlasvid_dist.models.tiny import save_tiny_pipeline
 
@@ -97,6 +106,7 @@ def test_model_folder_equals_built_in(tmp_path, tiny_components):
     assert torch.equal(latents_of(a), latents_of(b))
 
 
+@pytest.mark.slow  # two generate runs; test_lora keeps adapter loading fast
 def test_lora_changes_output(tmp_path):
     from peft import LoraConfig
 

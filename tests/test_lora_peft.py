@@ -51,6 +51,7 @@ def test_peft_folder_loads_with_peft_effect(peft_saved, inputs):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # a generate run
 def test_cli_accepts_peft_folder(peft_saved, tmp_path):
     folder, _ = peft_saved
     out = tmp_path / "o.mp4"

@@ -445,6 +445,7 @@ def _rank_latents(gen, comp, tokens):
     return from_tokens(full, grid)
 
 
+@pytest.mark.slow  # stage 2 three times; the generate-config test above stays fast
 def test_joint_proxy_mode_on_a_rank_equals_one_process_and_resumes(tmp_path):
     """The distributed stage 2 (``denoise_rank``, here a world of one: no process group) in joint mode draws the
     proxy noise from the one-process stage-2 generator in the same order, so it gives the one-process latents; a

@@ -188,6 +188,7 @@ def _halo_vs_dense(rank: int, world: int) -> list[int]:
     return sent
 
 
+@pytest.mark.slow  # spawns 2-4 gloo processes
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_halo_exchange_matches_dense_windowed_attention(world):
     sent = run_ranks(_halo_vs_dense, world, timeout=90)

@@ -100,6 +100,7 @@ def _ring_and_ulysses(rank: int, world: int) -> dict:
     return report
 
 
+@pytest.mark.slow  # spawns 2-4 gloo processes
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_and_ulysses_match_dense(world):
     reports = run_ranks(_ring_and_ulysses, world, timeout=90)
@@ -141,6 +142,7 @@ def _silent_peer(rank: int, world: int) -> str:
     return "no error"
 
 
+@pytest.mark.slow  # spawns 2 gloo processes
 def test_silent_rank_times_out_and_is_named():
     msg, silent = run_ranks(_silent_peer, 2, timeout=60)
     assert silent == "silent"

@@ -16,6 +16,7 @@ def pipe():
     return AtlasVidPipeline.from_pretrained("tiny")
 
 
+@pytest.mark.slow  # generates twice; the next test keeps one pipeline run fast
 def test_pipeline_call_equals_cli_generator(pipe, tmp_path):
     from atlasvid_dist.cli.main import main
     from atlasvid_dist.pipeline.video_io import read_mp4

@@ -52,6 +52,7 @@ def prepared(tmp_path_factory):
     return str(data), str(out), str(conf)
 
 
+@pytest.mark.slow  # VAE-encodes a data set (prepare-data)
 def test_shards_hold_what_the_encoder_makes_of_each_clip(prepared):
     from atlasvid_dist.models.loading import load_components
     from atlasvid_dist.train.data import LatentEncoder, cut_clip, scan_dataset
@@ -82,6 +83,7 @@ def test_training_from_shards_lowers_the_loss(prepared, tmp_path):
     assert adapter is not None
 
 
+@pytest.mark.slow  # VAE-encodes a data set (prepare-data)
 def test_prepare_data_progress_is_bounded_plain_lines_off_a_terminal(tmp_path, capsys):
     """Off a terminal (captured stderr) prepare-data prints at most 10 complete lines (clips done/total, s/clip,
     ETA), never a carriage return, whatever the clip count; --quiet prints none."""
@@ -101,6 +103,7 @@ def test_prepare_data_progress_is_bounded_plain_lines_off_a_terminal(tmp_path, c
     assert "prepare-data:" not in out.err and f"prepared {n} clips" in out.out
 
 
+@pytest.mark.slow  # VAE-encodes a data set (prepare-data)
 def test_mismatched_or_damaged_shards_are_refused(prepared, tmp_path, capsys):
     import shutil
 

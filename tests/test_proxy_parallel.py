@@ -40,6 +40,7 @@ def _proxy_on_rank(rank, world, mode):
     return float((got - want).abs().max()), tuple(got.shape), stats.total(), float(want.abs().max())
 
 
+@pytest.mark.slow  # spawns 2-4 gloo processes
 @pytest.mark.parametrize("mode,world", [("ulysses", 2), ("ring", 2), ("ring", 4)])
 def test_proxy_over_ranks_equals_one_process(mode, world):
     out = run_ranks(_proxy_on_rank, world, mode, timeout=120)

@@ -48,6 +48,7 @@ def no_model_load(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ 5: reused run folder
+@pytest.mark.slow  # four generate runs
 def test_a_reused_run_dir_is_refused_and_overwrite_clears_it(tmp_path, tiny_components, capsys):
     run = tmp_path / "run"
     interrupted(config(tmp_path, "a", run_dir=str(run)), tiny_components, ("detail", 1))
@@ -144,6 +145,7 @@ def test_distributed_resume_refuses_an_edited_config_before_ray(tmp_path, capsys
     assert str(path) in err and "changed after the run started" in err, err
 
 
+@pytest.mark.slow  # three generate runs; test_checkpoint keeps the fallback fast
 def test_resume_falls_back_past_a_corrupt_latest_step(tmp_path, tiny_components, capsys):
     ref = config(tmp_path, "ref")
     generate(ref, tiny_components)

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from atlasvid_dist.cli.main import main
 
+pytestmark = pytest.mark.slow  # one embedded Ray for the module and full generate runs on 2-4 workers
+
 ARGS = [
     "--prompt",
     "a red ball rolling",
@@ -80,7 +82,7 @@ def single(single_run):
     return single_run[0]
 
 
-@pytest.mark.parametrize("workers,fault", [(2, None), (3, "1:1"), pytest.param(4, None, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers,fault", [(2, None), (3, "1:1"), (4, None)])
 def test_workers_equal_single_process(tmp_path, capsys, monkeypatch, single, workers, fault):
     """3 workers also lose rank 1 after its step 1 (ATLASVID_FAULT_INJECT): Ray restarts it, every rank resumes
     from the newest common committed step, and the result is still the single-process one."""
@@ -258,7 +260,7 @@ def write_yaml(path, text):
     return path
 
 
-@pytest.mark.parametrize("mode,workers", [("ulysses", 2), pytest.param("ring", 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode,workers", [("ulysses", 2), ("ring", 4)])
 def test_proxy_parallel_equals_single_process(tmp_path, capsys, single, mode, workers):
     """Stage 1 over all ranks (the proxy actor only encodes the text): the same latents as one process."""
     lat = tmp_path / "pp.safetensors"
@@ -385,7 +387,6 @@ def test_spatial_only_shift_equals_single_process(tmp_path, capsys):
     assert len(sent) == 2 and all(s > 0 for s in sent), text
 
 
-@pytest.mark.slow
 def test_workers_json_summary_has_every_ranks_memory_and_bytes(tmp_path, capsys):
     """`generate --workers 2 --json`: the last stdout line is one JSON object with the ranks' numbers."""
     import json

@@ -69,6 +69,7 @@ def _sharded_forward(rank, world):
     }
 
 
+@pytest.mark.slow  # spawns 2-4 gloo processes
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_blocks_equal_single_process(world):
     res = run_ranks(_sharded_forward, world, timeout=120)

@@ -68,6 +68,7 @@ def test_tiny_shapes_fit_together(tiny):
 
 
 @torch.no_grad()
+@pytest.mark.slow  # a VAE decode of a full clip
 def test_tiny_vae_decodes_frames_that_vary(tiny):
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(2, 1, 16, 3, 4, 4, generator=g) * 2  # (B, C, f, h, w) latents
@@ -132,6 +133,7 @@ def test_folder_loads_identical_to_memory(tiny_dir):
     assert public(disk.scheduler.config) == public(mem.scheduler.config)
 
 
+@pytest.mark.slow  # a diffusers WanPipeline run
 def test_folder_runs_in_diffusers_wan_pipeline(tiny_dir):
     from diffusers import WanPipeline
 

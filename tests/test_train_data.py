@@ -126,7 +126,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert factors(cfg(lr_schedule="constant"), 100)[-1] == 1.0
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])  # stage 2: the detail grid
 def test_gradient_checkpointing_same_loss_and_grads(stage):
     from atlasvid_dist.config.method import AtlasConfig
     from atlasvid_dist.models.atlas_transformer import AtlasTransformer

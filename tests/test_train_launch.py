@@ -149,6 +149,7 @@ def _assert_all_exit(procs: list, within: float = 60.0) -> None:
     assert not left, [p.cmdline() for p in left]
 
 
+@pytest.mark.slow  # starts `train` on two DeepSpeed ranks and waits for a training step
 def test_sigterm_stops_launcher_and_ranks(data_dir, tmp_path):
     proc, tree = _start_training(data_dir, tmp_path)
     proc.send_signal(signal.SIGTERM)

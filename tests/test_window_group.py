@@ -55,6 +55,7 @@ def _reference():
     return tokens  # one rank: local order of the single shard
 
 
+@pytest.mark.slow  # spawns 2-4 gloo processes
 @pytest.mark.parametrize("world,g", [(2, 2), (4, 2)])
 def test_windows_split_over_groups_equal_one_process(world, g):
     from atlasvid_dist.parallel.window_attention import shard_for

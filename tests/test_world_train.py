@@ -39,6 +39,7 @@ def test_tokenizer_is_word_level_over_the_world():
     assert tok("a purple kite").input_ids[1] == tok.unk_token_id
 
 
+@pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     from atlasvid_dist.models.loading import load_components
 
@@ -82,6 +83,7 @@ def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     assert out.stat().st_size > 0
 
 
+@pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_used_folder_is_refused_without_resume(trained):
     r = cli("world", "train", "--output", trained, "--budget", "tiny", "--seed", 3)
     assert r.exit_code == 2 and "--resume" in r.output
@@ -89,6 +91,7 @@ def test_used_folder_is_refused_without_resume(trained):
     assert r.exit_code == 2 and "budget" in r.output
 
 
+@pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_resume_from_the_vae_checkpoint_gives_the_same_transformer(trained, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
@@ -101,6 +104,7 @@ def test_resume_from_the_vae_checkpoint_gives_the_same_transformer(trained, tmp_
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_plan_reads_the_small_parts_sizes_from_the_folder(trained):
     from atlasvid_dist.models.loading import load_components, read_model_spec
     from atlasvid_dist.world.model import param_count
