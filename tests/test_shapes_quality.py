@@ -1,0 +1,61 @@
+"""The shipped shapes model draws what its caption says at its base size: the project's first test of quality rather
+than plumbing. Generation goes through generate's own config builder and the one-process pipeline, and every
+video is scored by `atlasvid-dist eval`'s scorer (one object in every frame, colour, shape, direction)."""
+
+import pytest
+
+from atlasvid_dist.cli.generate import build_config
+from atlasvid_dist.eval import score_video, summarise
+from atlasvid_dist.models.loading import BUILTIN_FOLDERS, load_components, read_model_defaults
+from atlasvid_dist.pipeline.generate import TwoStageGenerator
+from atlasvid_dist.pipeline.video_io import read_mp4
+from atlasvid_dist.world import all_scenes
+from atlasvid_dist.world.clips import WorldClip
+
+pytestmark = pytest.mark.skipif(
+    not (BUILTIN_FOLDERS["shapes"] / "model_index.json").is_file(), reason="the shapes model is not in this checkout"
+)
+
+SUBSET = [WorldClip(all_scenes()[4 * k + k % 4], 0) for k in range(8)]
+"""8 captions (seed 0): every colour, both shapes, every direction."""
+
+
+@pytest.fixture(scope="module")
+def base_videos(tmp_path_factory):
+    """(clip, frames) of the subset, generated at the model's base size with full attention."""
+    own = read_model_defaults("shapes")
+    comp = load_components("shapes")
+    tmp = tmp_path_factory.mktemp("shapes")
+    videos = []
+    for k, clip in enumerate(SUBSET):
+        cfg = build_config(
+            {
+                "model": "shapes",
+                "prompt": clip.scene.caption,
+                "seed": clip.seed,
+                "res": f"{own['base_width']}x{own['base_height']}",
+                "frames": own["base_frames"],
+                "attention": "full",
+                "out": str(tmp / f"{k}.mp4"),
+                "crf": 0,
+            }
+        )
+        TwoStageGenerator(cfg, components=comp, progress=False).run()
+        videos.append((clip, read_mp4(tmp / f"{k}.mp4")))
+    return videos
+
+
+def test_shipped_model_draws_the_caption_at_its_base_size(base_videos):
+    scores = [score_video(frames, clip.scene.caption, name=clip.scene.caption) for clip, frames in base_videos]
+    summary = summarise(scores)
+    assert summary.all_correct >= 0.9, [(s.caption, s.colour, s.shape, s.direction, s.one_object) for s in scores]
+
+
+def test_the_same_videos_fail_against_other_captions(base_videos):
+    """The check above can fail: scored against a caption of another colour and direction, no video passes."""
+    scenes = all_scenes()
+    scores = [
+        score_video(frames, scenes[(scenes.index(clip.scene) + 9) % len(scenes)].caption)
+        for clip, frames in base_videos
+    ]
+    assert summarise(scores).all_correct == 0.0
