@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config.generate import GenerateConfig
 from ..config.method import AtlasConfig
 from ..config.model import ModelSpec
 from ..config.parallel import ParallelPlan, runnable_proxy_parallel
@@ -47,6 +48,8 @@ from .attention import attention_flops, layer_attention_flops, layer_spec, poole
 from .profiles import DeviceProfile, GiB, device_profile
 from .ranks import group_share, shard
 
+_GENERATE = {f.name: f.default for f in dataclasses.fields(GenerateConfig)}
+"""generate's defaults: the cost model prices the run generate makes unless told otherwise."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPES = ("auto", *DTYPE_BYTES)
 DETAIL_INITS = ("noise", "proxy")
@@ -80,23 +83,23 @@ LATENT_CHANNELS_BYTES = 4  # latents travel in fp32
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Sampling settings the cost depends on (names as in GenerateConfig)."""
+    """Sampling settings the cost depends on (names and defaults as in GenerateConfig, read from it)."""
 
-    dtype: str = "auto"
+    dtype: str = _GENERATE["dtype"]
     """'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16': weights and activations."""
-    steps: int = 30
+    steps: int = _GENERATE["steps"]
     """Detail-stage denoising steps (from noise)."""
-    proxy_steps: int = 30
+    proxy_steps: int = _GENERATE["proxy_steps"]
     """Proxy-stage denoising steps."""
-    guidance: float = 5.0
+    guidance: float = _GENERATE["guidance"]
     """Classifier-free guidance scale; > 1 runs two forwards per step (conditional, unconditional)."""
-    detail_init: str = "noise"
+    detail_init: str = _GENERATE["detail_init"]
     """'noise', or 'proxy': start from the upsampled proxy noised to ``init_strength``."""
-    init_strength: float = 0.7
+    init_strength: float = _GENERATE["init_strength"]
     """With detail_init='proxy': fraction of the detail steps that run."""
     decode_tile: int = 32
     """Spatial VAE decode tile in latent cells (8 px each)."""
-    decode_overlap: int = 4
+    decode_overlap: int = _GENERATE["decode_overlap"]
     """Overlap of decode tiles in latent cells."""
     decode_order: str = "auto"
     """'together' (a rank's tiles advance together: every tile's causal cache live at once), 'sequential' (tile
