@@ -2,7 +2,8 @@
 
 Each stage checks what it receives and what it hands on. With a run folder every denoising step commits a
 checkpoint (latents, scheduler state, RNG state, proxy, config) so a run can resume after any step and give the
-same result as an uninterrupted one. The distributed runtime reuses these stages.
+same result as an uninterrupted one. The stages themselves (``pipeline/stages.py``) are the ones the distributed
+runtime's ranks run, each on its own share of the tokens; here they run on the whole grid.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from .stages import DetailStage, ProxyStage, SavedStep, StageState, proxy_caches
 from .text import TextEmbeddings, encode_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE1, STAGE2 = "proxy", "detail"
+STAGE1, STAGE2 = ProxyStage.name, DetailStage.name
 STAGES = (STAGE1, STAGE2)
+"""The stages in run order (a checkpoint's step key counts by this index)."""
 
 
 @dataclass

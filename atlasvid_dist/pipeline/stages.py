@@ -144,7 +144,7 @@ class Stage:
     """What both stages share: seeded noise over the whole latent, the CFG velocity, the denoising loop."""
 
     name: str
-    """"proxy" or "detail" (progress, step times, checkpoint keys)."""
+    """The stage's name, "proxy" or "detail" (progress lines, step times, checkpoint keys)."""
     seed_offset: int
     """Added to the run's seed for this stage's generator."""
 

@@ -1,8 +1,8 @@
 """The Ray actors of a distributed generation: one proxy worker (text + stage 1), N detail workers (stage 2 ranks).
 
 Plain classes; the driver (``cluster.start_actors``) wraps them with ``ray.remote`` and its placement group, so they can
-also be used in-process. Every worker builds its own TwoStageGenerator from the same GenerateConfig and reuses
-its stages (loading, text encoding, stage 1, the stage-2 helpers).
+also be used in-process. Every worker builds its own TwoStageGenerator from the same GenerateConfig for
+loading, text encoding and (proxy worker) stage 1; the ranks run ``pipeline/stages.py``'s stages on their share.
 """
 
 from __future__ import annotations

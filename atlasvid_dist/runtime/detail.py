@@ -6,7 +6,10 @@ stride = kernel = patch) and its output head are per token, so ``AtlasTransforme
 1 x 1 x n grid) run unchanged on a strip, and the scheduler's step is per element, so each rank steps its own
 strip with its own scheduler (same timesteps) and the result is the rank's slice of the single-process run.
 
-Process-group free apart from the attention callback; the Ray actors (``actors.py``) call :func:`denoise_rank`.
+The stage itself (seed, proxy-init, guidance, denoising loop, checkpoint state) is ``pipeline/stages.py``'s
+:class:`DetailStage`, the one the one-process run uses; this module gives it only the rank's token layout
+(:class:`RankWindows`). Process-group free apart from the attention callback; the Ray actors (``actors.py``) call
+:func:`denoise_rank`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ self-attention needs the whole sequence; it is full attention (stage 1 has no wi
 
 Queries and keys are rotated with the stage-1 RoPE rows of the rank's own tokens (time scaled by r_t) before
 either. Every rank steps its own slice with its own scheduler (same timesteps; the scheduler step is per element)
-from its slice of the same seeded noise, so the result is the one-process stage 1. At the end the slices are
+from its slice of the same seeded noise (it runs ``pipeline/stages.py``'s :class:`ProxyStage`, the one-process stage 1,
+given the rank's layout :class:`ProxySlice`), so the result is the one-process stage 1. At the end the slices are
 all-gathered: every rank holds the clean proxy (stage 2 reads it on every rank). Bytes are counted in a CommStats
 (``ulysses.*`` / ``ring.*`` and ``proxy.gather``).
 """
