@@ -163,6 +163,7 @@ class Stage:
         raise NotImplementedError
 
     def sampler(self) -> sampling.SamplerConfig:
+        """This stage's steps, guidance scale and flow shift."""
         raise NotImplementedError
 
     def proxy_input(self, kind: str, x: torch.Tensor, generator: torch.Generator) -> ProxyInput | None:
