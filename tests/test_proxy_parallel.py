@@ -32,8 +32,8 @@ def _proxy_on_rank(rank, world, mode):
     from atlasvid_dist.runtime.proxy import denoise_proxy_rank
 
     gen = TwoStageGenerator(_config(), progress=False)
-    comp = gen._load()
-    text = gen._encode(comp)
+    comp = gen.load()
+    text = gen.encode(comp)
     stats = CommStats()
     got = denoise_proxy_rank(gen, comp, text, rank, world, mode, None, stats, timeout=60)
     want = gen.stage1(comp, text, None, None)

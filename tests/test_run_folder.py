@@ -137,7 +137,7 @@ def test_distributed_resume_refuses_an_edited_config_before_ray(tmp_path, capsys
     """The --workers run checks the same manifest, before Ray starts (a folder as the driver writes it)."""
     run = tmp_path / "run"
     cfg = config(tmp_path, "d", window="3,4,8", run_dir=str(run))
-    TwoStageGenerator(cfg, progress=False)._checkpointer(False, workers=2)
+    TwoStageGenerator(cfg, progress=False).checkpointer(False, workers=2)
     path = run / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "seed": 7}))
     assert cli("generate", "--resume", str(run), "--workers", "2", "--quiet") == 2
@@ -171,7 +171,7 @@ def test_detail_ranks_skip_a_corrupt_step_and_steps_of_another_run(tmp_path):
 
     run = tmp_path / "run"
     cfg = config(tmp_path, "w", window="3,4,8", run_dir=str(run))
-    TwoStageGenerator(cfg, progress=False)._checkpointer(False, workers=2)
+    TwoStageGenerator(cfg, progress=False).checkpointer(False, workers=2)
     StepCheckpointer(run / "rank-0", run_id="an-older-run").commit(5, {"x": torch.ones(2)}, {})
     worker = DetailWorker(cfg, 0, 2, str(run))
     for step in (1, 2):

@@ -117,8 +117,10 @@ def test_stage2_step_reads_the_proxy_kv_generate_builds(tmp_path):
         }
     )
     gen = TwoStageGenerator(cfg, components=load_components("tiny"), progress=False)
-    comp = gen._load()
-    caches = gen.proxy_caches(gen._atlas(comp, cfg.method), x["proxy"], TextEmbeddings(x["text"], None))
+    comp = gen.load()
+    caches = gen.proxy_caches(
+        AtlasTransformer(comp.transformer, cfg.method), x["proxy"], TextEmbeddings(x["text"], None)
+    )
     assert _equal_kv(caches["cond"], inside)
 
 

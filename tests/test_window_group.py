@@ -29,8 +29,8 @@ def _setup():
     from atlasvid_dist.pipeline.generate import TwoStageGenerator
 
     gen = TwoStageGenerator(build_config({**DEFAULTS, **VALUES}), progress=False)
-    comp = gen._load()
-    text = gen._encode(comp)
+    comp = gen.load()
+    text = gen.encode(comp)
     return gen, comp, text, gen.stage1(comp, text, None, None)
 
 

@@ -2,7 +2,8 @@
 
 Each stage checks what it receives and what it hands on. With a run folder every denoising step commits a
 checkpoint (latents, scheduler state, RNG state, proxy, config) so a run can resume after any step and give the
-same result as an uninterrupted one. The distributed runtime reuses these stages.
+same result as an uninterrupted one. The stages themselves (``pipeline/stages.py``) are the ones the distributed
+runtime's ranks run, each on its own share of the tokens; here they run on the whole grid.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from typing import Callable
 import torch
 
 from ..config.generate import GenerateConfig
-from ..config.method import AtlasConfig
 from ..errors import ConfigError, InputError, ModelLoadError, RunFailure
-from . import sampling
 from .checkpoint import StepCheckpointer, step_key
+from .stages import DetailStage, ProxyStage, SavedStep, StageState, proxy_caches
 from .text import TextEmbeddings, encode_prompts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STAGE1, STAGE2 = "proxy", "detail"
+STAGE1, STAGE2 = ProxyStage.name, DetailStage.name
 STAGES = (STAGE1, STAGE2)
+"""The stages in run order (a checkpoint's step key counts by this index)."""
 
 
 @dataclass
@@ -168,18 +169,18 @@ class TwoStageGenerator:
         cfg = self.cfg
         self.preflight()
         check_outputs(cfg)
-        ckpt = self._checkpointer(resume, overwrite=overwrite)
+        ckpt = self.checkpointer(resume, overwrite=overwrite)
         t0 = time.perf_counter()
-        comp = self._load()
+        comp = self.load()
         self.seconds["load"] = time.perf_counter() - t0
         self.say(f"loading model {cfg.model} ... {self.seconds['load']:.1f} s")
-        text = self._encode(comp)
+        text = self.encode(comp)
         self.say(f"encoding prompt ... {self.seconds['text']:.1f} s")
-        state = self._resume_state(ckpt) if resume else None
+        saved = self.resume_state(ckpt) if resume else None
         proxy = None
         if cfg.uses_proxy:
-            proxy = self.stage1(comp, text, ckpt, state)
-        latents = self.stage2(comp, text, proxy, ckpt, state)
+            proxy = self.stage1(comp, text, ckpt, saved)
+        latents = self.stage2(comp, text, proxy, ckpt, saved)
         if cfg.save_latents:
             _save_latents(cfg.save_latents, latents, cfg, proxy)
         out_bytes = self.write_videos(comp, latents, proxy)
@@ -189,7 +190,7 @@ class TwoStageGenerator:
             cfg,
             self.seconds,
             out_bytes,
-            resumed_from=f"{state['stage']} step {state['step']}" if state else None,
+            resumed_from=f"{saved.stage} step {saved.step}" if saved else None,
             step_seconds={k: median(v) for k, v in self.step_times.items()},
             peak_memory=[{"rank": 0, **peak_memory(cfg.device)}],
         )
@@ -249,7 +250,7 @@ class TwoStageGenerator:
 
         return read_model_spec(self.cfg.model)
 
-    def _load(self):
+    def load(self):
         if self.components is None:
             from ..models.loading import load_components
 
@@ -266,13 +267,7 @@ class TwoStageGenerator:
             if path and name not in (getattr(transformer, "peft_config", None) or {}):
                 lora.load_lora(transformer, path, name)
 
-    def _adapter(self, name: str | None) -> None:
-        from ..models import lora
-
-        path = {"stage1": self.cfg.lora_stage1, "stage2": self.cfg.lora_stage2}.get(name or "")
-        lora.set_active_adapter(self.components.transformer, name if path else None)
-
-    def _encode(self, comp) -> TextEmbeddings:
+    def encode(self, comp) -> TextEmbeddings:
         t0 = time.perf_counter()
         cfg = self.cfg
         text_len = cfg.text_len or min(512, int(comp.tokenizer.model_max_length))  # Wan: 512
@@ -290,73 +285,29 @@ class TwoStageGenerator:
         self.seconds["text"] = time.perf_counter() - t0
         return text
 
-    def stage1(self, comp, text: TextEmbeddings, ckpt, state) -> torch.Tensor:
+    def stage1(self, comp, text: TextEmbeddings, ckpt, saved: SavedStep | None) -> torch.Tensor:
         """The proxy: full attention at the proxy size with temporally scaled RoPE, its own steps and shift."""
-        cfg = self.cfg
-        if state and state["stage"] == STAGE2:
-            return state["proxy"].to(self.device, self.dtype)
+        if saved and saved.stage == STAGE2:
+            return saved.tensors["proxy"].to(self.device, self.dtype)
         t0 = time.perf_counter()
-        self._adapter("stage1")
-        model = self._atlas(comp, AtlasConfig(**{**cfg.method.__dict__, "mode": "full"}))
-        gen = torch.Generator().manual_seed(cfg.seed)
-        shape = (1, comp.transformer.config.in_channels, *self._proxy_latent_dims())
-        noise = torch.randn(shape, generator=gen).to(self.device, self.dtype)
-        scfg = sampling.SamplerConfig(cfg.proxy_steps, cfg.guidance, cfg.proxy_flow_shift)
-        velocity = _cfg_velocity(model.proxy_forward, text, scfg)
-        latents = self._denoise(STAGE1, velocity, noise, comp.scheduler, scfg, 0, ckpt, state, gen, None)
+        stage = ProxyStage(self.cfg, comp, text, self.device, self.dtype)
+        latents = self._run_stage(stage, ckpt, saved, None)
         _check_finite("proxy latents", latents)
         self.seconds["proxy"] = time.perf_counter() - t0
         return latents
 
-    def stage2(self, comp, text: TextEmbeddings, proxy, ckpt, state) -> torch.Tensor:
+    def stage2(self, comp, text: TextEmbeddings, proxy, ckpt, saved: SavedStep | None) -> torch.Tensor:
         """The detail latent, denoised with windows + the cached clean proxy (or full attention in mode 'full')."""
-        cfg = self.cfg
         t0 = time.perf_counter()
-        model = self._atlas(comp, cfg.method)
-        caches = {}
-        if proxy is not None and cfg.method.proxy_mode == "clean":
-            caches = self.proxy_caches(model, proxy, text)
-        self._adapter("stage2")
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        shape = (1, comp.transformer.config.in_channels, *self.cfg.latent.dims)
-        noise = torch.randn(shape, generator=gen).to(self.device, self.dtype)
-        scfg = sampling.SamplerConfig(cfg.steps, cfg.guidance, cfg.flow_shift)
-        sched = sampling.start_scheduler(comp.scheduler, scfg, self.device)
-        start = 0
-        if cfg.detail_init == "proxy":
-            start, noise = self._proxy_init(proxy, noise, sched, scfg)
-
-        def forward(kind):
-            def f(x, t):
-                if proxy is None:
-                    return model(x, t, getattr(text, kind))
-                if caches:
-                    return model(x, t, getattr(text, kind), proxy_cache=caches[kind])
-                return model(
-                    x, t, getattr(text, kind), proxy=proxy, proxy_noise=torch.randn(proxy.shape, generator=gen).to(x)
-                )
-
-            return f
-
-        velocity = sampling.guided(
-            forward("cond"), forward("uncond") if text.uncond is not None else None, cfg.guidance
-        )
-        latents = self._denoise(STAGE2, velocity, noise, comp.scheduler, scfg, start, ckpt, state, gen, proxy)
+        stage = DetailStage(self.cfg, comp, text, proxy, self.device, self.dtype)
+        latents = self._run_stage(stage, ckpt, saved, proxy)
         _check_finite("detail latents", latents)
         self.seconds["detail"] = time.perf_counter() - t0
         return latents
 
     def proxy_caches(self, model, proxy: torch.Tensor, text: TextEmbeddings) -> dict:
-        """The clean proxy's keys/values per prompt ("cond", "uncond"), built by the stage-1 model (its adapter
-        active, base weights without one): the same function stage-2 training uses (pipeline/proxy_cache.py)."""
-        from .proxy_cache import proxy_cache_for
-
-        adapter = "stage1" if self.cfg.lora_stage1 else None
-        return {
-            k: proxy_cache_for(model, proxy, e, adapter)
-            for k, e in (("cond", text.cond), ("uncond", text.uncond))
-            if e is not None
-        }
+        """:func:`stages.proxy_caches` of this run's config."""
+        return proxy_caches(self.cfg, model, proxy, text)
 
     def write_videos(self, comp, latents, proxy) -> int:
         """The video and (with --save-proxy) the proxy video, put in place together: when either fails, neither
@@ -389,7 +340,7 @@ class TwoStageGenerator:
         t0 = time.perf_counter()
         frames = (latents.shape[2] - 1) * 4 + 1
         h, w = out_hw if out_hw else (latents.shape[3] * 8, latents.shape[4] * 8)
-        bar = self._bar(frames, label, "frame")
+        bar = self.bar(frames, label, "frame")
         with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.cfg.crf) as writer:
             with torch.no_grad():
                 for chunk in decode_stream(comp.vae, latents, self.decode_tiling(), out_hw=(h, w)):
@@ -407,71 +358,40 @@ class TwoStageGenerator:
         return DecodeTiling(tile=tile, overlap=min(self.cfg.decode_overlap, tile // 2))
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _atlas(self, comp, method: AtlasConfig):
-        from ..models.atlas_transformer import AtlasTransformer
+    def _run_stage(self, stage, ckpt, saved: SavedStep | None, proxy) -> torch.Tensor:
+        """``stage`` on the whole grid, from ``saved`` when it is this stage's; every step committed to ``ckpt``
+        (with ``proxy``), timed, reported to :attr:`on_commit` and checked against :attr:`interrupt_at`."""
+        layout = stage.whole_grid()
+        state = stage.start(layout)
+        if saved and saved.stage == stage.name:
+            state.restore(saved, self.device, self.dtype)
+        bar = self.bar(stage.sampler().steps, f"{stage.name} stage", "step", initial=state.step)
+        times, last = self.step_times.setdefault(stage.name, []), [time.perf_counter()]
 
-        return AtlasTransformer(comp.transformer, method)
-
-    def _proxy_latent_dims(self) -> tuple[int, int, int]:
-        g = self.cfg.proxy.grid
-        return (g.t, g.h * 2, g.w * 2)
-
-    def _proxy_init(self, proxy, noise, sched, scfg):
-        """Start the detail stage from the proxy upsampled to the detail grid, noised to init_strength.
-
-        The upsampling places proxy cells with the same anchor as the proxy keys' RoPE (ProxyAnchor): proxy frame j
-        on detail latent frame j * r_t, proxy cell i at the centre of the s x s detail block it covers (linear in
-        between; in space this is bilinear with align_corners=False). Runs the last round(steps * init_strength)
-        steps (at least one), starting at that step's sigma.
-        """
-        from ..geometry.grid import ProxyAnchor, upsample_proxy
-
-        start = scfg.steps - max(1, round(scfg.steps * self.cfg.init_strength))
-        lat = self.cfg.latent
-        anchor = ProxyAnchor(self.cfg.method.temporal_scale, self.cfg.method.spatial_scale)
-        up = upsample_proxy(proxy, anchor, lat.dims)
-        sigma = float(sched.sigmas[start])
-        if hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start)
-        return start, ((1.0 - sigma) * up + sigma * noise.float()).to(noise.dtype)
-
-    def _denoise(self, stage, velocity, latents, template, scfg, start, ckpt, state, gen, proxy):
-        sched = sampling.start_scheduler(template, scfg, self.device)
-        if start and hasattr(sched, "set_begin_index"):
-            sched.set_begin_index(start)
-        if state and state["stage"] == stage:
-            latents = state["latents"].to(self.device, self.dtype)
-            sampling.restore_scheduler(sched, state["sched_tensors"], state["sched_meta"])
-            gen.set_state(state["rng"])
-            start = state["step"]
-        bar = self._bar(scfg.steps, f"{stage} stage", "step", initial=start)
-        times, last = self.step_times.setdefault(stage, []), [time.perf_counter()]
-
-        def on_step(done, lat, s):
+        def on_step(s: StageState):
             bar.update(1)
             if ckpt is not None:
-                self._commit(ckpt, stage, done, lat, s, gen, proxy)
+                self._commit(ckpt, stage.name, s, proxy)
             if self.on_commit is not None:
-                self.on_commit(stage, done)
+                self.on_commit(stage.name, s.step)
             now = time.perf_counter()
             times.append(now - last[0])
             last[0] = now
-            if self.interrupt_at == (stage, done):
-                raise RunInterrupted(f"interrupted after {stage} step {done}")
+            if self.interrupt_at == (stage.name, s.step):
+                raise RunInterrupted(f"interrupted after {stage.name} step {s.step}")
 
-        with torch.no_grad():
-            latents = sampling.denoise(velocity, latents, sched, scfg.steps, start=start, on_step=on_step)
+        latents = stage.denoise(state, layout, on_step)
         bar.close()
         return latents
 
-    def _bar(self, total, desc, unit, initial=0):
+    def bar(self, total, desc, unit, initial=0):
         """A tqdm bar on a terminal, plain lines at every 10 % elsewhere (``progress.progress_bar``)."""
         from .progress import progress_bar
 
         return progress_bar(total, desc, unit, initial=initial, enabled=self.progress)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _checkpointer(self, resume: bool, workers: int | None = None, overwrite: bool = False):
+    def checkpointer(self, resume: bool, workers: int | None = None, overwrite: bool = False):
         """The run folder's checkpointer (None without --run-dir). ``workers``: a distributed run, whose ranks keep
         their own checkpoints in subfolders; the folder's manifest (``run_folder.py``) records its run id, config
         checksum and worker count, and a folder is resumed only by the kind of run that wrote it with the same
@@ -491,14 +411,13 @@ class TwoStageGenerator:
         manifest = open_run(run, config, workers) if resume else start_run(run, config, workers, overwrite)
         return StepCheckpointer(run, run_id=manifest["run_id"], config_sha256=manifest["config_sha256"])
 
-    def _commit(self, ckpt, stage, step, latents, sched, gen, proxy) -> None:
-        tensors, meta = sampling.scheduler_state(sched)
-        tensors = {**tensors, "latents": latents.detach().cpu().clone(), "rng": gen.get_state()}
+    def _commit(self, ckpt, stage: str, state: StageState, proxy) -> None:
+        tensors, meta = state.checkpoint()
         if proxy is not None:
             tensors["proxy"] = proxy.detach().cpu().clone()
-        ckpt.commit(step_key(STAGES.index(stage), step), tensors, {"stage": stage, "step": step, "sched": meta})
+        ckpt.commit(step_key(STAGES.index(stage), state.step), tensors, {"stage": stage, **meta})
 
-    def _resume_state(self, ckpt) -> dict | None:
+    def resume_state(self, ckpt) -> SavedStep | None:
         """The newest committed step that loads (a damaged newer step is skipped, saying which and why)."""
 
         def skipped(step, reason):
@@ -508,22 +427,7 @@ class TwoStageGenerator:
         if found is None:
             return None
         _, tensors, meta = found
-        sched_tensors = {k: v for k, v in tensors.items() if k.startswith("sched.")}
-        return {
-            "stage": meta["stage"],
-            "step": meta["step"],
-            "latents": tensors["latents"],
-            "rng": tensors["rng"],
-            "proxy": tensors.get("proxy"),
-            "sched_tensors": sched_tensors,
-            "sched_meta": meta["sched"],
-        }
-
-
-def _cfg_velocity(fn, text: TextEmbeddings, scfg: sampling.SamplerConfig):
-    cond = lambda x, t: fn(x, t, text.cond)  # noqa: E731
-    uncond = (lambda x, t: fn(x, t, text.uncond)) if text.uncond is not None else None  # noqa: E731
-    return sampling.guided(cond, uncond, scfg.guidance)
+        return SavedStep(meta["step"], tensors, meta)
 
 
 def _check_channels(comp) -> None:

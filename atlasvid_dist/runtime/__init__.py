@@ -7,5 +7,6 @@
 * ``decode.RankDecoder``: the outputs decoded over the ranks, blended and written by the driver.
 * ``actors.ProxyWorker`` / ``actors.DetailWorker``: the Ray actors (plain classes), returning ``results.ProxyResult``
   / ``results.RankResult`` (frozen dataclasses).
-* ``detail.denoise_rank``: stage 2 on one rank's latent strip, with ``parallel.window_attention``.
+* ``detail.denoise_rank`` / ``proxy.denoise_proxy_rank``: ``pipeline/stages.py``'s stage 2 / stage 1 on one rank's
+  share of the tokens (its layout: ``detail.RankWindows``, with ``parallel.window_attention``; ``proxy.ProxySlice``).
 """

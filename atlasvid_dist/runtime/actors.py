@@ -1,8 +1,8 @@
 """The Ray actors of a distributed generation: one proxy worker (text + stage 1), N detail workers (stage 2 ranks).
 
 Plain classes; the driver (``cluster.start_actors``) wraps them with ``ray.remote`` and its placement group, so they can
-also be used in-process. Every worker builds its own TwoStageGenerator from the same GenerateConfig and reuses
-its stages (loading, text encoding, stage 1, the stage-2 helpers).
+also be used in-process. Every worker builds its own TwoStageGenerator from the same GenerateConfig for
+loading, text encoding and (proxy worker) stage 1; the ranks run ``pipeline/stages.py``'s stages on their share.
 """
 
 from __future__ import annotations
@@ -121,13 +121,13 @@ class ProxyWorker:
         and whether Ray restarted it after a crash."""
         gen = self.gen
         t0 = time.perf_counter()
-        comp = gen._load()
-        text = gen._encode(comp)
-        state = gen._resume_state(self.ckpt) if self.ckpt is not None else None
-        if state is not None:
-            self.log.info("restarted: resuming stage 1 from its committed step %d", state["step"])
+        comp = gen.load()
+        text = gen.encode(comp)
+        saved = gen.resume_state(self.ckpt) if self.ckpt is not None else None
+        if saved is not None:
+            self.log.info("restarted: resuming stage 1 from its committed step %d", saved.step)
         gen.on_commit = self._committed
-        proxy = gen.stage1(comp, text, self.ckpt, state) if gen.cfg.uses_proxy and stage1 else None
+        proxy = gen.stage1(comp, text, self.ckpt, saved) if gen.cfg.uses_proxy and stage1 else None
         gen.seconds["proxy actor"] = time.perf_counter() - t0
         self.log.info("text%s done in %.1f s", " + stage 1" if proxy is not None else "", gen.seconds["proxy actor"])
         shared = SharedText(_cpu(text.cond), _cpu(text.uncond), _cpu(proxy))
@@ -135,7 +135,7 @@ class ProxyWorker:
             shared,
             gen.seconds,
             list(gen.step_times.get("proxy", [])),
-            None if state is None else state["step"],
+            None if saved is None else saved.step,
             _reconstructed(),
         )
 
@@ -213,7 +213,7 @@ class DetailWorker:
         self._join(master, timeout_s, resume_step)
         try:
             t0 = time.perf_counter()
-            comp = self.gen._load()
+            comp = self.gen.load()
             dev, dt = self.gen.device, self.gen.dtype
             emb = TextEmbeddings(text.cond.to(dev, dt), None if text.uncond is None else text.uncond.to(dev, dt))
             proxy = None if text.proxy is None else text.proxy.to(dev, dt)
@@ -307,7 +307,7 @@ class DetailWorker:
         """(temporal, spatial) pixels per latent unit of this worker's VAE (the driver's blender needs them)."""
         from ..pipeline.decode import vae_scale
 
-        s = vae_scale(self.gen._load().vae)
+        s = vae_scale(self.gen.load().vae)
         return s.temporal, s.spatial
 
     def decode(self, latents: torch.Tensor, tile_ids: list[int], tiling: dict):
@@ -317,7 +317,7 @@ class DetailWorker:
         from .decode import decode_tiles
 
         t0 = time.perf_counter()
-        vae = self.gen._load().vae
+        vae = self.gen.load().vae
         cut = DecodeTiling(**tiling)
         tiles = plan_tiles(tuple(latents.shape[3:]), cut)
         lat = latents.to(self.gen.device, self.gen.dtype)

@@ -204,7 +204,7 @@ class RankDecoder:
         from ..pipeline.video_io import Mp4Writer
 
         h, w = out_hw or blender.out_hw
-        bar = self.gen._bar(blender.frames, f"{label} ({len(self.ranks)} workers)", "frame")
+        bar = self.gen.bar(blender.frames, f"{label} ({len(self.ranks)} workers)", "frame")
         with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.gen.cfg.crf) as writer:
 
             def write(frames):

@@ -6,7 +6,10 @@ stride = kernel = patch) and its output head are per token, so ``AtlasTransforme
 1 x 1 x n grid) run unchanged on a strip, and the scheduler's step is per element, so each rank steps its own
 strip with its own scheduler (same timesteps) and the result is the rank's slice of the single-process run.
 
-Process-group free apart from the attention callback; the Ray actors (``actors.py``) call :func:`denoise_rank`.
+The stage itself (seed, proxy-init, guidance, denoising loop, checkpoint state) is ``pipeline/stages.py``'s
+:class:`DetailStage`, the one the one-process run uses; this module gives it only the rank's token layout
+(:class:`RankWindows`). Process-group free apart from the attention callback; the Ray actors (``actors.py``) call
+:func:`denoise_rank`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from ..geometry.grid import Grid
 from ..parallel.comm import CommStats
 from ..parallel.window_attention import ShardedWindowAttention, shard_for
 from ..parallel.window_group import GroupedWindowAttention, group_layout
-from ..pipeline import sampling
-from ..pipeline.checkpoint import generator_state, restore_generator
+from ..pipeline.stages import DetailStage, ProxyInput, SavedStep, StageState
 from ..pipeline.text import TextEmbeddings
 
 
@@ -78,7 +80,7 @@ def denoise_rank(
     groups=None,
     window_parallel: str = "ulysses",
 ) -> tuple[torch.Tensor, dict[int, int]]:
-    """Stage 2 of ``gen`` (a TwoStageGenerator, for its config and stage helpers) on rank ``rank`` of ``world``.
+    """Stage 2 of ``gen``'s config (a TwoStageGenerator: config, device, dtype) on rank ``rank`` of ``world``.
 
     ``ckpt`` (a StepCheckpointer of this rank) commits the rank's strip, scheduler state and stage-2 generator
     state after every step; ``resume_step`` continues from that committed step. ``on_step(done)`` runs after each
@@ -86,83 +88,81 @@ def denoise_rank(
     then ``groups`` is (this rank's window group, its slot group) from ``new_groups`` and the rank holds its slice
     of its group's tokens. Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer).
 
-    proxy_mode 'joint': like the one-process stage 2, the rank keeps the stage-2 generator (seed + 1) that drew
-    the initial noise and draws each forward's proxy noise from it (cond, then uncond), builds that call's proxy
-    keys/values (``AtlasTransformer.joint_proxy_kv``, the whole proxy on every rank) and a window attention reading
-    them.
+    The stage (seed, proxy-init, CFG, proxy_mode 'joint' noise) is the one-process :class:`DetailStage`; only the
+    token layout (:class:`RankWindows`) is this rank's.
     """
-    cfg = gen.cfg
-    check_supported(cfg)
-    model = gen._atlas(comp, cfg.method)
-    device, dtype = gen.device, gen.dtype
-    shape = (1, comp.transformer.config.in_channels, *cfg.latent.dims)
-    grid = model.token_grid(torch.empty(shape, device="meta"))
-    sharding = shard_for(cfg.method, grid, world // window_group)
-    layout = group_layout(sharding, rank, window_group) if window_group > 1 else None
-    stats = stats if stats is not None else CommStats()
-    split = None if layout is None else (layout, groups, window_parallel)
-    window_attention = _window_attention(gen, comp, model, grid, sharding, rank, group, stats, timeout, split)
-    joint = proxy is not None and cfg.method.proxy_mode == "joint"
-    attends = {} if joint else _clean_attends(gen, model, text, proxy, window_attention)
-    gen._adapter("stage2")
-    rng = torch.Generator().manual_seed(cfg.seed + 1)  # the one-process stage 2's generator, state for state
-    noise = torch.randn(shape, generator=rng).to(device, dtype)
-    scfg = sampling.SamplerConfig(cfg.steps, cfg.guidance, cfg.flow_shift)
-    start = 0
-    if cfg.detail_init == "proxy":
-        start, noise = gen._proxy_init(proxy, noise, sampling.start_scheduler(comp.scheduler, scfg, device), scfg)
-    mine = _own_tokens(sharding, layout, rank, to_tokens(noise, model.patch))  # (B, n, C, pt, ph, pw)
-    local = to_strip(mine)  # (B, C, pt, ph, n*pw)
-    n = mine.shape[1]
-    per_layer: dict[int, int] = {}
-
-    def forward(kind):
-        emb = getattr(text, kind)
-
-        def f(x, t):
-            attend = attends.get(kind)
-            if joint:  # the attention keeps only its windows' proxy rows: the whole K/V is freed here
-                proxy_noise = torch.randn(proxy.shape, generator=rng).to(x)
-                attend = window_attention(model.joint_proxy_kv(proxy.to(x.dtype), proxy_noise, t, emb))
-            tokens, temb, tproj, txt = model.embed(x, t, emb)
-            out = model.run_blocks(tokens, txt, tproj, attend)
-            if joint:
-                _add_bytes(per_layer, attend.layer_bytes)
-            return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
-
-        return f
-
-    velocity = sampling.guided(forward("cond"), forward("uncond") if text.uncond is not None else None, cfg.guidance)
-    sched = sampling.start_scheduler(comp.scheduler, scfg, device)
-    if start and hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(start)
+    check_supported(gen.cfg)
+    stage = DetailStage(gen.cfg, comp, text, proxy, gen.device, gen.dtype)
+    split = None if window_group == 1 else (window_group, groups, window_parallel)
+    layout = RankWindows(stage, rank, world, group, stats if stats is not None else CommStats(), timeout, split)
+    state = stage.start(layout)
     if resume_step:
-        local, start = _resume(ckpt, resume_step, sched, rng, device, dtype)
+        state.restore(SavedStep(resume_step, *ckpt.load(resume_step)), gen.device, gen.dtype)
 
-    def hook(done, lat, s):
+    def hook(s: StageState) -> None:
         if ckpt is not None:
-            tensors, meta = sampling.scheduler_state(s)
-            tensors = {**tensors, "latents": lat.detach().cpu().clone(), "rng": generator_state(rng)}
-            ckpt.commit(done, tensors, {"step": done, "sched": meta})
+            tensors, meta = s.checkpoint()
+            ckpt.commit(s.step, tensors, meta)
         if on_step is not None:
-            on_step(done)
+            on_step(s.step)
 
-    with torch.no_grad():
-        local = sampling.denoise(velocity, local, sched, scfg.steps, start=start, on_step=hook)
-    for a in attends.values():
-        _add_bytes(per_layer, a.layer_bytes)
-    return from_strip(local, model.patch).cpu(), per_layer
+    local = stage.denoise(state, layout, hook)  # (1, C, pt, ph, n*pw)
+    return from_strip(local, stage.model.patch).cpu(), layout.bytes_per_layer()
 
 
-def _resume(ckpt, step: int, sched, rng: torch.Generator, device, dtype) -> tuple[torch.Tensor, int]:
-    """(strip, next step) of the rank's committed ``step``; restores the scheduler and the stage-2 generator (a
-    checkpoint written before ranks saved it has none: only proxy_mode 'joint' draws from it, and the distributed
-    runtime ran only 'clean' then)."""
-    tensors, meta = ckpt.load(step)
-    sampling.restore_scheduler(sched, {k: v for k, v in tensors.items() if k.startswith("sched.")}, meta["sched"])
-    if "rng" in tensors:
-        restore_generator(rng, tensors["rng"])
-    return tensors["latents"].to(device, dtype), step
+def strip_forward(model, x: torch.Tensor, t, emb, attend, n: int) -> torch.Tensor:
+    """The velocity of a strip x (B, C, pt, ph, n*pw) of n tokens; ``attend`` does their self-attention."""
+    tokens, temb, tproj, txt = model.embed(x, t, emb)
+    out = model.run_blocks(tokens, txt, tproj, attend)
+    return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
+
+
+class RankWindows:
+    """A rank's layout of stage 2: its windows' tokens (or with a window group its slice of the group's) as a
+    strip, window-sharded attention reading the proxy keys/values.
+
+    proxy_mode 'clean': one window attention per prompt kind, built once over the stage's cached keys/values.
+    'joint': each forward builds that call's proxy keys/values (``AtlasTransformer.joint_proxy_kv``, the whole
+    proxy on every rank) and a window attention reading them, which keeps only its windows' rows.
+    """
+
+    def __init__(self, stage: DetailStage, rank: int, world: int, group, stats: CommStats, timeout, split=None):
+        """``split``: (window group size, (window group, slot group), window_parallel) when windows are shared."""
+        self.model, self.rank = stage.model, rank
+        grid = self.model.token_grid(torch.empty(stage.shape(), device="meta"))
+        g = 1 if split is None else split[0]
+        self.sharding = shard_for(stage.cfg.method, grid, world // g)
+        self.group_layout = group_layout(self.sharding, rank, g) if g > 1 else None
+        wsplit = None if split is None else (self.group_layout, split[1], split[2])
+        self.make = _window_attention(stage, grid, self.sharding, rank, group, stats, timeout, wsplit)
+        self.joint_bytes: dict[int, int] = {}
+        self.attends = {}
+        if not stage.joint:
+            self.attends = {k: self.make(stage.caches[k].kv if stage.caches else None) for k in stage.kinds}
+        self.n = None
+
+    def take(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, C, f, h, w) -> this rank's tokens as a strip (1, C, pt, ph, n*pw)."""
+        mine = _own_tokens(self.sharding, self.group_layout, self.rank, to_tokens(latents, self.model.patch))
+        self.n = mine.shape[1]  # mine: (1, n, C, pt, ph, pw)
+        return to_strip(mine)
+
+    def forward(self, kind: str, x, t, emb, proxy: ProxyInput | None) -> torch.Tensor:
+        attend = self.attends.get(kind)
+        joint = proxy is not None and proxy.cache is None
+        if joint:  # the attention keeps only its windows' proxy rows: the whole K/V is freed here
+            attend = self.make(self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb))
+        out = strip_forward(self.model, x, t, emb, attend, self.n)
+        if joint:
+            _add_bytes(self.joint_bytes, attend.layer_bytes)
+        return out
+
+    def bytes_per_layer(self) -> dict[int, int]:
+        """Bytes this rank sent per layer so far, over every forward."""
+        total = dict(self.joint_bytes)
+        for a in self.attends.values():
+            _add_bytes(total, a.layer_bytes)
+        return total
 
 
 def _add_bytes(total: dict[int, int], layer_bytes: dict[int, int]) -> None:
@@ -178,19 +178,10 @@ def _own_tokens(sharding, layout, rank: int, tokens: torch.Tensor) -> torch.Tens
     return sharding.shard(tokens, layout.group)[:, layout.start : layout.start + layout.count]
 
 
-def _clean_attends(gen, model, text, proxy, window_attention) -> dict:
-    """One window attention per text embedding (cond / uncond: their proxy keys differ), reading the clean proxy's
-    cached keys/values (none without a proxy)."""
-    # the proxy path is the stage-1 model: the one function the one-process run and training use
-    caches = {} if proxy is None else gen.proxy_caches(model, proxy.to(gen.device, gen.dtype), text)
-    kinds = [k for k in ("cond", "uncond") if getattr(text, k) is not None]
-    return {k: window_attention(caches[k].kv if caches else None) for k in kinds}
-
-
-def _window_attention(gen, comp, model, grid, sharding, rank, group, stats, timeout, split=None):
+def _window_attention(stage: DetailStage, grid, sharding, rank, group, stats, timeout, split=None):
     """``make(proxy_kv)``: this rank's window attention reading ``proxy_kv`` (None: no proxy); ``split`` =
     (layout, (window group, slot group), window_parallel) when windows are shared by a group."""
-    cfg = gen.cfg
+    cfg, comp, model, device = stage.cfg, stage.comp, stage.model, stage.device
     layers = len(comp.transformer.blocks)
 
     def make(kv):
@@ -205,7 +196,7 @@ def _window_attention(gen, comp, model, grid, sharding, rank, group, stats, time
                 sharding,
                 layout,
                 heads,
-                gen.device,
+                device,
                 kv,
                 scales,
                 layers,
@@ -216,7 +207,7 @@ def _window_attention(gen, comp, model, grid, sharding, rank, group, stats, time
                 window_parallel,
             )
         return ShardedWindowAttention(
-            cfg.method, grid, model.rotary, sharding, rank, gen.device, kv, scales, layers, group, stats, timeout
+            cfg.method, grid, model.rotary, sharding, rank, device, kv, scales, layers, group, stats, timeout
         )
 
     return make

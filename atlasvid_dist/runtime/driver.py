@@ -216,7 +216,7 @@ class DistributedGenerator:
         self._fit_check()
         check_outputs(self.cfg)
         # the folder's manifest (run id, config checksum, worker count), checked or written
-        self._gen._checkpointer(resume, workers=self.workers, overwrite=overwrite)
+        self._gen.checkpointer(resume, workers=self.workers, overwrite=overwrite)
         self.resume = resume
         if self.cfg.uses_proxy and self.plan.proxy_parallel != "none":
             self.plan.check_proxy_split(self.cfg.proxy.grid.size, self._gen.model_spec().num_heads)

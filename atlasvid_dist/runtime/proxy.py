@@ -10,7 +10,8 @@ self-attention needs the whole sequence; it is full attention (stage 1 has no wi
 
 Queries and keys are rotated with the stage-1 RoPE rows of the rank's own tokens (time scaled by r_t) before
 either. Every rank steps its own slice with its own scheduler (same timesteps; the scheduler step is per element)
-from its slice of the same seeded noise, so the result is the one-process stage 1. At the end the slices are
+from its slice of the same seeded noise (it runs ``pipeline/stages.py``'s :class:`ProxyStage`, the one-process stage 1,
+given the rank's layout :class:`ProxySlice`), so the result is the one-process stage 1. At the end the slices are
 all-gathered: every rank holds the clean proxy (stage 2 reads it on every rank). Bytes are counted in a CommStats
 (``ulysses.*`` / ``ring.*`` and ``proxy.gather``).
 """
@@ -20,16 +21,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..config.method import AtlasConfig
 from ..config.parallel import RUNTIME_PROXY_PARALLEL, check_proxy_split
 from ..geometry.grid import Grid
 from ..models.rope import apply_rotary
 from ..parallel import comm
 from ..parallel.ring import ring_attention
 from ..parallel.ulysses import ulysses_attention
-from ..pipeline import sampling
+from ..pipeline.stages import ProxyStage
 from ..pipeline.text import TextEmbeddings
-from .detail import from_strip, from_tokens, to_strip, to_tokens
+from .detail import from_strip, from_tokens, strip_forward, to_strip, to_tokens
 
 MODES = RUNTIME_PROXY_PARALLEL
 # check_proxy_split: the one check of a proxy's split, in config/parallel.py (the driver's pre-flight uses it too)
@@ -46,39 +46,34 @@ def denoise_proxy_rank(
     stats: comm.CommStats | None = None,
     timeout: float | None = None,
 ) -> torch.Tensor:
-    """Stage 1 of ``gen`` (a TwoStageGenerator) on rank ``rank`` of ``world``; returns the whole clean proxy
-    latent (1, C, f, h, w) on every rank."""
-    cfg = gen.cfg
-    gen._adapter("stage1")
-    model = gen._atlas(comp, AtlasConfig(**{**cfg.method.__dict__, "mode": "full"}))
-    device, dtype = gen.device, gen.dtype
-    shape = (1, comp.transformer.config.in_channels, *gen._proxy_latent_dims())
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)  # as stage1
-    grid = model.token_grid(noise, "proxy latents")
-    heads = comp.transformer.config.num_attention_heads
-    check_proxy_split(grid.size, heads, world, mode)
-    n = grid.size // world
-    mine = slice(rank * n, (rank + 1) * n)
-    local = to_strip(to_tokens(noise, model.patch)[:, mine])  # (1, C, pt, ph, n*pw)
+    """Stage 1 of ``gen``'s config (a TwoStageGenerator) on rank ``rank`` of ``world``; returns the whole clean
+    proxy latent (1, C, f, h, w) on every rank."""
+    stage = ProxyStage(gen.cfg, comp, text, gen.device, gen.dtype)
     stats = stats if stats is not None else comm.CommStats()
-    attend = _attend(model, grid, mine, mode, group, stats, timeout, device)
+    layout = ProxySlice(stage, rank, world, mode, group, stats, timeout)
+    state = stage.start(layout)
+    local = stage.denoise(state, layout)  # (1, C, pt, ph, n*pw)
+    return _gather(from_strip(local, stage.model.patch), layout.grid, group, stats, timeout)
 
-    def forward(emb):
-        def f(x, t):
-            tokens, temb, tproj, txt = model.embed(x, t, emb)
-            out = model.run_blocks(tokens, txt, tproj, attend)
-            return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
 
-        return f
+class ProxySlice:
+    """A rank's layout of stage 1: its contiguous slice of the proxy tokens (raster order) as a strip, full
+    attention over the group's whole sequence (Ulysses or ring)."""
 
-    scfg = sampling.SamplerConfig(cfg.proxy_steps, cfg.guidance, cfg.proxy_flow_shift)
-    velocity = sampling.guided(
-        forward(text.cond), forward(text.uncond) if text.uncond is not None else None, cfg.guidance
-    )
-    sched = sampling.start_scheduler(comp.scheduler, scfg, device)
-    with torch.no_grad():
-        local = sampling.denoise(velocity, local, sched, scfg.steps)
-    return _gather(from_strip(local, model.patch), grid, group, stats, timeout)
+    def __init__(self, stage: ProxyStage, rank: int, world: int, mode: str, group, stats, timeout):
+        model = self.model = stage.model
+        self.grid = model.token_grid(torch.empty(stage.shape(), device="meta"), "proxy latents")
+        check_proxy_split(self.grid.size, stage.comp.transformer.config.num_attention_heads, world, mode)
+        self.n = self.grid.size // world
+        self.mine = slice(rank * self.n, (rank + 1) * self.n)
+        self.attend = _attend(model, self.grid, self.mine, mode, group, stats, timeout, stage.device)
+
+    def take(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, C, f, h, w) -> this rank's slice as a strip (1, C, pt, ph, n*pw)."""
+        return to_strip(to_tokens(latents, self.model.patch)[:, self.mine])
+
+    def forward(self, kind: str, x, t, emb, proxy=None) -> torch.Tensor:
+        return strip_forward(self.model, x, t, emb, self.attend, self.n)
 
 
 def _attend(model, grid: Grid, mine: slice, mode: str, group, stats, timeout, device):

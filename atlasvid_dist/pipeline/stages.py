@@ -1,0 +1,306 @@
+"""The two denoising stages, written once, run by one process and by every Ray rank alike.
+
+A stage owns what makes it that stage: its model (stage 1 with full attention, stage 2 with the method's), its
+LoRA adapter, its seed (stage 1 ``seed``, stage 2 ``seed + 1``), its sampler settings, its starting latents (stage
+2 optionally from the upsampled proxy), the classifier-free-guidance velocity and the denoising loop. What differs
+between one process and a rank is only the *token layout* it is given: which share of the latent this process
+holds and how the model's forward runs on that share. :class:`WholeGrid` is one process's (the whole latent);
+``runtime/proxy.py`` and ``runtime/detail.py`` hold a rank's (a slice of the proxy tokens, a rank's windows).
+
+Usage (what ``TwoStageGenerator`` and the ranks do)::
+
+    stage = DetailStage(cfg, comp, text, proxy, device, dtype)
+    layout = stage.whole_grid()            # or a rank's layout
+    state = stage.start(layout)            # seeded noise (proxy-initialised), scheduler, step 0
+    state.restore(saved, device, dtype)    # optional: continue a committed step
+    latents = stage.denoise(state, layout, on_step)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..config.method import AtlasConfig
+from . import sampling
+from .checkpoint import generator_state, restore_generator
+from .text import TextEmbeddings
+
+KINDS = ("cond", "uncond")
+"""The prompts a forward runs for: the prompt, and the negative prompt when guidance is on."""
+
+
+# ------------------------------------------------------------------------------------------------ state
+@dataclass
+class SavedStep:
+    """A committed step as loaded from a checkpoint: what a stage resumes from."""
+
+    step: int
+    """Steps done when it was committed."""
+    tensors: dict
+    """``latents``, ``rng`` and the scheduler's ``sched.*`` tensors (one process, stage 2: also ``proxy``)."""
+    meta: dict
+    """The commit's meta: ``step`` and ``sched`` (one process: also ``stage``)."""
+
+    @property
+    def stage(self) -> str | None:
+        """The stage it belongs to ("proxy" / "detail"); None in a rank's checkpoint (stage 2 only)."""
+        return self.meta.get("stage")
+
+
+@dataclass
+class StageState:
+    """A stage's denoising state between two steps: everything a checkpoint holds."""
+
+    latents: torch.Tensor
+    """The latents of the layout's share: the whole (1, C, f, h, w), or a rank's strip (1, C, pt, ph, n*pw)."""
+    scheduler: object
+    """The diffusers scheduler, holding the state of step :attr:`step`."""
+    generator: torch.Generator
+    """The stage's RNG: it drew the initial noise; stage 2 in proxy_mode 'joint' draws each forward's proxy noise."""
+    step: int = 0
+    """Steps done: the next step to run."""
+
+    def checkpoint(self) -> tuple[dict, dict]:
+        """(tensors, meta) to commit: scheduler state, latents, generator state; meta ``{"step", "sched"}``."""
+        tensors, sched = sampling.scheduler_state(self.scheduler)
+        tensors = {**tensors, "latents": self.latents.detach().cpu().clone(), "rng": generator_state(self.generator)}
+        return tensors, {"step": self.step, "sched": sched}
+
+    def restore(self, saved: SavedStep, device, dtype) -> None:
+        """Continue from ``saved`` (scheduler, latents, step; the generator too when saved: a rank checkpoint
+        written before ranks kept it has none, and then only proxy_mode 'clean' ran, which draws nothing)."""
+        sched = {k: v for k, v in saved.tensors.items() if k.startswith("sched.")}
+        sampling.restore_scheduler(self.scheduler, sched, saved.meta["sched"])
+        if "rng" in saved.tensors:
+            restore_generator(self.generator, saved.tensors["rng"])
+        self.latents = saved.tensors["latents"].to(device, dtype)
+        self.step = saved.step
+
+
+@dataclass
+class ProxyInput:
+    """What one stage-2 forward reads of the proxy (None instead of one: no proxy)."""
+
+    cache: object | None = None
+    """proxy_mode 'clean': this prompt's ProxyCache (the clean proxy's keys/values)."""
+    proxy: torch.Tensor | None = None
+    """proxy_mode 'joint': the clean proxy latent (1, C, f_p, h_p, w_p), re-noised by the forward."""
+    noise: torch.Tensor | None = None
+    """proxy_mode 'joint': this forward's proxy noise, drawn from the stage's generator."""
+
+
+class TokenLayout(Protocol):
+    """The share of the tokens one process denoises, and the model's forward on that share."""
+
+    def take(self, latents: torch.Tensor) -> torch.Tensor:
+        """The whole latent (1, C, f, h, w) -> this layout's share of it."""
+
+    def forward(self, kind: str, x, t, emb: torch.Tensor, proxy: ProxyInput | None) -> torch.Tensor:
+        """The velocity of ``x`` (this layout's share) at ``t`` for prompt ``kind`` (its embedding ``emb``)."""
+
+
+class WholeGrid:
+    """One process's layout: the whole latent, the model's own forward (``fn``: AtlasTransformer's
+    ``proxy_forward`` in stage 1, its ``forward`` in stage 2)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def take(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def forward(self, kind: str, x, t, emb: torch.Tensor, proxy: ProxyInput | None) -> torch.Tensor:
+        if proxy is None:
+            return self.fn(x, t, emb)
+        if proxy.cache is not None:
+            return self.fn(x, t, emb, proxy_cache=proxy.cache)
+        return self.fn(x, t, emb, proxy=proxy.proxy, proxy_noise=proxy.noise)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def activate_adapter(cfg, transformer, name: str) -> None:
+    """Make the LoRA adapter of stage ``name`` ("stage1" / "stage2") the active one (none when not given)."""
+    from ..models import lora
+
+    path = {"stage1": cfg.lora_stage1, "stage2": cfg.lora_stage2}[name]
+    lora.set_active_adapter(transformer, name if path else None)
+
+
+def proxy_caches(cfg, model, proxy: torch.Tensor, text: TextEmbeddings) -> dict:
+    """The clean proxy's keys/values per prompt ("cond", "uncond"), built by the stage-1 model (its adapter
+    active, base weights without one): the same function stage-2 training uses (pipeline/proxy_cache.py)."""
+    from .proxy_cache import proxy_cache_for
+
+    adapter = "stage1" if cfg.lora_stage1 else None
+    return {
+        k: proxy_cache_for(model, proxy, e, adapter) for k, e in zip(KINDS, (text.cond, text.uncond)) if e is not None
+    }
+
+
+class Stage:
+    """What both stages share: seeded noise over the whole latent, the CFG velocity, the denoising loop."""
+
+    name: str
+    """The stage's name, "proxy" or "detail" (progress lines, step times, checkpoint keys)."""
+    seed_offset: int
+    """Added to the run's seed for this stage's generator."""
+
+    def __init__(self, cfg, comp, text: TextEmbeddings, device, dtype):
+        self.cfg, self.comp, self.text = cfg, comp, text
+        self.device, self.dtype = device, dtype
+        self.model = None  # set by the stage: an AtlasTransformer
+
+    @property
+    def kinds(self) -> list[str]:
+        """The prompts each velocity runs ("cond", and "uncond" with guidance)."""
+        return [k for k in KINDS if getattr(self.text, k) is not None]
+
+    def shape(self) -> tuple[int, ...]:
+        """The whole latent's shape (1, C, f, h, w)."""
+        raise NotImplementedError
+
+    def sampler(self) -> sampling.SamplerConfig:
+        """This stage's steps, guidance scale and flow shift."""
+        raise NotImplementedError
+
+    def proxy_input(self, kind: str, x: torch.Tensor, generator: torch.Generator) -> ProxyInput | None:
+        """What a forward of prompt ``kind`` on ``x`` reads of the proxy (stage 1: nothing)."""
+        return None
+
+    def whole_grid(self) -> WholeGrid:
+        """One process's layout of this stage."""
+        raise NotImplementedError
+
+    def start(self, layout: TokenLayout) -> StageState:
+        """Step 0: the stage's seeded noise over the whole latent, ``layout``'s share of it, a fresh scheduler."""
+        gen = torch.Generator().manual_seed(self.cfg.seed + self.seed_offset)
+        noise = torch.randn(self.shape(), generator=gen).to(self.device, self.dtype)
+        sched = sampling.start_scheduler(self.comp.scheduler, self.sampler(), self.device)
+        state = self._initial(StageState(noise, sched, gen))
+        state.latents = layout.take(state.latents)
+        return state
+
+    def _initial(self, state: StageState) -> StageState:
+        return state
+
+    def velocity(self, layout: TokenLayout, generator: torch.Generator) -> sampling.Velocity:
+        """Classifier-free guidance over ``layout``'s forward: cond, then uncond (this order draws the noise)."""
+
+        def forward(kind):
+            emb = getattr(self.text, kind)
+            return lambda x, t: layout.forward(kind, x, t, emb, self.proxy_input(kind, x, generator))
+
+        uncond = forward("uncond") if self.text.uncond is not None else None
+        return sampling.guided(forward("cond"), uncond, self.sampler().guidance)
+
+    def denoise(
+        self, state: StageState, layout: TokenLayout, on_step: Callable[[StageState], None] | None = None
+    ) -> torch.Tensor:
+        """Run the steps left from ``state`` (updated in place); ``on_step(state)`` after each step."""
+        velocity = self.velocity(layout, state.generator)
+
+        def hook(done, latents, _sched):
+            state.latents, state.step = latents, done
+            if on_step is not None:
+                on_step(state)
+
+        steps = self.sampler().steps
+        with torch.no_grad():
+            state.latents = sampling.denoise(
+                velocity, state.latents, state.scheduler, steps, start=state.step, on_step=hook
+            )
+        return state.latents
+
+
+class ProxyStage(Stage):
+    """Stage 1: the proxy latent, full attention with temporally scaled RoPE, the stage-1 adapter."""
+
+    name, seed_offset = "proxy", 0
+
+    def __init__(self, cfg, comp, text: TextEmbeddings, device, dtype):
+        from ..models.atlas_transformer import AtlasTransformer
+
+        super().__init__(cfg, comp, text, device, dtype)
+        activate_adapter(cfg, comp.transformer, "stage1")
+        self.model = AtlasTransformer(comp.transformer, AtlasConfig(**{**cfg.method.__dict__, "mode": "full"}))
+
+    def shape(self) -> tuple[int, ...]:
+        g = self.cfg.proxy.grid  # proxy tokens; a token is 1 x 2 x 2 latent cells
+        return (1, self.comp.transformer.config.in_channels, g.t, g.h * 2, g.w * 2)
+
+    def sampler(self) -> sampling.SamplerConfig:
+        return sampling.SamplerConfig(self.cfg.proxy_steps, self.cfg.guidance, self.cfg.proxy_flow_shift)
+
+    def whole_grid(self) -> WholeGrid:
+        return WholeGrid(self.model.proxy_forward)
+
+
+class DetailStage(Stage):
+    """Stage 2: the detail latent, the method's attention reading the proxy, the stage-2 adapter.
+
+    proxy_mode 'clean' reads the clean proxy's keys/values (:attr:`caches`, built once by the stage-1 model);
+    'joint' re-noises the proxy at every forward with noise drawn from the stage's generator (cond, then uncond).
+    """
+
+    name, seed_offset = "detail", 1
+
+    def __init__(self, cfg, comp, text: TextEmbeddings, proxy: torch.Tensor | None, device, dtype):
+        from ..models.atlas_transformer import AtlasTransformer
+
+        super().__init__(cfg, comp, text, device, dtype)
+        self.proxy = proxy
+        self.model = AtlasTransformer(comp.transformer, cfg.method)
+        self.caches = {}
+        """Clean proxy keys/values by prompt kind (empty: no proxy, or proxy_mode 'joint')."""
+        if proxy is not None and cfg.method.proxy_mode == "clean":
+            self.caches = proxy_caches(cfg, self.model, proxy.to(device, dtype), text)
+        activate_adapter(cfg, comp.transformer, "stage2")
+
+    @property
+    def joint(self) -> bool:
+        """True when every forward re-noises the proxy (proxy_mode 'joint')."""
+        return self.proxy is not None and not self.caches
+
+    def shape(self) -> tuple[int, ...]:
+        return (1, self.comp.transformer.config.in_channels, *self.cfg.latent.dims)
+
+    def sampler(self) -> sampling.SamplerConfig:
+        return sampling.SamplerConfig(self.cfg.steps, self.cfg.guidance, self.cfg.flow_shift)
+
+    def whole_grid(self) -> WholeGrid:
+        return WholeGrid(self.model)
+
+    def proxy_input(self, kind: str, x: torch.Tensor, generator: torch.Generator) -> ProxyInput | None:
+        if self.proxy is None:
+            return None
+        if self.caches:
+            return ProxyInput(cache=self.caches[kind])
+        noise = torch.randn(self.proxy.shape, generator=generator).to(x)
+        return ProxyInput(proxy=self.proxy, noise=noise)
+
+    def _initial(self, state: StageState) -> StageState:
+        if self.cfg.detail_init == "proxy":
+            state.step, state.latents = self._proxy_init(state.latents, state.scheduler)
+        return state
+
+    def _proxy_init(self, noise: torch.Tensor, sched) -> tuple[int, torch.Tensor]:
+        """Start from the proxy upsampled to the detail grid, noised to init_strength: (first step, latents).
+
+        The upsampling places proxy cells with the same anchor as the proxy keys' RoPE (ProxyAnchor): proxy frame j
+        on detail latent frame j * r_t, proxy cell i at the centre of the s x s detail block it covers (linear in
+        between; in space this is bilinear with align_corners=False). Runs the last round(steps * init_strength)
+        steps (at least one), starting at that step's sigma (the scheduler begins there).
+        """
+        from ..geometry.grid import ProxyAnchor, upsample_proxy
+
+        cfg, steps = self.cfg, self.sampler().steps
+        start = steps - max(1, round(steps * cfg.init_strength))
+        anchor = ProxyAnchor(cfg.method.temporal_scale, cfg.method.spatial_scale)
+        up = upsample_proxy(self.proxy, anchor, cfg.latent.dims)  # (1, C, f, h, w)
+        sigma = float(sched.sigmas[start])
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        return start, ((1.0 - sigma) * up + sigma * noise.float()).to(noise.dtype)
