@@ -86,7 +86,9 @@ def test_plan_and_generate_build_the_same_method():
 
     from atlasvid_dist.cli.main import app
 
-    out = CliRunner().invoke(app, ["plan", "--model", "wan2.1-1.3b", "--res", "832x480", "--frames", "81", "--gpus", "1", "--json"])
+    out = CliRunner().invoke(
+        app, ["plan", "--model", "wan2.1-1.3b", "--res", "832x480", "--frames", "81", "--gpus", "1", "--json"]
+    )
     assert out.exit_code == 0, out.output
     import json
 
