@@ -49,13 +49,22 @@ def launch_command(script_args: list[str], num_processes: int) -> list[str]:
     ]
 
 
+def _train_help(name: str) -> str:
+    """An option's help from TrainConfig's field: its docstring and its default (one source)."""
+    from ..config.fields import config_fields
+    from ..train.config import TrainConfig
+    from .options import with_default
+
+    info = config_fields(TrainConfig)[name]
+    return with_default(info.doc, str(info.default))
+
+
 def train(
     stage: int = typer.Option(..., "--stage", help="1: proxy LoRA; 2: detail LoRA (see --mode)."),
     mode: Optional[str] = typer.Option(
         None,
         "--mode",
-        help="Stage-2 attention: atlas (windows + proxy) | ultragen "
-        "(windows + compressed global branch, no proxy). [default: atlas]",
+        help=_train_help("mode"),
     ),
     data: str = typer.Option(..., "--data", help="Folder with videos and captions.jsonl, or one made by prepare-data."),
     output: str = typer.Option(..., "--output", help="Folder for checkpoints, log.jsonl and adapter.safetensors."),
@@ -65,13 +74,13 @@ def train(
         None, "--res", help="Detail training size WIDTHxHEIGHT. [default: 128x128 for --model tiny, else 1280x704]"
     ),
     frames: Optional[int] = typer.Option(None, "--frames", help="Clip length, 4k+1. [default: 9 tiny, else 81]"),
-    fps: Optional[float] = typer.Option(None, "--fps", help="Detail frame rate. [default: 16]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: 1e-4]"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Clips per rank per micro step. [default: 1]"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro steps per optimizer step. [default: 1]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of LoRA init, clips and noise. [default: 0]"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear lr warm-up steps. [default: 0]"),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: at the end)."),
+    fps: Optional[float] = typer.Option(None, "--fps", help=_train_help("fps")),
+    lr: Optional[float] = typer.Option(None, "--lr", help=_train_help("lr")),
+    batch: Optional[int] = typer.Option(None, "--batch", help=_train_help("batch")),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help=_train_help("grad_accum")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=_train_help("seed")),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help=_train_help("warmup_steps")),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help=_train_help("save_every")),
     num_processes: int = typer.Option(1, "--num-processes", help="Local ranks (one per GPU; CPU processes)."),
     deepspeed_config: str = typer.Option(
         DEFAULT_DEEPSPEED,
