@@ -320,3 +320,25 @@ def test_spatial_scale_is_drawn_per_step_and_each_scale_trains(tmp_path):
         assert torch.isfinite(loss(**{**x, "proxy": proxy}, spatial_scale=s))
     with pytest.raises(InputError, match="proxy"):
         loss(**{**x, "proxy": torch.randn(1, tr.config.in_channels, 2, 4, 4)}, spatial_scale=1)
+
+
+def test_stage2_pads_windows_in_time_as_generate_does(tmp_path):
+    """A detail grid whose frames the window does not tile (4 latent frames, window 3) is refused unless
+    pad_windows; padded, the step is the padded model generate builds, and its LoRA gets gradients."""
+    from atlasvid_dist.train.train import FlowMatchingLoss, build_adapters
+
+    with pytest.raises(ConfigError, match="window"):
+        TrainConfig(**{**SMALL, "frames": 13}, lora_stage1="none")
+    stage1 = _adapter_file(tmp_path, "stage1", seed=1)
+    cfg = TrainConfig(**{**SMALL, "frames": 13, "pad_windows": True}, lora_stage1=stage1)
+    assert cfg.method_config() == AtlasConfig(window=(3, 2, 2), temporal_scale=2, spatial_scale=2, pad_windows=True)
+    tr = build_tiny_transformer()
+    name, frozen = build_adapters(tr, cfg)
+    _randomise(tr, name, seed=2)
+    loss = FlowMatchingLoss(AtlasTransformer(tr, cfg.method_config()), 2, name, frozen)
+    gen = torch.Generator().manual_seed(3)
+    x = {**_inputs(tr), "x0": torch.randn(1, 16, 4, 8, 8, generator=gen), "noise": torch.randn(1, 16, 4, 8, 8)}
+    value = loss(**{**x, "proxy": torch.randn(1, 16, 3, 4, 4, generator=gen)}, spatial_scale=2)
+    value.backward()
+    grads = [p.grad for n, p in tr.named_parameters() if f".{name}." in n]
+    assert torch.isfinite(value) and grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -47,7 +47,10 @@ class TrainConfig:
     """Stage 2: spatial scales drawn per step from the seeded generator (e.g. [3, 6]: what 4K and 8K generation
     use); each, with the window, must tile the detail token grid. Empty: spatial_scale only."""
     window: tuple = (3, 11, 16)
-    """Stage-2 window (t, h, w) in tokens; must tile the detail token grid (1280x704 x 81: 21 x 44 x 80)."""
+    """Stage-2 window (t, h, w) in tokens; must tile the detail token grid (1280x704 x 81: 21 x 44 x 80) unless
+    pad_windows."""
+    pad_windows: bool = False
+    """Stage 2: pad (mask) windows that do not tile the detail token grid, as generate does for such a grid."""
     bad_data: str = "skip"
     """Bad video/caption: 'skip' (counted in the log) or 'stop' (raise naming the file)."""
     text_len: int = 512
@@ -194,6 +197,7 @@ class TrainConfig:
             window=tuple(self.window),
             temporal_scale=self.temporal_scale,
             spatial_scale=self.spatial_scale if spatial_scale is None else spatial_scale,
+            pad_windows=self.pad_windows,
         )
 
     def _check_window(self) -> None:
@@ -203,7 +207,7 @@ class TrainConfig:
         from ..geometry.windows import WindowSpec
 
         grid = Grid((self.frames - 1) // 4 + 1, self.height // 16, self.width // 16)
-        WindowSpec(grid, tuple(self.window), (0, 0, 0))
+        WindowSpec(grid, tuple(self.window), (0, 0, 0), pad=self.pad_windows)
         for s in self.scales:
             try:
                 ProxyGeometry(grid, self.temporal_scale, s)
