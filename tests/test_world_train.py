@@ -39,9 +39,31 @@ def test_tokenizer_is_word_level_over_the_world():
     assert tok("a purple kite").input_ids[1] == tok.unk_token_id
 
 
+def test_vae_init_makes_the_latent_depend_on_the_frame():
+    """init_vae's point: at init the latent of a world frame must vary with the frame (colour, shape, place), or
+    training settles on the frame-independent background. Diffusers' default init leaves it ~10x flatter."""
+    from diffusers import AutoencoderKLWan
+
+    from atlasvid_dist.world.clips import evaluation_set
+    from atlasvid_dist.world.model import SHAPES_VAE_CONFIG, build_vae
+    from atlasvid_dist.world.train import to_pixels
+
+    frames = torch.stack([to_pixels(c.render(64, 64, 1)) for c in evaluation_set()[:8]])  # (8, 3, 1, 64, 64)
+
+    def spread(vae) -> float:
+        with torch.no_grad():
+            return float(vae.encode(frames).latent_dist.mode().std(0).mean())  # std across frames, per cell
+
+    torch.manual_seed(0)
+    default = AutoencoderKLWan(**SHAPES_VAE_CONFIG)
+    ours = build_vae(0)
+    assert spread(ours) > 0.1 and spread(ours) > 5 * spread(default)
+
+
 @pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     from atlasvid_dist.models.loading import load_components
+    from atlasvid_dist.pipeline.adapter_geometry import read_geometry
 
     parts = load_components(str(trained))
     assert parts.vae.config.z_dim == 16 and len(parts.vae.config.latents_mean) == 16
@@ -50,8 +72,12 @@ def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     assert (
         defaults["base_width"] == 64
         and defaults["seed"] == 3
-        and set(defaults["seconds"]) == {"vae", "latents", "dit", "export"}
+        and set(defaults["seconds"]) == {"vae", "latents", "dit", "export", "lora1", "lora2"}
     )
+    # stage C: both adapters trained by `atlasvid-dist train` and made the model's own defaults
+    assert {defaults["generate"][f"lora_stage{k}"] for k in (1, 2)} == {f"lora_stage{k}.safetensors" for k in (1, 2)}
+    geometry = read_geometry(trained / "lora_stage2.safetensors")
+    assert geometry["stage"] == 2 and geometry["window"] == defaults["window"] and geometry["frames"] == 17
     out = tmp_path / "v.mp4"
     r = cli(
         "generate",

@@ -81,11 +81,28 @@ def build_text_encoder(vocab_size: int, seed: int):
 
 
 def build_vae(seed: int):
+    """The shapes VAE with He-normal conv weights and zero biases (see ``init_vae``), drawn from ``seed``."""
     from diffusers import AutoencoderKLWan
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKLWan(**SHAPES_VAE_CONFIG)
+        return init_vae(AutoencoderKLWan(**SHAPES_VAE_CONFIG))
+
+
+def init_vae(vae: torch.nn.Module) -> torch.nn.Module:
+    """Re-draw every conv's weights He-normal (fan-in) and zero its bias; convs that start at zero stay zero.
+
+    Measured on eight 128 px world frames: with PyTorch's default conv init the biases and the dark background
+    dominate every layer, so the latent barely depends on the image (std across images 0.007 against 0.13 within
+    one) and training falls into the image-independent "background only" solution (MSE 0.0435, flat gradients,
+    still there after 80 steps). With this init the latent's spread across images is 0.18 and the same overfit
+    reaches MSE 0.015 in 40 steps."""
+    for module in vae.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)) and bool(module.weight.any()):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return vae
 
 
 def build_transformer(seed: int):
