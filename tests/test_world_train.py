@@ -140,7 +140,7 @@ def test_plan_reads_the_small_parts_sizes_from_the_folder(trained):
     assert spec.vae_params == param_count(parts.vae)
 
 
-def test_model_folder_defaults_fill_what_the_user_left_unset(trained):
+def test_model_folder_defaults_fill_what_the_user_left_unset(trained, monkeypatch):
     """atlasvid_model.json's options sit between generate's defaults and the user's: a bare `--model FOLDER
     --prompt` runs at 4x the base size per side with the model's shift, guidance and text length; its base size
     and window aim `--window auto` and the automatic spatial scale; a flag still wins; a bad key is refused."""
@@ -154,6 +154,14 @@ def test_model_folder_defaults_fill_what_the_user_left_unset(trained):
     assert cfg.method.spatial_scale == 4 and cfg.method.window[1:] == (4, 4)
     cfg = build_config({"model": str(trained), "prompt": "x", "res": "128x128", "guidance": 2.0})
     assert (cfg.video.width, cfg.guidance, cfg.method.spatial_scale) == (128, 2.0, 2)
+    # the command line too: only what the user typed goes over the folder's defaults
+    seen = []
+    monkeypatch.setattr("atlasvid_dist.cli.generate.run", lambda cfg, **kw: seen.append(cfg))
+    r = cli("generate", "--model", trained, "--prompt", "a red disc moving up", "--proxy-steps", "3", "--quiet")
+    assert r.exit_code == 0, r.output
+    (cfg,) = seen
+    assert (cfg.video.width, cfg.steps, cfg.proxy_steps, cfg.guidance) == (256, 20, 3, 4.0)
+    assert cfg.lora_stage2 == str(trained / "lora_stage2.safetensors")
     defaults = json.loads((trained / DEFAULTS_FILE).read_text())
     bad = trained.parent / "bad"
     shutil.copytree(trained, bad)

@@ -216,10 +216,11 @@ def generate(
         cfg = _resume_config(resume, flags)
         requested_device = cfg.device
     else:
-        values = {**DEFAULTS, **(flatten_config_file(read_mapping(config)) if config else {}), **flags}
-        if workers is not None and values.get("device") == "auto":
+        # only what the user set: build_config puts it over the model folder's defaults, those over DEFAULTS
+        values = {**(flatten_config_file(read_mapping(config)) if config else {}), **flags}
+        requested_device = values.get("device", DEFAULTS["device"])
+        if workers is not None and requested_device == "auto":
             values["device"] = "cpu"  # --workers: CPU workers (gloo) unless a device is named
-        requested_device = values.get("device")
         cfg = build_config(values)
     if quiet:
         from .quiet import silence_libraries
