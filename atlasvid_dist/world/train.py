@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, check
-from .adapters import adapter_defaults, train_adapter
+from .adapters import TEMPORAL_SCALE, adapter_defaults, adapter_frames, train_adapter
 from .checkpoint import (
     CHECKPOINTS,
     StageState,
@@ -526,7 +526,7 @@ def model_defaults(cfg: WorldTrainConfig, times: dict, sizes: dict) -> dict:
     ``--window auto`` and the automatic spatial scale aim at), the options generate runs it with unless told
     otherwise (4x the base size per side, 4x the frames: the README's main command), and how it was made."""
     p = cfg.plan
-    frames = 4 * (p.frames - 1) + 1
+    frames = adapter_frames(p.frames)
     return {
         "name": "shapes",
         "base_width": p.width,
@@ -537,7 +537,7 @@ def model_defaults(cfg: WorldTrainConfig, times: dict, sizes: dict) -> dict:
             "res": f"{4 * p.width}x{4 * p.height}",
             "frames": frames,
             "fps": int(p.fps),
-            "temporal_scale": 4,
+            "temporal_scale": TEMPORAL_SCALE,
             "spatial_scale": 0,
             "flow_shift": FLOW_SHIFT,
             "proxy_flow_shift": FLOW_SHIFT,
