@@ -60,6 +60,17 @@ def test_vae_init_makes_the_latent_depend_on_the_frame():
     assert spread(ours) > 0.1 and spread(ours) > 5 * spread(default)
 
 
+def test_vae_trains_on_single_frames_first_then_on_windows():
+    from atlasvid_dist.world.train import BUDGETS, vae_batch
+
+    plan = BUDGETS["short"]
+    first = vae_batch(plan, 0, plan.vae_image_steps - 1)
+    then = vae_batch(plan, 0, plan.vae_image_steps)
+    assert first.shape == (plan.vae_image_batch, 3, 1, plan.height, plan.width)  # whole frames
+    assert then.shape == (plan.vae_batch, 3, plan.vae_frames, plan.vae_crop, plan.vae_crop)
+    assert not torch.equal(vae_batch(plan, 0, 0), vae_batch(plan, 0, 1))  # a fresh draw every step
+
+
 @pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     from atlasvid_dist.models.loading import load_components
