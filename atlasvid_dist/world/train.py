@@ -225,18 +225,18 @@ BUDGETS = {
 """tiny: end to end in a few minutes (tests); short: the full recipe's sizes with few steps (a first look);
 full: the real recipe, meant to fit an hour on 2 CPU cores.
 
-What the full budget has shown (seed 0, 2-core CPU; reconstructions and samples of evaluation clips scored by
-eval). With PyTorch's default conv init the VAE never left the image-independent "background only" solution;
-with ``init_vae`` and the object-weighted loss of the posterior mean, 360 steps of whole 128 px frames in 9-frame
-windows (12.4 min) reconstructed every evaluation clip with the right colour and direction, and a transformer of
-2000 steps trained on its latents drew the captioned colour in 7 of 8 and the direction in 8 of 8 (Euler, 20
-steps, guidance 4); but it was blurry everywhere (edge sharpness 0.10 against about 1 for a one-pixel edge; an added
-gradient loss did not sharpen it, L1 fell back to the background) and late frames carried a dark trail. Overfitting four single frames reaches fill 0.95 on
-squares and sharpness 0.37 in 200 steps: the capacity is there, the window steps were too few and too dear. Now:
-300 steps of 8 whole single frames (the spatial path; 1.2 s a step), then 500 steps of two 17-frame windows
-cropped to 64 px (the temporal path; 1.5 s a step), 1077 s in all: one object in every frame, colour and direction
-right in 8 of 8 reconstructions, PSNR 23-27 dB, discs right, but squares' corners still round (fill 0.82-0.86
-against the 0.89 threshold), so 4 of 8 all-correct. Square corners are what the VAE must buy next."""
+What the full budget has shown (seed 0, 2-core CPU; reconstructions and samples of evaluation clips scored by eval).
+With PyTorch's default conv init the VAE never left the image-independent "background only" solution; with
+``init_vae`` and the object-weighted loss of the posterior mean, 360 steps of whole 128 px frames in 9-frame windows
+(12.4 min) reconstructed every evaluation clip with the right colour and direction, and a transformer of 2000 steps
+trained on its latents drew the captioned colour in 7 of 8 and the direction in 8 of 8 (Euler, 20 steps, guidance
+4); but it was blurry everywhere (edge sharpness 0.10 against about 1 for a one-pixel edge; an added gradient loss
+did not sharpen it, L1 fell back to the background) and late frames carried a dark trail. Overfitting four single
+frames reaches fill 0.95 on squares and sharpness 0.37 in 200 steps: the capacity is there, the window steps were
+too few and too dear. Now: 300 steps of 8 whole single frames (the spatial path; 1.2 s a step), then 500 steps of
+two 17-frame windows cropped to 64 px (the temporal path; 1.5 s a step), 1077 s in all: one object in every frame,
+colour and direction right in 8 of 8 reconstructions, PSNR 23-27 dB, discs right, but squares' corners still round
+(fill 0.82-0.86 against the 0.89 threshold), so 4 of 8 all-correct. Square corners are what the VAE must buy next."""
 
 
 @dataclass(frozen=True)
