@@ -60,6 +60,22 @@ def test_vae_init_makes_the_latent_depend_on_the_frame():
     assert spread(ours) > 0.1 and spread(ours) > 5 * spread(default)
 
 
+def test_fresh_vae_acts_frame_by_frame():
+    """inflate_time's point: before any window step the VAE is a per-frame model, so a still clip's 17 frames come
+    back identical (4x temporal compression with repeat / pair-mean resamplers); random earlier-frame taps or
+    resamplers make the later chunks differ from the first frame."""
+    from atlasvid_dist.world.clips import evaluation_set
+    from atlasvid_dist.world.model import build_vae
+    from atlasvid_dist.world.train import to_pixels
+
+    still = to_pixels(evaluation_set()[0].render(64, 64, 1)).expand(3, 17, 64, 64)[None]  # (1, 3, 17, 64, 64)
+    with torch.no_grad():
+        out = build_vae(0).decode(build_vae(0).encode(still).latent_dist.mode()).sample  # (1, 3, 17, 64, 64)
+    assert out.shape == still.shape
+    torch.testing.assert_close(out, out[:, :, :1].expand_as(out), atol=1e-5, rtol=1e-5)
+    assert float(out[:, :, 0].std()) > 1e-3  # not trivially constant
+
+
 def test_vae_trains_on_single_frames_first_then_on_windows():
     from atlasvid_dist.world.train import BUDGETS, vae_batch
 
