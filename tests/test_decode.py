@@ -12,9 +12,12 @@ from atlasvid_dist.pipeline.decode import (
     Tile,
     TileBlender,
     crop_offset,
+    decode_group_stream,
     decode_stream,
     decode_tile_stream,
+    decode_tiles,
     plan_tiles,
+    tile_groups,
     to_uint8,
     unnormalize_latents,
     vae_scale,
@@ -75,6 +78,45 @@ def test_tiled_stream_equals_per_tile_decode_blended(vae):
         wsum[t.y0 * 8 : t.y1 * 8, t.x0 * 8 : t.x1 * 8] += w
     ref = to_uint8((acc / wsum).astype(np.float32))
     assert levels(run(vae, lat, tiling), ref).max() <= 1
+
+
+def per_tile(chunks) -> dict[int, list[tuple[int, np.ndarray]]]:
+    out: dict[int, list] = {}
+    for index, start, px in chunks:
+        out.setdefault(index, []).append((start, px))
+    return out
+
+
+def test_batched_tiles_decode_as_one_at_a_time(vae):
+    """Equal-shaped tiles stacked in one VAE call decode to what each tile gives alone (same chunks, same frames);
+    the one-process stream is unchanged by the batch."""
+    lat = latents(3, 9, 9)
+    tiles = plan_tiles((9, 9), DecodeTiling(tile=4, overlap=1))  # 4x4, 4x3, 3x4 and 3x3 cells
+    alone = per_tile(decode_tiles(vae, lat, tiles, DecodeTiling(tile=4, overlap=1)))
+    batched = per_tile(decode_tiles(vae, lat, tiles, DecodeTiling(tile=4, overlap=1, batch=8)))
+    assert sorted(alone) == sorted(batched) == [t.index for t in tiles]
+    for i in alone:
+        assert [s for s, _ in alone[i]] == [s for s, _ in batched[i]] == [0, 1, 5]
+        for (_, a), (_, b) in zip(alone[i], batched[i]):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    one = run(vae, lat, DecodeTiling(tile=4, overlap=1))
+    assert levels(run(vae, lat, DecodeTiling(tile=4, overlap=1, batch=8)), one).max() <= 1
+
+
+def test_tile_groups_are_equal_shaped_and_bounded():
+    tiles = plan_tiles((9, 9), DecodeTiling(tile=4, overlap=1))  # spans 4, 4, 3 each way
+    for batch in (1, 2, 3, 16):
+        groups = tile_groups(tiles, batch)
+        assert sorted(t.index for g in groups for t in g) == [t.index for t in tiles]
+        assert all(1 <= len(g) <= batch and len({(t.y1 - t.y0, t.x1 - t.x0) for t in g}) == 1 for g in groups)
+    shapes = {(t.y1 - t.y0, t.x1 - t.x0) for t in tiles}
+    assert len(shapes) == 4 and len(tile_groups(tiles, 16)) == 4
+
+
+def test_group_of_unequal_tiles_is_refused(vae):
+    mixed = plan_tiles((9, 9), DecodeTiling(tile=4, overlap=1))[:3]  # 4x4, 4x4, 4x3
+    with pytest.raises(InputError, match="differ in shape"):
+        decode_group_stream(vae, latents(1, 9, 9), mixed, DecodeTiling(tile=4, overlap=1))
 
 
 def ref_ramp(a: int, b: int, line, axis="y") -> np.ndarray:
@@ -201,7 +243,8 @@ def test_plan_tiles_geometry():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(tile=0), dict(tile=4, overlap=3), dict(overlap=-1), dict(chunk_frames=0), dict(tile=4.0)]
+    "kwargs",
+    [dict(tile=0), dict(tile=4, overlap=3), dict(overlap=-1), dict(chunk_frames=0), dict(tile=4.0), dict(batch=0)],
 )
 def test_tiling_validation(kwargs):
     with pytest.raises(ConfigError):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from atlasvid_dist.errors import InputError, RunFailure
-from atlasvid_dist.pipeline.decode import DecodeTiling, TileBlender, decode_stream, plan_tiles, vae_scale
-from atlasvid_dist.runtime.decode import assign_tiles, decode_tiles, stream_to_writer
+from atlasvid_dist.pipeline.decode import DecodeTiling, TileBlender, decode_stream, decode_tiles, plan_tiles, vae_scale
+from atlasvid_dist.runtime.decode import assign_tiles, stream_to_writer
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,7 @@ def generate(
     crf: Optional[int] = option("crf"),
     decode_tile: Optional[int] = option("decode_tile"),
     decode_overlap: Optional[int] = option("decode_overlap"),
+    decode_batch: Optional[int] = option("decode_batch"),
     run_dir: Optional[str] = option("run_dir"),
     resume: Optional[str] = typer.Option(
         None,

@@ -189,6 +189,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("run_dir", OUTPUT, _G, note="Continue it with --resume."),
     Opt("decode_tile", OUTPUT, _G),
     Opt("decode_overlap", OUTPUT, _G),
+    Opt("decode_batch", OUTPUT, _G),
 )
 
 

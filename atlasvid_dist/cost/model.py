@@ -101,6 +101,8 @@ class RunSettings:
     """Spatial VAE decode tile in latent cells (8 px each)."""
     decode_overlap: int = _GENERATE["decode_overlap"]
     """Overlap of decode tiles in latent cells."""
+    decode_batch: int = 1
+    """Equal-shaped decode tiles per VAE call (one call's activations grow with it; the caches do not)."""
     decode_order: str = "auto"
     """'together' (a rank's tiles advance together: every tile's causal cache live at once), 'sequential' (tile
     after tile: one tile's cache; the driver's blender holds the clip's frames) or 'auto' (sequential only when
@@ -114,7 +116,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
-        for name in ("steps", "proxy_steps", "decode_tile"):
+        for name in ("steps", "proxy_steps", "decode_tile", "decode_batch"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
         check(
@@ -571,7 +573,7 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
     if method.mode == "ultragen":
         detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
     phases["detail_stage"] = detail
-    decode = {**_resident(model, run, b, "decode"), "activations": _decode_tile_bytes(geo, run, model)}
+    decode = {**_resident(model, run, b, "decode"), "activations": _decode_call_bytes(geo, run, model)}
     together = _decode_cache_bytes(geo, run, model, plan.workers, "together")
     order = run.decode_order
     if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit
@@ -619,14 +621,19 @@ def decode_tiles(geo: _Geometry, run: RunSettings) -> tuple[int, int, int]:
 def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> int:
     """The causal caches a rank holds while decoding. 'together': the caches of all its tiles (tiles are balanced
     over the ranks by area, so at most its share of all tile cells plus one tile, the greedy balance's bound);
-    'sequential': one tile's (the largest)."""
+    'sequential': one batch of tiles' (of the largest)."""
     tiles, cells, largest = decode_tiles(geo, run)
     if order == "sequential":
-        mine = largest
+        mine = largest * min(run.decode_batch, tiles)
     else:
         mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
     scale = math.sqrt(model.vae_params / VAE_REFERENCE_PARAMS)
     return int(mine * VAE_DECODER_STATE_BYTES_PER_CELL * scale)
+
+
+def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec) -> int:
+    """Activations of one decode call: a full tile's times the tiles in a batch (at most all tiles)."""
+    return _decode_tile_bytes(geo, run, model) * min(run.decode_batch, decode_tiles(geo, run)[0])
 
 
 def _decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec) -> int:

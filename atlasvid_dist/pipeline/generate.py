@@ -219,6 +219,7 @@ class TwoStageGenerator:
             init_strength=cfg.init_strength,
             decode_tile=cfg.decode_tile or 32,
             decode_overlap=cfg.decode_overlap,
+            decode_batch=cfg.tiles_per_decode_call,
         )
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
@@ -355,7 +356,8 @@ class TwoStageGenerator:
         from .decode import DecodeTiling
 
         tile = self.cfg.decode_tile or 32
-        return DecodeTiling(tile=tile, overlap=min(self.cfg.decode_overlap, tile // 2))
+        overlap = min(self.cfg.decode_overlap, tile // 2)
+        return DecodeTiling(tile=tile, overlap=overlap, batch=self.cfg.tiles_per_decode_call)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _run_stage(self, stage, ckpt, saved: SavedStep | None, proxy) -> torch.Tensor:

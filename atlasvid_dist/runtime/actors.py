@@ -313,8 +313,7 @@ class DetailWorker:
     def decode(self, latents: torch.Tensor, tile_ids: list[int], tiling: dict):
         """Ray streaming generator: this rank's decode tiles of ``latents`` (model space, (1, C, f, h, w)), all
         advancing together; yields (tile index, first video frame, pixels float32 (n, th, tw, 3))."""
-        from ..pipeline.decode import DecodeTiling, plan_tiles
-        from .decode import decode_tiles
+        from ..pipeline.decode import DecodeTiling, decode_tiles, plan_tiles
 
         t0 = time.perf_counter()
         vae = self.gen.load().vae

@@ -4,9 +4,10 @@ The unit of work is pipeline.decode's tile stream (one spatial tile decoded late
 own causal cache), so tiles are independent and need no collective at all:
 
 * :func:`assign_tiles` gives every rank a balanced set of tiles (by pixel area, deterministic);
-* :func:`decode_tiles` runs on a rank: it advances all of its tiles together, one temporal chunk at a time, and
-  yields ``(tile index, first video frame, pixels)`` chunks; the detail actor exposes it as a Ray streaming
-  generator, so chunks travel through the object store while the rank decodes the next ones;
+* pipeline.decode's ``decode_tiles`` runs on a rank: it advances all of its tiles together (equal-shaped tiles in
+  one batch), one temporal chunk at a time, and yields ``(tile index, first video frame, pixels)`` chunks; the
+  detail actor exposes it as a Ray streaming generator, so chunks travel through the object store while the rank
+  decodes the next ones;
 * :func:`stream_to_writer` runs on the driver: it always pulls from the rank that owns the tile furthest behind,
   so the blender holds about one temporal chunk of frames whatever the clip length, and it hands finished frames
   in frame order to one writer (the mp4 encoder).
@@ -24,10 +25,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError, RunFailure
-from ..pipeline.decode import DecodeTiling, Tile, TileBlender, decode_tile_stream
-
-Chunk = tuple[int, int, np.ndarray]
-"""(tile index, first video frame, pixels float32 (n, th, tw, 3)) as decode_tile_stream yields them."""
+from ..pipeline.decode import Chunk, Tile, TileBlender
 
 
 def assign_tiles(tiles: Sequence[Tile], ranks: int) -> list[list[int]]:
@@ -43,32 +41,6 @@ def assign_tiles(tiles: Sequence[Tile], ranks: int) -> list[list[int]]:
         load[r] += (t.y1 - t.y0) * (t.x1 - t.x0)
         out[r].append(t.index)
     return [sorted(ids) for ids in out]
-
-
-def decode_tiles(
-    vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling, sequential: bool = False
-) -> Iterator[Chunk]:
-    """Decode ``tiles`` of model-space ``latents`` (1, C, f, h, w), all tiles advancing together: chunk k of every
-    tile (in the given order) before chunk k + 1 of any; every tile's causal cache is live at once.
-
-    ``sequential``: tile after tile instead, so only one tile's cache is live (cost model: decode_order
-    'sequential'); the driver's TileBlender must then hold the clip's frames (``max_window=None``)."""
-    if sequential:
-        for t in tiles:
-            for start, px in decode_tile_stream(vae, latents, t, tiling):
-                yield t.index, start, px
-        return
-    streams = [(t.index, decode_tile_stream(vae, latents, t, tiling)) for t in tiles]
-    while streams:
-        alive = []
-        for index, stream in streams:
-            item = next(stream, None)
-            if item is None:
-                continue
-            start, px = item
-            yield index, start, px
-            alive.append((index, stream))
-        streams = alive
 
 
 def stream_to_writer(
