@@ -321,7 +321,8 @@ def decode_tiles(
         for stream in streams:
             chunk = next(stream, None)
             if chunk is not None:
-                yield from chunk
+                for item in chunk:  # not `yield from` a list: Ray drives a streaming generator with send()
+                    yield item
                 alive.append(stream)
         streams = alive
 
