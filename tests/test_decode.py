@@ -103,6 +103,23 @@ def test_batched_tiles_decode_as_one_at_a_time(vae):
     assert levels(run(vae, lat, DecodeTiling(tile=4, overlap=1, batch=8)), one).max() <= 1
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_decode_tiles_can_be_driven_with_send(vae, sequential):
+    """A rank's decode is a Ray streaming generator, which Ray advances with send(value): every chunk must come
+    through it (a `yield from` over a list breaks this; every distributed decode failed that way once)."""
+    lat = latents(2, 9, 9)
+    tiling = DecodeTiling(tile=4, overlap=1, batch=4)
+    tiles = plan_tiles((9, 9), tiling)
+    gen = decode_tiles(vae, lat, tiles, tiling, sequential=sequential)
+    got = [next(gen)]
+    while True:
+        try:
+            got.append(gen.send(object()))  # Ray sends a value, not None (None would fall back to next())
+        except StopIteration:
+            break
+    assert sorted((i, s) for i, s, _ in got) == sorted((t.index, s) for t in tiles for s in (0, 1))
+
+
 def test_tile_groups_are_equal_shaped_and_bounded():
     tiles = plan_tiles((9, 9), DecodeTiling(tile=4, overlap=1))  # spans 4, 4, 3 each way
     for batch in (1, 2, 3, 16):

@@ -266,11 +266,13 @@ def decode_tile_stream(
     unnormalised here, one latent frame of the tile at a time. Pixels are in about [-1, 1], not clamped (the
     blender clamps after blending, as diffusers' tiled decode does). Inputs are checked before the first chunk.
     """
-    return ((start, px) for _, start, px in decode_group_stream(vae, latents, [tile], tiling))
+    return ((start, px) for [(_, start, px)] in decode_group_stream(vae, latents, [tile], tiling))
 
 
-def decode_group_stream(vae, latents: torch.Tensor, tiles: Sequence[Tile], tiling: DecodeTiling) -> Iterator[Chunk]:
-    """Decode equal-shaped ``tiles`` together (one batch) over time: for each temporal chunk, one
+def decode_group_stream(
+    vae, latents: torch.Tensor, tiles: Sequence[Tile], tiling: DecodeTiling
+) -> Iterator[list[Chunk]]:
+    """Decode equal-shaped ``tiles`` together (one batch) over time: for each temporal chunk, a list of one
     (tile index, first video frame, pixels) per tile in the given order. Checked as decode_tile_stream."""
     _check_latents(vae, latents)
     h, w = latents.shape[3:]
@@ -282,7 +284,7 @@ def decode_group_stream(vae, latents: torch.Tensor, tiles: Sequence[Tile], tilin
     return _group_chunks(_TileDecoder(vae, latents, tiles), vae_scale(vae), latents.shape[2], tiling.chunk_frames)
 
 
-def _group_chunks(dec: _TileDecoder, scale: VaeScale, latent_frames: int, chunk: int) -> Iterator[Chunk]:
+def _group_chunks(dec: _TileDecoder, scale: VaeScale, latent_frames: int, chunk: int) -> Iterator[list[Chunk]]:
     t0 = dec.tiles[0]
     th, tw = (t0.y1 - t0.y0) * scale.spatial, (t0.x1 - t0.x0) * scale.spatial
     for start in range(0, latent_frames, chunk):
@@ -297,8 +299,7 @@ def _group_chunks(dec: _TileDecoder, scale: VaeScale, latent_frames: int, chunk:
             )
         del parts
         px = px.permute(0, 2, 3, 4, 1).float().cpu().numpy()  # (B, n, th, tw, 3)
-        for tile, pixels in zip(dec.tiles, px):
-            yield tile.index, first, pixels
+        yield [(tile.index, first, pixels) for tile, pixels in zip(dec.tiles, px)]
 
 
 def decode_tiles(
@@ -313,9 +314,11 @@ def decode_tiles(
     groups = tile_groups(tiles, tiling.batch)
     if sequential:
         for group in groups:
-            yield from decode_group_stream(vae, latents, group, tiling)
+            for chunk in decode_group_stream(vae, latents, group, tiling):
+                for item in chunk:  # not `yield from` a list: Ray drives a streaming generator with send()
+                    yield item
         return
-    streams = [_per_chunk(decode_group_stream(vae, latents, g, tiling), len(g)) for g in groups]
+    streams = [decode_group_stream(vae, latents, g, tiling) for g in groups]
     while streams:
         alive = []
         for stream in streams:
@@ -325,15 +328,6 @@ def decode_tiles(
                     yield item
                 alive.append(stream)
         streams = alive
-
-
-def _per_chunk(stream: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
-    """A group's stream as lists of its ``size`` tiles' chunks, one list per temporal chunk."""
-    while True:
-        chunk = [c for _, c in zip(range(size), stream)]
-        if not chunk:
-            return
-        yield chunk
 
 
 def decoder_state_bytes_per_cell(vae) -> float:
