@@ -142,6 +142,9 @@ BAD = [
     (["--attention", "sparse"], "attention"),  # named as the option the user typed
     (["--attention", "ultragen", "--ultragen-weight", "2"], "ultragen_weight"),
     (["--attention", "ultragen", "--ultragen-pool", "1,4"], "ultragen_pool"),
+    (["--detail-cfg-until", "1.5"], "detail_cfg_until"),
+    (["--detail-reuse", "1"], "detail_reuse"),
+    (["--detail-reuse", "-0.1"], "detail_reuse"),
 ]
 
 

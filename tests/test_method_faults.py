@@ -457,7 +457,7 @@ def test_joint_proxy_mode_on_a_rank_equals_one_process_and_resumes(tmp_path):
     text, proxy = _texts(), _proxy(gen.cfg)
     with torch.no_grad():
         want = gen.stage2(comp, text, proxy, None, None)
-    tokens, per_layer = denoise_rank(gen, comp, text, proxy, 0, 1)
+    tokens, per_layer, _ = denoise_rank(gen, comp, text, proxy, 0, 1)
     assert float((_rank_latents(gen, comp, tokens) - want).abs().max()) <= 1e-5
     assert set(per_layer) == set(range(len(comp.transformer.blocks))) and not any(per_layer.values())
 
@@ -472,5 +472,5 @@ def test_joint_proxy_mode_on_a_rank_equals_one_process_and_resumes(tmp_path):
     with pytest.raises(Stop):
         denoise_rank(gen, comp, text, proxy, 0, 1, on_step=stop, ckpt=ckpt)
     assert "rng" in ckpt.load(1)[0]
-    resumed, _ = denoise_rank(gen, comp, text, proxy, 0, 1, ckpt=ckpt, resume_step=1)
+    resumed, _, _ = denoise_rank(gen, comp, text, proxy, 0, 1, ckpt=ckpt, resume_step=1)
     assert float((_rank_latents(gen, comp, resumed) - want).abs().max()) <= 1e-5

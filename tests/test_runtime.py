@@ -1,5 +1,6 @@
 """Distributed generation on Ray (embedded, loopback, gloo): --workers N gives the single-process latents."""
 
+import json
 import re
 
 import numpy as np
@@ -431,3 +432,23 @@ def test_joint_proxy_mode_workers_equal_single_process(tmp_path, capsys):
     one, two = load_file(str(a)), load_file(str(b))
     assert float((one["latents"] - two["latents"]).abs().max()) <= 1e-5
     assert torch.equal(one["proxy"], two["proxy"])
+
+
+def test_first_block_cache_workers_equal_single_process(tmp_path, capsys):
+    """--detail-reuse with 2 workers: every rank skips the same forwards (the decision's sums are added over the
+    ranks), so the latents are the one-process cached run's, and they differ from the uncached run's."""
+    fewer = [*ARGS, "--steps", "4", "--detail-cfg-until", "0.5"]
+    paths = {k: (tmp_path / f"{k}.mp4", tmp_path / f"{k}.safetensors") for k in ("plain", "one", "two")}
+    runs = {"plain": [], "one": ["--detail-reuse", "0.09"], "two": ["--detail-reuse", "0.09", "--workers", "2"]}
+    reports = {}
+    for name, extra in runs.items():
+        out, lat = paths[name]
+        code = cli("generate", *fewer, *extra, "--out", str(out), "--save-latents", str(lat), "--json")
+        text = capsys.readouterr().out
+        assert code == 0, text
+        reports[name] = json.loads(text.strip().splitlines()[-1])
+    one, two, plain = (load_file(str(paths[k][1]))["latents"] for k in ("one", "two", "plain"))
+    assert float((one - two).abs().max()) <= 1e-5
+    assert float((one - plain).abs().max()) > 1e-3
+    assert reports["one"]["detail_forwards"] == reports["two"]["detail_forwards"] == {"total": 6, "reused": 3}
+    assert reports["plain"]["detail_forwards"] == {"total": 6, "reused": 0}

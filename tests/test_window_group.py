@@ -41,7 +41,7 @@ def _detail_on_rank(rank, world, g):
 
     gen, comp, text, proxy = _setup()
     stats = CommStats()
-    tokens, per_layer = denoise_rank(
+    tokens, per_layer, _ = denoise_rank(
         gen, comp, text, proxy, rank, world, None, stats, 60, window_group=g, groups=new_groups(world, g)
     )
     return tokens.tolist(), stats.total()
@@ -51,7 +51,7 @@ def _reference():
     from atlasvid_dist.runtime.detail import denoise_rank
 
     gen, comp, text, proxy = _setup()
-    tokens, _ = denoise_rank(gen, comp, text, proxy, 0, 1)
+    tokens, _, _ = denoise_rank(gen, comp, text, proxy, 0, 1)
     return tokens  # one rank: local order of the single shard
 
 

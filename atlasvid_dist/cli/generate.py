@@ -132,6 +132,8 @@ def generate(
     seed: Optional[int] = option("seed"),
     detail_init: Optional[str] = option("detail_init"),
     init_strength: Optional[float] = option("init_strength"),
+    detail_cfg_until: Optional[float] = option("detail_cfg_until"),
+    detail_reuse: Optional[float] = option("detail_reuse"),
     device: Optional[str] = option("device", note="With --gpus: cuda; with --workers: cpu unless set."),
     device_profile: Optional[str] = option("device_profile"),
     config: Optional[Path] = typer.Option(

@@ -169,6 +169,8 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("seed", RUN, _G),
     Opt("detail_init", RUN, _G),
     Opt("init_strength", RUN, _G),
+    Opt("detail_cfg_until", RUN, _G),
+    Opt("detail_reuse", RUN, _G),
     Opt("device", RUN, _G),
     Opt("device_profile", RUN, _G),
     # distributed

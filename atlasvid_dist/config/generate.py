@@ -71,6 +71,14 @@ class GenerateConfig:
     """'noise', or 'proxy': start from the upsampled proxy noised to ``init_strength``."""
     init_strength: float = 0.7
     """With detail_init='proxy': fraction of the detail steps that run (1.0 = from pure noise)."""
+    detail_cfg_until: float = 1.0
+    """CFG truncation: classifier-free guidance runs in the first ``detail_cfg_until`` of the detail stage's
+    schedule (a fraction of ``steps``, counted from pure noise, rounded); later steps run the prompt alone, one
+    forward instead of two. 1.0 = every step; 0 = none."""
+    detail_reuse: float = 0.0
+    """First-block cache of the detail stage: when the first block's residual differs from the one of the last
+    fully run forward (same prompt) by less than this fraction (relative L1 over all tokens), the other blocks are
+    skipped and their residual from that forward is reused. 0 = off (every block runs every forward)."""
     device: Device = "auto"
     """'auto' (cuda when torch sees a CUDA device, else cpu; resolved when the config is built), 'cpu' or 'cuda'."""
     dtype: Dtype = "auto"
@@ -125,6 +133,18 @@ class GenerateConfig:
             self.init_strength,
             "must be in (0, 1]",
         )
+        check(
+            _finite(self.detail_cfg_until) and 0 <= self.detail_cfg_until <= 1,
+            "detail_cfg_until",
+            self.detail_cfg_until,
+            "must be a number in [0, 1] (1 = guidance at every detail step)",
+        )
+        check(
+            _finite(self.detail_reuse) and 0 <= self.detail_reuse < 1,
+            "detail_reuse",
+            self.detail_reuse,
+            "must be a number in [0, 1) (0 = off)",
+        )
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
         check(
@@ -155,6 +175,11 @@ class GenerateConfig:
         )
         self._check_paths()
         self._check_geometry()
+
+    @property
+    def detail_schedule(self) -> "DetailSchedule":
+        """Which detail steps run, and which of them with guidance."""
+        return DetailSchedule.of(self.steps, self.detail_init, self.init_strength, self.detail_cfg_until)
 
     @property
     def tiles_per_decode_call(self) -> int:
@@ -228,6 +253,38 @@ class GenerateConfig:
             m["schedule"] = tuple((tuple(w), tuple(s)) for w, s in m["schedule"])
         method = AtlasConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
         return cls(video=video, method=method, **d)
+
+
+@dataclass(frozen=True)
+class DetailSchedule:
+    """The detail stage's steps as they run: the one rule generate, the ranks and the cost model follow."""
+
+    steps: int
+    """Steps of the whole schedule (from pure noise)."""
+    start: int
+    """First step that runs (0 from noise; with detail_init 'proxy' the last round(steps * init_strength), at
+    least one, run)."""
+    guided_until: int
+    """Steps before this index run classifier-free guidance (when the guidance scale enables it)."""
+
+    @classmethod
+    def of(cls, steps: int, detail_init: str, init_strength: float, cfg_until: float) -> "DetailSchedule":
+        start = steps - max(1, round(steps * init_strength)) if detail_init == "proxy" else 0
+        return cls(steps, start, round(steps * cfg_until))
+
+    @property
+    def run(self) -> int:
+        """Steps that run."""
+        return self.steps - self.start
+
+    @property
+    def guided(self) -> int:
+        """Steps that run with guidance (two forwards each when the scale enables it)."""
+        return max(0, min(self.steps, self.guided_until) - self.start)
+
+    def forwards(self, uses_cfg: bool) -> int:
+        """Detail forwards of the stage: one per step, plus the unconditional one of each guided step."""
+        return self.run + (self.guided if uses_cfg else 0)
 
 
 def auto_device() -> str:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config.generate import GenerateConfig
+from ..config.generate import DetailSchedule, GenerateConfig
 from ..config.method import AtlasConfig
 from ..config.model import ModelSpec
 from ..config.parallel import ParallelPlan, runnable_proxy_parallel
@@ -97,6 +97,11 @@ class RunSettings:
     """'noise', or 'proxy': start from the upsampled proxy noised to ``init_strength``."""
     init_strength: float = _GENERATE["init_strength"]
     """With detail_init='proxy': fraction of the detail steps that run."""
+    detail_cfg_until: float = _GENERATE["detail_cfg_until"]
+    """CFG truncation: fraction of the detail schedule that runs guidance (two forwards a step); the rest one."""
+    detail_reuse: float = _GENERATE["detail_reuse"]
+    """First-block cache threshold (0 = off). Which forwards it skips is decided at run time, so the seconds and
+    FLOPs here count every forward (an upper bound); its memory (two residuals per prompt) is counted."""
     decode_tile: int = 32
     """Spatial VAE decode tile in latent cells (8 px each)."""
     decode_overlap: int = _GENERATE["decode_overlap"]
@@ -141,6 +146,18 @@ class RunSettings:
             self.decode_overlap,
             f"must be an integer in [0, decode_tile = {self.decode_tile})",
         )
+        check(
+            isinstance(self.detail_cfg_until, (int, float)) and 0 <= self.detail_cfg_until <= 1,
+            "detail_cfg_until",
+            self.detail_cfg_until,
+            "must be in [0, 1]",
+        )
+        check(
+            isinstance(self.detail_reuse, (int, float)) and 0 <= self.detail_reuse < 1,
+            "detail_reuse",
+            self.detail_reuse,
+            "must be in [0, 1)",
+        )
         check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
         check(isinstance(self.offload_encoders, bool), "offload_encoders", self.offload_encoders, "must be true/false")
         check(
@@ -158,11 +175,19 @@ class RunSettings:
         return 2 if self.guidance > 1 else 1
 
     @property
+    def schedule(self) -> DetailSchedule:
+        """The detail steps as generate runs them (GenerateConfig's rule)."""
+        return DetailSchedule.of(self.steps, self.detail_init, self.init_strength, self.detail_cfg_until)
+
+    @property
     def detail_steps(self) -> int:
-        """Detail steps that actually run (diffusers' img2img rule: int(steps * strength) with proxy init)."""
-        if self.detail_init == "proxy":
-            return max(1, int(self.steps * self.init_strength))
-        return self.steps
+        """Detail steps that actually run (fewer with proxy init)."""
+        return self.schedule.run
+
+    @property
+    def detail_forwards(self) -> int:
+        """Detail forwards: one per step, two for the steps that run guidance."""
+        return self.schedule.forwards(self.passes == 2)
 
     def dtype_for(self, device: str) -> str:
         if self.dtype != "auto":
@@ -196,6 +221,8 @@ class CostReport:
     """Detail tokens (queries) of the heaviest rank."""
     detail_steps: int
     """Detail steps that run (fewer with proxy init)."""
+    detail_forwards: int
+    """Detail forwards that run (two per guided step, one per step after CFG truncation)."""
     attention_flops_per_layer: dict
     """mode -> detail self-attention FLOPs of one layer (whole video, one forward); None where not applicable."""
     attention_flops_ratio: float
@@ -362,6 +389,7 @@ def estimate(
         windows_per_rank=_windows_per_group(geo, plan),
         tokens_per_rank=shares["tokens_per_rank"],
         detail_steps=run.detail_steps,
+        detail_forwards=run.detail_forwards,
         attention_flops_per_layer=attn,
         attention_flops_ratio=ratios[method.mode],
         attention_flops_ratios=ratios,
@@ -380,7 +408,7 @@ def estimate(
         fits=peak <= usable,
         reasons=(),
         decode_order=decode_order,
-        notes=tuple(_notes(video, geo, model, method, plan, dtype)),
+        notes=tuple(_notes(video, geo, model, method, plan, dtype) + _run_notes(run)),
     )
     if not report.fits:
         reasons = _reasons(report, video, model, method, plan, run, prof, dtype, suggest)
@@ -447,7 +475,7 @@ def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan:
 def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
     n, L, passes = geo.grid.size, model.num_layers, run.passes
     no_attn = L * linear["total"] + embed_flops(model, n)
-    detail = passes * (L * attn_mode + no_attn)
+    detail_fwd = L * attn_mode + no_attn  # one forward, all ranks
     full_step = passes * full_forward_flops(model, n)
     rank_tokens = shares["tokens_per_rank"]
     rank_attn = passes * _rank_attention(geo, model, method, plan, shares)
@@ -456,8 +484,9 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
     proxy_fwd = full_forward_flops(model, geo.proxy.size) if geo.proxy else 0
     joint = method.proxy_mode == "joint" and geo.proxy is not None
     if joint:  # the proxy runs inside every detail forward, on every rank
-        detail += passes * proxy_fwd * plan.workers
+        detail_fwd += proxy_fwd * plan.workers
         rank += passes * proxy_fwd
+    detail = passes * detail_fwd
     proxy_step = passes * proxy_fwd
     cache = 0 if joint or geo.proxy is None else passes * proxy_fwd * plan.workers  # each rank builds its own
     text = 2 * model.text_encoder_params * model.text_len * passes
@@ -466,7 +495,7 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
         "text_encoder": text,
         "proxy_stage": proxy_step * run.proxy_steps,
         "proxy_cache": cache,
-        "detail_stage": detail * run.detail_steps,
+        "detail_stage": detail_fwd * run.detail_forwards,
         "vae_decode": vae,
     }
     video["total"] = sum(video.values())
@@ -568,6 +597,8 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
         # the window attention copies the rows its windows read
         rows = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) // plan.window_group
         detail["proxy_kv_joint"] = 2 * model.num_layers * geo.proxy.size * d * b + rows
+    if run.detail_reuse:  # first-block cache: two residuals of the rank's tokens per prompt
+        detail["block_cache"] = 2 * passes * shares["tokens_per_rank"] * d * b
     chunk = _attention_chunk_bytes(geo, model, method, b, shares)
     detail["activations"] = _activations(model, rank_tokens, b, extra, run.ffn_chunk_tokens, chunk)
     if method.mode == "ultragen":
@@ -723,7 +754,7 @@ def _seconds(geo, model, method, plan, run, prof: DeviceProfile, flops, comm, dt
         + _link_seconds(comm["step"]["total"], comm["step"]["across_nodes"], prof)
     )
     out["detail_step"] = step
-    out["detail_stage"] = step * run.detail_steps
+    out["detail_stage"] = step / run.passes * run.detail_forwards
     out["vae_decode"] = flops["video"]["vae_decode"] / plan.workers / (prof.peak_flops_fp32 * prof.efficiency)
     out["total"] = sum(v for k, v in out.items() if k != "detail_step")
     return out
@@ -829,6 +860,15 @@ def _idle_stage1_note(proxy_tokens: int, heads: int, workers: int) -> str:
     if not modes:
         return note + f" (its {proxy_tokens} tokens do not split over {workers} ranks)"
     return note + ": --proxy-parallel " + " or ".join(modes) + " spreads it"
+
+
+def _run_notes(run: RunSettings) -> list[str]:
+    if not run.detail_reuse:
+        return []
+    return [
+        f"detail_reuse {run.detail_reuse:g}: the first-block cache skips forwards decided at run time; the detail "
+        f"stage's seconds and FLOPs count all {run.detail_forwards} forwards (an upper bound)"
+    ]
 
 
 def _inputs(video, model, method, plan, run, prof, dtype) -> dict:

@@ -29,6 +29,7 @@ from ..errors import ConfigError, InputError
 from ..geometry.grid import Grid, ProxyAnchor, ProxyGeometry
 from .attention.detail import DetailAttention, ProxyKV
 from .attention.kernels import reference_attention, sdpa
+from .block_cache import FirstBlockCache
 from .rope import Rotary3D, RotaryTables, apply_rotary
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,24 +133,28 @@ class AtlasTransformer(nn.Module):
         *,
         proxy_cache: ProxyCache | None = None,
         proxy_noise: torch.Tensor | None = None,
+        block_cache: FirstBlockCache | None = None,
         hidden_states: torch.Tensor | None = None,
         attention_kwargs: dict | None = None,
         return_dict: bool | None = None,
     ):
-        """Detail velocity (B, C, f, h, w). See the class docstring; ``proxy_noise`` is used in 'joint' mode.
+        """Detail velocity (B, C, f, h, w). See the class docstring; ``proxy_noise`` is used in 'joint' mode;
+        ``block_cache`` (this prompt's :class:`FirstBlockCache`) may skip the blocks after the first.
 
         ``hidden_states`` is diffusers' name for ``latents``; with ``return_dict`` given (as diffusers' pipelines
         do) the result is wrapped as a diffusers transformer returns it: ``(velocity,)`` or an output object.
         """
         latents = _diffusers_latents(latents, hidden_states, timestep, encoder_hidden_states, attention_kwargs)
-        out = self._detail(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
+        out = self._detail(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise, block_cache)
         if return_dict is None:
             return out
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
-    def _detail(self, latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise) -> torch.Tensor:
+    def _detail(
+        self, latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise, block_cache=None
+    ) -> torch.Tensor:
         grid = self.token_grid(latents, "latents")
         timestep = self._check_inputs(latents, timestep, encoder_hidden_states)
         proxy_kv = None
@@ -157,7 +162,7 @@ class AtlasTransformer(nn.Module):
             proxy_kv = self._proxy_kv(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
         scales = self.proxy_geometry(grid).scales if proxy_kv is not None else (1.0, 1.0, 1.0)
         attend = DetailAttention(self.atlas_config, grid, self.rotary, latents.device, proxy_kv, scales)
-        return self._run(latents, timestep, encoder_hidden_states, grid, attend)
+        return self._run(latents, timestep, encoder_hidden_states, grid, attend, block_cache=block_cache)
 
     def proxy_forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -298,10 +303,18 @@ class AtlasTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _run(
-        self, latents, timestep, text, grid: Grid, attend: Attend, head: bool = True, checkpoint: bool = True
+        self,
+        latents,
+        timestep,
+        text,
+        grid: Grid,
+        attend: Attend,
+        head: bool = True,
+        checkpoint: bool = True,
+        block_cache: FirstBlockCache | None = None,
     ) -> torch.Tensor | None:
         x, temb, tproj, text = self.embed(latents, timestep, text)
-        x = self.run_blocks(x, text, tproj, attend, checkpoint=checkpoint)
+        x = self.run_blocks(x, text, tproj, attend, checkpoint=checkpoint, cache=block_cache)
         if not head:
             return None
         return self.head(x, temb, grid, latents.shape[0])
@@ -318,8 +331,15 @@ class AtlasTransformer(nn.Module):
         temb, tproj, text, _ = tr.condition_embedder(timestep, text, None)
         return x, temb, tproj.unflatten(1, (6, -1)), text  # tproj (B, 6, D)
 
-    def run_blocks(self, x, text, tproj, attend: Attend, checkpoint: bool = True) -> torch.Tensor:
-        """All blocks on tokens x (B, n, D); ``attend(layer, q, k, v)`` does the self-attention of those tokens."""
+    def run_blocks(
+        self, x, text, tproj, attend: Attend, checkpoint: bool = True, cache: FirstBlockCache | None = None
+    ) -> torch.Tensor:
+        """All blocks on tokens x (B, n, D); ``attend(layer, q, k, v)`` does the self-attention of those tokens.
+
+        With ``cache`` (inference only), the blocks after the first are skipped when the cache allows it.
+        """
+        if cache is not None and not torch.is_grad_enabled():
+            return self._run_blocks_cached(x, text, tproj, attend, cache)
         tr = self.transformer
         use_ckpt = checkpoint and torch.is_grad_enabled() and getattr(tr, "gradient_checkpointing", False)
         for i, block in enumerate(tr.blocks):
@@ -330,6 +350,19 @@ class AtlasTransformer(nn.Module):
             else:
                 x = self._block(i, block, x, text, tproj, attend)
         return x
+
+    def _run_blocks_cached(self, x, text, tproj, attend: Attend, cache: FirstBlockCache) -> torch.Tensor:
+        """The first block, then the others or the residual they added at the cache's reference forward."""
+        blocks = self.transformer.blocks
+        h = self._block(0, blocks[0], x, text, tproj, attend)
+        first = h - x  # (B, n, D)
+        if cache.reuse(first):
+            return h + cache.rest
+        out = h
+        for i in range(1, len(blocks)):
+            out = self._block(i, blocks[i], out, text, tproj, attend)
+        cache.store(first, out - h)
+        return out
 
     def _block(self, i: int, block: nn.Module, x, text, tproj, attend: Attend) -> torch.Tensor:
         """One WanTransformerBlock with its own layers, self-attention by ``attend`` (same arithmetic as diffusers)."""

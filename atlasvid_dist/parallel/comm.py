@@ -201,6 +201,26 @@ def all_to_all(
     return out
 
 
+def all_sum(
+    t: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    *,
+    stats: CommStats | None,
+    category: str,
+    step: str = "",
+    timeout: float | None = None,
+) -> torch.Tensor:
+    """A copy of ``t`` summed over the group (``all_reduce``, timed wait); counts the bytes leaving this rank."""
+    out = t.detach().clone()
+    stage = out.is_cuda and _stages_on_cpu(group)
+    buf = out.cpu() if stage else out
+    work = dist.all_reduce(buf, group=group, async_op=True)
+    if stats is not None:
+        stats.add(category, nbytes(buf))
+    wait(work, group, step, f"all-reduce '{category}'", timeout)
+    return buf.to(out.device) if stage else buf
+
+
 def _stages_on_cpu(group: dist.ProcessGroup | None) -> bool:
     """True for a gloo group: its point-to-point and all-to-all take CPU tensors only, so CUDA ones are staged."""
     return dist.get_backend(group) == "gloo"

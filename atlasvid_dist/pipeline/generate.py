@@ -58,6 +58,9 @@ class RunResult:
     """Per rank (one entry on one process): ``report.peak_memory`` of the process that ran it."""
     wall_seconds: float | None = None
     """The whole run as the caller timed it (set by the CLI)."""
+    detail_forwards: dict = field(default_factory=dict)
+    """Detail-stage forwards: ``total`` (CFG truncation counted) and ``reused`` (skipped by the first-block
+    cache after its first block); empty when the run did not reach the detail stage here (a driver's ranks)."""
 
     @classmethod
     def for_config(cls, cfg: GenerateConfig, seconds: dict, out_bytes: int, **extra) -> "RunResult":
@@ -107,6 +110,7 @@ class RunResult:
             "model": model_info(self.model),
             "seed": self.seed,
             "resumed_from": self.resumed_from,
+            "detail_forwards": dict(self.detail_forwards),
             "workers": 1,
             "bytes_sent": None,
         }
@@ -114,6 +118,9 @@ class RunResult:
     def summary(self) -> str:
         t = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         resumed = f"; resumed from {self.resumed_from}" if self.resumed_from else ""
+        f = self.detail_forwards
+        if f.get("reused"):
+            resumed += f"; {f['reused']} of {f['total']} detail forwards reused the first-block cache"
         return (
             f"{self.out}: {self.width}x{self.height}, {self.frames} frames at {self.fps:g} fps, "
             f"{self.out_bytes / 1e6:.2f} MB | detail {self.detail_tokens:,} tokens x {self.steps} steps, "
@@ -152,6 +159,8 @@ class TwoStageGenerator:
         self.seconds: dict[str, float] = {}
         self.step_times: dict[str, list[float]] = {}
         """Seconds of every denoising step run, by stage."""
+        self.detail_forwards: dict[str, int] = {}
+        """The detail stage's forwards (see RunResult.detail_forwards), set when it ends."""
         self.gpu_name: str | None = None
         """The GPUs' name for the 'auto' device profile when they are not this process's (a cluster's driver)."""
 
@@ -193,6 +202,7 @@ class TwoStageGenerator:
             resumed_from=f"{saved.stage} step {saved.step}" if saved else None,
             step_seconds={k: median(v) for k, v in self.step_times.items()},
             peak_memory=[{"rank": 0, **peak_memory(cfg.device)}],
+            detail_forwards=self.detail_forwards,
         )
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -217,6 +227,8 @@ class TwoStageGenerator:
             guidance=cfg.guidance,
             detail_init=cfg.detail_init,
             init_strength=cfg.init_strength,
+            detail_cfg_until=cfg.detail_cfg_until,
+            detail_reuse=cfg.detail_reuse,
             decode_tile=cfg.decode_tile or 32,
             decode_overlap=cfg.decode_overlap,
             decode_batch=cfg.tiles_per_decode_call,
@@ -384,6 +396,8 @@ class TwoStageGenerator:
 
         latents = stage.denoise(state, layout, on_step)
         bar.close()
+        if stage.name == STAGE2:
+            self.detail_forwards = stage.forwards(state)
         return latents
 
     def bar(self, total, desc, unit, initial=0):

@@ -65,13 +65,20 @@ def fresh_scheduler(template, flow_shift: float):
     return type(template).from_config(cfg)
 
 
-def guided(cond: Velocity, uncond: Velocity | None, scale: float) -> Velocity:
-    """Classifier-free guidance: uncond + scale * (cond - uncond) (plain cond when uncond is None)."""
+def guided(cond: Velocity, uncond: Velocity | None, scale: float, min_t: float | None = None) -> Velocity:
+    """Classifier-free guidance: uncond + scale * (cond - uncond) (plain cond when uncond is None).
+
+    ``min_t``: guidance only at timesteps >= min_t (CFG truncation: the noisy early steps); below it the
+    velocity is cond alone, one forward instead of two. None: at every timestep.
+    """
     if uncond is None:
         return cond
 
     def velocity(latents, t):
-        c, u = cond(latents, t), uncond(latents, t)
+        c = cond(latents, t)
+        if min_t is not None and float(t.max()) < min_t:
+            return c
+        u = uncond(latents, t)
         return u + scale * (c - u)
 
     return velocity

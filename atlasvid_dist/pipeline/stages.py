@@ -18,12 +18,13 @@ Usage (what ``TwoStageGenerator`` and the ranks do)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
 from ..config.method import AtlasConfig
+from ..models.block_cache import FirstBlockCache
 from . import sampling
 from .checkpoint import generator_state, restore_generator
 from .text import TextEmbeddings
@@ -62,12 +63,21 @@ class StageState:
     """The stage's RNG: it drew the initial noise; stage 2 in proxy_mode 'joint' draws each forward's proxy noise."""
     step: int = 0
     """Steps done: the next step to run."""
+    caches: dict[str, FirstBlockCache] = field(default_factory=dict)
+    """First-block caches by prompt kind (stage 2 with ``detail_reuse``; empty otherwise)."""
 
     def checkpoint(self) -> tuple[dict, dict]:
-        """(tensors, meta) to commit: scheduler state, latents, generator state; meta ``{"step", "sched"}``."""
+        """(tensors, meta) to commit: scheduler state, latents, generator state, first-block caches; meta
+        ``{"step", "sched"}`` (and ``"caches"`` when there are any)."""
         tensors, sched = sampling.scheduler_state(self.scheduler)
         tensors = {**tensors, "latents": self.latents.detach().cpu().clone(), "rng": generator_state(self.generator)}
-        return tensors, {"step": self.step, "sched": sched}
+        meta = {"step": self.step, "sched": sched}
+        if self.caches:
+            meta["caches"] = {}
+            for kind, cache in self.caches.items():
+                t, meta["caches"][kind] = cache.state(f"cache.{kind}")
+                tensors.update(t)
+        return tensors, meta
 
     def restore(self, saved: SavedStep, device, dtype) -> None:
         """Continue from ``saved`` (scheduler, latents, step; the generator too when saved: a rank checkpoint
@@ -78,6 +88,8 @@ class StageState:
             restore_generator(self.generator, saved.tensors["rng"])
         self.latents = saved.tensors["latents"].to(device, dtype)
         self.step = saved.step
+        for kind, cache in self.caches.items():
+            cache.restore(saved.tensors, saved.meta["caches"][kind], f"cache.{kind}", device, dtype)
 
 
 @dataclass
@@ -98,8 +110,14 @@ class TokenLayout(Protocol):
     def take(self, latents: torch.Tensor) -> torch.Tensor:
         """The whole latent (1, C, f, h, w) -> this layout's share of it."""
 
-    def forward(self, kind: str, x, t, emb: torch.Tensor, proxy: ProxyInput | None) -> torch.Tensor:
-        """The velocity of ``x`` (this layout's share) at ``t`` for prompt ``kind`` (its embedding ``emb``)."""
+    def forward(
+        self, kind: str, x, t, emb: torch.Tensor, proxy: ProxyInput | None, cache: FirstBlockCache | None = None
+    ) -> torch.Tensor:
+        """The velocity of ``x`` (this layout's share) at ``t`` for prompt ``kind`` (its embedding ``emb``),
+        skipping blocks as ``cache`` allows."""
+
+    def all_sum(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sums`` added over every process holding a share of the tokens (a collective on a rank)."""
 
 
 class WholeGrid:
@@ -112,12 +130,16 @@ class WholeGrid:
     def take(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
-    def forward(self, kind: str, x, t, emb: torch.Tensor, proxy: ProxyInput | None) -> torch.Tensor:
+    def forward(self, kind: str, x, t, emb: torch.Tensor, proxy: ProxyInput | None, cache=None) -> torch.Tensor:
+        kw = {} if cache is None else {"block_cache": cache}
         if proxy is None:
-            return self.fn(x, t, emb)
+            return self.fn(x, t, emb, **kw)
         if proxy.cache is not None:
-            return self.fn(x, t, emb, proxy_cache=proxy.cache)
-        return self.fn(x, t, emb, proxy=proxy.proxy, proxy_noise=proxy.noise)
+            return self.fn(x, t, emb, proxy_cache=proxy.cache, **kw)
+        return self.fn(x, t, emb, proxy=proxy.proxy, proxy_noise=proxy.noise, **kw)
+
+    def all_sum(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -179,28 +201,38 @@ class Stage:
         gen = torch.Generator().manual_seed(self.cfg.seed + self.seed_offset)
         noise = torch.randn(self.shape(), generator=gen).to(self.device, self.dtype)
         sched = sampling.start_scheduler(self.comp.scheduler, self.sampler(), self.device)
-        state = self._initial(StageState(noise, sched, gen))
+        state = self._initial(StageState(noise, sched, gen, caches=self.block_caches(layout)))
         state.latents = layout.take(state.latents)
         return state
+
+    def block_caches(self, layout: TokenLayout) -> dict[str, FirstBlockCache]:
+        """First-block caches by prompt kind (none unless the stage reuses blocks)."""
+        return {}
+
+    def guidance_min_t(self, scheduler) -> float | None:
+        """Lowest timestep that runs guidance (None: every step)."""
+        return None
 
     def _initial(self, state: StageState) -> StageState:
         return state
 
-    def velocity(self, layout: TokenLayout, generator: torch.Generator) -> sampling.Velocity:
-        """Classifier-free guidance over ``layout``'s forward: cond, then uncond (this order draws the noise)."""
+    def velocity(self, layout: TokenLayout, state: StageState) -> sampling.Velocity:
+        """Classifier-free guidance over ``layout``'s forward: cond, then uncond (this order draws the noise);
+        uncond only down to :meth:`guidance_min_t`."""
 
         def forward(kind):
-            emb = getattr(self.text, kind)
-            return lambda x, t: layout.forward(kind, x, t, emb, self.proxy_input(kind, x, generator))
+            emb, cache = getattr(self.text, kind), state.caches.get(kind)
+            return lambda x, t: layout.forward(kind, x, t, emb, self.proxy_input(kind, x, state.generator), cache)
 
         uncond = forward("uncond") if self.text.uncond is not None else None
-        return sampling.guided(forward("cond"), uncond, self.sampler().guidance)
+        min_t = self.guidance_min_t(state.scheduler)
+        return sampling.guided(forward("cond"), uncond, self.sampler().guidance, min_t)
 
     def denoise(
         self, state: StageState, layout: TokenLayout, on_step: Callable[[StageState], None] | None = None
     ) -> torch.Tensor:
         """Run the steps left from ``state`` (updated in place); ``on_step(state)`` after each step."""
-        velocity = self.velocity(layout, state.generator)
+        velocity = self.velocity(layout, state)
 
         def hook(done, latents, _sched):
             state.latents, state.step = latents, done
@@ -273,6 +305,24 @@ class DetailStage(Stage):
     def whole_grid(self) -> WholeGrid:
         return WholeGrid(self.model)
 
+    def forwards(self, state: StageState) -> dict[str, int]:
+        """The stage's forwards over the whole run: ``total`` (the schedule's) and ``reused`` (by the caches)."""
+        total = self.cfg.detail_schedule.forwards(len(self.kinds) == 2)
+        return {"total": total, "reused": sum(c.reused for c in state.caches.values())}
+
+    def block_caches(self, layout: TokenLayout) -> dict[str, FirstBlockCache]:
+        if not self.cfg.detail_reuse:
+            return {}
+        return {k: FirstBlockCache(self.cfg.detail_reuse, layout.all_sum) for k in self.kinds}
+
+    def guidance_min_t(self, scheduler) -> float | None:
+        """CFG truncation: guidance at the steps before the schedule's ``guided_until`` (by their timesteps,
+        which fall step by step)."""
+        until = self.cfg.detail_schedule.guided_until
+        if until >= self.cfg.steps:
+            return None
+        return float(scheduler.timesteps[until - 1]) if until > 0 else float("inf")
+
     def proxy_input(self, kind: str, x: torch.Tensor, generator: torch.Generator) -> ProxyInput | None:
         if self.proxy is None:
             return None
@@ -296,8 +346,8 @@ class DetailStage(Stage):
         """
         from ..geometry.grid import ProxyAnchor, upsample_proxy
 
-        cfg, steps = self.cfg, self.sampler().steps
-        start = steps - max(1, round(steps * cfg.init_strength))
+        cfg = self.cfg
+        start = cfg.detail_schedule.start
         anchor = ProxyAnchor(cfg.method.temporal_scale, cfg.method.spatial_scale)
         up = upsample_proxy(self.proxy, anchor, cfg.latent.dims)  # (1, C, f, h, w)
         sigma = float(sched.sigmas[start])

@@ -7,6 +7,7 @@ loading, text encoding and (proxy worker) stage 1; the ranks run ``pipeline/stag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -225,7 +226,7 @@ class DetailWorker:
                     self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None, proxy_stats, timeout_s
                 )
             stats = comm.CommStats()
-            tokens, per_layer = self._stage2(comp, emb, proxy, stats, timeout_s, resume_step)
+            tokens, per_layer, forwards = self._stage2(comp, emb, proxy, stats, timeout_s, resume_step)
             self.log.info(
                 "stage 2 done: %d tokens, %.1f s, %.3f MB sent",
                 tokens.shape[1],
@@ -233,7 +234,8 @@ class DetailWorker:
                 stats.total() / 1e6,
             )
             mine = proxy.cpu() if self.rank == 0 and text.proxy is None and proxy is not None else None
-            return self._result(tokens, per_layer, stats, proxy_stats, time.perf_counter() - t0, mine)
+            result = self._result(tokens, per_layer, stats, proxy_stats, time.perf_counter() - t0, mine)
+            return dataclasses.replace(result, detail_forwards=forwards)
         finally:
             comm.teardown()
 
@@ -259,7 +261,7 @@ class DetailWorker:
         )
 
     def _stage2(self, comp, emb, proxy, stats, timeout_s: float, resume_step: int | None):
-        """``detail.denoise_rank`` on this rank's windows: (own tokens, bytes sent per layer)."""
+        """``detail.denoise_rank`` on this rank's windows: (own tokens, bytes sent per layer, forwards)."""
         from .detail import denoise_rank
 
         self.steps_run, self.step_times, self._t_last = 0, [], time.perf_counter()

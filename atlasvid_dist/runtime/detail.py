@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..geometry.grid import Grid
+from ..parallel import comm
 from ..parallel.comm import CommStats
 from ..parallel.window_attention import ShardedWindowAttention, shard_for
 from ..parallel.window_group import GroupedWindowAttention, group_layout
@@ -79,14 +80,15 @@ def denoise_rank(
     window_group: int = 1,
     groups=None,
     window_parallel: str = "ulysses",
-) -> tuple[torch.Tensor, dict[int, int]]:
+) -> tuple[torch.Tensor, dict[int, int], dict[str, int]]:
     """Stage 2 of ``gen``'s config (a TwoStageGenerator: config, device, dtype) on rank ``rank`` of ``world``.
 
     ``ckpt`` (a StepCheckpointer of this rank) commits the rank's strip, scheduler state and stage-2 generator
     state after every step; ``resume_step`` continues from that committed step. ``on_step(done)`` runs after each
     commit. ``window_group`` > 1 shares every window of a group of that many ranks (``parallel/window_group.py``);
     then ``groups`` is (this rank's window group, its slot group) from ``new_groups`` and the rank holds its slice
-    of its group's tokens. Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer).
+    of its group's tokens. Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer,
+    the stage's forwards: ``DetailStage.forwards``, the same on every rank).
 
     The stage (seed, proxy-init, CFG, proxy_mode 'joint' noise) is the one-process :class:`DetailStage`; only the
     token layout (:class:`RankWindows`) is this rank's.
@@ -107,13 +109,14 @@ def denoise_rank(
             on_step(s.step)
 
     local = stage.denoise(state, layout, hook)  # (1, C, pt, ph, n*pw)
-    return from_strip(local, stage.model.patch).cpu(), layout.bytes_per_layer()
+    return from_strip(local, stage.model.patch).cpu(), layout.bytes_per_layer(), stage.forwards(state)
 
 
-def strip_forward(model, x: torch.Tensor, t, emb, attend, n: int) -> torch.Tensor:
-    """The velocity of a strip x (B, C, pt, ph, n*pw) of n tokens; ``attend`` does their self-attention."""
+def strip_forward(model, x: torch.Tensor, t, emb, attend, n: int, cache=None) -> torch.Tensor:
+    """The velocity of a strip x (B, C, pt, ph, n*pw) of n tokens; ``attend`` does their self-attention;
+    ``cache`` (a FirstBlockCache deciding over every rank) may skip the blocks after the first."""
     tokens, temb, tproj, txt = model.embed(x, t, emb)
-    out = model.run_blocks(tokens, txt, tproj, attend)
+    out = model.run_blocks(tokens, txt, tproj, attend, cache=cache)
     return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
 
 
@@ -129,6 +132,7 @@ class RankWindows:
     def __init__(self, stage: DetailStage, rank: int, world: int, group, stats: CommStats, timeout, split=None):
         """``split``: (window group size, (window group, slot group), window_parallel) when windows are shared."""
         self.model, self.rank = stage.model, rank
+        self.group, self.stats, self.timeout = group, stats, timeout
         grid = self.model.token_grid(torch.empty(stage.shape(), device="meta"))
         g = 1 if split is None else split[0]
         self.sharding = shard_for(stage.cfg.method, grid, world // g)
@@ -147,15 +151,19 @@ class RankWindows:
         self.n = mine.shape[1]  # mine: (1, n, C, pt, ph, pw)
         return to_strip(mine)
 
-    def forward(self, kind: str, x, t, emb, proxy: ProxyInput | None) -> torch.Tensor:
+    def forward(self, kind: str, x, t, emb, proxy: ProxyInput | None, cache=None) -> torch.Tensor:
         attend = self.attends.get(kind)
         joint = proxy is not None and proxy.cache is None
         if joint:  # the attention keeps only its windows' proxy rows: the whole K/V is freed here
             attend = self.make(self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb))
-        out = strip_forward(self.model, x, t, emb, attend, self.n)
+        out = strip_forward(self.model, x, t, emb, attend, self.n, cache)
         if joint:
             _add_bytes(self.joint_bytes, attend.layer_bytes)
         return out
+
+    def all_sum(self, sums: torch.Tensor) -> torch.Tensor:
+        """The first-block cache's decision sums added over every rank (each holds a disjoint share)."""
+        return comm.all_sum(sums, self.group, stats=self.stats, category="reuse_decision", timeout=self.timeout)
 
     def bytes_per_layer(self) -> dict[int, int]:
         """Bytes this rank sent per layer so far, over every forward."""

@@ -240,6 +240,7 @@ class DistributedGenerator:
             out_bytes,
             step_seconds={k: v for k, v in steps.items() if v is not None},
             peak_memory=[{"rank": p.rank, **p.peak_memory} for p in parts],
+            detail_forwards=parts[0].detail_forwards,
         )
         return DistributedResult(
             result,

@@ -64,3 +64,5 @@ class RankResult:
     """``pipeline.report.peak_memory`` of this rank's process."""
     proxy: torch.Tensor | None = None
     """Rank 0 with --proxy-parallel: the clean proxy it computed (for --save-proxy / --save-latents)."""
+    detail_forwards: dict = field(default_factory=dict)
+    """Stage 2's forwards, ``total`` and ``reused`` (the first-block cache decides over every rank alike)."""
