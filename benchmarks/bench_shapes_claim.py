@@ -12,6 +12,11 @@ Rows (same captions and seeds):
   rt2, rt8      ablation of the proxy fps (temporal scale 2, 8; the default is 4)
   scale2        ablation of the proxy resolution (spatial scale 2: a proxy at twice the base size)
 
+Fewer forwards (issue 14), each on the row it names, with its quality cost against that row:
+  base_cfg, atlas_lora_cfg        guidance only in the first half of the detail schedule (CFG truncation)
+  base_reuse, atlas_lora_reuse    first-block cache, threshold 0.12
+  base_fewer, atlas_lora_fewer    both
+
     python benchmarks/bench_shapes_claim.py [--model shapes] [--rows base,full,atlas] [--captions 32] [--seeds 0]
 
 Prints a table, writes benchmarks/results/shapes-claim.json (device, torch, commit, command, per-video scores) and a
@@ -43,7 +48,10 @@ ROWS: dict[str, dict] = {
     "rt8": {"attention": "atlas", "temporal_scale": 8, **NO_ADAPTERS},
     "scale2": {"attention": "atlas", "spatial_scale": 2, **NO_ADAPTERS},
 }
-NEEDS_ADAPTERS = {"atlas_lora"}
+FEWER = {"cfg": {"detail_cfg_until": 0.5}, "reuse": {"detail_reuse": 0.12}}
+FEWER["fewer"] = {**FEWER["cfg"], **FEWER["reuse"]}
+ROWS.update({f"{row}_{k}": {**ROWS[row], **opts} for row in ("base", "atlas_lora") for k, opts in FEWER.items()})
+NEEDS_ADAPTERS = {r for r in ROWS if r.startswith("atlas_lora")}
 
 
 def parse() -> argparse.Namespace:
@@ -73,38 +81,40 @@ def clips(captions: int, seeds: list[int]):
 def row_options(name: str, own: dict) -> dict:
     """The generate options of one row over the model's own defaults."""
     opts = dict(ROWS[name])
-    if name == "base":
+    if name == "base" or name.startswith("base_"):
         opts.update(res=f"{own['base_width']}x{own['base_height']}", frames=own["base_frames"])
     return opts
 
 
 def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
-    """Generate and score every clip with one row's options; returns scores, seconds per video, first video."""
+    """Generate and score every clip with one row's options; returns scores, seconds and detail forwards per
+    video, the first video."""
     from atlasvid_dist.cli.generate import build_config
     from atlasvid_dist.eval import score_video
     from atlasvid_dist.pipeline.generate import TwoStageGenerator
     from atlasvid_dist.pipeline.video_io import read_mp4
 
-    scores, seconds, first = [], [], None
+    scores, seconds, forwards, first = [], [], [], None
     for k, clip in enumerate(items):
         out = tmp / f"{name}-{k}.mp4"
         values = {"model": model, "prompt": clip.scene.caption, "seed": clip.seed, "out": str(out), "crf": 0}
         cfg = build_config({**values, **opts})
         t0 = time.perf_counter()
-        TwoStageGenerator(cfg, components=components, progress=False).run()
+        result = TwoStageGenerator(cfg, components=components, progress=False).run()
         seconds.append(time.perf_counter() - t0)
+        forwards.append(result.detail_forwards)
         frames = read_mp4(out)
         scores.append(score_video(frames, clip.scene.caption, name=f"{name}-{k}"))
         first = frames if first is None else first
         out.unlink()
-    return scores, seconds, first
+    return scores, seconds, forwards, first
 
 
-def line(name: str, summary, seconds: float) -> str:
+def line(name: str, summary, seconds: float, forwards: float) -> str:
     s = summary
     return (
-        f"{name:<11} {s.all_correct:>6.0%} {s.one_object:>6.0%} {s.colour:>6.0%} {s.shape:>6.0%} "
-        f"{s.direction:>6.0%} {s.mean_path_rms_px:>8.2f} {s.mean_psnr:>6.1f} {s.mean_ssim:>6.3f} {seconds:>8.1f}"
+        f"{name:<17} {s.all_correct:>6.0%} {s.one_object:>6.0%} {s.colour:>6.0%} {s.shape:>6.0%} "
+        f"{s.direction:>6.0%} {s.mean_path_rms_px:>8.2f} {s.mean_psnr:>6.1f} {s.mean_ssim:>6.3f} {seconds:>8.1f} {forwards:>5.1f}"
     )
 
 
@@ -121,8 +131,8 @@ def main() -> None:
     items = clips(args.captions, [int(s) for s in args.seeds.split(",")])
     components = load_components(args.model)
     header = (
-        f"{'row':<11} {'all ok':>6} {'1 obj':>6} {'colour':>6} {'shape':>6} {'dir':>6} {'rms px':>8} "
-        f"{'psnr':>6} {'ssim':>6} {'s/video':>8}"
+        f"{'row':<17} {'all ok':>6} {'1 obj':>6} {'colour':>6} {'shape':>6} {'dir':>6} {'rms px':>8} "
+        f"{'psnr':>6} {'ssim':>6} {'s/video':>8} {'fwds':>5}"
     )
     print(f"{len(items)} videos per row, model {args.model}\n{header}", flush=True)
     results, grid_rows = {}, []
@@ -130,17 +140,20 @@ def main() -> None:
         for name in args.rows.split(","):
             if name in NEEDS_ADAPTERS and not has_adapters:
                 results[name] = {"skipped": "the model folder ships no stage-1/stage-2 adapters"}
-                print(f"{name:<11} skipped: no adapters in {args.model}", flush=True)
+                print(f"{name:<17} skipped: no adapters in {args.model}", flush=True)
                 continue
             opts = row_options(name, own)
-            scores, seconds, first = run_row(name, opts, items, components, args.model, Path(tmp))
+            scores, seconds, forwards, first = run_row(name, opts, items, components, args.model, Path(tmp))
             summary = summarise(scores)
             per_video = sum(seconds) / len(seconds)
-            print(line(name, summary, per_video), flush=True)
+            run_forwards = sum(f["total"] - f["reused"] for f in forwards) / len(forwards)
+            print(line(name, summary, per_video, run_forwards), flush=True)
             results[name] = {
                 "options": opts,
                 "summary": asdict(summary),
                 "seconds_per_video": per_video,
+                "detail_forwards_run_per_video": run_forwards,
+                "detail_forwards": forwards,
                 "videos": [asdict(s) for s in scores],
             }
             grid_rows.append(first)
