@@ -246,3 +246,21 @@ def test_no_proxy_needs_no_proxy_geometry(tiny_wan):
     ref = tiny_wan(x, t, enc).sample
     torch.testing.assert_close(AtlasTransformer(tiny_wan, AtlasConfig(mode="full"))(x, t, enc), ref, atol=1e-5, rtol=0)
     assert atlas(tiny_wan, window=(3, 3, 4))(x, t, enc).shape == x.shape
+
+
+@torch.no_grad()
+def test_ffn_chunks_give_the_same_velocity_and_bound_the_ffn_rows(tiny_wan):
+    """ffn_chunk runs each block's feed-forward over token chunks: the velocity is the unchunked one and no FFN
+    call sees more rows than the chunk (token grid 9 x 8 x 8 = 576 tokens; 100 leaves a ragged last chunk)."""
+    x, t, enc = inputs()
+    p = proxy_latents()
+    cfg = AtlasConfig(mode="atlas", window=(3, 4, 4), shift=True, temporal_scale=4, spatial_scale=2)
+    ref = AtlasTransformer(tiny_wan, cfg)(x, t, enc, proxy=p)
+    rows = []
+    hook = tiny_wan.blocks[0].ffn.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[1]))
+    try:
+        out = AtlasTransformer(tiny_wan, cfg, ffn_chunk=100)(x, t, enc, proxy=p)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert max(rows) <= 100 and sum(rows) >= 576  # detail tokens (and the proxy's) in chunks

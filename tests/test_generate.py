@@ -89,6 +89,20 @@ def test_detail_init_from_proxy_runs_fewer_steps(tmp_path, tiny_components):
     assert not torch.equal(latents_of(cfg), latents_of(generate_ref(tmp_path, tiny_components, steps=4)))
 
 
+def test_ffn_chunk_reaches_both_stages_and_keeps_the_latents(tmp_path, tiny_components):
+    ref = config(tmp_path, "whole")
+    generate(ref, tiny_components)
+    rows = []
+    ffn = tiny_components.transformer.blocks[0].ffn
+    hook = ffn.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[1]))
+    try:
+        generate(config(tmp_path, "chunked", ffn_chunk=64), tiny_components)
+    finally:
+        hook.remove()
+    assert max(rows) == 64  # stage 1 (128 proxy tokens) and stage 2 (768) in chunks of 64
+    torch.testing.assert_close(latents_of(config(tmp_path, "chunked")), latents_of(ref), atol=1e-5, rtol=0)
+
+
 def generate_ref(tmp_path, comp, **kw):
     cfg = config(tmp_path, "noiseinit", **kw)
     generate(cfg, comp)
@@ -145,6 +159,7 @@ BAD = [
     (["--detail-cfg-until", "1.5"], "detail_cfg_until"),
     (["--detail-reuse", "1"], "detail_reuse"),
     (["--detail-reuse", "-0.1"], "detail_reuse"),
+    (["--ffn-chunk", "-1"], "ffn_chunk"),
 ]
 
 

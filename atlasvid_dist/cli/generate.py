@@ -134,6 +134,7 @@ def generate(
     init_strength: Optional[float] = option("init_strength"),
     detail_cfg_until: Optional[float] = option("detail_cfg_until"),
     detail_reuse: Optional[float] = option("detail_reuse"),
+    ffn_chunk: Optional[int] = option("ffn_chunk"),
     device: Optional[str] = option("device", note="With --gpus: cuda; with --workers: cpu unless set."),
     device_profile: Optional[str] = option("device_profile"),
     config: Optional[Path] = typer.Option(

@@ -182,7 +182,7 @@ OPTIONS: dict[str, Opt] = _opts(
     # what plan prices and generate does not expose (RunSettings of the cost model)
     Opt("decode_order", RUN, _R),
     Opt("offload_encoders", RUN, _R, decls=("--offload-encoders",)),
-    Opt("ffn_chunk", RUN, _R, field="ffn_chunk_tokens"),
+    Opt("ffn_chunk", RUN, _G),
     # output
     Opt("out", OUTPUT, _G),
     Opt("save_proxy", OUTPUT, _G),

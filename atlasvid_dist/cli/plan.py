@@ -187,7 +187,7 @@ def plan(
             + extra
             + _format_orders(orders)
             + _format_fit(where)
-            + _format_modelled(window_order, offload_encoders, ffn_chunk)
+            + _format_modelled(window_order, offload_encoders)
         )
     if plot:
         from ..cost.attention import layer_spec
@@ -243,7 +243,6 @@ def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
 MODELLED_ONLY = {
     "--window-order wht": "parallel/sharding.py and halo.py support it; generate shards 'thw'",
     "--offload-encoders": "generate keeps the text encoder and the VAE on every rank's GPU",
-    "--ffn-chunk": "the runtime runs the FFN on all of a rank's tokens at once",
 }
 
 
@@ -296,13 +295,12 @@ def _format_fit(where: dict) -> str:
     return ("\nfit by --gpus              " + "  |  ".join(cells)) if cells else ""
 
 
-def _format_modelled(window_order: str, offload: bool, ffn_chunk: int) -> str:
+def _format_modelled(window_order: str, offload: bool) -> str:
     used = [
         k
         for k, on in (
             ("--window-order wht", window_order != "thw"),
             ("--offload-encoders", offload),
-            ("--ffn-chunk", bool(ffn_chunk)),
         )
         if on
     ]

@@ -79,6 +79,9 @@ class GenerateConfig:
     """First-block cache of the detail stage: when the first block's residual differs from the one of the last
     fully run forward (same prompt) by less than this fraction (relative L1 over all tokens), the other blocks are
     skipped and their residual from that forward is reused. 0 = off (every block runs every forward)."""
+    ffn_chunk: int = 0
+    """Run every block's feed-forward over chunks of this many tokens (0 = all at once): bounds its
+    (tokens x ffn_dim) activations, the largest of a block; the result is the same."""
     device: Device = "auto"
     """'auto' (cuda when torch sees a CUDA device, else cpu; resolved when the config is built), 'cpu' or 'cuda'."""
     dtype: Dtype = "auto"
@@ -144,6 +147,12 @@ class GenerateConfig:
             "detail_reuse",
             self.detail_reuse,
             "must be a number in [0, 1) (0 = off)",
+        )
+        check(
+            isinstance(self.ffn_chunk, int) and not isinstance(self.ffn_chunk, bool) and self.ffn_chunk >= 0,
+            "ffn_chunk",
+            self.ffn_chunk,
+            "must be an integer >= 0 (0 = all tokens at once)",
         )
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")

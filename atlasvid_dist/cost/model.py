@@ -115,9 +115,8 @@ class RunSettings:
     offload_encoders: bool = False
     """MODELLED ONLY (generate keeps both resident today): the text encoder leaves the GPU once the prompts are
     encoded and the VAE comes onto it only for the decode."""
-    ffn_chunk_tokens: int = 0
-    """MODELLED ONLY (the runtime runs the FFN on all of a rank's tokens at once): the FFN phase of a block over
-    chunks of this many tokens; 0 = all at once."""
+    ffn_chunk_tokens: int = _GENERATE["ffn_chunk"]
+    """generate's ffn_chunk: the FFN phase of a block over chunks of this many tokens; 0 = all at once."""
 
     def __post_init__(self) -> None:
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
@@ -517,7 +516,7 @@ def _decode_pixels(geo: _Geometry, run: RunSettings) -> float:
 
 # -- memory ---------------------------------------------------------------------------------------------------
 #: d-wide tensors over all of a rank's tokens while the FFN runs chunk by chunk: the block's input and the output
-#: being filled (ffn_chunk_tokens, modelled only).
+#: being filled (``AtlasTransformer._block`` with ffn_chunk).
 FFN_CHUNKED_RESIDENT_D_WIDTHS = 2
 
 

@@ -92,8 +92,11 @@ class AtlasTransformer(nn.Module):
     method's settings are :attr:`atlas_config`.
     """
 
-    def __init__(self, transformer: nn.Module, config: AtlasConfig | None = None):
+    def __init__(self, transformer: nn.Module, config: AtlasConfig | None = None, ffn_chunk: int = 0):
+        """``ffn_chunk`` > 0: every block's feed-forward runs over chunks of that many tokens (same result, its
+        (tokens x ffn_dim) activations bounded)."""
         super().__init__()
+        self.ffn_chunk = int(ffn_chunk)
         _check_transformer(transformer)
         self.transformer = transformer
         self.atlas_config = config if config is not None else AtlasConfig()
@@ -373,7 +376,18 @@ class AtlasTransformer(nn.Module):
         # 2. cross-attention to the text
         h = block.norm2(x.float()).type_as(x)
         x = x + block.attn2(h, text, None, None)
-        # 3. feed-forward
+        # 3. feed-forward (per token: chunks of tokens give the same result)
+        n, chunk = x.shape[1], self.ffn_chunk
+        if not chunk or chunk >= n:
+            return self._feed_forward(block, x, c_shift, c_scale, c_gate)
+        out = torch.empty_like(x)  # (B, n, D)
+        for lo in range(0, n, chunk):
+            out[:, lo : lo + chunk] = self._feed_forward(block, x[:, lo : lo + chunk], c_shift, c_scale, c_gate)
+        return out
+
+    @staticmethod
+    def _feed_forward(block: nn.Module, x, c_shift, c_scale, c_gate) -> torch.Tensor:
+        """x + gate * FFN(modulated norm of x) on tokens x (B, n, D)."""
         h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
 

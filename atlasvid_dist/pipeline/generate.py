@@ -229,6 +229,7 @@ class TwoStageGenerator:
             init_strength=cfg.init_strength,
             detail_cfg_until=cfg.detail_cfg_until,
             detail_reuse=cfg.detail_reuse,
+            ffn_chunk_tokens=cfg.ffn_chunk,
             decode_tile=cfg.decode_tile or 32,
             decode_overlap=cfg.decode_overlap,
             decode_batch=cfg.tiles_per_decode_call,

@@ -257,7 +257,8 @@ class ProxyStage(Stage):
 
         super().__init__(cfg, comp, text, device, dtype)
         activate_adapter(cfg, comp.transformer, "stage1")
-        self.model = AtlasTransformer(comp.transformer, AtlasConfig(**{**cfg.method.__dict__, "mode": "full"}))
+        method = AtlasConfig(**{**cfg.method.__dict__, "mode": "full"})
+        self.model = AtlasTransformer(comp.transformer, method, ffn_chunk=cfg.ffn_chunk)
 
     def shape(self) -> tuple[int, ...]:
         g = self.cfg.proxy.grid  # proxy tokens; a token is 1 x 2 x 2 latent cells
@@ -284,7 +285,7 @@ class DetailStage(Stage):
 
         super().__init__(cfg, comp, text, device, dtype)
         self.proxy = proxy
-        self.model = AtlasTransformer(comp.transformer, cfg.method)
+        self.model = AtlasTransformer(comp.transformer, cfg.method, ffn_chunk=cfg.ffn_chunk)
         self.caches = {}
         """Clean proxy keys/values by prompt kind (empty: no proxy, or proxy_mode 'joint')."""
         if proxy is not None and cfg.method.proxy_mode == "clean":
