@@ -14,7 +14,7 @@ Rows (same captions and seeds):
 
 Fewer forwards (issue 14), each on the row it names, with its quality cost against that row:
   base_cfg, atlas_lora_cfg        guidance only in the first half of the detail schedule (CFG truncation)
-  base_reuse, atlas_lora_reuse    first-block cache, threshold 0.12
+  base_reuse, atlas_lora_reuse    first-block cache (threshold --reuse, default 0.08)
   base_fewer, atlas_lora_fewer    both
 
     python benchmarks/bench_shapes_claim.py [--model shapes] [--rows base,full,atlas] [--captions 32] [--seeds 0]
@@ -48,7 +48,7 @@ ROWS: dict[str, dict] = {
     "rt8": {"attention": "atlas", "temporal_scale": 8, **NO_ADAPTERS},
     "scale2": {"attention": "atlas", "spatial_scale": 2, **NO_ADAPTERS},
 }
-FEWER = {"cfg": {"detail_cfg_until": 0.5}, "reuse": {"detail_reuse": 0.12}}
+FEWER = {"cfg": {"detail_cfg_until": 0.5}, "reuse": {"detail_reuse": 0.08}}
 FEWER["fewer"] = {**FEWER["cfg"], **FEWER["reuse"]}
 ROWS.update({f"{row}_{k}": {**ROWS[row], **opts} for row in ("base", "atlas_lora") for k, opts in FEWER.items()})
 NEEDS_ADAPTERS = {r for r in ROWS if r.startswith("atlas_lora")}
@@ -60,6 +60,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rows", default="base,full,atlas,atlas_init,ultragen", help=f"comma list of {','.join(ROWS)}")
     p.add_argument("--captions", type=int, default=32, help="captions used (evenly spread over the 32)")
     p.add_argument("--seeds", default="0", help="comma list of evaluation seeds")
+    p.add_argument("--reuse", type=float, default=None, help="first-block cache threshold of the *_reuse/_fewer rows")
     p.add_argument("--name", default="shapes-claim", help="result file name (without .json)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args()
@@ -78,17 +79,19 @@ def clips(captions: int, seeds: list[int]):
     return [WorldClip(scenes[i], seed) for seed in seeds for i in picks]
 
 
-def row_options(name: str, own: dict) -> dict:
+def row_options(name: str, own: dict, reuse: float | None = None) -> dict:
     """The generate options of one row over the model's own defaults."""
     opts = dict(ROWS[name])
+    if reuse is not None and "detail_reuse" in opts:
+        opts["detail_reuse"] = reuse
     if name == "base" or name.startswith("base_"):
         opts.update(res=f"{own['base_width']}x{own['base_height']}", frames=own["base_frames"])
     return opts
 
 
 def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
-    """Generate and score every clip with one row's options; returns scores, seconds and detail forwards per
-    video, the first video."""
+    """Generate and score every clip with one row's options; returns scores, seconds and detail forwards (with the
+    run's seconds by part) per video, the first video."""
     from atlasvid_dist.cli.generate import build_config
     from atlasvid_dist.eval import score_video
     from atlasvid_dist.pipeline.generate import TwoStageGenerator
@@ -102,7 +105,7 @@ def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
         t0 = time.perf_counter()
         result = TwoStageGenerator(cfg, components=components, progress=False).run()
         seconds.append(time.perf_counter() - t0)
-        forwards.append(result.detail_forwards)
+        forwards.append({**result.detail_forwards, "seconds": dict(result.seconds)})
         frames = read_mp4(out)
         scores.append(score_video(frames, clip.scene.caption, name=f"{name}-{k}"))
         first = frames if first is None else first
@@ -110,11 +113,11 @@ def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
     return scores, seconds, forwards, first
 
 
-def line(name: str, summary, seconds: float, forwards: float) -> str:
+def line(name: str, summary, seconds: float, forwards: float, detail: float) -> str:
     s = summary
     return (
         f"{name:<17} {s.all_correct:>6.0%} {s.one_object:>6.0%} {s.colour:>6.0%} {s.shape:>6.0%} "
-        f"{s.direction:>6.0%} {s.mean_path_rms_px:>8.2f} {s.mean_psnr:>6.1f} {s.mean_ssim:>6.3f} {seconds:>8.1f} {forwards:>5.1f}"
+        f"{s.direction:>6.0%} {s.mean_path_rms_px:>8.2f} {s.mean_psnr:>6.1f} {s.mean_ssim:>6.3f} {seconds:>8.1f} {detail:>8.1f} {forwards:>5.1f}"
     )
 
 
@@ -132,7 +135,7 @@ def main() -> None:
     components = load_components(args.model)
     header = (
         f"{'row':<17} {'all ok':>6} {'1 obj':>6} {'colour':>6} {'shape':>6} {'dir':>6} {'rms px':>8} "
-        f"{'psnr':>6} {'ssim':>6} {'s/video':>8} {'fwds':>5}"
+        f"{'psnr':>6} {'ssim':>6} {'s/video':>8} {'detail s':>8} {'fwds':>5}"
     )
     print(f"{len(items)} videos per row, model {args.model}\n{header}", flush=True)
     results, grid_rows = {}, []
@@ -142,17 +145,19 @@ def main() -> None:
                 results[name] = {"skipped": "the model folder ships no stage-1/stage-2 adapters"}
                 print(f"{name:<17} skipped: no adapters in {args.model}", flush=True)
                 continue
-            opts = row_options(name, own)
+            opts = row_options(name, own, args.reuse)
             scores, seconds, forwards, first = run_row(name, opts, items, components, args.model, Path(tmp))
             summary = summarise(scores)
             per_video = sum(seconds) / len(seconds)
             run_forwards = sum(f["total"] - f["reused"] for f in forwards) / len(forwards)
-            print(line(name, summary, per_video, run_forwards), flush=True)
+            detail = sum(f["seconds"].get("detail", 0.0) for f in forwards) / len(forwards)
+            print(line(name, summary, per_video, run_forwards, detail), flush=True)
             results[name] = {
                 "options": opts,
                 "summary": asdict(summary),
                 "seconds_per_video": per_video,
                 "detail_forwards_run_per_video": run_forwards,
+                "detail_seconds_per_video": detail,
                 "detail_forwards": forwards,
                 "videos": [asdict(s) for s in scores],
             }
