@@ -192,3 +192,23 @@ def test_path_rms_measures_jitter():
     got = score_video(frames, scene.caption)
     want = fit_path(np.arange(9), centres + jitter).rms_px
     assert got.direction == "down" and got.path_rms_px == pytest.approx(want, abs=0.02) and want > 0.8
+
+
+def test_the_random_tiny_model_scores_near_zero(tmp_path):
+    """The evaluator's other anchor: videos the built-in tiny model (random weights) makes for four captions,
+    through generate and a lossless mp4, are not scenes (no caption drawn, re-render PSNR low)."""
+    from atlasvid_dist.cli.generate import DEFAULTS, build_config
+    from atlasvid_dist.models.loading import load_components
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+    from atlasvid_dist.pipeline.video_io import read_mp4
+
+    comp = load_components("tiny")
+    scores = []
+    for k, scene in enumerate(all_scenes()[::8]):
+        out = tmp_path / f"tiny-{k}.mp4"
+        values = dict(res="128x128", frames=9, steps=2, attention="full", guidance=1.0, crf=0, seed=k)
+        cfg = build_config({**DEFAULTS, **values, "prompt": scene.caption, "out": str(out)})
+        TwoStageGenerator(cfg, components=comp, progress=False).run()
+        scores.append(score_video(read_mp4(out), scene.caption))
+    assert len(scores) == 4 and summarise(scores).all_correct == 0
+    assert all(s.psnr < 20 for s in scores)
