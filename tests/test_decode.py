@@ -108,9 +108,9 @@ def test_decode_tiles_can_be_driven_with_send(vae, sequential):
     """A rank's decode is a Ray streaming generator, which Ray advances with send(value): every chunk must come
     through it (a `yield from` over a list breaks this; every distributed decode failed that way once)."""
     lat = latents(2, 9, 9)
-    tiling = DecodeTiling(tile=4, overlap=1, batch=4)
+    tiling = DecodeTiling(tile=4, overlap=1, batch=4, sequential=sequential)
     tiles = plan_tiles((9, 9), tiling)
-    gen = decode_tiles(vae, lat, tiles, tiling, sequential=sequential)
+    gen = decode_tiles(vae, lat, tiles, tiling)
     got = [next(gen)]
     while True:
         try:

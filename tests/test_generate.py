@@ -1,5 +1,6 @@
 """Two-stage generation end to end on the tiny model: mp4 output, determinism, resume, loading, LoRA, bad inputs."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -272,3 +273,54 @@ def test_preflight_refuses_before_any_model_loads(tmp_path, capsys, monkeypatch)
 def test_preflight_passes_a_run_that_fits(tmp_path):
     report = TwoStageGenerator(config(tmp_path, "fits"), progress=False).preflight()
     assert report.fits
+
+
+def test_decode_order_sequential_writes_the_same_video(tmp_path, tiny_components):
+    """--decode-order sequential (one tile group after another) writes the bytes all tiles together write."""
+    from atlasvid_dist.pipeline.video_io import read_mp4
+
+    videos = {}
+    for order in ("together", "sequential"):
+        cfg = config(tmp_path, order, decode_order=order, decode_tile=8, decode_overlap=2, crf=0)
+        gen = TwoStageGenerator(cfg, components=tiny_components, progress=False)
+        gen.run()
+        assert gen.decode_tiling().sequential == (order == "sequential")
+        videos[order] = read_mp4(cfg.out)
+    assert np.array_equal(videos["together"], videos["sequential"])
+
+
+def test_decode_order_auto_goes_tile_by_tile_when_together_does_not_fit(tmp_path, tiny_components):
+    """'auto' takes the pre-flight's order: on a device whose memory holds every phase but the decode with all
+    tiles' caches live at once, the run decodes tile by tile (and with room for both, together)."""
+    import dataclasses
+
+    import yaml
+
+    from atlasvid_dist.config.parallel import ParallelPlan
+    from atlasvid_dist.cost.model import RunSettings, estimate
+    from atlasvid_dist.cost.profiles import device_profile
+
+    cfg = config(tmp_path, "auto", decode_tile=8, decode_overlap=2)
+    gen = TwoStageGenerator(cfg, components=tiny_components, progress=False)
+    cpu, plan = device_profile("cpu"), ParallelPlan(workers=1, device="cpu")
+
+    def peaks(order):
+        run = RunSettings(dtype="fp32", steps=2, proxy_steps=2, guidance=3.0, decode_tile=8, decode_overlap=2)
+        run = dataclasses.replace(run, decode_batch=8, decode_order=order)
+        r = estimate(cfg.video, gen.model_spec(), cfg.method, plan, run, cpu, suggest=False)
+        return r.memory["decode"]["total"], max(v["total"] for k, v in r.memory.items() if k != "decode")
+
+    together, others = peaks("together")
+    sequential, _ = peaks("sequential")
+    assert sequential < together and others < together
+    for memory, want in (
+        (max(others, sequential) + (together - max(others, sequential)) // 2, True),
+        (2 * together, False),
+    ):
+        profile = tmp_path / f"device-{memory}.yaml"
+        fields = {k: v for k, v in dataclasses.asdict(cpu).items() if k != "name"}
+        profile.write_text(yaml.safe_dump({**fields, "memory_bytes": memory, "usable_fraction": 1.0}))
+        cfg = config(tmp_path, "auto", decode_tile=8, decode_overlap=2, device_profile=str(profile))
+        gen = TwoStageGenerator(cfg, components=tiny_components, progress=False)
+        gen.preflight()
+        assert gen.decode_tiling().sequential == want, memory

@@ -216,10 +216,11 @@ def test_rank_bars_keep_a_silent_ranks_count():
     bars.close()
 
 
-def test_decode_over_ranks_writes_the_one_process_videos(tmp_path, capsys):
+@pytest.mark.parametrize("order", ["together", "sequential"])
+def test_decode_over_ranks_writes_the_one_process_videos(tmp_path, capsys, order):
     """A decode tile of 8 latent cells: 25 tiles over 3 ranks, blended by the driver into exactly the frames the
     one-process decode makes of the same latents with the same tiles (and the proxy video, decoded over the ranks
-    too). Lossless output (--crf 0), so the decoded tensors are compared byte for byte, not through H.264. Every rank
+    too), whether a rank's tiles advance together or one after another (--decode-order). Lossless output (--crf 0), so the decoded tensors are compared byte for byte, not through H.264. Every rank
     runs one CPU thread (its Ray share), so the reference decodes with one thread too: a CPU convolution's last
     bits depend on the thread count."""
     from atlasvid_dist.models.loading import load_components
@@ -229,7 +230,8 @@ def test_decode_over_ranks_writes_the_one_process_videos(tmp_path, capsys):
     d = tmp_path
     # one tile per VAE call: a batch's last bits depend on what it holds, and ranks hold other batches than one
     # process (batched == one at a time within 2e-5: test_decode)
-    tiles = str(write_yaml(d / "tiles.yaml", "decode_tile: 8\ndecode_overlap: 2\ndecode_batch: 1\n"))
+    tiles = write_yaml(d / "tiles.yaml", f"decode_tile: 8\ndecode_overlap: 2\ndecode_batch: 1\ndecode_order: {order}\n")
+    tiles = str(tiles)
     code = cli(
         "generate",
         *ARGS,

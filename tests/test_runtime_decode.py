@@ -66,17 +66,14 @@ def test_sequential_tiles_equal_the_tiles_together(vae):
     """Tile after tile per rank (one causal cache live) writes the same bytes as all tiles together; the blender
     then holds more frames than one chunk."""
     lat = torch.randn(1, 16, 3, 20, 24, generator=torch.Generator().manual_seed(2))
-    tiling = DecodeTiling(tile=8, overlap=2)
     out = {}
     with torch.no_grad():
         for sequential in (False, True):
+            tiling = DecodeTiling(tile=8, overlap=2, sequential=sequential)
             blender = TileBlender.for_latents((3, 20, 24), tiling, vae_scale(vae))
             per_rank = assign_tiles(blender.tiles, 2)
             owner = {i: r for r, ids in enumerate(per_rank) for i in ids}
-            streams = [
-                decode_tiles(vae, lat, [blender.tiles[i] for i in ids], tiling, sequential=sequential)
-                for ids in per_rank
-            ]
+            streams = [decode_tiles(vae, lat, [blender.tiles[i] for i in ids], tiling) for ids in per_rank]
             got = []
             stream_to_writer(blender, [owner[i] for i in range(len(blender.tiles))], streams, got.append)
             out[sequential] = (np.concatenate(got), blender.max_held)

@@ -173,6 +173,7 @@ def generate(
     decode_tile: Optional[int] = option("decode_tile"),
     decode_overlap: Optional[int] = option("decode_overlap"),
     decode_batch: Optional[int] = option("decode_batch"),
+    decode_order: Optional[str] = option("decode_order"),
     run_dir: Optional[str] = option("run_dir"),
     resume: Optional[str] = typer.Option(
         None,

@@ -180,7 +180,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("window_order", DISTRIBUTED, _P),  # plan only
     Opt("gpus_per_node", DISTRIBUTED, _P),  # plan only
     # what plan prices and generate does not expose (RunSettings of the cost model)
-    Opt("decode_order", RUN, _R),
+    Opt("decode_order", OUTPUT, _G),
     Opt("offload_encoders", RUN, _R, decls=("--offload-encoders",)),
     Opt("ffn_chunk", RUN, _G),
     # output

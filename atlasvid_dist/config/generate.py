@@ -15,9 +15,10 @@ from .method import AtlasConfig
 from .video import DEFAULT_RES, VideoSpec
 
 DetailInit = Literal["noise", "proxy"]
+DecodeOrder = Literal["auto", "together", "sequential"]
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
-DETAIL_INITS, DEVICES, DTYPES = (get_args(t) for t in (DetailInit, Device, Dtype))
+DETAIL_INITS, DEVICES, DTYPES, DECODE_ORDERS = (get_args(t) for t in (DetailInit, Device, Dtype, DecodeOrder))
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
@@ -102,6 +103,10 @@ class GenerateConfig:
     """Spatial decode tile in latent cells (0 = auto)."""
     decode_overlap: int = 4
     """Overlap of decode tiles in latent cells."""
+    decode_order: DecodeOrder = "auto"
+    """'together' (every decode tile advances together: each tile's causal cache live at once), 'sequential'
+    (tile group after tile group: one group's caches; the blender holds the clip's frames) or 'auto' (sequential
+    only when the pre-flight finds that together does not fit)."""
     decode_batch: int = 0
     """Equal-shaped decode tiles per VAE call (0 = auto: 8 on CPU, where conv3d runs several times faster per tile
     in a batch; 1 on CUDA)."""
@@ -154,6 +159,7 @@ class GenerateConfig:
             self.ffn_chunk,
             "must be an integer >= 0 (0 = all tokens at once)",
         )
+        check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
         check(

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config.generate import DetailSchedule, GenerateConfig
+from ..config.generate import DECODE_ORDERS, DETAIL_INITS, DetailSchedule, GenerateConfig
 from ..config.method import AtlasConfig
 from ..config.model import ModelSpec
 from ..config.parallel import ParallelPlan, runnable_proxy_parallel
@@ -52,8 +52,6 @@ _GENERATE = {f.name: f.default for f in dataclasses.fields(GenerateConfig)}
 """generate's defaults: the cost model prices the run generate makes unless told otherwise."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPES = ("auto", *DTYPE_BYTES)
-DETAIL_INITS = ("noise", "proxy")
-DECODE_ORDERS = ("auto", "together", "sequential")
 
 #: Live activation width per token in the FFN phase of a block: its two f-wide tensors (projection out, GELU out)
 #: plus this many d-wide ones (residual stream, the modulated input made in fp32 = 2 widths, the FFN output, the
@@ -108,7 +106,7 @@ class RunSettings:
     """Overlap of decode tiles in latent cells."""
     decode_batch: int = 1
     """Equal-shaped decode tiles per VAE call (one call's activations grow with it; the caches do not)."""
-    decode_order: str = "auto"
+    decode_order: str = _GENERATE["decode_order"]
     """'together' (a rank's tiles advance together: every tile's causal cache live at once), 'sequential' (tile
     after tile: one tile's cache; the driver's blender holds the clip's frames) or 'auto' (sequential only when
     together does not fit)."""

@@ -47,6 +47,9 @@ class DecodeTiling:
     """Equal-shaped tiles decoded together in one VAE call (stacked in the batch dimension). Their causal caches
     are live at once anyway when tiles advance together; what grows is one call's activations. CPU conv3d takes
     oneDNN only for batches above one (or large planes), so a small VAE decodes several times faster per tile."""
+    sequential: bool = False
+    """Decode one group of tiles after another (only its causal caches live; the blender then holds the clip's
+    frames) instead of every tile advancing together (every tile's cache live; the cost model's decode_order)."""
 
     def __post_init__(self) -> None:
         check(_is_int(self.tile) and self.tile >= 1, "decode_tile", self.tile, "must be an integer >= 1")
@@ -63,6 +66,7 @@ class DecodeTiling:
             "must be an integer >= 1",
         )
         check(_is_int(self.batch) and self.batch >= 1, "decode_batch", self.batch, "must be an integer >= 1")
+        check(isinstance(self.sequential, bool), "decode_sequential", self.sequential, "must be true or false")
 
 
 @dataclass(frozen=True)
@@ -302,17 +306,15 @@ def _group_chunks(dec: _TileDecoder, scale: VaeScale, latent_frames: int, chunk:
         yield [(tile.index, first, pixels) for tile, pixels in zip(dec.tiles, px)]
 
 
-def decode_tiles(
-    vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling, sequential: bool = False
-) -> Iterator[Chunk]:
+def decode_tiles(vae, latents, tiles: Sequence[Tile], tiling: DecodeTiling) -> Iterator[Chunk]:
     """Decode ``tiles`` of model-space ``latents`` (1, C, f, h, w) in batches of equal-shaped tiles
     (``tiling.batch``), all advancing together: chunk k of every tile (groups in order) before chunk k + 1 of any;
     every tile's causal cache is live at once.
 
-    ``sequential``: group after group instead, so only one group's caches are live (cost model: decode_order
-    'sequential'); a blender must then hold the clip's frames (``max_window=None``)."""
+    ``tiling.sequential``: group after group instead, so only one group's caches are live (cost model:
+    decode_order 'sequential'); a blender must then hold the clip's frames (``max_window=None``)."""
     groups = tile_groups(tiles, tiling.batch)
-    if sequential:
+    if tiling.sequential:
         for group in groups:
             for chunk in decode_group_stream(vae, latents, group, tiling):
                 for item in chunk:  # not `yield from` a list: Ray drives a streaming generator with send()
@@ -520,14 +522,14 @@ def decode_stream(
     """Model-space Wan latents (1, C, f, h, w) -> uint8 frame chunks (n, H, W, 3) in frame order.
 
     All tiles advance together one chunk at a time (the blender's window is one chunk of video frames:
-    ``chunk_frames * temporal`` at most). ``out_hw`` (rows, columns) crops the centre (1088 -> 1080 rows).
+    ``chunk_frames * temporal`` at most), or with ``tiling.sequential`` one group of tiles after another (the
+    blender holds the clip's frames). ``out_hw`` (rows, columns) crops the centre (1088 -> 1080 rows).
     Inputs are checked here, before the first frame is decoded.
     """
     _check_latents(vae, latents)
     scale = vae_scale(vae)
-    blender = TileBlender.for_latents(
-        tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw, max_window=tiling.chunk_frames * scale.temporal
-    )
+    window = None if tiling.sequential else tiling.chunk_frames * scale.temporal
+    blender = TileBlender.for_latents(tuple(latents.shape[2:]), tiling, scale, out_hw=out_hw, max_window=window)
     return _drive(blender, decode_tiles(vae, latents, blender.tiles, tiling))
 
 

@@ -161,6 +161,8 @@ class TwoStageGenerator:
         """Seconds of every denoising step run, by stage."""
         self.detail_forwards: dict[str, int] = {}
         """The detail stage's forwards (see RunResult.detail_forwards), set when it ends."""
+        self.decode_order = "sequential" if cfg.decode_order == "sequential" else "together"
+        """How the decode runs: the config's order, 'auto' resolved by :meth:`preflight` (together until then)."""
         self.gpu_name: str | None = None
         """The GPUs' name for the 'auto' device profile when they are not this process's (a cluster's driver)."""
 
@@ -230,12 +232,14 @@ class TwoStageGenerator:
             detail_cfg_until=cfg.detail_cfg_until,
             detail_reuse=cfg.detail_reuse,
             ffn_chunk_tokens=cfg.ffn_chunk,
+            decode_order=cfg.decode_order,
             decode_tile=cfg.decode_tile or 32,
             decode_overlap=cfg.decode_overlap,
             decode_batch=cfg.tiles_per_decode_call,
         )
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
+        self.decode_order = report.decode_order  # 'auto' resolved against this run's memory
         self.warn_adapter_geometry()
         return report
 
@@ -370,7 +374,8 @@ class TwoStageGenerator:
 
         tile = self.cfg.decode_tile or 32
         overlap = min(self.cfg.decode_overlap, tile // 2)
-        return DecodeTiling(tile=tile, overlap=overlap, batch=self.cfg.tiles_per_decode_call)
+        sequential = self.decode_order == "sequential"
+        return DecodeTiling(tile=tile, overlap=overlap, batch=self.cfg.tiles_per_decode_call, sequential=sequential)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _run_stage(self, stage, ckpt, saved: SavedStep | None, proxy) -> torch.Tensor:
