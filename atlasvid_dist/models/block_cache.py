@@ -33,7 +33,8 @@ class FirstBlockCache:
     threshold: float
     """Largest relative L1 change of the first block's residual at which the other blocks are skipped."""
     all_sum: Callable[[torch.Tensor], torch.Tensor] = field(default=_local, repr=False)
-    """Sums a (2,) float64 tensor over every process holding a share of the tokens (identity for one process)."""
+    """Sums a (2,) float64 tensor (on the tokens' device) over every process holding a share of the tokens
+    (identity for one process)."""
     first: torch.Tensor | None = None
     """First block's residual (B, n, D) at the last forward that ran every block."""
     rest: torch.Tensor | None = None
@@ -47,7 +48,8 @@ class FirstBlockCache:
         """Relative L1 change of the first block's residual since the reference (inf without one)."""
         if self.first is None or self.first.shape != first.shape:
             return float("inf")
-        sums = torch.stack([(first - self.first).abs().sum(), self.first.abs().sum()]).double().cpu()  # (2,)
+        # on the residual's device: an NCCL group reduces CUDA tensors only (runtime all_sum stages for gloo)
+        sums = torch.stack([(first - self.first).abs().sum(), self.first.abs().sum()]).double()  # (2,)
         sums = self.all_sum(sums)
         return float(sums[0] / max(float(sums[1]), TINY))
 
