@@ -2,6 +2,8 @@
 (the blocks after the first skipped when the first block's residual barely changed), on the tiny model; the cost
 model counts the same forwards."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,7 +102,7 @@ def test_the_cost_model_counts_truncated_guidance_and_the_cache_memory():
     d = cached.memory["detail_stage"]
     assert d["block_cache"] == 2 * 2 * cached.tokens_per_rank * spec.dim * 2  # two residuals x two prompts, bf16
     assert "block_cache" not in full.memory["detail_stage"]
-    assert any("upper bound" in n for n in cached.notes)
+    assert any("decided at run time" in n for n in cached.notes)
 
 
 # ------------------------------------------------------------------------------------------------ CFG truncation
@@ -191,3 +193,26 @@ def test_resume_restores_the_cache(tmp_path, tiny):
     result = run(cfg, tiny, resume=True)
     assert result.resumed_from == "detail step 2" and result.detail_forwards == counts
     assert torch.equal(latents(cfg), latents(ref))
+
+
+def test_plan_prints_the_detail_forwards(capsys):
+    from atlasvid_dist.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "plan",
+                "--model",
+                "wan2.1-1.3b",
+                "--res",
+                "4k",
+                "--frames",
+                "81",
+                "--gpus",
+                "8",
+                "--detail-cfg-until",
+                "0.5",
+            ]
+        )
+    assert e.value.code == 0
+    assert re.search(r"\ndetail stage +30 steps, 45 forwards\n", capsys.readouterr().out)

@@ -374,6 +374,7 @@ def format_report(r: CostReport) -> str:
     )
     rows.append(("linear / layer", "  ".join(f"{k} {_flops(x)}" for k, x in r.linear_flops_per_layer.items())))
     rows.append(("FLOPs / video", "  ".join(f"{k} {_flops(x)}" for k, x in r.flops_per_video.items())))
+    rows.append(("detail stage", f"{r.detail_steps} steps, {r.detail_forwards} forwards"))
     for phase, parts in r.memory.items():
         detail = ", ".join(f"{k} {_bytes(x)}" for k, x in parts.items() if k != "total")
         rows.append((f"memory: {phase}", f"{_bytes(parts['total'])}  ({detail})"))

@@ -99,7 +99,7 @@ class RunSettings:
     """CFG truncation: fraction of the detail schedule that runs guidance (two forwards a step); the rest one."""
     detail_reuse: float = _GENERATE["detail_reuse"]
     """First-block cache threshold (0 = off). Which forwards it skips is decided at run time, so the seconds and
-    FLOPs here count every forward (an upper bound); its memory (two residuals per prompt) is counted."""
+    FLOPs here count every forward as run in full; its memory (two residuals per prompt) is counted."""
     decode_tile: int = 32
     """Spatial VAE decode tile in latent cells (8 px each)."""
     decode_overlap: int = _GENERATE["decode_overlap"]
@@ -864,7 +864,7 @@ def _run_notes(run: RunSettings) -> list[str]:
         return []
     return [
         f"detail_reuse {run.detail_reuse:g}: the first-block cache skips forwards decided at run time; the detail "
-        f"stage's seconds and FLOPs count all {run.detail_forwards} forwards (an upper bound)"
+        f"stage's seconds and FLOPs here count all {run.detail_forwards} forwards as run in full"
     ]
 
 
