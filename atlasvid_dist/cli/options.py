@@ -171,6 +171,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("init_strength", RUN, _G),
     Opt("detail_cfg_until", RUN, _G),
     Opt("detail_reuse", RUN, _G),
+    Opt("ffn_chunk", RUN, _G),
     Opt("device", RUN, _G),
     Opt("device_profile", RUN, _G),
     # distributed
@@ -180,9 +181,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("window_order", DISTRIBUTED, _P),  # plan only
     Opt("gpus_per_node", DISTRIBUTED, _P),  # plan only
     # what plan prices and generate does not expose (RunSettings of the cost model)
-    Opt("decode_order", OUTPUT, _G),
     Opt("offload_encoders", RUN, _R, decls=("--offload-encoders",)),
-    Opt("ffn_chunk", RUN, _G),
     # output
     Opt("out", OUTPUT, _G),
     Opt("save_proxy", OUTPUT, _G),
@@ -192,6 +191,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("decode_tile", OUTPUT, _G),
     Opt("decode_overlap", OUTPUT, _G),
     Opt("decode_batch", OUTPUT, _G),
+    Opt("decode_order", OUTPUT, _G),
 )
 
 

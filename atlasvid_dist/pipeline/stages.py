@@ -117,7 +117,8 @@ class TokenLayout(Protocol):
         skipping blocks as ``cache`` allows."""
 
     def all_sum(self, sums: torch.Tensor) -> torch.Tensor:
-        """``sums`` added over every process holding a share of the tokens (a collective on a rank)."""
+        """``sums`` added over every process holding a share of the tokens (a collective on a rank); needed by
+        the layouts of a stage that keeps first-block caches (stage 2)."""
 
 
 class WholeGrid:

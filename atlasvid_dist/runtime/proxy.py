@@ -67,7 +67,6 @@ class ProxySlice:
         self.n = self.grid.size // world
         self.mine = slice(rank * self.n, (rank + 1) * self.n)
         self.attend = _attend(model, self.grid, self.mine, mode, group, stats, timeout, stage.device)
-        self.group, self.stats, self.timeout = group, stats, timeout
 
     def take(self, latents: torch.Tensor) -> torch.Tensor:
         """(1, C, f, h, w) -> this rank's slice as a strip (1, C, pt, ph, n*pw)."""
@@ -75,10 +74,6 @@ class ProxySlice:
 
     def forward(self, kind: str, x, t, emb, proxy=None, cache=None) -> torch.Tensor:
         return strip_forward(self.model, x, t, emb, self.attend, self.n, cache)
-
-    def all_sum(self, sums: torch.Tensor) -> torch.Tensor:
-        """``sums`` added over the ranks sharing the proxy sequence (each holds a disjoint slice)."""
-        return comm.all_sum(sums, self.group, stats=self.stats, category="reuse_decision", timeout=self.timeout)
 
 
 def _attend(model, grid: Grid, mine: slice, mode: str, group, stats, timeout, device):
