@@ -12,6 +12,11 @@ Rows (same captions and seeds):
   rt2, rt8      ablation of the proxy fps (temporal scale 2, 8; the default is 4)
   scale2        ablation of the proxy resolution (spatial scale 2: a proxy at twice the base size)
 
+Ceilings (no transformer): the ground-truth clip encoded and decoded by the model's own VAE, scored the same way;
+no generated video can score above what its decoder can draw:
+  vae           at the base size
+  vae_out       at the model's default output size (the size of the 4x rows)
+
 Fewer forwards (issue 14), each on the row it names, with its quality cost against that row:
   base_cfg, atlas_lora_cfg        guidance only in the first half of the detail schedule (CFG truncation)
   base_reuse, atlas_lora_reuse    first-block cache (threshold --reuse, default 0.08)
@@ -31,6 +36,8 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,6 +59,8 @@ FEWER = {"cfg": {"detail_cfg_until": 0.5}, "reuse": {"detail_reuse": 0.08}}
 FEWER["fewer"] = {**FEWER["cfg"], **FEWER["reuse"]}
 ROWS.update({f"{row}_{k}": {**ROWS[row], **opts} for row in ("base", "atlas_lora") for k, opts in FEWER.items()})
 NEEDS_ADAPTERS = {r for r in ROWS if r.startswith("atlas_lora")}
+ROUND_TRIPS = ("vae", "vae_out")
+"""Rows that score the VAE's reconstruction of the ground truth instead of a generated video."""
 
 
 def parse() -> argparse.Namespace:
@@ -64,9 +73,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--name", default="shapes-claim", help="result file name (without .json)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args()
-    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS) - set(ROUND_TRIPS))
     if unknown:
-        p.error(f"unknown rows {unknown}; known: {list(ROWS)}")
+        p.error(f"unknown rows {unknown}; known: {[*ROWS, *ROUND_TRIPS]}")
     return args
 
 
@@ -113,6 +122,39 @@ def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
     return scores, seconds, forwards, first
 
 
+def round_trip_size(name: str, own: dict) -> tuple[int, int, int]:
+    """(width, height, frames) of a VAE round-trip row: the base size or the model's default output size."""
+    if name == "vae":
+        return own["base_width"], own["base_height"], own["base_frames"]
+    width, height = (int(v) for v in own["generate"]["res"].split("x"))
+    return width, height, own["generate"]["frames"]
+
+
+def run_round_trip(name: str, size: tuple[int, int, int], items, components):
+    """Encode each clip's ground truth with the model's VAE (posterior mean), decode it the way generate does (tiled,
+    blended) and score it; returns what run_row returns (no detail forwards)."""
+    import torch
+
+    from atlasvid_dist.eval import score_video
+    from atlasvid_dist.pipeline.decode import DecodeTiling, decode_stream
+    from atlasvid_dist.world.train import to_pixels
+
+    vae, (width, height, frames) = components.vae, size
+    scores, seconds, first = [], [], None
+    for k, clip in enumerate(items):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pixels = to_pixels(clip.render(width, height, frames))[None]  # (1, 3, N, H, W)
+            latents = vae.encode(pixels).latent_dist.mode()
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+            video = np.concatenate(list(decode_stream(vae, (latents - mean) / std, DecodeTiling())))  # (N, H, W, 3)
+        seconds.append(time.perf_counter() - t0)
+        scores.append(score_video(video, clip.scene.caption, name=f"{name}-{k}"))
+        first = video if first is None else first
+    return scores, seconds, [{"total": 0, "reused": 0, "seconds": {}} for _ in items], first
+
+
 def line(name: str, summary, seconds: float, forwards: float, detail: float) -> str:
     s = summary
     return (
@@ -145,8 +187,12 @@ def main() -> None:
                 results[name] = {"skipped": "the model folder ships no stage-1/stage-2 adapters"}
                 print(f"{name:<17} skipped: no adapters in {args.model}", flush=True)
                 continue
-            opts = row_options(name, own, args.reuse)
-            scores, seconds, forwards, first = run_row(name, opts, items, components, args.model, Path(tmp))
+            if name in ROUND_TRIPS:
+                opts = dict(zip(("width", "height", "frames"), round_trip_size(name, own)))
+                scores, seconds, forwards, first = run_round_trip(name, tuple(opts.values()), items, components)
+            else:
+                opts = row_options(name, own, args.reuse)
+                scores, seconds, forwards, first = run_row(name, opts, items, components, args.model, Path(tmp))
             summary = summarise(scores)
             per_video = sum(seconds) / len(seconds)
             run_forwards = sum(f["total"] - f["reused"] for f in forwards) / len(forwards)
