@@ -392,6 +392,29 @@ def test_spatial_only_shift_equals_single_process(tmp_path, capsys):
     assert len(sent) == 2 and all(s > 0 for s in sent), text
 
 
+def test_column_slab_ownership_equals_single_process_and_sends_what_plan_says(tmp_path, capsys):
+    """--window-order wht (column slabs across all time) on 4 workers, windows shifted in time and space: the
+    one-process latents, and every rank's counted bytes per step within the pre-flight's figure for the heaviest
+    rank, which one of them reaches exactly (the same number `plan` prints for this run)."""
+    import json
+
+    args = [*ARGS, "--frames", "45", "--window", "2,8,8"]  # token grid (12, 16, 16): 24 windows, shift (1, 4, 4)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert cli("generate", *args, "--out", str(tmp_path / "a.mp4"), "--save-latents", str(a)) == 0
+    capsys.readouterr()
+    flags = ["--workers", "4", "--window-order", "wht"]
+    code = cli("generate", *args, *flags, "--out", str(tmp_path / "b.mp4"), "--save-latents", str(b), "--json")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert float((load_file(str(a))["latents"] - load_file(str(b))["latents"]).abs().max()) <= 1e-5
+    summary = json.loads(out.strip().splitlines()[-1])
+    per_step, planned = summary["bytes_sent_per_step"], summary["planned_bytes_sent_per_step"]
+    assert len(per_step) == 4 and all(0 < x <= planned for x in per_step) and max(per_step) == planned, summary
+    plan_args = [x for x in args[2:] if x != "--quiet"]  # plan takes no prompt
+    assert cli("plan", *plan_args, *flags, "--device", "cpu", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["comm_bytes_per_step_per_rank"]["total"] == planned
+
+
 def test_workers_json_summary_has_every_ranks_memory_and_bytes(tmp_path, capsys):
     """`generate --workers 2 --json`: the last stdout line is one JSON object with the ranks' numbers."""
     import json

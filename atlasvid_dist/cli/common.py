@@ -148,6 +148,7 @@ def build_parallel(
     proxy_degree: int = 0,
     window_group: int = 1,
     window_parallel: str = "ulysses",
+    window_order: str = "thw",
 ) -> ParallelPlan:
     """ParallelPlan from option values: workers default to the GPUs (CUDA) or 1 (CPU); degree 0 = all workers."""
     check(device in ("cpu", "cuda"), "device", device, "must be cpu or cuda")
@@ -165,4 +166,5 @@ def build_parallel(
         ring_degree=degree if proxy_parallel == "ring" else 1,
         window_group=window_group,
         window_parallel=window_parallel,
+        window_order=window_order,
     )

@@ -178,7 +178,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("proxy_parallel", DISTRIBUTED, _P),
     Opt("window_group", DISTRIBUTED, _P),
     Opt("window_parallel", DISTRIBUTED, _P),
-    Opt("window_order", DISTRIBUTED, _P),  # plan only
+    Opt("window_order", DISTRIBUTED, _P),
     Opt("gpus_per_node", DISTRIBUTED, _P),  # plan only
     # what plan prices and generate does not expose (RunSettings of the cost model)
     Opt("offload_encoders", RUN, _R, decls=("--offload-encoders",)),

@@ -137,8 +137,9 @@ def plan(
         proxy_degree=proxy_degree,
         window_group=window_group,
         window_parallel=window_parallel,
+        window_order=window_order,
     )
-    par = dataclasses.replace(par, window_order=window_order, gpus_per_node=gpus_per_node)
+    par = dataclasses.replace(par, gpus_per_node=gpus_per_node)
     run = RunSettings(
         dtype=dtype,
         steps=steps,
@@ -187,7 +188,7 @@ def plan(
             + extra
             + _format_orders(orders)
             + _format_fit(where)
-            + _format_modelled(window_order, offload_encoders)
+            + _format_modelled(offload_encoders)
         )
     if plot:
         from ..cost.attention import layer_spec
@@ -241,7 +242,6 @@ def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
 
 #: Options plan prices that generate does not run yet (the README says the same).
 MODELLED_ONLY = {
-    "--window-order wht": "parallel/sharding.py and halo.py support it; generate shards 'thw'",
     "--offload-encoders": "generate keeps the text encoder and the VAE on every rank's GPU",
 }
 
@@ -282,7 +282,7 @@ def _format_orders(orders: dict) -> str:
     return "".join(
         f"\nownership --window-order {k}  halo {_bytes(v['halo'])} / step / rank "
         f"({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
-        f"{_bytes(v['memory_per_rank'])} / rank" + (" (modelled only)" if k != "thw" else "")
+        f"{_bytes(v['memory_per_rank'])} / rank"
         for k, v in orders.items()
     )
 
@@ -295,15 +295,8 @@ def _format_fit(where: dict) -> str:
     return ("\nfit by --gpus              " + "  |  ".join(cells)) if cells else ""
 
 
-def _format_modelled(window_order: str, offload: bool) -> str:
-    used = [
-        k
-        for k, on in (
-            ("--window-order wht", window_order != "thw"),
-            ("--offload-encoders", offload),
-        )
-        if on
-    ]
+def _format_modelled(offload: bool) -> str:
+    used = ["--offload-encoders"] if offload else []
     return "".join(f"\nMODELLED ONLY               {k}: {MODELLED_ONLY[k]}" for k in used)
 
 

@@ -70,9 +70,9 @@ class ParallelPlan:
     window_parallel: WindowParallel = "ulysses"
     """How a split window is shared by its group: 'ulysses' (heads) or 'ring' (keys/values)."""
     window_order: str = "thw"
-    """Ownership order of the window blocks (window axes, slowest first): 'thw' = time slabs (what generate runs
-    today), 'wht' = column slabs across all time (parallel.sharding supports it; generate does not pass it yet,
-    so for a run it is modelled only)."""
+    """Ownership order of the window blocks (window axes, slowest first): 'thw' = time slabs, 'wht' = column slabs
+    across all time (a shift in time then stays inside a rank's slab: a smaller halo when windows shift in time;
+    plan prints both)."""
     gpus_per_node: int = 8
     """Ranks per node: halo traffic between ranks of one node goes over NVLink, across nodes over InfiniBand."""
 

@@ -49,9 +49,10 @@ def layer_spec(config: AtlasConfig, grid: Grid, layer: int) -> WindowSpec:
     return WindowSpec(grid, window, shift, pad=config.pad_windows)
 
 
-def shard_for(config: AtlasConfig, grid: Grid, world_size: int) -> WindowSharding:
-    """The window sharding of ``grid`` over ``world_size`` ranks (PlanError if there are fewer windows than ranks)."""
-    return shard_windows(base_spec(config, grid), world_size)
+def shard_for(config: AtlasConfig, grid: Grid, world_size: int, order: str = "thw") -> WindowSharding:
+    """The window sharding of ``grid`` over ``world_size`` ranks in the ownership ``order`` (PlanError if there are
+    fewer windows than ranks)."""
+    return shard_windows(base_spec(config, grid), world_size, order)
 
 
 @dataclass(frozen=True)

@@ -163,12 +163,14 @@ class DetailWorker:
         world: int,
         ckpt_dir: str | None = None,
         fault_step: int | None = None,
-        proxy_parallel: str = "none",
-        window_group: int = 1,
-        window_parallel: str = "ulysses",
+        plan=None,
     ):
+        """``plan``: the run's ParallelPlan (proxy parallelism, window groups, ownership order); None: one rank per
+        window group, stage 1 on one rank, time slabs."""
+        from ..config.parallel import ParallelPlan
+
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.proxy_parallel, self.window_group, self.window_parallel = proxy_parallel, window_group, window_parallel
+        self.plan = plan if plan is not None else ParallelPlan(workers=world)
         self.log = rank_logger(f"rank {rank}")
         pin_threads()
         self.gen = _generator(cfg)
@@ -223,7 +225,7 @@ class DetailWorker:
                 from .proxy import denoise_proxy_rank
 
                 proxy = denoise_proxy_rank(
-                    self.gen, comp, emb, self.rank, self.world, self.proxy_parallel, None, proxy_stats, timeout_s
+                    self.gen, comp, emb, self.rank, self.world, self.plan.proxy_parallel, None, proxy_stats, timeout_s
                 )
             stats = comm.CommStats()
             tokens, per_layer, forwards = self._stage2(comp, emb, proxy, stats, timeout_s, resume_step)
@@ -266,10 +268,10 @@ class DetailWorker:
 
         self.steps_run, self.step_times, self._t_last = 0, [], time.perf_counter()
         groups = None
-        if self.window_group > 1:
+        if self.plan.window_group > 1:
             from ..parallel.window_group import new_groups
 
-            groups = new_groups(self.world, self.window_group)
+            groups = new_groups(self.world, self.plan.window_group)
         return denoise_rank(
             self.gen,
             comp,
@@ -283,9 +285,10 @@ class DetailWorker:
             on_step=self._step,
             ckpt=self.ckpt,
             resume_step=resume_step,
-            window_group=self.window_group,
+            window_group=self.plan.window_group,
             groups=groups,
-            window_parallel=self.window_parallel,
+            window_parallel=self.plan.window_parallel,
+            window_order=self.plan.window_order,
         )
 
     def _result(self, tokens, per_layer, stats, proxy_stats, seconds: float, proxy) -> RankResult:

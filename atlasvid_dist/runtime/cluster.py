@@ -219,9 +219,7 @@ def start_actors(ray, pg, s: ActorSettings) -> Actors:
             plan.workers,
             s.ckpt_dir,
             fault[1] if fault and fault[0] == r else None,
-            plan.proxy_parallel,
-            plan.window_group,
-            plan.window_parallel,
+            plan,
         )
         for r in range(plan.workers)
     ]

@@ -80,6 +80,7 @@ def denoise_rank(
     window_group: int = 1,
     groups=None,
     window_parallel: str = "ulysses",
+    window_order: str = "thw",
 ) -> tuple[torch.Tensor, dict[int, int], dict[str, int]]:
     """Stage 2 of ``gen``'s config (a TwoStageGenerator: config, device, dtype) on rank ``rank`` of ``world``.
 
@@ -87,7 +88,8 @@ def denoise_rank(
     state after every step; ``resume_step`` continues from that committed step. ``on_step(done)`` runs after each
     commit. ``window_group`` > 1 shares every window of a group of that many ranks (``parallel/window_group.py``);
     then ``groups`` is (this rank's window group, its slot group) from ``new_groups`` and the rank holds its slice
-    of its group's tokens. Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer,
+    of its group's tokens. ``window_order`` is the ownership order of the window blocks (``parallel.sharding``).
+    Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer,
     the stage's forwards: ``DetailStage.forwards``, the same on every rank).
 
     The stage (seed, proxy-init, CFG, proxy_mode 'joint' noise) is the one-process :class:`DetailStage`; only the
@@ -96,7 +98,8 @@ def denoise_rank(
     check_supported(gen.cfg)
     stage = DetailStage(gen.cfg, comp, text, proxy, gen.device, gen.dtype)
     split = None if window_group == 1 else (window_group, groups, window_parallel)
-    layout = RankWindows(stage, rank, world, group, stats if stats is not None else CommStats(), timeout, split)
+    stats = stats if stats is not None else CommStats()
+    layout = RankWindows(stage, rank, world, group, stats, timeout, split, window_order)
     state = stage.start(layout)
     if resume_step:
         state.restore(SavedStep(resume_step, *ckpt.load(resume_step)), gen.device, gen.dtype)
@@ -129,13 +132,16 @@ class RankWindows:
     proxy on every rank) and a window attention reading them, which keeps only its windows' rows.
     """
 
-    def __init__(self, stage: DetailStage, rank: int, world: int, group, stats: CommStats, timeout, split=None):
-        """``split``: (window group size, (window group, slot group), window_parallel) when windows are shared."""
+    def __init__(
+        self, stage: DetailStage, rank: int, world: int, group, stats: CommStats, timeout, split=None, order="thw"
+    ):
+        """``split``: (window group size, (window group, slot group), window_parallel) when windows are shared;
+        ``order``: the ownership order of the window blocks."""
         self.model, self.rank = stage.model, rank
         self.group, self.stats, self.timeout = group, stats, timeout
         grid = self.model.token_grid(torch.empty(stage.shape(), device="meta"))
         g = 1 if split is None else split[0]
-        self.sharding = shard_for(stage.cfg.method, grid, world // g)
+        self.sharding = shard_for(stage.cfg.method, grid, world // g, order)
         self.group_layout = group_layout(self.sharding, rank, g) if g > 1 else None
         wsplit = None if split is None else (self.group_layout, split[1], split[2])
         self.make = _window_attention(stage, grid, self.sharding, rank, group, stats, timeout, wsplit)

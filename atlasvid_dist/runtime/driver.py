@@ -80,6 +80,9 @@ class DistributedResult:
     """Decode tiles every rank decoded (the output video)."""
     step_seconds: list[float] = field(default_factory=list)
     """Median seconds of one stage-2 step (checkpoint commit included), by rank."""
+    planned_bytes_per_step: int | None = None
+    """The cost model's bytes per denoising step of the heaviest rank for this run (the pre-flight's figure, which
+    ``plan`` prints): the counted ``bytes_per_step`` reach it exactly."""
 
     def to_dict(self) -> dict:
         """The run's machine-readable summary (``RunResult.to_dict``) with the distribution's numbers by rank."""
@@ -92,6 +95,7 @@ class DistributedResult:
             "tokens": list(self.tokens),
             "decode_tiles": list(self.tiles),
             "median_step_seconds_by_rank": list(self.step_seconds),
+            "planned_bytes_sent_per_step": self.planned_bytes_per_step,
             "restarted": list(self.restarted),
         }
 
@@ -110,11 +114,14 @@ class DistributedResult:
                 f"rank {r}: {b / 1e6:.3f} MB" for r, b in enumerate(self.proxy_bytes)
             )
         tiles = f"; decode tiles per rank {self.tiles}" if self.tiles else ""
+        planned = ""
+        if self.planned_bytes_per_step is not None:
+            planned = f", planned {self.planned_bytes_per_step / 1e6:.3f} MB/step on the heaviest rank"
         if self.step_seconds:
             tiles += "; s/step per rank [" + ", ".join(f"{x:.3f}" for x in self.step_seconds) + "]"
         return (
             f"{self.result.summary()}\n{self.workers} detail workers; tokens per rank {self.tokens}; "
-            f"bytes sent per rank ({sent}){proxy}{tiles}{restarts}"
+            f"bytes sent per rank ({sent}){planned}{proxy}{tiles}{restarts}"
         )
 
 
@@ -151,6 +158,8 @@ class DistributedGenerator:
         self.proxy_resumed: int | None = None
         self.resume = False
         self.tiles: list[int] = []
+        self.report = None
+        """The pre-flight's cost-model report of this run (set before any actor starts)."""
         self.stores: list[str] = []
         """Rendezvous init methods of this run (file stores are removed at its end)."""
 
@@ -166,7 +175,7 @@ class DistributedGenerator:
             if self.workers > have:
                 raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
         g = self.plan.window_group
-        self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers // g)  # over window groups
+        self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers // g, self.plan.window_order)
         self.plan.check_window_split()
         if g > 1:
             from ..parallel.window_group import group_layout
@@ -213,7 +222,7 @@ class DistributedGenerator:
         """Everything refused before any actor starts: fit, outputs, the run folder, the proxy's split."""
         from ..pipeline.outputs import check_outputs
 
-        self._fit_check()
+        self.report = self._fit_check()
         check_outputs(self.cfg)
         # the folder's manifest (run id, config checksum, worker count), checked or written
         self._gen.checkpointer(resume, workers=self.workers, overwrite=overwrite)
@@ -254,6 +263,7 @@ class DistributedGenerator:
             [p.proxy_sent for p in parts],
             self.tiles,
             [p.step_seconds for p in parts],
+            self.report.comm_bytes_per_step_per_rank["total"],
         )
 
     def _embedded(self) -> bool:
