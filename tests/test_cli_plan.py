@@ -118,13 +118,25 @@ def test_plan_says_which_stage1_parallelism_is_faster():
 
 
 def test_plan_shows_the_halo_without_shifts_in_time():
-    d = json.loads(plan("--res", "4k", "--gpus", "8", "--json").stdout)
+    d = json.loads(plan("--res", "4k", "--gpus", "8", "--window-order", "thw", "--json").stdout)
     spatial = d["halo_bytes_per_step_per_rank_spatial_shift"]
-    assert 0 < spatial < d["comm_bytes_per_step_per_rank"]["halo"] / 5  # time shifts dominate at 8 ranks
-    hw = json.loads(plan("--res", "4k", "--gpus", "8", "--shift-axes", "hw", "--json").stdout)
+    assert 0 < spatial < d["comm_bytes_per_step_per_rank"]["halo"] / 5  # time slabs: time shifts dominate
+    hw = json.loads(plan("--res", "4k", "--gpus", "8", "--shift-axes", "hw", "--window-order", "thw", "--json").stdout)
     assert hw["comm_bytes_per_step_per_rank"]["halo"] == spatial
     assert hw["halo_bytes_per_step_per_rank_spatial_shift"] is None
     assert plan("--res", "4k", "--shift-axes", "x").exit_code == 2
+
+
+def test_auto_window_order_takes_the_ownership_with_the_least_halo():
+    """The default --window-order auto at 4K x 81 on 8 ranks: column slabs (a shift in time stays on the rank), less
+    than half the halo of time slabs; every figure of the report prices that ownership."""
+    d = json.loads(plan("--res", "4k", "--gpus", "8", "--json").stdout)
+    orders = d["by_window_order"]
+    assert d["inputs"]["parallel"]["window_order"] == "wht"
+    assert d["comm_bytes_per_step_per_rank"]["halo"] == orders["wht"]["halo"] < orders["thw"]["halo"] / 2
+    one = json.loads(plan("--res", "720p", "--gpus", "1", "--json").stdout)  # nothing to choose: one window group
+    assert one["inputs"]["parallel"]["window_order"] == "thw"
+    assert plan("--res", "4k", "--gpus", "8", "--window-order", "xyz").exit_code == 2
 
 
 def test_plan_counts_ultragen_compressed_global_branch():

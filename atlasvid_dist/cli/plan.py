@@ -15,7 +15,7 @@ import typer
 from ..config.generate import resolve_device
 from ..config.model import MODEL_PRESETS
 from ..config.parallel import ParallelPlan
-from ..cost.model import CostReport, RunSettings, estimate
+from ..cost.model import CostReport, RunSettings, choose_window_order, estimate
 from ..cost.profiles import device_profile
 from ..errors import AtlasError, PlanError
 from ..pipeline.adapter_geometry import run_geometry, warn_adapter_geometry
@@ -155,6 +155,8 @@ def plan(
     )
     auto_profile = device_profile_name in (None, "auto")
     profile = device_profile(("h100" if device == "cuda" else "cpu") if auto_profile else device_profile_name)
+    if par.window_order == "auto":  # resolved once here so every figure below prices the same ownership
+        par = dataclasses.replace(par, window_order=choose_window_order(video, spec, method, par, profile))
     report = estimate(video, spec, method, par, run, profile)
     options = stage1_options(video, spec, method, par, run, profile)
     spatial = spatial_shift_halo(video, spec, method, par, run, profile)

@@ -69,10 +69,11 @@ class ParallelPlan:
     """Ranks per window when a window is split (1 = every rank owns whole windows)."""
     window_parallel: WindowParallel = "ulysses"
     """How a split window is shared by its group: 'ulysses' (heads) or 'ring' (keys/values)."""
-    window_order: str = "thw"
+    window_order: str = "auto"
     """Ownership order of the window blocks (window axes, slowest first): 'thw' = time slabs, 'wht' = column slabs
-    across all time (a shift in time then stays inside a rank's slab: a smaller halo when windows shift in time;
-    plan prints both)."""
+    across all time (a shift in time then stays inside a rank's slab), or any other order of the three axes;
+    'auto' = the order whose halo the cost model prices cheapest for the run (``cost.model.choose_window_order``;
+    plan prints the choice and the halo of 'thw' and 'wht')."""
     gpus_per_node: int = 8
     """Ranks per node: halo traffic between ranks of one node goes over NVLink, across nodes over InfiniBand."""
 
@@ -95,10 +96,10 @@ class ParallelPlan:
             f"must be one of {WINDOW_PARALLEL}",
         )
         check(
-            self.window_order in WINDOW_ORDERS,
+            self.window_order in ("auto", *WINDOW_ORDERS),
             "window_order",
             self.window_order,
-            f"must be one of {WINDOW_ORDERS} (window axes, slowest first)",
+            f"must be 'auto' or one of {WINDOW_ORDERS} (window axes, slowest first)",
         )
         _positive_int("gpus_per_node", self.gpus_per_node)
         if self.device == "cuda":

@@ -44,6 +44,7 @@ from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 from ..models.attention.kernels import auto_window_batch
+from ..parallel.sharding import WINDOW_ORDERS
 from .attention import attention_flops, layer_attention_flops, layer_spec, pooled_tokens, proxy_context_tokens
 from .profiles import DeviceProfile, GiB, device_profile
 from .ranks import group_share, shard
@@ -361,6 +362,7 @@ def estimate(
         warnings.warn("init_strength has no effect with detail_init='noise'", stacklevel=2)
     geo = _geometry(video, model, method)
     plan.check_against(model, geo.base.num_windows if geo.base else None)
+    plan = dataclasses.replace(plan, window_order=_choose_order(geo, method, plan, prof))
     dtype = run.dtype_for(plan.device)
     b = DTYPE_BYTES[dtype]
     shares = _shares(geo, method, plan)
@@ -419,6 +421,30 @@ def _maybe(fn, *args):
         return fn(*args)
     except ConfigError:
         return None
+
+
+def choose_window_order(
+    video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, profile: str | DeviceProfile = "h100"
+) -> str:
+    """``plan.window_order``, with 'auto' resolved: the ownership order whose halo takes the least link time per
+    step (NVLink inside a node, InfiniBand across), ties to the first of ``WINDOW_ORDERS`` ('thw'). What estimate,
+    plan and the runtime's sharding use."""
+    prof = profile if isinstance(profile, DeviceProfile) else device_profile(profile)
+    return _choose_order(_geometry(video, model, method), method, plan, prof)
+
+
+def _choose_order(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan, prof: DeviceProfile) -> str:
+    if plan.window_order != "auto":
+        return plan.window_order
+    if geo.base is None or plan.num_window_groups == 1:
+        return WINDOW_ORDERS[0]
+
+    def halo_seconds(order: str) -> float:
+        layers = _shares(geo, method, dataclasses.replace(plan, window_order=order))["layers"]
+        total = sum(n * sh.halo_tokens for _, n, sh in layers)
+        return _link_seconds(total, sum(n * sh.halo_remote_tokens for _, n, sh in layers), prof)
+
+    return min(WINDOW_ORDERS, key=halo_seconds)  # min keeps the first of equal ones
 
 
 def _context_tokens(geo: _Geometry, method: AtlasConfig) -> int:

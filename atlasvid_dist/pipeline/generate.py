@@ -260,13 +260,18 @@ class TwoStageGenerator:
 
     def model_spec(self):
         """The model's shapes (ModelSpec) without loading weights: the preset, or the folder's configs."""
+        return self.model_spec_of(self.cfg.model)
+
+    @staticmethod
+    def model_spec_of(model: str):
+        """``model``'s shapes (ModelSpec): the tiny preset, or the folder's configs (nothing loads)."""
         from ..config.model import model_preset
 
-        if self.cfg.model == "tiny":
+        if model == "tiny":
             return model_preset("tiny")
         from ..models.loading import read_model_spec
 
-        return read_model_spec(self.cfg.model)
+        return read_model_spec(model)
 
     def load(self):
         if self.components is None:

@@ -17,6 +17,7 @@ This module orchestrates; the parts are ``cluster.py`` (Ray, capacity, placement
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -174,6 +175,7 @@ class DistributedGenerator:
             have = torch.cuda.device_count()
             if self.workers > have:
                 raise PlanError(f"--gpus {self.workers}: this machine has {have} CUDA device(s)")
+        self._resolve_window_order()
         g = self.plan.window_group
         self.sharding = shard_for(self.cfg.method, self.cfg.detail_grid, self.workers // g, self.plan.window_order)
         self.plan.check_window_split()
@@ -182,6 +184,19 @@ class DistributedGenerator:
 
             self.layouts = [group_layout(self.sharding, r, g) for r in range(self.workers)]  # PlanError if too few
         self.fault = fault_injection(self.workers)
+
+    def _resolve_window_order(self) -> None:
+        """--window-order auto: the ownership the cost model prices cheapest (the plan every rank then gets)."""
+        if self.plan.window_order == "auto":
+            from ..cost.model import choose_window_order
+            from ..pipeline.generate import TwoStageGenerator
+
+            spec = TwoStageGenerator.model_spec_of(self.cfg.model)
+            profile = self.cfg.device_profile
+            if profile == "auto":  # only the links matter here: H100 and H200 nodes price them alike
+                profile = "cpu" if self.cfg.device == "cpu" else "h100"
+            order = choose_window_order(self.cfg.video, spec, self.cfg.method, self.plan, profile)
+            self.plan = dataclasses.replace(self.plan, window_order=order)
 
     def _fit_check(self):
         """The cost model's fit verdict for this worker count (PlanError, exit 2, with the numbers)."""
