@@ -99,8 +99,10 @@ def test_workers_equal_single_process(tmp_path, capsys, monkeypatch, single, wor
     assert out.stat().st_size > 0
     sent = [float(m) for m in re.findall(r"rank \d+: ([0-9.]+) MB", text)]
     assert len(sent) == workers and all(s > 0 for s in sent), text  # shifted layers exchange a halo
-    per_step = [float(m) for m in re.findall(r"([0-9.]+) MB/step", text)]
+    per_step = [float(m) for m in re.findall(r"rank \d+: [0-9.]+ MB, ([0-9.]+) MB/step", text)]
     assert len(per_step) == workers and all(0 < p <= s for p, s in zip(per_step, sent)), text
+    planned = float(re.search(r"planned ([0-9.]+) MB/step on the heaviest rank", text).group(1))
+    assert max(per_step) == planned, text  # the pre-flight's figure, reached by the heaviest rank
     assert ("worker of rank 1 was restarted" in text) == bool(fault), text
     assert f"decode tiles per rank [{', '.join(['1'] + ['0'] * (workers - 1))}]" in text, text  # 256 px: one tile
 
