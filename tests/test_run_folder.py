@@ -145,6 +145,18 @@ def test_distributed_resume_refuses_an_edited_config_before_ray(tmp_path, capsys
     assert str(path) in err and "changed after the run started" in err, err
 
 
+def test_distributed_resume_refuses_another_cut_of_the_windows_before_ray(tmp_path, capsys, no_model_load):
+    """Each rank's checkpoints hold its windows: a resume that would cut them otherwise (another ownership order
+    or window group) is refused, naming what the run used, instead of resuming ranks from other windows' steps."""
+    run = tmp_path / "run"
+    cfg = config(tmp_path, "s", window="3,4,8", run_dir=str(run))
+    sharding = {"window_group": 1, "window_order": "wht"}
+    TwoStageGenerator(cfg, progress=False).checkpointer(False, workers=2, sharding=sharding)
+    assert cli("generate", "--resume", str(run), "--workers", "2", "--window-order", "thw", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "--window-group 1 --window-order wht" in err and "resume it with the same" in err, err
+
+
 @pytest.mark.slow  # three generate runs; test_checkpoint keeps the fallback fast
 def test_resume_falls_back_past_a_corrupt_latest_step(tmp_path, tiny_components, capsys):
     ref = config(tmp_path, "ref")

@@ -418,11 +418,14 @@ class TwoStageGenerator:
         return progress_bar(total, desc, unit, initial=initial, enabled=self.progress)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def checkpointer(self, resume: bool, workers: int | None = None, overwrite: bool = False):
+    def checkpointer(
+        self, resume: bool, workers: int | None = None, overwrite: bool = False, sharding: dict | None = None
+    ):
         """The run folder's checkpointer (None without --run-dir). ``workers``: a distributed run, whose ranks keep
         their own checkpoints in subfolders; the folder's manifest (``run_folder.py``) records its run id, config
         checksum and worker count, and a folder is resumed only by the kind of run that wrote it with the same
-        configuration. A fresh run refuses a folder holding another run unless ``overwrite`` (it is cleared)."""
+        configuration (and, distributed, the same ``sharding`` of windows over ranks). A fresh run refuses a folder
+        holding another run unless ``overwrite`` (it is cleared)."""
         from .run_folder import open_run, start_run
 
         if not self.cfg.run_dir:
@@ -435,7 +438,10 @@ class TwoStageGenerator:
         step_key(len(STAGES) - 1, max(self.cfg.steps, self.cfg.proxy_steps))  # ConfigError now, not at that step
         if resume and overwrite:
             raise ConfigError("overwrite_run_dir", True, "--resume continues the folder's run; it cannot clear it")
-        manifest = open_run(run, config, workers) if resume else start_run(run, config, workers, overwrite)
+        if resume:
+            manifest = open_run(run, config, workers, sharding)
+        else:
+            manifest = start_run(run, config, workers, overwrite, sharding)
         return StepCheckpointer(run, run_id=manifest["run_id"], config_sha256=manifest["config_sha256"])
 
     def _commit(self, ckpt, stage: str, state: StageState, proxy) -> None:

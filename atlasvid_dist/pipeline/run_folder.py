@@ -3,7 +3,7 @@
 Layout::
 
     config.json   the run's GenerateConfig (GenerateConfig.to_dict())
-    run.json      the manifest: {"run_id": hex, "config_sha256": hex, "workers": N or null}
+    run.json      the manifest: {"run_id": hex, "config_sha256": hex, "workers": N or null, "sharding": {...} or null}
     step-*/       one-process checkpoints; rank-*/ and proxy/ hold a distributed run's checkpoints
 
 A fresh run refuses a folder that already holds something (resuming another run's steps under a new prompt gave
@@ -35,13 +35,18 @@ def checksum(config: dict) -> str:
     return config_checksum(config, OUTPUT_KEYS)
 
 
-def start_run(run: Path, config: dict, workers: int | None, overwrite: bool = False) -> dict:
-    """Make ``run`` the folder of a new run (config.json, run.json); returns the manifest.
+def start_run(
+    run: Path, config: dict, workers: int | None, overwrite: bool = False, sharding: dict | None = None
+) -> dict:
+    """Make ``run`` the folder of a new run (config.json, run.json); returns the manifest. ``sharding``: how a
+    distributed run's windows are cut over its ranks (``{"window_group": g, "window_order": o}``); a rank's
+    checkpoints hold its share, so a resume must cut them the same way.
 
     Refuses (InputError) a folder that already holds files, unless ``overwrite`` and it is a run folder (then its
     contents are removed first)."""
     _claim(run, overwrite)
     manifest = {"run_id": uuid.uuid4().hex, "config_sha256": checksum(config), "workers": workers}
+    manifest["sharding"] = sharding
     (run / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     (run / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -103,8 +108,9 @@ def read_manifest(run: Path) -> dict:
     return manifest
 
 
-def open_run(run: Path, config: dict, workers: int | None) -> dict:
-    """Check that ``run`` may be resumed by this run (same kind of run, same configuration); its manifest."""
+def open_run(run: Path, config: dict, workers: int | None, sharding: dict | None = None) -> dict:
+    """Check that ``run`` may be resumed by this run (same kind of run, same sharding, same configuration); its
+    manifest."""
     manifest = read_manifest(run)
     stored = manifest.get("workers")
     if stored != workers:
@@ -113,6 +119,7 @@ def open_run(run: Path, config: dict, workers: int | None) -> dict:
             f"resume: {run} was written by a run on {have}; resume it with the same"
             + ("" if stored is None else f" (--workers {stored} or --gpus {stored})")
         )
+    _check_sharding(run, manifest.get("sharding"), sharding)
     path = run / CONFIG_FILE
     if checksum(read_config(run)) != manifest["config_sha256"]:
         raise InputError(
@@ -122,6 +129,14 @@ def open_run(run: Path, config: dict, workers: int | None) -> dict:
     if checksum(config) != manifest["config_sha256"]:
         raise InputError(f"resume: the configuration differs from the run's {path} (only outputs may change)")
     return manifest
+
+
+def _check_sharding(run: Path, stored: dict | None, sharding: dict | None) -> None:
+    """The ranks' shares must be cut as when the run started (same --window-group and ownership order): a rank's
+    checkpoint of other windows would resume silently wrong when the token counts happen to match."""
+    if stored is not None and sharding is not None and stored != sharding:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(stored.items()))
+        raise InputError(f"resume: {run} was written by a run with {flags}; resume it with the same")
 
 
 def run_checkpointer(folder: str | os.PathLike, sub: str | None = None, keep: int = 2) -> StepCheckpointer:

@@ -240,7 +240,8 @@ class DistributedGenerator:
         self.report = self._fit_check()
         check_outputs(self.cfg)
         # the folder's manifest (run id, config checksum, worker count), checked or written
-        self._gen.checkpointer(resume, workers=self.workers, overwrite=overwrite)
+        sharding = {"window_group": self.plan.window_group, "window_order": self.plan.window_order}
+        self._gen.checkpointer(resume, workers=self.workers, overwrite=overwrite, sharding=sharding)
         self.resume = resume
         if self.cfg.uses_proxy and self.plan.proxy_parallel != "none":
             self.plan.check_proxy_split(self.cfg.proxy.grid.size, self._gen.model_spec().num_heads)
