@@ -134,6 +134,8 @@ def test_auto_window_order_takes_the_ownership_with_the_least_halo():
     orders = d["by_window_order"]
     assert d["inputs"]["parallel"]["window_order"] == "wht"
     assert d["comm_bytes_per_step_per_rank"]["halo"] == orders["wht"]["halo"] < orders["thw"]["halo"] / 2
+    marked = [line for line in plan("--res", "4k", "--gpus", "8").stdout.splitlines() if "<- this run" in line]
+    assert len(marked) == 1 and "--window-order wht" in marked[0] and "auto" in marked[0], marked
     one = json.loads(plan("--res", "720p", "--gpus", "1", "--json").stdout)  # nothing to choose: one window group
     assert one["inputs"]["parallel"]["window_order"] == "thw"
     assert plan("--res", "4k", "--gpus", "8", "--window-order", "xyz").exit_code == 2

@@ -188,7 +188,7 @@ def plan(
             format_report(report)
             + _format_options(options)
             + extra
-            + _format_orders(orders)
+            + _format_orders(orders, par.window_order, window_order == "auto")
             + _format_fit(where)
             + _format_modelled(offload_encoders)
         )
@@ -249,12 +249,12 @@ MODELLED_ONLY = {
 
 
 def ownership_options(video, spec, method, par, run, profile) -> dict:
-    """window order -> {halo bytes / step / rank, detail-stage bytes / rank} (cost model); {} without windows or
-    with one window group."""
+    """window order ('thw', 'wht' and the run's) -> {halo bytes / step / rank, detail-stage bytes / rank} (cost
+    model); {} without windows or with one window group."""
     if not method.uses_windows or par.num_window_groups == 1:
         return {}
     out = {}
-    for order in ("thw", "wht"):
+    for order in dict.fromkeys(("thw", "wht", par.window_order)):  # the run's own order too
         r = estimate(video, spec, method, dataclasses.replace(par, window_order=order), run, profile, suggest=False)
         out[order] = {
             "halo": r.comm_bytes_per_step_per_rank["halo"],
@@ -280,11 +280,13 @@ def fit_by_gpus(video, spec, method, par, run, profile, counts=(4, 8, 16, 32)) -
     return out
 
 
-def _format_orders(orders: dict) -> str:
+def _format_orders(orders: dict, chosen: str, auto: bool) -> str:
+    """One line per ownership order; the run's own is marked (``auto``: picked by the cost model)."""
+    mark = "  <- this run (auto: least halo)" if auto else "  <- this run"
     return "".join(
         f"\nownership --window-order {k}  halo {_bytes(v['halo'])} / step / rank "
         f"({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
-        f"{_bytes(v['memory_per_rank'])} / rank"
+        f"{_bytes(v['memory_per_rank'])} / rank" + (mark if k == chosen else "")
         for k, v in orders.items()
     )
 
