@@ -170,7 +170,7 @@ class DetailWorker:
         from ..config.parallel import ParallelPlan
 
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.plan = plan if plan is not None else ParallelPlan(workers=world)
+        self.plan = plan if plan is not None else ParallelPlan(workers=world, window_order="thw")
         self.log = rank_logger(f"rank {rank}")
         pin_threads()
         self.gen = _generator(cfg)
