@@ -86,3 +86,17 @@ def test_ring_inside_a_window_is_costed_but_not_runnable():
     with pytest.raises(ConfigError, match="window_parallel"):
         par.check_window_split()
     ParallelPlan(workers=8, device="cuda", gpus=8, window_group=2).check_window_split()
+
+
+def test_a_memory_lever_plan_suggests_makes_the_run_fit():
+    """14B at 8K x 161 frames on 16 H100s does not fit as it is; plan names the generate flags that make it fit
+    on the same GPUs, and with those flags the plan fits at the figure it quoted."""
+    base = ["--model", "wan2.1-14b", "--res", "8k", "--frames", "161", "--gpus", "16"]
+    r = plan(*base)
+    assert r.exit_code == 2
+    m = re.search(r"((?:--offload-encoders ?)?(?:--ffn-chunk \d+)?) fits on these ranks \(([\d.]+) GiB", r.output)
+    assert m, r.output
+    again = plan(*base, *m.group(1).split(), "--json")
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.output)
+    assert report["fits"] and f"{report['memory_per_rank_bytes'] / 2**30:.1f}" == m.group(2)

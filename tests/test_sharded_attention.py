@@ -8,7 +8,7 @@ from ._dist import run_ranks
 LAT = (1, 16, 9, 16, 24)  # token grid (9, 8, 12); window (3, 4, 4) -> 3 x 2 x 3 = 18 windows (uneven over 4)
 
 
-def _setup(seed=0):
+def _setup(seed=0, lat=LAT):
     from atlasvid_dist import AtlasConfig, AtlasTransformer
     from atlasvid_dist.models.tiny import build_tiny_transformer
 
@@ -17,7 +17,7 @@ def _setup(seed=0):
         AtlasConfig(mode="atlas", window=(3, 4, 4), shift=True, temporal_scale=4, spatial_scale=2),
     )
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(*LAT, generator=g)
+    x = torch.randn(*lat, generator=g)
     enc = torch.randn(1, 7, 32, generator=g)
     grid = model.token_grid(x)
     pg = model.proxy_geometry(grid).grid
@@ -94,3 +94,42 @@ def test_refuses_other_modes_and_grids():
         ShardedWindowAttention(AtlasConfig(mode="full"), grid, model.rotary, sharding, 0, "cpu")
     with pytest.raises(ConfigError):
         ShardedWindowAttention(AtlasConfig(mode="atlas", window=(3, 8, 4)), grid, model.rotary, sharding, 0, "cpu")
+
+
+@torch.no_grad()
+def test_a_rank_records_only_its_proxy_rows():
+    """Recording the proxy with a rank's ProxyRows as ``keep`` gives exactly the rows that selecting from the
+    whole cache gives, layer by layer, and no more; a window attention refuses keys/values kept for another
+    rank."""
+    from atlasvid_dist import InputError
+    from atlasvid_dist.models.atlas_transformer import ProxyCache
+    from atlasvid_dist.parallel.window_attention import ProxyRows, ShardedWindowAttention, shard_for
+
+    model, x, _, enc, proxy = _setup(lat=(1, 16, 9, 32, 48))  # 72 windows, proxy grid (3, 8, 12)
+    grid = model.token_grid(x)
+    pgrid, scales = model.token_grid(proxy, "proxy"), model.proxy_geometry(grid).scales
+    whole = model.build_proxy_cache(proxy, enc).kv
+    sharding = shard_for(model.atlas_config, grid, 3, "wht")  # column slabs: each reads a part of the proxy
+    attends, sizes = [], []
+    for rank in range(3):
+        keep = ProxyRows.of_rank(model.atlas_config, grid, sharding, rank, pgrid, scales)
+        kept = model.build_proxy_cache(proxy, enc, keep).kv
+        assert kept.partial()
+        for layer in range(len(whole.keys)):
+            rows = keep(layer)
+            assert torch.equal(kept.rows[layer], rows)
+            assert 0 < rows.numel() <= pgrid.size
+            sizes.append(rows.numel())
+            assert torch.equal(kept.keys[layer], whole.keys[layer].index_select(1, rows))
+            assert torch.equal(kept.values[layer], whole.values[layer].index_select(1, rows))
+        args = (model.atlas_config, grid, model.rotary, sharding, rank, "cpu")
+        a, b = ShardedWindowAttention(*args, kept, scales), ShardedWindowAttention(*args, whole, scales)
+        assert a.proxy_bytes() == b.proxy_bytes() == kept.nbytes() <= whole.nbytes()
+        attends.append(kept)
+    assert (
+        min(sizes) < pgrid.size and min(a.nbytes() for a in attends) < whole.nbytes()
+    )  # aligned regions of a rank's windows, not the whole proxy
+    with pytest.raises(ValueError, match="other rows"):
+        ShardedWindowAttention(model.atlas_config, grid, model.rotary, sharding, 1, "cpu", attends[0], scales)
+    with pytest.raises(InputError, match="one rank's rows"):
+        model(x, torch.tensor([700.0]), enc, proxy_cache=ProxyCache(attends[0], proxy, enc))

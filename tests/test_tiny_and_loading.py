@@ -273,3 +273,38 @@ def test_safetensors_check_accepts_valid_and_reports_sizes(tiny_dir, tmp_path):
     tiny_file.write_bytes(b"abc")
     with pytest.raises(ModelLoadError, match="x.safetensors: not a safetensors file"):
         check_safetensors_file(tiny_file)
+
+
+class _Moves(torch.nn.Linear):
+    """A module that records where it is moved instead of moving (no CUDA here)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+        self.moves = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+def test_offloaded_encoders_come_onto_the_device_only_while_they_work():
+    from atlasvid_dist.models.loading import on_device
+
+    m = _Moves()
+    with on_device(m, "cuda", offload=True) as inside:
+        assert inside is m and m.moves == ["cuda"]
+    assert m.moves == ["cuda", "cpu"]
+    with pytest.raises(RuntimeError), on_device(m, "cuda", offload=True):
+        raise RuntimeError("the encode failed")
+    assert m.moves[-1] == "cpu"  # back in host memory after a failure too
+    m.moves.clear()
+    with on_device(m, "cuda", offload=False), on_device(m, "cpu", offload=True):
+        pass
+    assert m.moves == []  # resident on the device already, or nothing to move on a CPU run
+
+
+def test_offload_keeps_text_encoder_and_vae_in_host_memory():
+    comp = load_components("tiny", device="meta", offload_encoders=True)
+    assert next(comp.transformer.parameters()).device.type == "meta"
+    for module in (comp.text_encoder, comp.vae):
+        assert next(module.parameters()).device.type == "cpu"

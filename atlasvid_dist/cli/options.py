@@ -172,6 +172,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("detail_cfg_until", RUN, _G),
     Opt("detail_reuse", RUN, _G),
     Opt("ffn_chunk", RUN, _G),
+    Opt("offload_encoders", RUN, _G, decls=("--offload-encoders",)),
     Opt("device", RUN, _G),
     Opt("device_profile", RUN, _G),
     # distributed
@@ -180,8 +181,6 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("window_parallel", DISTRIBUTED, _P),
     Opt("window_order", DISTRIBUTED, _P),
     Opt("gpus_per_node", DISTRIBUTED, _P),  # plan only
-    # what plan prices and generate does not expose (RunSettings of the cost model)
-    Opt("offload_encoders", RUN, _R, decls=("--offload-encoders",)),
     # output
     Opt("out", OUTPUT, _G),
     Opt("save_proxy", OUTPUT, _G),

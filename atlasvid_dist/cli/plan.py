@@ -171,7 +171,6 @@ def plan(
                     "halo_bytes_per_step_per_rank_spatial_shift": spatial,
                     "by_window_order": orders,
                     "fit_by_gpus": where,
-                    "modelled_only": MODELLED_ONLY,
                 },
                 indent=2,
             )
@@ -190,7 +189,6 @@ def plan(
             + extra
             + _format_orders(orders, par.window_order, window_order == "auto")
             + _format_fit(where)
-            + _format_modelled(offload_encoders)
         )
     if plot:
         from ..cost.attention import layer_spec
@@ -242,12 +240,6 @@ def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
     return estimate(video, spec, alt, par, run, profile, suggest=False).comm_bytes_per_step_per_rank["halo"]
 
 
-#: Options plan prices that generate does not run yet (the README says the same).
-MODELLED_ONLY = {
-    "--offload-encoders": "generate keeps the text encoder and the VAE on every rank's GPU",
-}
-
-
 def ownership_options(video, spec, method, par, run, profile) -> dict:
     """window order ('thw', 'wht' and the run's) -> {halo bytes / step / rank, detail-stage bytes / rank} (cost
     model); {} without windows or with one window group."""
@@ -297,11 +289,6 @@ def _format_fit(where: dict) -> str:
         for n, v in where.items()
     ]
     return ("\nfit by --gpus              " + "  |  ".join(cells)) if cells else ""
-
-
-def _format_modelled(offload: bool) -> str:
-    used = ["--offload-encoders"] if offload else []
-    return "".join(f"\nMODELLED ONLY               {k}: {MODELLED_ONLY[k]}" for k in used)
 
 
 def _format_options(options: dict) -> str:

@@ -83,6 +83,10 @@ class GenerateConfig:
     ffn_chunk: int = 0
     """Run every block's feed-forward over chunks of this many tokens (0 = all at once): bounds its
     (tokens x ffn_dim) activations, the largest of a block; the result is the same."""
+    offload_encoders: bool = False
+    """Keep the text encoder and the VAE in host memory except while they work: the text encoder comes onto the
+    device for the prompts' encoding only, the VAE for the decode only (Wan2.1's UMT5-XXL is ~10.6 GiB in bf16:
+    off the GPU for every denoising step). No effect on a CPU device."""
     device: Device = "auto"
     """'auto' (cuda when torch sees a CUDA device, else cpu; resolved when the config is built), 'cpu' or 'cuda'."""
     dtype: Dtype = "auto"
@@ -159,6 +163,7 @@ class GenerateConfig:
             self.ffn_chunk,
             "must be an integer >= 0 (0 = all tokens at once)",
         )
+        check(isinstance(self.offload_encoders, bool), "offload_encoders", self.offload_encoders, "must be true/false")
         check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")

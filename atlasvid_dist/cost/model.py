@@ -111,9 +111,9 @@ class RunSettings:
     """'together' (a rank's tiles advance together: every tile's causal cache live at once), 'sequential' (tile
     after tile: one tile's cache; the driver's blender holds the clip's frames) or 'auto' (sequential only when
     together does not fit)."""
-    offload_encoders: bool = False
-    """MODELLED ONLY (generate keeps both resident today): the text encoder leaves the GPU once the prompts are
-    encoded and the VAE comes onto it only for the decode."""
+    offload_encoders: bool = _GENERATE["offload_encoders"]
+    """generate's offload_encoders: the text encoder is on the GPU for the text encoding only, the VAE for the
+    decode only."""
     ffn_chunk_tokens: int = _GENERATE["ffn_chunk"]
     """generate's ffn_chunk: the FFN phase of a block over chunks of this many tokens; 0 = all at once."""
 
@@ -238,8 +238,9 @@ class CostReport:
     attention_free_limit: float
     """Full-attention step FLOPs over the step without self-attention: the most any attention can save."""
     memory: dict
-    """phase -> {part: bytes, 'total': bytes} per rank (phases: text_encoder, proxy_stage, proxy_cache (the whole
-    proxy K/V built before a rank keeps its rows), detail_stage, decode); resident weights are in every phase."""
+    """phase -> {part: bytes, 'total': bytes} per rank (phases: text_encoder, proxy_stage, proxy_cache (the clean
+    proxy run through every layer, its rows kept layer by layer), detail_stage, decode); resident weights are in
+    every phase."""
     memory_per_rank_bytes: int
     """Peak over phases of the heaviest rank."""
     memory_usable_bytes: int
@@ -577,7 +578,7 @@ def _attention_chunk_bytes(geo, model, method, b, shares) -> int:
 
 def _resident(model: ModelSpec, run: RunSettings, b: int, phase: str) -> dict:
     """Weights on a rank's GPU in ``phase``. load_components puts the transformer, the text encoder and the VAE on
-    every rank's device and they stay there; with offload_encoders (modelled only) the text encoder is there only
+    every rank's device and they stay there; with offload_encoders the text encoder is there only
     for the text encoding and the VAE only for the decode."""
     out = {"weights": model.transformer_params * b}
     if not run.offload_encoders or phase == "text_encoder":
@@ -607,19 +608,18 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
         # only the proxy keys/values this rank's windows read, per layer, for each guidance pass
         kept = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) * passes // plan.window_group
         detail["proxy_kv_cache"] = kept
-        # the runtime builds the whole proxy K/V of every pass (proxy_caches), then keeps its rows
-        whole = model.num_layers * 2 * geo.proxy.size * d * b * passes
+        # the rank runs the whole clean proxy through every layer (proxy_caches), keeping each layer's rows its
+        # windows read as the layer is recorded (runtime.detail.RankWindows: ProxyRows as keep)
         phases["proxy_cache"] = {
             **_resident(model, run, b, "proxy_cache"),
-            "whole_proxy_kv": whole,
             "kept_proxy_kv": kept,
+            "activations": _activations(model, geo.proxy.size, b, ffn_chunk=run.ffn_chunk_tokens),
         }
     elif geo.proxy is not None:  # joint: the proxy runs through the rank's forward
         rank_tokens += geo.proxy.size
-        # every forward records the whole proxy's keys/values of every layer (one guidance pass at a time), then
-        # the window attention copies the rows its windows read
+        # every forward records, layer by layer, the proxy rows its windows read (one guidance pass at a time)
         rows = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) // plan.window_group
-        detail["proxy_kv_joint"] = 2 * model.num_layers * geo.proxy.size * d * b + rows
+        detail["proxy_kv_joint"] = rows
     if run.detail_reuse:  # first-block cache: two residuals of the rank's tokens per prompt
         detail["block_cache"] = 2 * passes * shares["tokens_per_rank"] * d * b
     chunk = _attention_chunk_bytes(geo, model, method, b, shares)
@@ -800,6 +800,8 @@ def _reasons(report: CostReport, video, model, method, plan, run, prof, dtype, s
         detail = ", ".join(f"{k} {_gib(v)}" for k, v in parts.items() if k != "total")
         out.append(f"{phase} needs {_gib(parts['total'])} per rank ({detail}) > {_gib(usable)} ({where})")
     hints = []
+    if not report.fits and suggest:
+        hints.append(_levers_hint(video, model, method, plan, run, prof))
     if report.memory["detail_stage"]["total"] > usable and suggest:
         hints.append(_more_workers_hint(report, video, model, method, plan, run, prof))
     if dtype == "fp32":
@@ -812,6 +814,30 @@ def _reasons(report: CostReport, video, model, method, plan, run, prof, dtype, s
         hints.append("--device-profile h200 (141 GB) holds it")
     out.extend(h for h in hints if h)
     return out
+
+
+#: Memory levers the plan tries on the same ranks when a run does not fit, in this order (RunSettings fields).
+MEMORY_LEVERS = (
+    {"offload_encoders": True},
+    {"ffn_chunk_tokens": 32768},
+    {"offload_encoders": True, "ffn_chunk_tokens": 32768},
+    {"offload_encoders": True, "ffn_chunk_tokens": 8192},
+)
+
+
+def _lever_flags(lever: dict) -> str:
+    return " ".join("--offload-encoders" if k == "offload_encoders" else f"--ffn-chunk {v}" for k, v in lever.items())
+
+
+def _levers_hint(video, model, method, plan, run, prof) -> str | None:
+    """The first of :data:`MEMORY_LEVERS` not already set that makes every phase fit on these ranks."""
+    for lever in MEMORY_LEVERS:
+        if all(getattr(run, k) == v for k, v in lever.items()):
+            continue
+        r = estimate(video, model, method, plan, dataclasses.replace(run, **lever), prof, suggest=False)
+        if r.fits:
+            return f"{_lever_flags(lever)} fits on these ranks ({_gib(r.memory_per_rank_bytes)} per rank)"
+    return None
 
 
 def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
@@ -838,7 +864,7 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
     if method.proxy_context == "all" and "proxy_kv_cache" in report.memory["detail_stage"]:
         fixed["the whole proxy K/V cache"] = report.memory["detail_stage"]["proxy_kv_cache"]
     if "proxy_kv_joint" in report.memory["detail_stage"]:
-        fixed["the whole proxy K/V of every forward (proxy_mode 'joint')"] = report.memory["detail_stage"][
+        fixed["the proxy rows of every forward (proxy_mode 'joint')"] = report.memory["detail_stage"][
             "proxy_kv_joint"
         ]
     parts = " and ".join(f"{k} ({_gib(v)})" for k, v in fixed.items())

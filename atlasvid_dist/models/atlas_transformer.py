@@ -33,6 +33,8 @@ from .block_cache import FirstBlockCache
 from .rope import Rotary3D, RotaryTables, apply_rotary
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+KeepRows = Callable[[int], "torch.Tensor | None"]
+"""``keep(layer)``: the proxy raster ids whose keys/values a recording keeps in that layer (None: all of them)."""
 
 
 @dataclass
@@ -176,27 +178,35 @@ class AtlasTransformer(nn.Module):
         attend, _ = self._proxy_attend(grid, latents.device, record=False)
         return self._run(latents, timestep, encoder_hidden_states, grid, attend)
 
-    def build_proxy_cache(self, proxy: torch.Tensor, encoder_hidden_states: torch.Tensor) -> ProxyCache:
-        """Run the clean proxy (timestep 0) through every layer once and keep each layer's keys/values."""
+    def build_proxy_cache(
+        self, proxy: torch.Tensor, encoder_hidden_states: torch.Tensor, keep: KeepRows | None = None
+    ) -> ProxyCache:
+        """Run the clean proxy (timestep 0) through every layer once and keep each layer's keys/values (with
+        ``keep``, only its rows of each layer, selected as the layer is recorded: the whole K/V never exists)."""
         grid = self.token_grid(proxy, "proxy")
         b = max(proxy.shape[0], encoder_hidden_states.shape[0])
         t0 = torch.zeros(b, device=proxy.device)
         proxy_b = proxy.expand(b, *proxy.shape[1:])
         self._check_inputs(proxy_b, t0, encoder_hidden_states)
         weights = weights_key(self.transformer)
-        kv = self._record_proxy(proxy_b, t0, encoder_hidden_states, grid)
+        kv = self._record_proxy(proxy_b, t0, encoder_hidden_states, grid, keep)
         return ProxyCache(kv, proxy.detach().clone(), encoder_hidden_states.detach().clone(), weights)
 
     def joint_proxy_kv(
-        self, proxy: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        proxy: torch.Tensor,
+        noise: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        keep: KeepRows | None = None,
     ) -> ProxyKV:
         """The proxy keys/values of ``proxy_mode='joint'`` at one detail step (what ``forward`` reads then).
 
         The proxy is re-noised to the step's level on the flow line, sigma = timestep / 1000:
         ``(1 - sigma) * proxy + sigma * noise`` (in the proxy's dtype), and run through every layer at that
         timestep. ``proxy`` and ``noise`` are (B or 1, C, f_p, h_p, w_p), B the text's batch; ``timestep`` a
-        scalar or (B,). Runtimes that shard the detail tokens build it once per call and pass it to their
-        window attention.
+        scalar or (B,). Runtimes that shard the detail tokens build it once per call, keeping each layer's rows
+        their windows read (``keep``), and pass it to their window attention.
         """
         b = encoder_hidden_states.shape[0]
         grid = self.token_grid(proxy, "proxy")
@@ -208,7 +218,7 @@ class AtlasTransformer(nn.Module):
         timestep = self._check_inputs(proxy.expand(b, *proxy.shape[1:]), timestep, encoder_hidden_states)
         sigma = (timestep.float() / 1000.0).reshape(b, 1, 1, 1, 1)
         noisy = ((1.0 - sigma) * proxy + sigma * noise).to(proxy.dtype)
-        return self._record_proxy(noisy, timestep, encoder_hidden_states, grid)
+        return self._record_proxy(noisy, timestep, encoder_hidden_states, grid, keep)
 
     def clear_proxy_cache(self) -> None:
         self._proxy_cache = None
@@ -271,8 +281,10 @@ class AtlasTransformer(nn.Module):
             self._proxy_cache = self.build_proxy_cache(proxy, text)
         return self._proxy_cache.kv
 
-    def _proxy_attend(self, grid: Grid, device, record: bool) -> tuple[Attend, ProxyKV]:
-        """Attention of the proxy path: full attention over proxy tokens at stage-1 positions (time x r_t)."""
+    def _proxy_attend(self, grid: Grid, device, record: bool, keep: KeepRows | None = None) -> tuple[Attend, ProxyKV]:
+        """Attention of the proxy path: full attention over proxy tokens at stage-1 positions (time x r_t);
+        ``record``: each layer's keys (rotated at detail positions) and values are kept, ``keep(layer)``'s rows
+        only when given."""
         own = self.proxy_rotary(grid).to(device)
         detail = self.proxy_detail_rotary(grid).to(device) if record else None
         kv = ProxyKV(grid)
@@ -280,8 +292,7 @@ class AtlasTransformer(nn.Module):
 
         def attend(layer, q, k, v):
             if record:
-                kv.keys.append(apply_rotary(k, detail))
-                kv.values.append(v)
+                _record(kv, layer, k, v, detail, keep)
             qr, kr = apply_rotary(q, own), apply_rotary(k, own)
             return reference_attention(qr, kr, v) if reference else sdpa(qr, kr, v)
 
@@ -299,8 +310,8 @@ class AtlasTransformer(nn.Module):
         (:class:`ProxyAnchor`: time j * r_t, space i * s + (s - 1) / 2)."""
         return self.rotary.tables(self.proxy_anchor().positions(grid))
 
-    def _record_proxy(self, proxy, timestep, text, grid) -> ProxyKV:
-        attend, kv = self._proxy_attend(grid, proxy.device, record=True)
+    def _record_proxy(self, proxy, timestep, text, grid, keep: KeepRows | None = None) -> ProxyKV:
+        attend, kv = self._proxy_attend(grid, proxy.device, record=True, keep=keep)
         self._run(proxy, timestep, text, grid, attend, head=False, checkpoint=False)
         return kv
 
@@ -434,3 +445,15 @@ def _check_transformer(tr: nn.Module) -> None:
         raise ConfigError("transformer", type(tr).__name__, "must be a diffusers WanTransformer3DModel")
     if getattr(cfg, "image_dim", None) or getattr(cfg, "added_kv_proj_dim", None):
         raise ConfigError("transformer", "image-to-video", "only Wan2.1 text-to-video transformers are supported")
+
+
+def _record(kv: ProxyKV, layer: int, k: torch.Tensor, v: torch.Tensor, tables: RotaryTables, keep) -> None:
+    """Append one layer's proxy keys (rotated by ``tables``) and values (B, Np, H, D) to ``kv``: all rows, or
+    ``keep(layer)``'s, selected before the rotation so that only those rows are ever copied."""
+    rows = None if keep is None else keep(layer)
+    if rows is not None:
+        rows = rows.to(k.device)
+        k, v, tables = k.index_select(1, rows), v.index_select(1, rows), tables.index(rows)  # (B, U, H, D)
+    kv.keys.append(apply_rotary(k, tables))
+    kv.values.append(v)
+    kv.rows.append(rows)

@@ -10,6 +10,7 @@ folder is never run (``auto_map`` is refused; every loader gets ``trust_remote_c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -498,10 +499,16 @@ def _build_tiny(dtype: torch.dtype, vae_dtype: torch.dtype) -> WanComponents:
 
 
 def load_components(
-    model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", vae_dtype: torch.dtype = torch.float32
+    model: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    vae_dtype: torch.dtype = torch.float32,
+    offload_encoders: bool = False,
 ) -> WanComponents:
     """Load ``"tiny"`` (built in memory), a diffusers-format Wan2.1 folder, or a Hugging Face id found in the local
-    cache (see :func:`model_folder`) onto ``device`` in eval mode.
+    cache (see :func:`model_folder`) onto ``device`` in eval mode (with ``offload_encoders`` the text encoder and
+    the VAE stay in host memory: :func:`on_device` brings each onto ``device`` while it works).
 
     ``dtype`` applies to the transformer and the text encoder; the VAE stays in ``vae_dtype`` (float32 by
     default, as Wan's reference code decodes). Weights come back frozen (``requires_grad=False``); LoRA adapters
@@ -513,10 +520,28 @@ def load_components(
         _build_tiny(dtype, vae_dtype) if str(model) == "tiny" else _load_folder(model_folder(model), dtype, vae_dtype)
     )
     for module in (parts.transformer, parts.vae, parts.text_encoder):
-        module.to(device).eval().requires_grad_(False)
-        if torch.device(device).type == "cpu":
+        home = "cpu" if offload_encoders and module is not parts.transformer else device
+        module.to(home).eval().requires_grad_(False)
+        if torch.device(home).type == "cpu":
             _own_memory(module)
     return parts
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device, offload: bool):
+    """``module`` on ``device`` for the ``with`` block. ``offload``: it lives in host memory (see
+    :func:`load_components`), comes onto ``device`` for the block and goes back after it, the device's cached
+    blocks released; otherwise it already lives on ``device`` and nothing moves."""
+    if not offload or torch.device(device).type == "cpu":
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ output of the rank's own queries (B, N_local, H, D), in local order. Per layer:
   from their owners through :func:`~atlasvid_dist.parallel.halo.halo_exchange` (keys already rotated, keys and
   values in one message per peer), then the rank's own queries attend inside the layer's windows;
 * proxy keys/values (mode 'atlas'): the rank keeps, per layer, only the proxy rows its windows read (the aligned
-  regions of its windows, or all rows for proxy_context 'all'); they are copied once at construction.
+  regions of its windows, or all rows for proxy_context 'all': :class:`ProxyRows`); they are copied once at
+  construction, or were recorded with only those rows (``keep`` of ``AtlasTransformer.build_proxy_cache``).
 
 The module is model-agnostic: it needs the geometry (AtlasConfig, grid, Rotary3D) and a ProxyKV-like object with
 ``keys[layer]`` / ``values[layer]`` (B, Np, H, D) and ``grid``. Bytes sent are counted in a CommStats (category
@@ -66,6 +67,46 @@ class _Layer:
     """(W, C) rows of the rank's windows into the kept proxy rows (positions in ``proxy_rows``)."""
 
 
+class ProxyRows:
+    """The proxy rows one rank's windows read, per layer: ``self(layer)`` is the (U,) raster ids the rank keeps
+    of that layer's proxy keys/values (the aligned regions of its windows with their margin, or every row for
+    proxy_context 'all'), ``index(layer)`` the (W, C) positions of each of its windows' context in them.
+
+    Needs only the geometry, not the keys/values: a rank passes it as ``keep`` when the proxy is recorded
+    (``AtlasTransformer.build_proxy_cache``), so each layer's rows are selected as it is computed.
+    """
+
+    def __init__(self, config: AtlasConfig, grid: Grid, proxy_grid: Grid, scales, windows):
+        """``windows(spec)``: the (W,) ids of the windows of ``spec`` that hold the rank's tokens."""
+        self.config, self.grid, self.proxy_grid, self.scales = config, grid, proxy_grid, scales
+        self._windows = windows
+        self._by_spec: dict[WindowSpec, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def of_rank(cls, config: AtlasConfig, grid: Grid, sharding: WindowSharding, rank: int, proxy_grid: Grid, scales):
+        """Rank ``rank``'s rows under ``sharding`` (its windows from the halo plan of each layer grid)."""
+        return cls(config, grid, proxy_grid, scales, lambda spec: halo_plan(sharding, spec, rank).windows)
+
+    def __call__(self, layer: int) -> torch.Tensor:
+        return self._entry(layer)[0]
+
+    def index(self, layer: int) -> torch.Tensor:
+        return self._entry(layer)[1]
+
+    def _entry(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = layer_spec(self.config, self.grid, layer)
+        if spec not in self._by_spec:
+            windows = self._windows(spec).cpu()
+            if self.config.proxy_context == "aligned":
+                full, _ = proxy_regions(spec, self.proxy_grid, self.scales, self.config.proxy_margin)
+                rows, index = torch.unique(full[windows], return_inverse=True)  # full[windows]: (W, C) raster ids
+            else:  # 'all': every window reads every proxy token
+                rows = torch.arange(self.proxy_grid.size)
+                index = rows[None].expand(windows.numel(), -1)
+            self._by_spec[spec] = (rows, index)
+        return self._by_spec[spec]
+
+
 class ShardedWindowAttention:
     """``attend(layer, q, k, v)`` for one rank's tokens (see the module docstring)."""
 
@@ -84,6 +125,8 @@ class ShardedWindowAttention:
         stats: CommStats | None = None,
         timeout: float | None = None,
     ):
+        """``proxy``: a ProxyKV-like object, every row of each layer or (``rows[layer]`` set) exactly the rows
+        :class:`ProxyRows` gives this rank."""
         if config.mode != "atlas":
             raise ConfigError("method.mode", config.mode, "sharded window attention runs mode 'atlas' only")
         if sharding.spec != base_spec(config, grid):
@@ -96,16 +139,17 @@ class ShardedWindowAttention:
         self.token_index = sharding.token_index(rank)  # (N_local,) raster ids, local order
         self.tables = rotary.for_grid(grid).index(self.token_index).to(self.device)
         self.scales = scales
-        self._proxy_grid = None if proxy is None else proxy.grid
+        self._plans: dict[WindowSpec, HaloPlan] = {}
         self._layers: dict[WindowSpec, _Layer] = {}
+        self._rows = None if proxy is None else ProxyRows(config, grid, proxy.grid, scales, self._plan_windows)
         self._proxy_k: list[torch.Tensor] = []
         self._proxy_v: list[torch.Tensor] = []
         if proxy is not None:
             n = len(proxy.keys) if num_layers is None else num_layers
-            for layer in range(n):  # keep only the proxy rows this rank's windows read
-                rows = self._layer(layer).proxy_rows.to(proxy.keys[layer].device)
-                self._proxy_k.append(proxy.keys[layer].index_select(1, rows).to(self.device))  # (B, U, H, D)
-                self._proxy_v.append(proxy.values[layer].index_select(1, rows).to(self.device))
+            for layer in range(n):
+                k, v = _kept_rows(proxy, layer, self._rows(layer))
+                self._proxy_k.append(k.to(self.device))  # (B, U, H, D)
+                self._proxy_v.append(v.to(self.device))
 
     @property
     def num_local(self) -> int:
@@ -116,21 +160,21 @@ class ShardedWindowAttention:
         return sum(t.numel() * t.element_size() for t in self._proxy_k + self._proxy_v)
 
     # -- geometry -------------------------------------------------------------------------------------------------
+    def _plan(self, spec: WindowSpec) -> HaloPlan:
+        if spec not in self._plans:
+            self._plans[spec] = halo_plan(self.sharding, spec, self.rank)
+        return self._plans[spec]
+
+    def _plan_windows(self, spec: WindowSpec) -> torch.Tensor:
+        return self._plan(spec).windows
+
     def _layer(self, layer: int) -> _Layer:
         spec = layer_spec(self.config, self.grid, layer)
         if spec not in self._layers:
-            plan = halo_plan(self.sharding, spec, self.rank)
             rows = index = None
-            if self._proxy_grid is not None:
-                if self.config.proxy_context == "aligned":
-                    full, _ = proxy_regions(spec, self._proxy_grid, self.scales, self.config.proxy_margin)
-                    mine = full[plan.windows]  # (W, C) proxy raster ids read by this rank's windows
-                    rows, index = torch.unique(mine, return_inverse=True)
-                else:  # 'all': every window reads every proxy token
-                    rows = torch.arange(self._proxy_grid.size)
-                    index = rows[None].expand(plan.windows.numel(), -1)
-                index = index.to(self.device)
-            self._layers[spec] = _Layer(plan.to(self.device), rows, index)
+            if self._rows is not None:
+                rows, index = self._rows(layer), self._rows.index(layer).to(self.device)
+            self._layers[spec] = _Layer(self._plan(spec).to(self.device), rows, index)
         return self._layers[spec]
 
     # -- the callback ---------------------------------------------------------------------------------------------
@@ -170,3 +214,15 @@ class ShardedWindowAttention:
                 None if pv is None else pv[:, w0:w1],
             )
         return scatter_output(out, plan)  # (B, N_local, H, D)
+
+
+def _kept_rows(proxy, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's proxy keys/values restricted to ``rows`` (B, U, H, D): selected here from every row, or
+    recorded that way already (then they must be exactly these rows)."""
+    recorded = proxy.rows[layer] if getattr(proxy, "rows", None) else None
+    if recorded is None:
+        rows = rows.to(proxy.keys[layer].device)
+        return proxy.keys[layer].index_select(1, rows), proxy.values[layer].index_select(1, rows)
+    if not torch.equal(recorded.cpu(), rows):
+        raise ValueError(f"layer {layer}: the proxy keys/values were recorded for other rows than this rank reads")
+    return proxy.keys[layer], proxy.values[layer]

@@ -85,6 +85,8 @@ class _HeadSlice:
     keys: list
     values: list
     grid: Grid
+    rows: list
+    """As ``ProxyKV.rows``: per layer the kept raster ids (None: all)."""
 
 
 class GroupedWindowAttention:
@@ -122,7 +124,10 @@ class GroupedWindowAttention:
         hp = num_heads // layout.size
         heads = slice(layout.slot * hp, (layout.slot + 1) * hp)
         if proxy is not None:
-            proxy = _HeadSlice([k[:, :, heads] for k in proxy.keys], [v[:, :, heads] for v in proxy.values], proxy.grid)
+            rows = list(getattr(proxy, "rows", None) or [None] * len(proxy.keys))
+            proxy = _HeadSlice(
+                [k[:, :, heads] for k in proxy.keys], [v[:, :, heads] for v in proxy.values], proxy.grid, rows
+            )
         self.layout, self.group, self.timeout = layout, group, timeout
         self.stats = stats if stats is not None else CommStats()
         self.inner = ShardedWindowAttention(

@@ -277,7 +277,9 @@ class TwoStageGenerator:
         if self.components is None:
             from ..models.loading import load_components
 
-            self.components = load_components(self.cfg.model, dtype=self.dtype, device=self.cfg.device)
+            self.components = load_components(
+                self.cfg.model, dtype=self.dtype, device=self.cfg.device, offload_encoders=self.cfg.offload_encoders
+            )
         comp = self.components
         _check_channels(comp)
         self._load_adapters(comp.transformer)
@@ -291,19 +293,22 @@ class TwoStageGenerator:
                 lora.load_lora(transformer, path, name)
 
     def encode(self, comp) -> TextEmbeddings:
+        from ..models.loading import on_device
+
         t0 = time.perf_counter()
         cfg = self.cfg
         text_len = cfg.text_len or min(512, int(comp.tokenizer.model_max_length))  # Wan: 512
-        text = encode_prompts(
-            comp.tokenizer,
-            comp.text_encoder,
-            cfg.prompt,
-            cfg.negative_prompt,
-            max_length=text_len,
-            use_cfg=cfg.guidance > 1.0,
-            device=self.device,
-            dtype=self.dtype,
-        )
+        with on_device(comp.text_encoder, self.device, cfg.offload_encoders) as encoder:
+            text = encode_prompts(
+                comp.tokenizer,
+                encoder,
+                cfg.prompt,
+                cfg.negative_prompt,
+                max_length=text_len,
+                use_cfg=cfg.guidance > 1.0,
+                device=self.device,
+                dtype=self.dtype,
+            )
         text.check(comp.transformer.config.text_dim)
         self.seconds["text"] = time.perf_counter() - t0
         return text
@@ -357,6 +362,7 @@ class TwoStageGenerator:
     def decode(self, comp, latents, path: str, fps: float, out_hw, label: str = "decode", pending=None) -> int:
         """Tiled, streaming VAE decode into an mp4 written under a temporary name (renamed at once, or with the
         other outputs by ``pending``, an outputs.PendingOutputs); returns the file size."""
+        from ..models.loading import on_device
         from .decode import decode_stream
         from .video_io import Mp4Writer
 
@@ -365,8 +371,8 @@ class TwoStageGenerator:
         h, w = out_hw if out_hw else (latents.shape[3] * 8, latents.shape[4] * 8)
         bar = self.bar(frames, label, "frame")
         with Mp4Writer(path, fps=fps, width=w, height=h, pending=pending, crf=self.cfg.crf) as writer:
-            with torch.no_grad():
-                for chunk in decode_stream(comp.vae, latents, self.decode_tiling(), out_hw=(h, w)):
+            with torch.no_grad(), on_device(comp.vae, self.device, self.cfg.offload_encoders) as vae:
+                for chunk in decode_stream(vae, latents, self.decode_tiling(), out_hw=(h, w)):
                     writer.write(chunk)
                     bar.update(len(chunk))
         bar.close()

@@ -13,9 +13,9 @@ import torch
 from ..models import lora
 
 
-def proxy_cache_for(atlas, proxy: torch.Tensor, text: torch.Tensor, adapter: str | None):
-    """``atlas.build_proxy_cache(proxy, text)`` without gradients, with ``adapter`` the only active LoRA
+def proxy_cache_for(atlas, proxy: torch.Tensor, text: torch.Tensor, adapter: str | None, keep=None):
+    """``atlas.build_proxy_cache(proxy, text, keep)`` without gradients, with ``adapter`` the only active LoRA
     (None: the base weights). The adapter stays active afterwards; the caller activates the detail adapter."""
     lora.set_active_adapter(atlas.transformer, adapter)
     with torch.no_grad():
-        return atlas.build_proxy_cache(proxy, text)
+        return atlas.build_proxy_cache(proxy, text, keep)

@@ -152,15 +152,15 @@ def activate_adapter(cfg, transformer, name: str) -> None:
     lora.set_active_adapter(transformer, name if path else None)
 
 
-def proxy_caches(cfg, model, proxy: torch.Tensor, text: TextEmbeddings) -> dict:
+def proxy_caches(cfg, model, proxy: torch.Tensor, text: TextEmbeddings, keep=None) -> dict:
     """The clean proxy's keys/values per prompt ("cond", "uncond"), built by the stage-1 model (its adapter
-    active, base weights without one): the same function stage-2 training uses (pipeline/proxy_cache.py)."""
+    active, base weights without one): the same function stage-2 training uses (pipeline/proxy_cache.py).
+    ``keep(layer)``: the proxy rows to keep of each layer (a rank's windows'); None keeps all."""
     from .proxy_cache import proxy_cache_for
 
     adapter = "stage1" if cfg.lora_stage1 else None
-    return {
-        k: proxy_cache_for(model, proxy, e, adapter) for k, e in zip(KINDS, (text.cond, text.uncond)) if e is not None
-    }
+    embs = zip(KINDS, (text.cond, text.uncond))
+    return {k: proxy_cache_for(model, proxy, e, adapter, keep) for k, e in embs if e is not None}
 
 
 class Stage:
@@ -281,7 +281,10 @@ class DetailStage(Stage):
 
     name, seed_offset = "detail", 1
 
-    def __init__(self, cfg, comp, text: TextEmbeddings, proxy: torch.Tensor | None, device, dtype):
+    def __init__(
+        self, cfg, comp, text: TextEmbeddings, proxy: torch.Tensor | None, device, dtype, build_caches: bool = True
+    ):
+        """``build_caches=False``: the caller calls :meth:`build_caches` itself (a rank, to keep its rows only)."""
         from ..models.atlas_transformer import AtlasTransformer
 
         super().__init__(cfg, comp, text, device, dtype)
@@ -289,14 +292,22 @@ class DetailStage(Stage):
         self.model = AtlasTransformer(comp.transformer, cfg.method, ffn_chunk=cfg.ffn_chunk)
         self.caches = {}
         """Clean proxy keys/values by prompt kind (empty: no proxy, or proxy_mode 'joint')."""
-        if proxy is not None and cfg.method.proxy_mode == "clean":
-            self.caches = proxy_caches(cfg, self.model, proxy.to(device, dtype), text)
-        activate_adapter(cfg, comp.transformer, "stage2")
+        if build_caches:
+            self.build_caches()
+        else:
+            activate_adapter(cfg, comp.transformer, "stage2")
+
+    def build_caches(self, keep=None) -> None:
+        """proxy_mode 'clean': build :attr:`caches` (``keep(layer)``: each layer's proxy rows to keep, None: all);
+        then make the stage-2 adapter the active one."""
+        if self.proxy is not None and not self.joint:
+            self.caches = proxy_caches(self.cfg, self.model, self.proxy.to(self.device, self.dtype), self.text, keep)
+        activate_adapter(self.cfg, self.comp.transformer, "stage2")
 
     @property
     def joint(self) -> bool:
         """True when every forward re-noises the proxy (proxy_mode 'joint')."""
-        return self.proxy is not None and not self.caches
+        return self.proxy is not None and self.cfg.method.proxy_mode == "joint"
 
     def shape(self) -> tuple[int, ...]:
         return (1, self.comp.transformer.config.in_channels, *self.cfg.latent.dims)
@@ -328,7 +339,7 @@ class DetailStage(Stage):
     def proxy_input(self, kind: str, x: torch.Tensor, generator: torch.Generator) -> ProxyInput | None:
         if self.proxy is None:
             return None
-        if self.caches:
+        if not self.joint:
             return ProxyInput(cache=self.caches[kind])
         noise = torch.randn(self.proxy.shape, generator=generator).to(x)
         return ProxyInput(proxy=self.proxy, noise=noise)

@@ -321,11 +321,13 @@ class DetailWorker:
         from ..pipeline.decode import DecodeTiling, decode_tiles, plan_tiles
 
         t0 = time.perf_counter()
-        vae = self.gen.load().vae
+        from ..models.loading import on_device
+
+        gen = self.gen
         cut = DecodeTiling(**tiling)
         tiles = plan_tiles(tuple(latents.shape[3:]), cut)
-        lat = latents.to(self.gen.device, self.gen.dtype)
-        with torch.no_grad():
+        lat = latents.to(gen.device, gen.dtype)
+        with torch.no_grad(), on_device(gen.load().vae, gen.device, gen.cfg.offload_encoders) as vae:
             yield from decode_tiles(vae, lat, [tiles[i] for i in tile_ids], cut)
         self.log.info("decoded %d tile(s) in %.1f s", len(tile_ids), time.perf_counter() - t0)
 

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..geometry.grid import Grid
 from ..parallel import comm
 from ..parallel.comm import CommStats
-from ..parallel.window_attention import ShardedWindowAttention, shard_for
+from ..parallel.window_attention import ProxyRows, ShardedWindowAttention, shard_for
 from ..parallel.window_group import GroupedWindowAttention, group_layout
 from ..pipeline.stages import DetailStage, ProxyInput, SavedStep, StageState
 from ..pipeline.text import TextEmbeddings
@@ -96,7 +96,7 @@ def denoise_rank(
     token layout (:class:`RankWindows`) is this rank's.
     """
     check_supported(gen.cfg)
-    stage = DetailStage(gen.cfg, comp, text, proxy, gen.device, gen.dtype)
+    stage = DetailStage(gen.cfg, comp, text, proxy, gen.device, gen.dtype, build_caches=False)
     split = None if window_group == 1 else (window_group, groups, window_parallel)
     stats = stats if stats is not None else CommStats()
     layout = RankWindows(stage, rank, world, group, stats, timeout, split, window_order)
@@ -127,9 +127,10 @@ class RankWindows:
     """A rank's layout of stage 2: its windows' tokens (or with a window group its slice of the group's) as a
     strip, window-sharded attention reading the proxy keys/values.
 
-    proxy_mode 'clean': one window attention per prompt kind, built once over the stage's cached keys/values.
-    'joint': each forward builds that call's proxy keys/values (``AtlasTransformer.joint_proxy_kv``, the whole
-    proxy on every rank) and a window attention reading them, which keeps only its windows' rows.
+    proxy_mode 'clean': the stage's cached keys/values are recorded keeping only the rows this rank's windows
+    read (:class:`ProxyRows`, layer by layer: the whole proxy K/V never exists here), then one window attention
+    per prompt kind reads them. 'joint': each forward records that call's proxy keys/values the same way
+    (``AtlasTransformer.joint_proxy_kv``) and builds a window attention reading them.
     """
 
     def __init__(
@@ -145,6 +146,13 @@ class RankWindows:
         self.group_layout = group_layout(self.sharding, rank, g) if g > 1 else None
         wsplit = None if split is None else (self.group_layout, split[1], split[2])
         self.make = _window_attention(stage, grid, self.sharding, rank, group, stats, timeout, wsplit)
+        self.keep = None
+        if stage.proxy is not None:
+            owner = rank if self.group_layout is None else self.group_layout.group
+            pgrid = self.model.token_grid(stage.proxy, "proxy")
+            scales = self.model.proxy_geometry(grid).scales
+            self.keep = ProxyRows.of_rank(stage.cfg.method, grid, self.sharding, owner, pgrid, scales)
+        stage.build_caches(self.keep)
         self.joint_bytes: dict[int, int] = {}
         self.attends = {}
         if not stage.joint:
@@ -160,8 +168,8 @@ class RankWindows:
     def forward(self, kind: str, x, t, emb, proxy: ProxyInput | None, cache=None) -> torch.Tensor:
         attend = self.attends.get(kind)
         joint = proxy is not None and proxy.cache is None
-        if joint:  # the attention keeps only its windows' proxy rows: the whole K/V is freed here
-            attend = self.make(self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb))
+        if joint:  # recorded with only this rank's windows' proxy rows
+            attend = self.make(self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb, self.keep))
         out = strip_forward(self.model, x, t, emb, attend, self.n, cache)
         if joint:
             _add_bytes(self.joint_bytes, attend.layer_bytes)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config.method import AtlasConfig
+from ...errors import InputError
 from ...geometry.grid import Grid, ProxyAnchor
 from ...geometry.windows import WindowSpec, proxy_regions, window_layout
 from ..rope import Rotary3D, RotaryTables, apply_rotary
@@ -22,11 +23,20 @@ from .kernels import reference_attention, sdpa, windows_sdpa
 
 @dataclass
 class ProxyKV:
-    """Per-layer proxy keys (RoPE at detail coordinates) and values, each (B, Np, H, D), and the proxy grid."""
+    """Per-layer proxy keys (RoPE at detail coordinates) and values, each (B, Np, H, D), and the proxy grid.
+
+    ``rows[layer]`` is None when the layer keeps every proxy token (Np = the grid's size, raster order); a rank of
+    the window-sharded runtime keeps only the rows its windows read, and then ``rows[layer]`` holds their raster
+    ids (Np of them, in the order of ``keys[layer]``'s second axis)."""
 
     grid: Grid
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    rows: list[torch.Tensor | None] = field(default_factory=list)
+
+    def partial(self) -> bool:
+        """True when some layer keeps only some proxy rows."""
+        return any(r is not None for r in self.rows)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -60,6 +70,8 @@ class DetailAttention:
         proxy: ProxyKV | None = None,
         scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ):
+        if proxy is not None and proxy.partial():
+            raise InputError("proxy: these keys/values keep only one rank's rows; the whole grid reads all of them")
         self.config, self.grid, self.rotary, self.device = config, grid, rotary, device
         self.proxy, self.scales = proxy, scales
         self.backend = resolve_backend(config.backend, device)
