@@ -864,9 +864,7 @@ def _more_workers_hint(report, video, model, method, plan, run, prof) -> str:
     if method.proxy_context == "all" and "proxy_kv_cache" in report.memory["detail_stage"]:
         fixed["the whole proxy K/V cache"] = report.memory["detail_stage"]["proxy_kv_cache"]
     if "proxy_kv_joint" in report.memory["detail_stage"]:
-        fixed["the proxy rows of every forward (proxy_mode 'joint')"] = report.memory["detail_stage"][
-            "proxy_kv_joint"
-        ]
+        fixed["the proxy rows of every forward (proxy_mode 'joint')"] = report.memory["detail_stage"]["proxy_kv_joint"]
     parts = " and ".join(f"{k} ({_gib(v)})" for k, v in fixed.items())
     return (
         f"no worker count up to {min(limit, 1024)} fits: every rank holds the {parts} whatever the rank count; "
