@@ -127,15 +127,21 @@ def test_plan_shows_the_halo_without_shifts_in_time():
     assert plan("--res", "4k", "--shift-axes", "x").exit_code == 2
 
 
-def test_auto_window_order_takes_the_ownership_with_the_least_halo():
-    """The default --window-order auto at 4K x 81 on 8 ranks: column slabs (a shift in time stays on the rank), less
-    than half the halo of time slabs; every figure of the report prices that ownership."""
+def test_auto_sharding_takes_the_ownership_and_exchange_with_the_least_traffic():
+    """The defaults (--window-order auto, --shift-exchange auto) at 4K x 81 on 8 ranks: column slabs (a shift in
+    time stays on the rank) whose shifted layers move rows: at most 4 GiB per step per rank (the issue's target),
+    less than half the halo of column slabs with keys/values, and a fifth of time slabs'; every figure of the
+    report prices that sharding."""
     d = json.loads(plan("--res", "4k", "--gpus", "8", "--json").stdout)
-    orders = d["by_window_order"]
-    assert d["inputs"]["parallel"]["window_order"] == "wht"
-    assert d["comm_bytes_per_step_per_rank"]["halo"] == orders["wht"]["halo"] < orders["thw"]["halo"] / 2
+    by = d["by_sharding"]
+    assert (d["inputs"]["parallel"]["window_order"], d["inputs"]["parallel"]["shift_exchange"]) == ("wht", "rows")
+    halo = d["comm_bytes_per_step_per_rank"]["halo"]
+    assert halo == by["wht/rows"]["halo"] <= 4 * 2**30
+    assert halo < by["wht/kv"]["halo"] / 2 and halo < by["thw/kv"]["halo"] / 4
     marked = [line for line in plan("--res", "4k", "--gpus", "8").stdout.splitlines() if "<- this run" in line]
-    assert len(marked) == 1 and "--window-order wht" in marked[0] and "auto" in marked[0], marked
+    assert len(marked) == 1 and "--window-order wht --shift-exchange rows" in marked[0] and "auto" in marked[0]
+    kv = json.loads(plan("--res", "4k", "--gpus", "8", "--shift-exchange", "kv", "--json").stdout)
+    assert kv["inputs"]["parallel"]["window_order"] == "wht"  # the least halo of keys/values
     one = json.loads(plan("--res", "720p", "--gpus", "1", "--json").stdout)  # nothing to choose: one window group
     assert one["inputs"]["parallel"]["window_order"] == "thw"
     assert plan("--res", "4k", "--gpus", "8", "--window-order", "xyz").exit_code == 2

@@ -199,12 +199,32 @@ def test_group_share_agrees_with_halo_plan():
     grid = Grid(6, 30, 32)
     base, shifted = WindowSpec(grid, (3, 15, 16)), WindowSpec(grid, (3, 15, 16), (1, 7, 8))
     sharding = shard_windows(base, 3)
-    share = group_share(sharding, shifted, None, (1.0, 1.0, 1.0), (0, 0, 0), aligned=False)
+    share = group_share(owner_of_tokens(sharding), 3, shifted, None, (1.0, 1.0, 1.0), (0, 0, 0), aligned=False)
     plans = [halo_plan(sharding, shifted, r) for r in range(3)]
     assert share.halo_tokens == max(p.num_halo for p in plans) > 0
     assert share.touched_windows == max(int(p.windows.numel()) for p in plans)
     assert share.tokens == max(sharding.tokens_per_rank)
     assert torch.equal(owner_of_tokens(sharding), sharding.owner)
+
+
+def test_moved_rows_agree_with_the_move_plans():
+    """Shift exchange 'rows', counted vectorised by the cost model: the same assignment as the runtime's, no
+    halo, and the rows each rank sends along a forward (base -> shifted -> base) equal its move plans'."""
+    from atlasvid_dist.cost.ranks import assigned_owner, moved_rows
+    from atlasvid_dist.parallel.migrate import move_plan
+    from atlasvid_dist.parallel.sharding import assign_windows
+
+    grid = Grid(6, 30, 32)
+    base, shifted = WindowSpec(grid, (3, 15, 16)), WindowSpec(grid, (3, 15, 16), (1, 7, 8), pad=True)
+    sharding = shard_windows(base, 3, "wht")
+    held = assign_windows(sharding.owner, shifted, 3)
+    owner = assigned_owner(owner_of_tokens(sharding), shifted, 3)
+    assert torch.equal(owner, held.owner)
+    share = group_share(owner, 3, shifted, None, (1.0, 1.0, 1.0), (0, 0, 0), aligned=False)
+    assert share.halo_tokens == 0 and share.tokens == max(held.tokens_per_rank)
+    moves = moved_rows([sharding.owner, owner, sharding.owner], 3)
+    sent = [move_plan(sharding, held, r).num_sent + move_plan(held, sharding, r).num_sent for r in range(3)]
+    assert moves.sent == max(sent) > 0
 
 
 # -- the parallel plan ----------------------------------------------------------------------------------------
@@ -306,7 +326,7 @@ def test_halo_bytes_equal_the_halo_plan_to_the_byte(order):
     d and bf16 and the guidance passes, is the cost model's halo of the heaviest rank, exactly."""
     video = VideoSpec.from_res("480p", frames=21)
     cfg = AtlasConfig(spatial_scale=2, pad_windows=True)
-    plan = gpu_plan(4, window_order=order)
+    plan = gpu_plan(4, window_order=order, shift_exchange="kv")
     r = estimate(video, WAN13, cfg, plan, RunSettings(), "h100")
     grid = Grid(*r.detail_grid)
     base = WindowSpec(grid, cfg.window, (0, 0, 0), pad=True)
@@ -319,3 +339,20 @@ def test_halo_bytes_equal_the_halo_plan_to_the_byte(order):
         for rank in range(4):
             per_rank[rank] += halo_plan(sharding, spec, rank).num_halo
     assert r.comm_bytes_per_step_per_rank["halo"] == max(per_rank) * 2 * WAN13.dim * 2 * 2
+
+    # exchange 'rows': the rows the runtime's move plans send along the forward (layer by layer, back at the end)
+    from atlasvid_dist.parallel.migrate import move_plan
+    from atlasvid_dist.parallel.window_attention import layer_holdings
+
+    r = estimate(video, WAN13, cfg, gpu_plan(4, window_order=order, shift_exchange="rows"), RunSettings(), "h100")
+    holdings = [sharding]
+    for layer in range(WAN13.num_layers):
+        window, shift = entries[layer % len(entries)]
+        holdings.append(layer_holdings(sharding, WindowSpec(grid, window, shift, pad=True), "rows"))
+    holdings.append(sharding)
+    sent = [0] * 4
+    for a, b in zip(holdings[:-1], holdings[1:]):
+        if a is not b:
+            for rank in range(4):
+                sent[rank] += move_plan(a, b, rank).num_sent
+    assert r.comm_bytes_per_step_per_rank["halo"] == max(sent) * WAN13.dim * 2 * 2 > 0

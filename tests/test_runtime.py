@@ -394,17 +394,19 @@ def test_spatial_only_shift_equals_single_process(tmp_path, capsys):
     assert len(sent) == 2 and all(s > 0 for s in sent), text
 
 
-def test_column_slab_ownership_equals_single_process_and_sends_what_plan_says(tmp_path, capsys):
-    """--window-order wht (column slabs across all time) on 4 workers, windows shifted in time and space: the
-    one-process latents, and every rank's counted bytes per step within the pre-flight's figure for the heaviest
-    rank, which one of them reaches exactly (the same number `plan` prints for this run)."""
+@pytest.mark.parametrize("exchange", ["kv", "rows"])
+def test_column_slab_ownership_equals_single_process_and_sends_what_plan_says(tmp_path, capsys, exchange):
+    """--window-order wht (column slabs across all time) on 4 workers, windows shifted in time and space, shifted
+    layers by a key/value halo or by moving rows: the one-process latents, and every rank's counted bytes per
+    step within the pre-flight's figure for the heaviest rank, which one of them reaches exactly (the same
+    number `plan` prints for this run)."""
     import json
 
     args = [*ARGS, "--frames", "45", "--window", "2,8,8"]  # token grid (12, 16, 16): 24 windows, shift (1, 4, 4)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert cli("generate", *args, "--out", str(tmp_path / "a.mp4"), "--save-latents", str(a)) == 0
     capsys.readouterr()
-    flags = ["--workers", "4", "--window-order", "wht"]
+    flags = ["--workers", "4", "--window-order", "wht", "--shift-exchange", exchange]
     code = cli("generate", *args, *flags, "--out", str(tmp_path / "b.mp4"), "--save-latents", str(b), "--json")
     out = capsys.readouterr().out
     assert code == 0, out

@@ -26,7 +26,7 @@ def _setup(seed=0, lat=LAT):
 
 
 @torch.no_grad()
-def _sharded_forward(rank, world):
+def _sharded_forward(rank, world, exchange="kv", order="thw"):
     import torch.distributed as dist
 
     from atlasvid_dist.parallel.comm import CommStats
@@ -36,7 +36,7 @@ def _sharded_forward(rank, world):
     ref = model(x, t, enc, proxy=proxy)
     grid = model.token_grid(x)
     cache = model.build_proxy_cache(proxy, enc)
-    sharding = shard_for(model.atlas_config, grid, world)
+    sharding = shard_for(model.atlas_config, grid, world, order)
     stats = CommStats()
     attend = ShardedWindowAttention(
         model.atlas_config,
@@ -49,10 +49,11 @@ def _sharded_forward(rank, world):
         model.proxy_geometry(grid).scales,
         stats=stats,
         timeout=30,
+        exchange=exchange,
     )
     tokens, temb, tproj, text = model.embed(x, t, enc)
     mine = sharding.shard(tokens, rank)  # (B, N_local, D)
-    out = model.run_blocks(mine, text, tproj, attend)
+    out = model.run_blocks(mine, text, tproj, attend, move=attend.move if exchange == "rows" else None)
     parts = [None] * world
     dist.all_gather_object(parts, out)
     full = sharding.unshard(parts)
@@ -60,6 +61,7 @@ def _sharded_forward(rank, world):
     windows = len(sharding.window_range(rank))
     full_proxy = sum(k.numel() * k.element_size() for k in cache.kv.keys + cache.kv.values)
     return {
+        "rows": stats.total("halo.rows"),
         "diff": float((got - ref).abs().max()),
         "layer_bytes": dict(attend.layer_bytes),
         "halo": stats.total("halo"),
@@ -81,6 +83,20 @@ def test_sharded_blocks_equal_single_process(world):
     if world == 4:
         assert len({r["windows"] for r in res}) > 1  # uneven window counts per rank
         assert all(0 < r["proxy_bytes"] <= r["full_proxy_bytes"] for r in res)  # aligned regions only
+
+
+@pytest.mark.slow  # spawns 3 gloo processes
+@pytest.mark.parametrize("order", ["thw", "wht"])
+def test_shifted_layers_by_moving_rows_equal_single_process(order):
+    """Shift exchange 'rows': each shifted window is computed whole by one rank after its rows moved there; the
+    output equals one process, and the only traffic is the rows (no key/value halo)."""
+    res = run_ranks(_sharded_forward, 3, "rows", order, timeout=120)
+    for r in res:
+        assert r["diff"] <= 1e-5, res
+        assert r["halo"] == r["rows"] == sum(r["layer_bytes"].values())  # rows only: no keys/values sent
+    assert sum(r["rows"] for r in res) > 0
+    kv = run_ranks(_sharded_forward, 3, "kv", order, timeout=120)
+    assert max(r["rows"] for r in res) < max(r["halo"] for r in kv)  # half the bytes or less
 
 
 def test_refuses_other_modes_and_grids():

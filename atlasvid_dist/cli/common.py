@@ -149,6 +149,7 @@ def build_parallel(
     window_group: int = 1,
     window_parallel: str = "ulysses",
     window_order: str = "thw",
+    shift_exchange: str = "kv",
 ) -> ParallelPlan:
     """ParallelPlan from option values: workers default to the GPUs (CUDA) or 1 (CPU); degree 0 = all workers."""
     check(device in ("cpu", "cuda"), "device", device, "must be cpu or cuda")
@@ -167,4 +168,5 @@ def build_parallel(
         window_group=window_group,
         window_parallel=window_parallel,
         window_order=window_order,
+        shift_exchange=shift_exchange,
     )

@@ -30,7 +30,7 @@ RUN_KEYS = tuple(name for name in config_fields(GenerateConfig) if name not in (
 #: 'auto'/0, rules :func:`~.common.build_method` applies).
 METHOD_KEYS = tuple(name for name, o in OPTIONS.items() if o.source is AtlasConfig)
 #: How a distributed run is spread (ParallelPlan; command line only).
-DIST_KEYS = ("proxy_parallel", "window_group", "window_parallel", "window_order")
+DIST_KEYS = ("proxy_parallel", "window_group", "window_parallel", "window_order", "shift_exchange")
 
 
 NO_ADAPTER = "none"
@@ -166,6 +166,7 @@ def generate(
     window_group: int = option("window_group", cli_default=True, note="With --workers/--gpus."),
     window_parallel: str = option("window_parallel", cli_default=True, note="ring is planned, refused for now."),
     window_order: str = option("window_order", cli_default=True, note="With --workers/--gpus; plan prices both."),
+    shift_exchange: str = option("shift_exchange", cli_default=True, note="With --workers/--gpus."),
     # output
     out: Optional[str] = option("out"),
     save_proxy: Optional[str] = option("save_proxy"),
@@ -218,7 +219,9 @@ def generate(
     ranks = _distributed(workers, gpus, flags)
     if ranks is None and dist_flags != {k: OPTIONS[k].value for k in DIST_KEYS}:
         raise ConfigError(
-            "proxy_parallel/window_group/window_order", dist_flags, "need --workers or --gpus (a distributed run)"
+            "proxy_parallel/window_group/window_order/shift_exchange",
+            dist_flags,
+            "need --workers or --gpus (a distributed run)",
         )
     if resume:
         cfg = _resume_config(resume, flags)

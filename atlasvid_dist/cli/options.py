@@ -180,6 +180,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("window_group", DISTRIBUTED, _P),
     Opt("window_parallel", DISTRIBUTED, _P),
     Opt("window_order", DISTRIBUTED, _P),
+    Opt("shift_exchange", DISTRIBUTED, _P),
     Opt("gpus_per_node", DISTRIBUTED, _P),  # plan only
     # output
     Opt("out", OUTPUT, _G),

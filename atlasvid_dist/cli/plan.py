@@ -15,7 +15,7 @@ import typer
 from ..config.generate import resolve_device
 from ..config.model import MODEL_PRESETS
 from ..config.parallel import ParallelPlan
-from ..cost.model import CostReport, RunSettings, choose_window_order, estimate
+from ..cost.model import CostReport, RunSettings, choose_sharding, estimate
 from ..cost.profiles import device_profile
 from ..errors import AtlasError, PlanError
 from ..pipeline.adapter_geometry import run_geometry, warn_adapter_geometry
@@ -84,6 +84,7 @@ def plan(
     window_group: int = option("window_group", cli_default=True),
     window_parallel: str = option("window_parallel", cli_default=True),
     window_order: str = option("window_order", cli_default=True),
+    shift_exchange: str = option("shift_exchange", cli_default=True),
     gpus_per_node: int = option("gpus_per_node", cli_default=True),
     # output
     json_out: bool = typer.Option(
@@ -138,6 +139,7 @@ def plan(
         window_group=window_group,
         window_parallel=window_parallel,
         window_order=window_order,
+        shift_exchange=shift_exchange,
     )
     par = dataclasses.replace(par, gpus_per_node=gpus_per_node)
     run = RunSettings(
@@ -155,8 +157,9 @@ def plan(
     )
     auto_profile = device_profile_name in (None, "auto")
     profile = device_profile(("h100" if device == "cuda" else "cpu") if auto_profile else device_profile_name)
-    if par.window_order == "auto":  # resolved once here so every figure below prices the same ownership
-        par = dataclasses.replace(par, window_order=choose_window_order(video, spec, method, par, profile))
+    auto = "auto" in (par.window_order, par.shift_exchange)
+    if auto:  # resolved once here so every figure below prices the same sharding
+        par = choose_sharding(video, spec, method, par, profile)
     report = estimate(video, spec, method, par, run, profile)
     options = stage1_options(video, spec, method, par, run, profile)
     spatial = spatial_shift_halo(video, spec, method, par, run, profile)
@@ -169,7 +172,7 @@ def plan(
                     **report.to_dict(),
                     "stage1_seconds_by_proxy_parallel": options,
                     "halo_bytes_per_step_per_rank_spatial_shift": spatial,
-                    "by_window_order": orders,
+                    "by_sharding": orders,
                     "fit_by_gpus": where,
                 },
                 indent=2,
@@ -187,7 +190,7 @@ def plan(
             format_report(report)
             + _format_options(options)
             + extra
-            + _format_orders(orders, par.window_order, window_order == "auto")
+            + _format_orders(orders, (par.window_order, par.shift_exchange), auto)
             + _format_fit(where)
         )
     if plot:
@@ -241,14 +244,17 @@ def spatial_shift_halo(video, spec, method, par, run, profile) -> int | None:
 
 
 def ownership_options(video, spec, method, par, run, profile) -> dict:
-    """window order ('thw', 'wht' and the run's) -> {halo bytes / step / rank, detail-stage bytes / rank} (cost
-    model); {} without windows or with one window group."""
+    """ "ORDER/EXCHANGE" ('thw' and 'wht' with 'kv' and 'rows', and the run's) -> {halo bytes / step / rank (rows
+    moved, with 'rows'), detail-stage bytes / rank} (cost model); {} without windows or with one window group."""
     if not method.uses_windows or par.num_window_groups == 1:
         return {}
+    exchanges = ("kv",) if par.window_group > 1 else ("kv", "rows")
+    pairs = [(o, e) for o in ("thw", "wht") for e in exchanges] + [(par.window_order, par.shift_exchange)]
     out = {}
-    for order in dict.fromkeys(("thw", "wht", par.window_order)):  # the run's own order too
-        r = estimate(video, spec, method, dataclasses.replace(par, window_order=order), run, profile, suggest=False)
-        out[order] = {
+    for order, exchange in dict.fromkeys(pairs):  # the run's own sharding too
+        alt = dataclasses.replace(par, window_order=order, shift_exchange=exchange)
+        r = estimate(video, spec, method, alt, run, profile, suggest=False)
+        out[f"{order}/{exchange}"] = {
             "halo": r.comm_bytes_per_step_per_rank["halo"],
             "across_nodes": r.comm_bytes_per_step_per_rank["across_nodes"],
             "detail_stage": r.memory["detail_stage"]["total"],
@@ -272,15 +278,19 @@ def fit_by_gpus(video, spec, method, par, run, profile, counts=(4, 8, 16, 32)) -
     return out
 
 
-def _format_orders(orders: dict, chosen: str, auto: bool) -> str:
-    """One line per ownership order; the run's own is marked (``auto``: picked by the cost model)."""
-    mark = "  <- this run (auto: least halo)" if auto else "  <- this run"
-    return "".join(
-        f"\nownership --window-order {k}  halo {_bytes(v['halo'])} / step / rank "
-        f"({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
-        f"{_bytes(v['memory_per_rank'])} / rank" + (mark if k == chosen else "")
-        for k, v in orders.items()
-    )
+def _format_orders(orders: dict, chosen: tuple[str, str], auto: bool) -> str:
+    """One line per ownership order and shift exchange; the run's own is marked (``auto``: picked by the cost
+    model)."""
+    mark = "  <- this run (auto: least traffic)" if auto else "  <- this run"
+    lines = []
+    for k, v in orders.items():
+        order, exchange = k.split("/")
+        lines.append(
+            f"\nsharding --window-order {order} --shift-exchange {exchange:<4}  halo {_bytes(v['halo'])} / step / "
+            f"rank ({_bytes(v['across_nodes'])} across nodes), detail stage {_bytes(v['detail_stage'])}, peak "
+            f"{_bytes(v['memory_per_rank'])} / rank" + (mark if (order, exchange) == chosen else "")
+        )
+    return "".join(lines)
 
 
 def _format_fit(where: dict) -> str:

@@ -27,7 +27,7 @@ from typing import Literal, get_args
 
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import divisors
-from ..parallel.sharding import WINDOW_ORDERS
+from ..parallel.sharding import SHIFT_EXCHANGES, WINDOW_ORDERS
 from .model import ModelSpec
 
 Device = Literal["cpu", "cuda"]
@@ -74,6 +74,12 @@ class ParallelPlan:
     across all time (a shift in time then stays inside a rank's slab), or any other order of the three axes;
     'auto' = the order whose halo the cost model prices cheapest for the run (``cost.model.choose_window_order``;
     plan prints the choice and the halo of 'thw' and 'wht')."""
+    shift_exchange: str = "auto"
+    """How a shifted layer gets the tokens of windows that straddle ranks: 'kv' (fetch the other tokens' keys and
+    values: a halo, both ways), 'rows' (give each shifted window whole to the rank holding most of it and move the
+    residual rows of its other tokens there and back: one D-wide row one way instead of keys and values; one
+    window group per window only) or 'auto' (the cheaper of the two in the cost model's link time, with the
+    ownership order chosen alongside)."""
     gpus_per_node: int = 8
     """Ranks per node: halo traffic between ranks of one node goes over NVLink, across nodes over InfiniBand."""
 
@@ -101,6 +107,19 @@ class ParallelPlan:
             self.window_order,
             f"must be 'auto' or one of {WINDOW_ORDERS} (window axes, slowest first)",
         )
+        check(
+            self.shift_exchange in ("auto", *SHIFT_EXCHANGES),
+            "shift_exchange",
+            self.shift_exchange,
+            f"must be 'auto' or one of {SHIFT_EXCHANGES}",
+        )
+        if self.window_group > 1:
+            check(
+                self.shift_exchange != "rows",
+                "shift_exchange",
+                self.shift_exchange,
+                "'rows' moves whole windows between ranks; with window_group > 1 a window is split: use 'kv'",
+            )
         _positive_int("gpus_per_node", self.gpus_per_node)
         if self.device == "cuda":
             check(self.gpus >= 1, "gpus", self.gpus, "device 'cuda' needs at least one GPU")
@@ -216,7 +235,7 @@ class ParallelPlan:
             + f"; stage 1: {proxy}; stage 2: {self.num_window_groups} window group(s) x {self.window_group} "
             f"rank(s)"
             + (f" ({self.window_parallel} inside a window)" if self.window_group > 1 else "")
-            + f", ownership {self.window_order}"
+            + f", ownership {self.window_order}, shifted layers by {self.shift_exchange}"
             + (f"; {self.gpus_per_node} GPUs per node" if self.workers > self.gpus_per_node else "")
         )
 

@@ -44,10 +44,10 @@ from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
 from ..geometry.windows import WindowSpec
 from ..models.attention.kernels import auto_window_batch
-from ..parallel.sharding import WINDOW_ORDERS
+from ..parallel.sharding import SHIFT_EXCHANGES, WINDOW_ORDERS
 from .attention import attention_flops, layer_attention_flops, layer_spec, pooled_tokens, proxy_context_tokens
 from .profiles import DeviceProfile, GiB, device_profile
-from .ranks import group_share, shard
+from .ranks import assigned_owner, group_share, moved_rows, owner_of_tokens, shard
 
 _GENERATE = {f.name: f.default for f in dataclasses.fields(GenerateConfig)}
 """generate's defaults: the cost model prices the run generate makes unless told otherwise."""
@@ -363,7 +363,8 @@ def estimate(
         warnings.warn("init_strength has no effect with detail_init='noise'", stacklevel=2)
     geo = _geometry(video, model, method)
     plan.check_against(model, geo.base.num_windows if geo.base else None)
-    plan = dataclasses.replace(plan, window_order=_choose_order(geo, method, plan, prof))
+    order, exchange = _choose_sharding(geo, method, plan, prof)
+    plan = dataclasses.replace(plan, window_order=order, shift_exchange=exchange)
     dtype = run.dtype_for(plan.device)
     b = DTYPE_BYTES[dtype]
     shares = _shares(geo, method, plan)
@@ -427,25 +428,44 @@ def _maybe(fn, *args):
 def choose_window_order(
     video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, profile: str | DeviceProfile = "h100"
 ) -> str:
-    """``plan.window_order``, with 'auto' resolved: the ownership order whose halo takes the least link time per
-    step (NVLink inside a node, InfiniBand across), ties to the first of ``WINDOW_ORDERS`` ('thw'). What estimate,
-    plan and the runtime's sharding use."""
+    """``plan.window_order`` with 'auto' resolved (see :func:`choose_sharding`)."""
+    return choose_sharding(video, model, method, plan, profile).window_order
+
+
+def choose_sharding(
+    video: VideoSpec, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, profile: str | DeviceProfile = "h100"
+) -> ParallelPlan:
+    """``plan`` with 'auto' resolved in ``window_order`` and ``shift_exchange``: the ownership order and shift
+    exchange whose traffic per forward takes the least link time (NVLink inside a node, InfiniBand across); ties
+    to the first of ``WINDOW_ORDERS`` and to 'kv'. What estimate, plan and the runtime's sharding use."""
     prof = profile if isinstance(profile, DeviceProfile) else device_profile(profile)
-    return _choose_order(_geometry(video, model, method), method, plan, prof)
+    order, exchange = _choose_sharding(_geometry(video, model, method), method, plan, prof)
+    return dataclasses.replace(plan, window_order=order, shift_exchange=exchange)
 
 
-def _choose_order(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan, prof: DeviceProfile) -> str:
-    if plan.window_order != "auto":
-        return plan.window_order
+def _choose_sharding(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan, prof: DeviceProfile) -> tuple[str, str]:
+    orders = WINDOW_ORDERS if plan.window_order == "auto" else (plan.window_order,)
+    exchanges = SHIFT_EXCHANGES if plan.shift_exchange == "auto" else (plan.shift_exchange,)
     if geo.base is None or plan.num_window_groups == 1:
-        return WINDOW_ORDERS[0]
+        return orders[0], exchanges[0]
+    if plan.window_group > 1:
+        exchanges = ("kv",)  # a split window cannot move whole
 
-    def halo_seconds(order: str) -> float:
-        layers = _shares(geo, method, dataclasses.replace(plan, window_order=order))["layers"]
-        total = sum(n * sh.halo_tokens for _, n, sh in layers)
-        return _link_seconds(total, sum(n * sh.halo_remote_tokens for _, n, sh in layers), prof)
+    def link_seconds(choice: tuple[str, str]) -> float:
+        shares = _shares(geo, method, dataclasses.replace(plan, window_order=choice[0], shift_exchange=choice[1]))
+        rows, remote = _shift_rows(shares)
+        return _link_seconds(rows, remote, prof)
 
-    return min(WINDOW_ORDERS, key=halo_seconds)  # min keeps the first of equal ones
+    return min(((o, e) for o in orders for e in exchanges), key=link_seconds)  # min keeps the first of equal ones
+
+
+def _shift_rows(shares: dict) -> tuple[int, int]:
+    """D-wide rows a forward's shifted layers send from the heaviest group (all, and across nodes): twice the
+    halo tokens (a key and a value each) with exchange 'kv', the moved rows with 'rows'."""
+    if shares.get("moves") is not None:
+        return shares["moves"].sent, shares["moves"].sent_remote
+    layers = shares["layers"]
+    return 2 * sum(n * sh.halo_tokens for _, n, sh in layers), 2 * sum(n * sh.halo_remote_tokens for _, n, sh in layers)
 
 
 def _context_tokens(geo: _Geometry, method: AtlasConfig) -> int:
@@ -465,17 +485,28 @@ def _shares(geo: _Geometry, method: AtlasConfig, plan: ParallelPlan) -> dict:
     """Per layer grid: the heaviest group's share; and the heaviest rank's query tokens."""
     if geo.base is None:  # full attention: the flat sequence split over all workers
         return {"tokens_per_rank": -(-geo.grid.size // plan.workers), "layers": ()}
-    sharding = shard(geo.base, plan.num_window_groups, plan.window_order)
+    g = plan.num_window_groups
+    base_owner = owner_of_tokens(shard(geo.base, g, plan.window_order))
+    rows = plan.shift_exchange == "rows"
+    owners = {geo.base: base_owner}
+    for spec, _ in geo.specs:  # where each layer grid's rows live (parallel.window_attention.layer_holdings)
+        if spec not in owners:
+            owners[spec] = assigned_owner(base_owner, spec, g) if rows else base_owner
     s = float(method.spatial_scale)
     scales = (float(method.temporal_scale), s, s)
     aligned = method.proxy_context == "aligned"
-    node = torch.arange(plan.num_window_groups) * plan.window_group // plan.gpus_per_node  # node of each group
+    node = torch.arange(g) * plan.window_group // plan.gpus_per_node  # node of each group
     layers = tuple(
-        (spec, n, group_share(sharding, spec, geo.proxy, scales, method.proxy_margin, aligned, node))
+        (spec, n, group_share(owners[spec], g, spec, geo.proxy, scales, method.proxy_margin, aligned, node))
         for spec, n in geo.specs
     )
+    moves = None
+    if rows:  # the forward's layers in turn, the base layout first and last (AtlasTransformer.run_blocks)
+        k, n_layers = len(geo.specs), sum(n for _, n in geo.specs)
+        sequence = [base_owner] + [owners[geo.specs[i % k][0]] for i in range(n_layers)] + [base_owner]
+        moves = moved_rows(sequence, g, node)
     tokens = max(sh.tokens for _, _, sh in layers)
-    return {"tokens_per_rank": -(-tokens // plan.window_group), "layers": layers}
+    return {"tokens_per_rank": -(-tokens // plan.window_group), "layers": layers, "moves": moves}
 
 
 def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, shares: dict) -> int:
@@ -604,6 +635,8 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
     if shares["layers"]:
         sh_max_halo = max(sh.halo_tokens for _, _, sh in shares["layers"])
         extra += 2 * sh_max_halo / plan.window_group
+    if shares.get("moves") is not None:  # a move's received rows, beside the rows the rank holds
+        extra += shares["moves"].received_once
     if geo.proxy is not None and method.proxy_mode == "clean":
         # only the proxy keys/values this rank's windows read, per layer, for each guidance pass
         kept = sum(n * 2 * sh.proxy_tokens * d * b for _, n, sh in shares["layers"]) * passes // plan.window_group
@@ -723,9 +756,9 @@ def _comm(geo, model, method, plan, run, b, shares) -> dict:
         split = L * _seq_parallel_bytes(geo.grid.size, d, b, plan.workers, plan.window_parallel)
         remote = split * _across_fraction(plan.workers, plan)
     else:
+        rows, rows_remote = _shift_rows(shares)  # the heaviest group's, shared by its window_group ranks
+        halo, remote = rows * d * b / plan.window_group, rows_remote * d * b / plan.window_group
         for _, n, sh in shares["layers"]:
-            halo += n * 2 * sh.halo_tokens * d * b / plan.window_group
-            remote += n * 2 * sh.halo_remote_tokens * d * b / plan.window_group
             wsplit = n * _seq_parallel_bytes(sh.tokens, d, b, plan.window_group, plan.window_parallel)
             split += wsplit
             remote += wsplit * _across_fraction(plan.window_group, plan)

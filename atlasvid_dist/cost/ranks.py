@@ -1,9 +1,11 @@
-"""What the heaviest window group holds and reads in each layer grid: tokens, windows, halo, proxy keys.
+"""What the heaviest window group holds and reads in each layer grid: tokens, windows, halo, proxy keys, moved rows.
 
-Ownership comes from :func:`atlasvid_dist.parallel.sharding.shard_windows` (the one sharding); here it is only
-counted, vectorised over all groups at once, so the plan can price many rank counts quickly. The counts follow
-``parallel/halo.py``: a group computes its own query tokens in every window of the layer grid that holds one of
-them, and receives the keys/values of the other tokens in those windows (the halo).
+Ownership comes from :func:`atlasvid_dist.parallel.sharding.shard_windows` (the one sharding) and, for shifted
+layers that move rows, :func:`~atlasvid_dist.parallel.sharding.assign_windows` (the one assignment); here they
+are only counted, vectorised over all groups at once, so the plan can price many rank counts quickly. The counts
+follow ``parallel/halo.py``: a group computes its own query tokens in every window of the layer grid that holds
+one of them, and receives the keys/values of the other tokens in those windows (the halo); and
+``parallel/migrate.py``: between two layers on different holdings every row whose holder changes is sent once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from ..geometry.grid import Grid
 from ..geometry.windows import WindowSpec, proxy_regions, window_layout
-from ..parallel.sharding import WindowSharding, shard_windows
+from ..parallel.sharding import WindowSharding, assign_windows, shard_windows, window_counts
 
 Triple = tuple[int, int, int]
 
@@ -41,13 +43,54 @@ def shard(base: WindowSpec, groups: int, order: str = "thw") -> WindowSharding:
 
 def owner_of_tokens(sharding: WindowSharding) -> torch.Tensor:
     """(N,) group of every raster token: the owner of its base window (vectorised ``WindowSharding.owner``)."""
-    lay = window_layout(sharding.spec)
-    window_of = torch.div(lay.inverse, lay.window_tokens, rounding_mode="floor")  # (N,) base window of each token
-    return sharding.window_owner[window_of]
+    return _window_to_token(sharding.spec, sharding.window_owner)
+
+
+def assigned_owner(token_owner: torch.Tensor, spec: WindowSpec, groups: int) -> torch.Tensor:
+    """(N,) group of every raster token when every window of ``spec`` is given whole to the group holding most
+    of it (``assign_windows``; vectorised ``WindowAssignment.owner``)."""
+    return _window_to_token(spec, assign_windows(token_owner, spec, groups).window_owner)
+
+
+def _window_to_token(spec: WindowSpec, window_owner: torch.Tensor) -> torch.Tensor:
+    lay = window_layout(spec)
+    window_of = torch.div(lay.inverse, lay.window_tokens, rounding_mode="floor")  # (N,) window of each token
+    return window_owner[window_of]
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Rows a group sends and receives in one forward when shifted layers move rows (maxima over groups)."""
+
+    sent: int
+    """Rows the heaviest sender sends over the whole forward."""
+    sent_remote: int
+    """Of the rows that group sends, those going to another node (the heaviest such group)."""
+    received_once: int
+    """Most rows one group receives in one move (the receive buffers it holds at once)."""
+
+
+def moved_rows(owners: list[torch.Tensor], groups: int, node: torch.Tensor | None = None) -> Moves:
+    """Count the moves along a forward whose layers hold their rows by ``owners`` in turn ((N,) group of every
+    raster token, layer by layer, the given layout first and last): between two consecutive holdings every row
+    whose group changes is sent once by its old group to its new one."""
+    node = torch.zeros(groups, dtype=torch.long) if node is None else node
+    sent, remote = torch.zeros(groups, dtype=torch.long), torch.zeros(groups, dtype=torch.long)
+    received = 0
+    for a, b in zip(owners[:-1], owners[1:]):
+        if a is b:
+            continue
+        change = a != b
+        sent += torch.bincount(a[change], minlength=groups)
+        far = change & (node[a] != node[b])
+        remote += torch.bincount(a[far], minlength=groups)
+        received = max(received, int(torch.bincount(b[change], minlength=groups).max()))
+    return Moves(int(sent.max()), int(remote.max()), received)
 
 
 def group_share(
-    sharding: WindowSharding,
+    token_owner: torch.Tensor,
+    groups: int,
     spec: WindowSpec,
     proxy: Grid | None,
     scales: tuple[float, float, float],
@@ -55,16 +98,14 @@ def group_share(
     aligned: bool,
     node: torch.Tensor | None = None,
 ) -> GroupShare:
-    """Count, for every group at once, what one layer grid ``spec`` asks of it; return the maxima.
+    """Count, for every group at once, what one layer grid ``spec`` asks of it when ``token_owner`` ((N,) group
+    of every raster token) says where the rows live; return the maxima. Windows held whole by one group (rows
+    moved there) have no halo.
 
     ``node``: (groups,) node of every group (None: all on one node)."""
-    g = sharding.world_size
+    g = groups
     lay = window_layout(spec)
-    nw, wt = lay.num_windows, lay.window_tokens
-    owner = torch.cat([owner_of_tokens(sharding), torch.tensor([-1])])  # (N + 1,) -1 at the padding sentinel
-    slot_owner = owner[lay.order.view(nw, wt)]  # (nw, wt) group of every slot, -1 at padding
-    code = torch.arange(nw)[:, None] * (g + 1) + (slot_owner + 1)  # (nw, wt)
-    counts = torch.bincount(code.reshape(-1), minlength=nw * (g + 1)).view(nw, g + 1)[:, 1:]  # (nw, g) own slots
+    counts = window_counts(token_owner, spec, g)  # (nw, g) own slots
     touched = counts > 0  # (nw, g)
     real = lay.valid.sum(1, keepdim=True)  # (nw, 1) real tokens per window
     halo = (touched * (real - counts)).sum(0)  # (g,)

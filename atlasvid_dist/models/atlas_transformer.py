@@ -33,6 +33,9 @@ from .block_cache import FirstBlockCache
 from .rope import Rotary3D, RotaryTables, apply_rotary
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Move = Callable[["int | None", "int | None", torch.Tensor], torch.Tensor]
+"""``move(frm, to, x)``: rows x (B, n, D) laid out for layer ``frm`` -> laid out for layer ``to`` (None: the layout
+the forward was given)."""
 KeepRows = Callable[[int], "torch.Tensor | None"]
 """``keep(layer)``: the proxy raster ids whose keys/values a recording keeps in that layer (None: all of them)."""
 
@@ -346,35 +349,50 @@ class AtlasTransformer(nn.Module):
         return x, temb, tproj.unflatten(1, (6, -1)), text  # tproj (B, 6, D)
 
     def run_blocks(
-        self, x, text, tproj, attend: Attend, checkpoint: bool = True, cache: FirstBlockCache | None = None
+        self,
+        x,
+        text,
+        tproj,
+        attend: Attend,
+        checkpoint: bool = True,
+        cache: FirstBlockCache | None = None,
+        move: Move | None = None,
     ) -> torch.Tensor:
         """All blocks on tokens x (B, n, D); ``attend(layer, q, k, v)`` does the self-attention of those tokens.
 
-        With ``cache`` (inference only), the blocks after the first are skipped when the cache allows it.
+        With ``cache`` (inference only), the blocks after the first are skipped when the cache allows it. With
+        ``move`` (a runtime whose ranks move rows instead of exchanging a halo), the rows are put in each layer's
+        layout before its block and back in the given one at the end.
         """
+        move = move or _stay
         if cache is not None and not torch.is_grad_enabled():
-            return self._run_blocks_cached(x, text, tproj, attend, cache)
+            return self._run_blocks_cached(x, text, tproj, attend, cache, move)
         tr = self.transformer
         use_ckpt = checkpoint and torch.is_grad_enabled() and getattr(tr, "gradient_checkpointing", False)
+        at = None
         for i, block in enumerate(tr.blocks):
+            x, at = move(at, i, x), i
             if use_ckpt:
                 x = torch.utils.checkpoint.checkpoint(
                     self._block, i, block, x, text, tproj, attend, use_reentrant=False
                 )
             else:
                 x = self._block(i, block, x, text, tproj, attend)
-        return x
+        return move(at, None, x)
 
-    def _run_blocks_cached(self, x, text, tproj, attend: Attend, cache: FirstBlockCache) -> torch.Tensor:
-        """The first block, then the others or the residual they added at the cache's reference forward."""
+    def _run_blocks_cached(self, x, text, tproj, attend: Attend, cache: FirstBlockCache, move: Move) -> torch.Tensor:
+        """The first block, then the others or the residual they added at the cache's reference forward (both
+        in the given layout)."""
         blocks = self.transformer.blocks
-        h = self._block(0, blocks[0], x, text, tproj, attend)
+        h = move(0, None, self._block(0, blocks[0], move(None, 0, x), text, tproj, attend))
         first = h - x  # (B, n, D)
         if cache.reuse(first):
             return h + cache.rest
-        out = h
+        out, at = h, None
         for i in range(1, len(blocks)):
+            out, at = move(at, i, out), i
             out = self._block(i, blocks[i], out, text, tproj, attend)
+        out = move(at, None, out)
         cache.store(first, out - h)
         return out
 
@@ -457,3 +475,8 @@ def _record(kv: ProxyKV, layer: int, k: torch.Tensor, v: torch.Tensor, tables: R
     kv.keys.append(apply_rotary(k, tables))
     kv.values.append(v)
     kv.rows.append(rows)
+
+
+def _stay(frm, to, x: torch.Tensor) -> torch.Tensor:
+    """The ``move`` of a forward whose rows keep one layout for every layer."""
+    return x

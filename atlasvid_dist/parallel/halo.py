@@ -193,7 +193,7 @@ def scatter_output(out_windows: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
 
 
 # -- the exchange -------------------------------------------------------------------------------------------------
-def _route(
+def exchange_rows(
     rows_out: list[tuple[int, torch.Tensor]],
     shapes_in: list[tuple[int, int]],
     like: torch.Tensor,
@@ -223,7 +223,7 @@ class _HaloExchange(torch.autograd.Function):
         ctx.plan, ctx.group, ctx.stats, ctx.step, ctx.timeout = plan, group, stats, step, timeout
         ctx.x_shape = x.shape
         sends = [(p, x.index_select(1, idx)) for p, idx in plan.send]  # (B, n_p, ...)
-        bufs = _route(sends, list(plan.recv), x, group, stats, "halo.fwd", step, timeout)
+        bufs = exchange_rows(sends, list(plan.recv), x, group, stats, "halo.fwd", step, timeout)
         return torch.cat(bufs, dim=1) if bufs else x.new_empty(x.shape[0], 0, *x.shape[2:])
 
     @staticmethod
@@ -231,7 +231,7 @@ class _HaloExchange(torch.autograd.Function):
         plan = ctx.plan
         counts = [c for _, c in plan.recv]
         grads_back = list(zip([p for p, _ in plan.recv], grad.split(counts, dim=1))) if counts else []
-        bufs = _route(
+        bufs = exchange_rows(
             grads_back,
             [(p, int(idx.numel())) for p, idx in plan.send],
             grad,

@@ -34,7 +34,8 @@ from ..models.attention.kernels import windows_sdpa
 from ..models.rope import Rotary3D, apply_rotary
 from .comm import CommStats
 from .halo import HaloPlan, gather_keys, gather_queries, halo_exchange, halo_plan, scatter_output
-from .sharding import WindowSharding, shard_windows
+from .migrate import move_plan, move_rows
+from .sharding import SHIFT_EXCHANGES, WindowSharding, assign_windows, shard_windows
 
 
 def base_spec(config: AtlasConfig, grid: Grid) -> WindowSpec:
@@ -54,6 +55,14 @@ def shard_for(config: AtlasConfig, grid: Grid, world_size: int, order: str = "th
     """The window sharding of ``grid`` over ``world_size`` ranks in the ownership ``order`` (PlanError if there are
     fewer windows than ranks)."""
     return shard_windows(base_spec(config, grid), world_size, order)
+
+
+def layer_holdings(sharding: WindowSharding, spec: WindowSpec, exchange: str = "kv"):
+    """Where the rows of a layer on window grid ``spec`` live: the sharding itself (its own grid, or 'kv'), or
+    every window of ``spec`` given whole to the rank holding most of it ('rows')."""
+    if exchange == "kv" or spec == sharding.spec:
+        return sharding
+    return assign_windows(sharding.owner, spec, sharding.world_size)
 
 
 @dataclass(frozen=True)
@@ -83,9 +92,23 @@ class ProxyRows:
         self._by_spec: dict[WindowSpec, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def of_rank(cls, config: AtlasConfig, grid: Grid, sharding: WindowSharding, rank: int, proxy_grid: Grid, scales):
-        """Rank ``rank``'s rows under ``sharding`` (its windows from the halo plan of each layer grid)."""
-        return cls(config, grid, proxy_grid, scales, lambda spec: halo_plan(sharding, spec, rank).windows)
+    def of_rank(
+        cls,
+        config: AtlasConfig,
+        grid: Grid,
+        sharding: WindowSharding,
+        rank: int,
+        proxy_grid: Grid,
+        scales,
+        exchange: str = "kv",
+    ):
+        """Rank ``rank``'s rows under ``sharding`` (its windows from the halo plan of each layer grid, on the
+        holdings ``exchange`` gives that grid: :func:`layer_holdings`)."""
+
+        def windows(spec):
+            return halo_plan(layer_holdings(sharding, spec, exchange), spec, rank).windows
+
+        return cls(config, grid, proxy_grid, scales, windows)
 
     def __call__(self, layer: int) -> torch.Tensor:
         return self._entry(layer)[0]
@@ -124,9 +147,13 @@ class ShardedWindowAttention:
         group: dist.ProcessGroup | None = None,
         stats: CommStats | None = None,
         timeout: float | None = None,
+        exchange: str = "kv",
     ):
         """``proxy``: a ProxyKV-like object, every row of each layer or (``rows[layer]`` set) exactly the rows
-        :class:`ProxyRows` gives this rank."""
+        :class:`ProxyRows` gives this rank. ``exchange``: one of :data:`SHIFT_EXCHANGES`; with 'rows' the
+        forward passes :meth:`move` to ``run_blocks``."""
+        if exchange not in SHIFT_EXCHANGES:
+            raise ConfigError("shift_exchange", exchange, f"must be one of {SHIFT_EXCHANGES}")
         if config.mode != "atlas":
             raise ConfigError("method.mode", config.mode, "sharded window attention runs mode 'atlas' only")
         if sharding.spec != base_spec(config, grid):
@@ -136,9 +163,14 @@ class ShardedWindowAttention:
         self.group, self.timeout = group, timeout
         self.stats = stats if stats is not None else CommStats()
         self.layer_bytes: dict[int, int] = {}
+        self.exchange = exchange
         self.token_index = sharding.token_index(rank)  # (N_local,) raster ids, local order
-        self.tables = rotary.for_grid(grid).index(self.token_index).to(self.device)
+        self._grid_tables = rotary.for_grid(grid)
+        self.tables = self._grid_tables.index(self.token_index).to(self.device)
         self.scales = scales
+        self._holdings: dict[WindowSpec, object] = {sharding.spec: sharding}
+        self._tables: dict[WindowSpec, object] = {sharding.spec: self.tables}
+        self._moves: dict[tuple, object] = {}
         self._plans: dict[WindowSpec, HaloPlan] = {}
         self._layers: dict[WindowSpec, _Layer] = {}
         self._rows = None if proxy is None else ProxyRows(config, grid, proxy.grid, scales, self._plan_windows)
@@ -160,9 +192,17 @@ class ShardedWindowAttention:
         return sum(t.numel() * t.element_size() for t in self._proxy_k + self._proxy_v)
 
     # -- geometry -------------------------------------------------------------------------------------------------
+    def _held(self, spec: WindowSpec):
+        """The holdings the rows of a layer on ``spec`` live on (:func:`layer_holdings`), built once."""
+        key = spec if self.exchange == "rows" else self.sharding.spec
+        if key not in self._holdings:
+            self._holdings[key] = layer_holdings(self.sharding, spec, self.exchange)
+            self._tables[key] = self._grid_tables.index(self._holdings[key].token_index(self.rank)).to(self.device)
+        return key
+
     def _plan(self, spec: WindowSpec) -> HaloPlan:
         if spec not in self._plans:
-            self._plans[spec] = halo_plan(self.sharding, spec, self.rank)
+            self._plans[spec] = halo_plan(self._holdings[self._held(spec)], spec, self.rank)
         return self._plans[spec]
 
     def _plan_windows(self, spec: WindowSpec) -> torch.Tensor:
@@ -177,12 +217,37 @@ class ShardedWindowAttention:
             self._layers[spec] = _Layer(self._plan(spec).to(self.device), rows, index)
         return self._layers[spec]
 
-    # -- the callback ---------------------------------------------------------------------------------------------
+    # -- the callbacks --------------------------------------------------------------------------------------------
+    def move(self, frm: int | None, to: int | None, x: torch.Tensor) -> torch.Tensor:
+        """``run_blocks``' ``move``: rows x (B, n, D) laid out for layer ``frm`` -> for layer ``to`` (None: the
+        base sharding). Nothing moves with exchange 'kv' or between layers on the same holdings."""
+        a, b = (
+            self.sharding.spec if i is None else self._held(layer_spec(self.config, self.grid, i)) for i in (frm, to)
+        )
+        if a == b:
+            return x
+        if (a, b) not in self._moves:
+            self._moves[(a, b)] = move_plan(self._holdings[a], self._holdings[b], self.rank).to(x.device)
+        before = self.stats.total()
+        out = move_rows(
+            x,
+            self._moves[(a, b)],
+            self.group,
+            self.stats,
+            step=f"layer {to if to is not None else frm}",
+            timeout=self.timeout,
+        )
+        layer = to if to is not None else frm
+        self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + self.stats.total() - before
+        return out
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v (B, N_local, H, D) un-rotated, local order -> attention output (B, N_local, H, D)."""
+        """q, k, v (B, N, H, D) un-rotated, in the layer's local order (the base sharding's, or with exchange
+        'rows' the layer's holdings') -> attention output (B, N, H, D) in that order."""
         lay = self._layer(layer)
         plan = lay.plan
-        qr, kr = apply_rotary(q, self.tables), apply_rotary(k, self.tables)
+        tables = self._tables[self._held(plan.spec)]
+        qr, kr = apply_rotary(q, tables), apply_rotary(k, tables)
         b, _, h, d = kr.shape
         before = self.stats.total()
         if plan.peers:

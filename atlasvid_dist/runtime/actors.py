@@ -170,7 +170,7 @@ class DetailWorker:
         from ..config.parallel import ParallelPlan
 
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.plan = plan if plan is not None else ParallelPlan(workers=world, window_order="thw")
+        self.plan = plan if plan is not None else ParallelPlan(workers=world, window_order="thw", shift_exchange="kv")
         self.log = rank_logger(f"rank {rank}")
         pin_threads()
         self.gen = _generator(cfg)
@@ -289,6 +289,7 @@ class DetailWorker:
             groups=groups,
             window_parallel=self.plan.window_parallel,
             window_order=self.plan.window_order,
+            shift_exchange=self.plan.shift_exchange,
         )
 
     def _result(self, tokens, per_layer, stats, proxy_stats, seconds: float, proxy) -> RankResult:

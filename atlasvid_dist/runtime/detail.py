@@ -81,6 +81,7 @@ def denoise_rank(
     groups=None,
     window_parallel: str = "ulysses",
     window_order: str = "thw",
+    shift_exchange: str = "kv",
 ) -> tuple[torch.Tensor, dict[int, int], dict[str, int]]:
     """Stage 2 of ``gen``'s config (a TwoStageGenerator: config, device, dtype) on rank ``rank`` of ``world``.
 
@@ -88,7 +89,8 @@ def denoise_rank(
     state after every step; ``resume_step`` continues from that committed step. ``on_step(done)`` runs after each
     commit. ``window_group`` > 1 shares every window of a group of that many ranks (``parallel/window_group.py``);
     then ``groups`` is (this rank's window group, its slot group) from ``new_groups`` and the rank holds its slice
-    of its group's tokens. ``window_order`` is the ownership order of the window blocks (``parallel.sharding``).
+    of its group's tokens. ``window_order`` is the ownership order of the window blocks (``parallel.sharding``),
+    ``shift_exchange`` how shifted layers reach the tokens of straddling windows ('kv' or 'rows').
     Returns (own tokens (B, n, C, pt, ph, pw) in local order on CPU, bytes sent per layer,
     the stage's forwards: ``DetailStage.forwards``, the same on every rank).
 
@@ -99,7 +101,7 @@ def denoise_rank(
     stage = DetailStage(gen.cfg, comp, text, proxy, gen.device, gen.dtype, build_caches=False)
     split = None if window_group == 1 else (window_group, groups, window_parallel)
     stats = stats if stats is not None else CommStats()
-    layout = RankWindows(stage, rank, world, group, stats, timeout, split, window_order)
+    layout = RankWindows(stage, rank, world, group, stats, timeout, split, window_order, shift_exchange)
     state = stage.start(layout)
     if resume_step:
         state.restore(SavedStep(resume_step, *ckpt.load(resume_step)), gen.device, gen.dtype)
@@ -115,11 +117,12 @@ def denoise_rank(
     return from_strip(local, stage.model.patch).cpu(), layout.bytes_per_layer(), stage.forwards(state)
 
 
-def strip_forward(model, x: torch.Tensor, t, emb, attend, n: int, cache=None) -> torch.Tensor:
+def strip_forward(model, x: torch.Tensor, t, emb, attend, n: int, cache=None, move=None) -> torch.Tensor:
     """The velocity of a strip x (B, C, pt, ph, n*pw) of n tokens; ``attend`` does their self-attention;
-    ``cache`` (a FirstBlockCache deciding over every rank) may skip the blocks after the first."""
+    ``cache`` (a FirstBlockCache deciding over every rank) may skip the blocks after the first; ``move`` puts
+    the rows in each layer's layout (shift exchange 'rows')."""
     tokens, temb, tproj, txt = model.embed(x, t, emb)
-    out = model.run_blocks(tokens, txt, tproj, attend, cache=cache)
+    out = model.run_blocks(tokens, txt, tproj, attend, cache=cache, move=move)
     return model.head(out, temb, Grid(1, 1, n), x.shape[0])  # (B, C, pt, ph, n*pw)
 
 
@@ -134,10 +137,20 @@ class RankWindows:
     """
 
     def __init__(
-        self, stage: DetailStage, rank: int, world: int, group, stats: CommStats, timeout, split=None, order="thw"
+        self,
+        stage: DetailStage,
+        rank: int,
+        world: int,
+        group,
+        stats: CommStats,
+        timeout,
+        split=None,
+        order="thw",
+        exchange="kv",
     ):
         """``split``: (window group size, (window group, slot group), window_parallel) when windows are shared;
-        ``order``: the ownership order of the window blocks."""
+        ``order``: the ownership order of the window blocks; ``exchange``: how shifted layers reach the tokens of
+        straddling windows ('kv': a halo of keys/values; 'rows': the residual rows move, one window group each)."""
         self.model, self.rank = stage.model, rank
         self.group, self.stats, self.timeout = group, stats, timeout
         grid = self.model.token_grid(torch.empty(stage.shape(), device="meta"))
@@ -145,13 +158,16 @@ class RankWindows:
         self.sharding = shard_for(stage.cfg.method, grid, world // g, order)
         self.group_layout = group_layout(self.sharding, rank, g) if g > 1 else None
         wsplit = None if split is None else (self.group_layout, split[1], split[2])
-        self.make = _window_attention(stage, grid, self.sharding, rank, group, stats, timeout, wsplit)
+        if split is not None and exchange != "kv":
+            raise ConfigError("shift_exchange", exchange, "a split window (window_group > 1) exchanges 'kv' only")
+        self.exchange = exchange
+        self.make = _window_attention(stage, grid, self.sharding, rank, group, stats, timeout, wsplit, exchange)
         self.keep = None
         if stage.proxy is not None:
             owner = rank if self.group_layout is None else self.group_layout.group
             pgrid = self.model.token_grid(stage.proxy, "proxy")
             scales = self.model.proxy_geometry(grid).scales
-            self.keep = ProxyRows.of_rank(stage.cfg.method, grid, self.sharding, owner, pgrid, scales)
+            self.keep = ProxyRows.of_rank(stage.cfg.method, grid, self.sharding, owner, pgrid, scales, exchange)
         stage.build_caches(self.keep)
         self.joint_bytes: dict[int, int] = {}
         self.attends = {}
@@ -170,7 +186,8 @@ class RankWindows:
         joint = proxy is not None and proxy.cache is None
         if joint:  # recorded with only this rank's windows' proxy rows
             attend = self.make(self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb, self.keep))
-        out = strip_forward(self.model, x, t, emb, attend, self.n, cache)
+        move = attend.move if self.exchange == "rows" else None
+        out = strip_forward(self.model, x, t, emb, attend, self.n, cache, move)
         if joint:
             _add_bytes(self.joint_bytes, attend.layer_bytes)
         return out
@@ -200,9 +217,10 @@ def _own_tokens(sharding, layout, rank: int, tokens: torch.Tensor) -> torch.Tens
     return sharding.shard(tokens, layout.group)[:, layout.start : layout.start + layout.count]
 
 
-def _window_attention(stage: DetailStage, grid, sharding, rank, group, stats, timeout, split=None):
+def _window_attention(stage: DetailStage, grid, sharding, rank, group, stats, timeout, split=None, exchange="kv"):
     """``make(proxy_kv)``: this rank's window attention reading ``proxy_kv`` (None: no proxy); ``split`` =
-    (layout, (window group, slot group), window_parallel) when windows are shared by a group."""
+    (layout, (window group, slot group), window_parallel) when windows are shared by a group; ``exchange``: how
+    shifted layers reach the tokens of straddling windows."""
     cfg, comp, model, device = stage.cfg, stage.comp, stage.model, stage.device
     layers = len(comp.transformer.blocks)
 
@@ -229,7 +247,7 @@ def _window_attention(stage: DetailStage, grid, sharding, rank, group, stats, ti
                 window_parallel,
             )
         return ShardedWindowAttention(
-            cfg.method, grid, model.rotary, sharding, rank, device, kv, scales, layers, group, stats, timeout
+            cfg.method, grid, model.rotary, sharding, rank, device, kv, scales, layers, group, stats, timeout, exchange
         )
 
     return make

@@ -17,7 +17,6 @@ This module orchestrates; the parts are ``cluster.py`` (Ray, capacity, placement
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -186,17 +185,17 @@ class DistributedGenerator:
         self.fault = fault_injection(self.workers)
 
     def _resolve_window_order(self) -> None:
-        """--window-order auto: the ownership the cost model prices cheapest (the plan every rank then gets)."""
-        if self.plan.window_order == "auto":
-            from ..cost.model import choose_window_order
+        """--window-order / --shift-exchange auto: the sharding the cost model prices cheapest (the plan every rank
+        then gets)."""
+        if "auto" in (self.plan.window_order, self.plan.shift_exchange):
+            from ..cost.model import choose_sharding
             from ..pipeline.generate import TwoStageGenerator
 
             spec = TwoStageGenerator.model_spec_of(self.cfg.model)
             profile = self.cfg.device_profile
             if profile == "auto":  # only the links matter here: H100 and H200 nodes price them alike
                 profile = "cpu" if self.cfg.device == "cpu" else "h100"
-            order = choose_window_order(self.cfg.video, spec, self.cfg.method, self.plan, profile)
-            self.plan = dataclasses.replace(self.plan, window_order=order)
+            self.plan = choose_sharding(self.cfg.video, spec, self.cfg.method, self.plan, profile)
 
     def _fit_check(self):
         """The cost model's fit verdict for this worker count (PlanError, exit 2, with the numbers)."""
