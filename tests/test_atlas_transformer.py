@@ -122,6 +122,27 @@ def test_cached_proxy_equals_recomputed(tiny_wan, context):
 
 
 @torch.no_grad()
+def test_attention_geometry_is_built_once_per_grid(tiny_wan):
+    """RoPE tables and window indices are built by the first forward on a grid and kept: later forwards reuse
+    them (same tensors) and give what a fresh model gives; another grid or config builds its own."""
+    model = atlas(tiny_wan)
+    x, t, enc = inputs()
+    p = proxy_latents()
+    model(x, t, enc, proxy=p)
+    kept = model._geometry
+    tables = kept.tables.cos
+    second = model(x, torch.tensor([300.0]), enc, proxy=p)
+    assert model._geometry is kept and model._geometry.tables.cos is tables
+    assert torch.equal(second, atlas(tiny_wan)(x, torch.tensor([300.0]), enc, proxy=p))
+    wide, _, _ = inputs(lat=(1, 16, 9, 16, 24))
+    model(wide, t, enc)  # another grid, no proxy
+    assert model._geometry is not kept and model._geometry.grid.dims == (9, 8, 12)
+    model.atlas_config = AtlasConfig(mode="atlas", window=(3, 8, 4), shift=False, temporal_scale=4, spatial_scale=2)
+    model(wide, t, enc)
+    assert model._geometry.config.window == (3, 8, 4)
+
+
+@torch.no_grad()
 def test_cache_invalidates_on_new_prompt(tiny_wan):
     model = atlas(tiny_wan)
     x, t, enc = inputs()

@@ -27,7 +27,7 @@ import torch.utils.checkpoint
 from ..config.method import AtlasConfig
 from ..errors import ConfigError, InputError
 from ..geometry.grid import Grid, ProxyAnchor, ProxyGeometry
-from .attention.detail import DetailAttention, ProxyKV
+from .attention.detail import AttentionGeometry, DetailAttention, ProxyKV
 from .attention.kernels import reference_attention, sdpa
 from .block_cache import FirstBlockCache
 from .rope import Rotary3D, RotaryTables, apply_rotary
@@ -110,6 +110,8 @@ class AtlasTransformer(nn.Module):
         self.heads = int(cfg.num_attention_heads)
         self.rotary = Rotary3D(int(cfg.attention_head_dim))
         self._proxy_cache: ProxyCache | None = None
+        self._geometry: AttentionGeometry | None = None  # the detail attention's, kept across forwards
+        self._proxy_tables: dict[tuple, RotaryTables] = {}  # the proxy path's RoPE tables, kept across forwards
 
     # ------------------------------------------------------------------------------ diffusers model interface
     @property
@@ -169,8 +171,17 @@ class AtlasTransformer(nn.Module):
         if proxy is not None or proxy_cache is not None:
             proxy_kv = self._proxy_kv(latents, timestep, encoder_hidden_states, proxy, proxy_cache, proxy_noise)
         scales = self.proxy_geometry(grid).scales if proxy_kv is not None else (1.0, 1.0, 1.0)
-        attend = DetailAttention(self.atlas_config, grid, self.rotary, latents.device, proxy_kv, scales)
+        geometry = self._attention_geometry(grid, latents.device, None if proxy_kv is None else proxy_kv.grid, scales)
+        attend = DetailAttention(self.atlas_config, grid, self.rotary, latents.device, proxy_kv, scales, geometry)
         return self._run(latents, timestep, encoder_hidden_states, grid, attend, block_cache=block_cache)
+
+    def _attention_geometry(self, grid: Grid, device, proxy_grid: Grid | None, scales) -> AttentionGeometry:
+        """The detail attention's geometry (RoPE tables, window indices) on ``device``: built by the first forward
+        on this grid and kept for the next ones (the last one only: another grid replaces it)."""
+        key = (self.atlas_config, grid, str(torch.device(device)), proxy_grid, scales)
+        if self._geometry is None or self._geometry.key() != key:
+            self._geometry = AttentionGeometry(self.atlas_config, grid, self.rotary, device, proxy_grid, scales)
+        return self._geometry
 
     def proxy_forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -288,8 +299,8 @@ class AtlasTransformer(nn.Module):
         """Attention of the proxy path: full attention over proxy tokens at stage-1 positions (time x r_t);
         ``record``: each layer's keys (rotated at detail positions) and values are kept, ``keep(layer)``'s rows
         only when given."""
-        own = self.proxy_rotary(grid).to(device)
-        detail = self.proxy_detail_rotary(grid).to(device) if record else None
+        own = self._kept_tables("own", grid, device, self.proxy_rotary)
+        detail = self._kept_tables("detail", grid, device, self.proxy_detail_rotary) if record else None
         kv = ProxyKV(grid)
         reference = self.atlas_config.backend == "reference"
 
@@ -300,6 +311,14 @@ class AtlasTransformer(nn.Module):
             return reference_attention(qr, kr, v) if reference else sdpa(qr, kr, v)
 
         return attend, kv
+
+    def _kept_tables(self, kind: str, grid: Grid, device, build) -> RotaryTables:
+        """``build(grid)`` on ``device``, built once per (kind, grid, device) and kept (the last grid only)."""
+        key = (kind, grid, str(torch.device(device)), self.atlas_config.temporal_scale, self.atlas_config.spatial_scale)
+        if key not in self._proxy_tables:
+            self._proxy_tables = {k: v for k, v in self._proxy_tables.items() if k[1] == grid}
+            self._proxy_tables[key] = build(grid).to(device)
+        return self._proxy_tables[key]
 
     def proxy_rotary(self, grid: Grid) -> RotaryTables:
         """RoPE tables of stage 1 for every proxy token (raster order): time scaled by r_t, space unscaled."""

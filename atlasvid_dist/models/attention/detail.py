@@ -58,6 +58,46 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return "sdpa" if name == "auto" else name
 
 
+class AttentionGeometry:
+    """What the attention of every forward on one grid shares, built on the device once and kept (the wrapper
+    keeps the last one): RoPE tables of the grid, each layer grid's window index tensors, UltraGen's cell tables.
+    Depends only on the config, the grid, the proxy grid and scales, and the device."""
+
+    def __init__(self, config: AtlasConfig, grid: Grid, rotary: Rotary3D, device, proxy_grid: Grid | None, scales):
+        self.config, self.grid, self.rotary, self.device = config, grid, rotary, torch.device(device)
+        self.proxy_grid, self.scales = proxy_grid, scales
+        self.tables = rotary.for_grid(grid).to(device)
+        self._layers: dict[WindowSpec, LayerWindows] = {}
+        self._cells: dict[tuple, RotaryTables] = {}
+
+    def key(self) -> tuple:
+        return self.config, self.grid, str(self.device), self.proxy_grid, self.scales
+
+    def layer_spec(self, layer: int) -> WindowSpec:
+        entries = self.config.layer_entries()
+        window, shift = entries[layer % len(entries)]
+        return WindowSpec(self.grid, window, shift, pad=self.config.pad_windows)
+
+    def layer_windows(self, layer: int) -> LayerWindows:
+        spec = self.layer_spec(layer)
+        if spec not in self._layers:
+            lay = window_layout(spec)
+            index = None
+            if self.proxy_grid is not None and self.config.proxy_context == "aligned":
+                index, _ = proxy_regions(spec, self.proxy_grid, self.scales, self.config.proxy_margin)
+                index = index.to(self.device)
+            self._layers[spec] = LayerWindows(
+                spec, lay.order.to(self.device), lay.inverse.to(self.device), lay.valid.to(self.device), index
+            )
+        return self._layers[spec]
+
+    def cell_tables(self, pool) -> RotaryTables:
+        """RoPE tables at UltraGen's pooling cells' centres."""
+        if pool not in self._cells:
+            self._cells[pool] = self.rotary.tables(pooled_positions(self.grid, pool)).to(self.device)
+        return self._cells[pool]
+
+
 class DetailAttention:
     """Attention for the detail tokens of one forward pass (see module docstring)."""
 
@@ -69,34 +109,27 @@ class DetailAttention:
         device: torch.device,
         proxy: ProxyKV | None = None,
         scales: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        geometry: AttentionGeometry | None = None,
     ):
+        """``geometry``: an :class:`AttentionGeometry` of these arguments kept from an earlier forward (one is
+        built otherwise)."""
         if proxy is not None and proxy.partial():
             raise InputError("proxy: these keys/values keep only one rank's rows; the whole grid reads all of them")
         self.config, self.grid, self.rotary, self.device = config, grid, rotary, device
         self.proxy, self.scales = proxy, scales
         self.backend = resolve_backend(config.backend, device)
-        self.tables = rotary.for_grid(grid).to(device)
-        self._layers: dict[WindowSpec, LayerWindows] = {}
-        self._global: RotaryTables | None = None  # ultragen: see _cell_tables
+        pgrid = None if proxy is None else proxy.grid
+        self.geometry = geometry or AttentionGeometry(config, grid, rotary, device, pgrid, scales)
+        if self.geometry.key() != (config, grid, str(torch.device(device)), pgrid, scales):
+            raise ValueError("geometry: built for another grid, proxy, device or config than this forward's")
+        self.tables = self.geometry.tables
 
     # -- geometry ---------------------------------------------------------------------------------------------
     def layer_spec(self, layer: int) -> WindowSpec:
-        entries = self.config.layer_entries()
-        window, shift = entries[layer % len(entries)]
-        return WindowSpec(self.grid, window, shift, pad=self.config.pad_windows)
+        return self.geometry.layer_spec(layer)
 
     def layer_windows(self, layer: int) -> LayerWindows:
-        spec = self.layer_spec(layer)
-        if spec not in self._layers:
-            lay = window_layout(spec)
-            index = None
-            if self.proxy is not None and self.config.proxy_context == "aligned":
-                index, _ = proxy_regions(spec, self.proxy.grid, self.scales, self.config.proxy_margin)
-                index = index.to(self.device)
-            self._layers[spec] = LayerWindows(
-                spec, lay.order.to(self.device), lay.inverse.to(self.device), lay.valid.to(self.device), index
-            )
-        return self._layers[spec]
+        return self.geometry.layer_windows(layer)
 
     # -- entry point --------------------------------------------------------------------------------------------
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -183,10 +216,8 @@ class DetailAttention:
         return upsample_cells(out, self.grid, pool)  # (B, N, H, D): every token takes its cell's output
 
     def _cell_tables(self, pool) -> RotaryTables:
-        """RoPE tables at the pooling cells' centres; built once per forward."""
-        if self._global is None:
-            self._global = self.rotary.tables(pooled_positions(self.grid, pool)).to(self.device)
-        return self._global
+        """RoPE tables at the pooling cells' centres (kept with the geometry)."""
+        return self.geometry.cell_tables(pool)
 
 
 def ultragen_cells(grid: Grid, pool) -> tuple[int, int, int]:
