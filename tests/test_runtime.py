@@ -414,6 +414,8 @@ def test_column_slab_ownership_equals_single_process_and_sends_what_plan_says(tm
     summary = json.loads(out.strip().splitlines()[-1])
     per_step, planned = summary["bytes_sent_per_step"], summary["planned_bytes_sent_per_step"]
     assert len(per_step) == 4 and all(0 < x <= planned for x in per_step) and max(per_step) == planned, summary
+    phases = summary["planned_memory_by_phase"]  # the pre-flight's memory of the heaviest rank, what plan prints
+    assert {"proxy_cache", "detail_stage", "decode"} <= set(phases) and all(v > 0 for v in phases.values())
     plan_args = [x for x in args[2:] if x != "--quiet"]  # plan takes no prompt
     assert cli("plan", *plan_args, *flags, "--device", "cpu", "--json") == 0
     assert json.loads(capsys.readouterr().out)["comm_bytes_per_step_per_rank"]["total"] == planned

@@ -83,6 +83,9 @@ class DistributedResult:
     planned_bytes_per_step: int | None = None
     """The cost model's bytes per denoising step of the heaviest rank for this run (the pre-flight's figure, which
     ``plan`` prints): the counted ``bytes_per_step`` reach it exactly."""
+    planned_memory: dict = field(default_factory=dict)
+    """The pre-flight's memory of the heaviest rank by phase (bytes; what ``plan`` prints), to hold the measured
+    ``peak_memory`` against (``benchmarks/bench_memory.py``)."""
 
     def to_dict(self) -> dict:
         """The run's machine-readable summary (``RunResult.to_dict``) with the distribution's numbers by rank."""
@@ -96,6 +99,7 @@ class DistributedResult:
             "decode_tiles": list(self.tiles),
             "median_step_seconds_by_rank": list(self.step_seconds),
             "planned_bytes_sent_per_step": self.planned_bytes_per_step,
+            "planned_memory_by_phase": {k: v["total"] for k, v in self.planned_memory.items()},
             "restarted": list(self.restarted),
         }
 
@@ -279,6 +283,7 @@ class DistributedGenerator:
             self.tiles,
             [p.step_seconds for p in parts],
             self.report.comm_bytes_per_step_per_rank["total"],
+            self.report.memory,
         )
 
     def _embedded(self) -> bool:

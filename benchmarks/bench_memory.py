@@ -1,0 +1,91 @@
+"""The memory model against measured per-rank peaks on CPU: `generate --workers N` with the tiny model.
+
+Each case runs the real command (embedded Ray, gloo) with ``--json``; every rank reports its process's peak RSS
+(``getrusage``) and the run reports the pre-flight's memory of the heaviest rank by phase (the cost model, the
+figure ``plan`` prints). A rank's process also holds what the model does not count and does not grow with the
+video (the interpreter, torch, Ray, the libraries' code), so both sides are taken relative to the smallest case:
+
+    measured growth = peak RSS of the heaviest rank - the same in the smallest case
+    modelled growth = the pre-flight's peak over the phases a detail rank runs (proxy_cache, detail_stage,
+                      decode) - the same in the smallest case
+
+and the ratio measured / modelled is printed and saved per case. None of these cases was used to fit the cost
+model's constants (they come from H100 runs of Wan2.1-1.3B and 14B, ``cost/model.py``).
+
+    python benchmarks/bench_memory.py [--workers 2] [--cases 128x128x9 512x512x33 1024x1024x33 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import environment, save  # noqa: E402
+
+RANK_PHASES = ("proxy_cache", "detail_stage", "decode")
+"""The phases a detail rank of the Ray runtime runs (the proxy actor encodes the text and runs stage 1)."""
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cases", nargs="+", default=["128x128x9", "512x512x33", "1024x1024x33", "1024x1024x65"])
+    p.add_argument("--window", default="3,4,4", help="the same window in every case (the smallest needs it)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return p.parse_args()
+
+
+def run_case(case: str, args, folder: str) -> dict:
+    w, h, f = case.split("x")
+    cmd = [sys.executable, "-m", "atlasvid_dist.cli.main", "generate", "--model", "tiny", "--prompt", "a test"]
+    cmd += ["--res", f"{w}x{h}", "--frames", f, "--workers", str(args.workers), "--window", args.window]
+    cmd += ["--steps", str(args.steps), "--proxy-steps", str(args.steps), "--quiet", "--json"]
+    cmd += ["--out", os.path.join(folder, f"{case}.mp4")]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode:
+        raise SystemExit(f"{case}: exit {done.returncode}\n{done.stderr[-2000:]}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    phases = summary["planned_memory_by_phase"]
+    return {
+        "case": case,
+        "measured_peak_rss_by_rank": [p["cpu_max_rss_bytes"] for p in summary["peak_memory"]],
+        "planned_by_phase": phases,
+        "planned_rank_peak": max(phases[k] for k in RANK_PHASES if k in phases),
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def main() -> None:
+    args = parse()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for case in args.cases:
+            rows.append(run_case(case, args, folder))
+            print(f"{case}: done", flush=True)
+    base = rows[0]
+    base_measured = max(base["measured_peak_rss_by_rank"])
+    print(f"\nworkers {args.workers}, tiny model, window {args.window}; growth over {base['case']} (MiB)")
+    print(f"{'case':>14} {'measured':>10} {'modelled':>10} {'ratio':>7}")
+    for r in rows[1:]:
+        r["measured_growth"] = max(r["measured_peak_rss_by_rank"]) - base_measured
+        r["modelled_growth"] = r["planned_rank_peak"] - base["planned_rank_peak"]
+        r["ratio"] = r["measured_growth"] / r["modelled_growth"]
+        mib = 2**20
+        print(
+            f"{r['case']:>14} {r['measured_growth'] / mib:10.1f} {r['modelled_growth'] / mib:10.1f} {r['ratio']:7.2f}"
+        )
+    payload = {"environment": environment("cpu"), "workers": args.workers, "window": args.window, "cases": rows}
+    print("saved", save("memory-cpu-tiny", payload, args.out))
+
+
+if __name__ == "__main__":
+    main()
