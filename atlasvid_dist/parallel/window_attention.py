@@ -10,6 +10,10 @@ output of the rank's own queries (B, N_local, H, D), in local order. Per layer:
 * any other grid (shifted windows): the keys/values of foreign tokens in the rank's windows (the halo) arrive
   from their owners through :func:`~atlasvid_dist.parallel.halo.halo_exchange` (keys already rotated, keys and
   values in one message per peer), then the rank's own queries attend inside the layer's windows;
+* with exchange 'rows' instead, a shifted layer's windows are each given whole to one rank
+  (:func:`layer_holdings`); ``run_blocks`` calls :meth:`ShardedWindowAttention.move` to put the residual rows in
+  that layer's holdings before the block and back after it (``migrate.py``), and the attention itself then sends
+  nothing: every window it computes is complete;
 * proxy keys/values (mode 'atlas'): the rank keeps, per layer, only the proxy rows its windows read (the aligned
   regions of its windows, or all rows for proxy_context 'all': :class:`ProxyRows`); they are copied once at
   construction, or were recorded with only those rows (``keep`` of ``AtlasTransformer.build_proxy_cache``).
