@@ -36,7 +36,9 @@ RANK_PHASES = ("proxy_cache", "detail_stage", "decode")
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cases", nargs="+", default=["128x128x9", "512x512x33", "1024x1024x33", "1024x1024x45", "1536x1536x21"])
+    p.add_argument(
+        "--cases", nargs="+", default=["128x128x9", "512x512x33", "1024x1024x33", "1024x1024x45", "1536x1536x21"]
+    )
     p.add_argument("--window", default="3,4,4", help="the same window in every case (the smallest needs it)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
