@@ -25,6 +25,7 @@ The module is model-agnostic: it needs the geometry (AtlasConfig, grid, Rotary3D
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +187,19 @@ class ShardedWindowAttention:
                 k, v = _kept_rows(proxy, layer, self._rows(layer))
                 self._proxy_k.append(k.to(self.device))  # (B, U, H, D)
                 self._proxy_v.append(v.to(self.device))
+
+    def reading(self, proxy) -> "ShardedWindowAttention":
+        """The same rank's attention reading other proxy keys/values (proxy_mode 'joint': new ones every
+        forward), sharing this one's geometry (RoPE tables, halo and move plans, proxy rows) instead of building
+        it again; its byte counts start at zero."""
+        other = copy.copy(self)
+        other.layer_bytes = {}
+        other._proxy_k, other._proxy_v = [], []
+        for layer in range(len(self._proxy_k)):
+            k, v = _kept_rows(proxy, layer, self._rows(layer))
+            other._proxy_k.append(k.to(self.device))  # (B, U, H, D)
+            other._proxy_v.append(v.to(self.device))
+        return other
 
     @property
     def num_local(self) -> int:
