@@ -77,13 +77,15 @@ def moved_rows(owners: list[torch.Tensor], groups: int, node: torch.Tensor | Non
     node = torch.zeros(groups, dtype=torch.long) if node is None else node
     sent, remote = torch.zeros(groups, dtype=torch.long), torch.zeros(groups, dtype=torch.long)
     received = 0
+    moves: dict[tuple[int, int], list] = {}  # the same two holdings recur every other layer: count each move once
     for a, b in zip(owners[:-1], owners[1:]):
-        if a is b:
-            continue
+        if a is not b:
+            moves.setdefault((id(a), id(b)), [a, b, 0])[2] += 1
+    for a, b, times in moves.values():
         change = a != b
-        sent += torch.bincount(a[change], minlength=groups)
+        sent += times * torch.bincount(a[change], minlength=groups)
         far = change & (node[a] != node[b])
-        remote += torch.bincount(a[far], minlength=groups)
+        remote += times * torch.bincount(a[far], minlength=groups)
         received = max(received, int(torch.bincount(b[change], minlength=groups).max()))
     return Moves(int(sent.max()), int(remote.max()), received)
 
