@@ -42,20 +42,14 @@ def shard(base: WindowSpec, groups: int, order: str = "thw") -> WindowSharding:
 
 
 def owner_of_tokens(sharding: WindowSharding) -> torch.Tensor:
-    """(N,) group of every raster token: the owner of its base window (vectorised ``WindowSharding.owner``)."""
-    return _window_to_token(sharding.spec, sharding.window_owner)
+    """(N,) group of every raster token: the owner of its base window (``WindowSharding.owner``)."""
+    return sharding.owner
 
 
 def assigned_owner(token_owner: torch.Tensor, spec: WindowSpec, groups: int) -> torch.Tensor:
     """(N,) group of every raster token when every window of ``spec`` is given whole to the group holding most
-    of it (``assign_windows``; vectorised ``WindowAssignment.owner``)."""
-    return _window_to_token(spec, assign_windows(token_owner, spec, groups).window_owner)
-
-
-def _window_to_token(spec: WindowSpec, window_owner: torch.Tensor) -> torch.Tensor:
-    lay = window_layout(spec)
-    window_of = torch.div(lay.inverse, lay.window_tokens, rounding_mode="floor")  # (N,) window of each token
-    return window_owner[window_of]
+    of it (``assign_windows(...).owner``)."""
+    return assign_windows(token_owner, spec, groups).owner
 
 
 @dataclass(frozen=True)

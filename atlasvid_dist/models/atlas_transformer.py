@@ -178,7 +178,7 @@ class AtlasTransformer(nn.Module):
     def _attention_geometry(self, grid: Grid, device, proxy_grid: Grid | None, scales) -> AttentionGeometry:
         """The detail attention's geometry (RoPE tables, window indices) on ``device``: built by the first forward
         on this grid and kept for the next ones (the last one only: another grid replaces it)."""
-        key = (self.atlas_config, grid, str(torch.device(device)), proxy_grid, scales)
+        key = AttentionGeometry.key_of(self.atlas_config, grid, device, proxy_grid, scales)
         if self._geometry is None or self._geometry.key() != key:
             self._geometry = AttentionGeometry(self.atlas_config, grid, self.rotary, device, proxy_grid, scales)
         return self._geometry

@@ -54,6 +54,8 @@ class _Holdings:
 
     spec: WindowSpec
     world_size: int
+    window_owner: torch.Tensor
+    """(num_windows,) rank of every window of ``spec`` (window-major numbering)."""
 
     def windows(self, rank: int) -> torch.Tensor:
         raise NotImplementedError
@@ -71,11 +73,11 @@ class _Holdings:
 
     @cached_property
     def owner(self) -> torch.Tensor:
-        """(grid.size,) rank that holds every raster token."""
-        out = torch.empty(self.spec.grid.size, dtype=torch.long)
-        for r, idx in enumerate(self._tokens):
-            out[idx] = r
-        return out
+        """(grid.size,) rank that holds every raster token: the rank of its window (vectorised, so the cost
+        model can count grids of millions of tokens with it)."""
+        lay = window_layout(self.spec)
+        window_of = torch.div(lay.inverse, lay.window_tokens, rounding_mode="floor")  # (N,) window of each token
+        return self.window_owner[window_of]
 
     @cached_property
     def local_position(self) -> torch.Tensor:

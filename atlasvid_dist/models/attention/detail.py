@@ -71,7 +71,12 @@ class AttentionGeometry:
         self._cells: dict[tuple, RotaryTables] = {}
 
     def key(self) -> tuple:
-        return self.config, self.grid, str(self.device), self.proxy_grid, self.scales
+        return self.key_of(self.config, self.grid, self.device, self.proxy_grid, self.scales)
+
+    @staticmethod
+    def key_of(config: AtlasConfig, grid: Grid, device, proxy_grid: Grid | None, scales) -> tuple:
+        """What a geometry depends on: two forwards with the same key share one."""
+        return config, grid, str(torch.device(device)), proxy_grid, scales
 
     def layer_spec(self, layer: int) -> WindowSpec:
         entries = self.config.layer_entries()
@@ -120,7 +125,7 @@ class DetailAttention:
         self.backend = resolve_backend(config.backend, device)
         pgrid = None if proxy is None else proxy.grid
         self.geometry = geometry or AttentionGeometry(config, grid, rotary, device, pgrid, scales)
-        if self.geometry.key() != (config, grid, str(torch.device(device)), pgrid, scales):
+        if self.geometry.key() != AttentionGeometry.key_of(config, grid, device, pgrid, scales):
             raise ValueError("geometry: built for another grid, proxy, device or config than this forward's")
         self.tables = self.geometry.tables
 
