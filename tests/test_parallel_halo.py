@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from atlasvid_dist.errors import InputError, PlanError
 from atlasvid_dist.geometry import Grid, WindowSpec, window_layout
 from atlasvid_dist.parallel import comm
-from atlasvid_dist.parallel.halo import gather_keys, gather_queries, halo_exchange, halo_plan, scatter_output
+from atlasvid_dist.parallel.halo import halo_exchange, halo_plan
 from atlasvid_dist.parallel.sharding import shard_windows
 
 from ._dist import run_ranks
@@ -30,6 +30,29 @@ CASES = [
 
 
 # -- pure index arithmetic ----------------------------------------------------------------------------------------
+# The plan's index tensors read the obvious way (what ShardedWindowAttention gathers chunk by chunk).
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(x.shape[0], rows, *x.shape[2:])], dim=1)
+
+
+def gather_queries(x_local: torch.Tensor, plan) -> torch.Tensor:
+    """(B, N_local, ...) -> (B, W, Lq, ...) own query rows per window (zeros at padding rows)."""
+    w, lq = plan.query_index.shape
+    return _pad_rows(x_local, 1).index_select(1, plan.query_index.reshape(-1)).unflatten(1, (w, lq))
+
+
+def gather_keys(x_local: torch.Tensor, x_halo: torch.Tensor, plan) -> torch.Tensor:
+    """(B, N_local, ...) and (B, N_halo, ...) -> (B, W, window_tokens, ...) key/value rows per window."""
+    w, lk = plan.key_index.shape
+    rows = _pad_rows(torch.cat([x_local, x_halo], dim=1), 1)  # (B, N_local + N_halo + 1, ...)
+    return rows.index_select(1, plan.key_index.reshape(-1)).unflatten(1, (w, lk))
+
+
+def scatter_output(out_windows: torch.Tensor, plan) -> torch.Tensor:
+    """(B, W, Lq, ...) per-window query outputs -> (B, N_local, ...) in local order (padding rows dropped)."""
+    return out_windows.flatten(1, 2).index_select(1, plan.output_index)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 12])
 def test_sharding_is_contiguous_balanced_and_complete(world):
     spec = CASES[2][0]

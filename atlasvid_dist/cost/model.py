@@ -60,8 +60,9 @@ DTYPES = ("auto", *DTYPE_BYTES)
 #: 1.3B 4K x 81 atlas 43.0 GB measured / 45.8 modelled; 1.3B 2K x 81 atlas 24.4 / 24.2; 14B 720P x 81 full
 #: 38.0 / 38.2. Rounded up (7, not the 6.3 that fits best) so the fit check errs on the safe side.
 FFN_PHASE_D_WIDTHS = 7
-#: Live d-wide tensors per token in the attention phase: q, k, v, their fp32-rotated copies, window-major gathers,
-#: the output (halo and proxy-context gathers come on top).
+#: Live d-wide tensors per token in the attention phase: the residual stream and the block's normed input, q, k, v,
+#: the rotated q and k, the key and value row tables (own rows then the proxy's), the output; the window-major
+#: gathers exist one chunk of windows at a time (``_attention_chunk_bytes``; halo rows come on top).
 ATTENTION_PHASE_D_WIDTHS = 10
 #: VAE decode FLOPs per output pixel-frame: diffusers' AutoencoderKLWan (Wan2.1 config), counted with
 #: torch.utils.flop_counter on 9 x 64 x 64 and 9 x 128 x 128 decodes (8.70e6 both).
@@ -593,7 +594,7 @@ def _activations(
 
 
 def _attention_chunk_bytes(geo, model, method, b, shares) -> int:
-    """Transient of one windowed SDPA call (models.attention.kernels.windows_sdpa): the keys and values of
+    """Transient of one windowed SDPA call (models.attention.kernels.gathered_windows_sdpa): the keys and values of
     ``max_window_batch`` windows (or the automatic batch) with their proxy context, and its output."""
     if geo.base is None:
         return 0

@@ -35,10 +35,10 @@ from ..config.method import AtlasConfig
 from ..errors import ConfigError
 from ..geometry.grid import Grid
 from ..geometry.windows import WindowSpec, proxy_regions
-from ..models.attention.kernels import windows_sdpa
+from ..models.attention.kernels import gathered_windows_sdpa
 from ..models.rope import Rotary3D, apply_rotary
 from .comm import CommStats
-from .halo import HaloPlan, gather_keys, gather_queries, halo_exchange, halo_plan, scatter_output
+from .halo import HaloPlan, halo_exchange, halo_plan
 from .migrate import move_plan, move_rows
 from .sharding import SHIFT_EXCHANGES, WindowSharding, assign_windows, shard_windows
 
@@ -79,6 +79,28 @@ class _Layer:
     """(U,) proxy token rows the rank's windows read (None: no proxy)."""
     proxy_index: torch.Tensor | None
     """(W, C) rows of the rank's windows into the kept proxy rows (positions in ``proxy_rows``)."""
+    query: torch.Tensor
+    """(W, Lq) local row of every query slot (a padding slot names row 0; its output is dropped)."""
+    keys: torch.Tensor
+    """(W, wt + C) row of every key slot in [local rows | halo rows | kept proxy rows] (padding: row 0, masked)."""
+    key_valid: torch.Tensor | None
+    """(W, wt + C) bool, False at padding slots; None when no slot is padding."""
+    output: torch.Tensor
+    """(W, Lq) local row each query slot's output goes to; -1 at padding slots."""
+
+
+def _layer_rows(plan: HaloPlan, proxy_index: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The halo plan's windows as index tensors into [local | halo | kept proxy] rows (gathered_windows_sdpa)."""
+    query = torch.where(plan.query_valid, plan.query_index, torch.zeros_like(plan.query_index))
+    keys = torch.where(plan.key_valid, plan.key_index, torch.zeros_like(plan.key_index))
+    valid = plan.key_valid
+    if proxy_index is not None:
+        keys = torch.cat([keys, plan.num_local + plan.num_halo + proxy_index.to(keys.device)], dim=1)
+        valid = torch.cat([valid, valid.new_ones(proxy_index.shape)], dim=1)  # (W, wt + C)
+    output = torch.where(plan.query_valid, plan.query_index, torch.full_like(plan.query_index, -1))
+    if bool(valid.all()):  # no padded key slot: SDPA without a mask
+        valid = None
+    return dict(query=query, keys=keys, key_valid=valid, output=output)
 
 
 class ProxyRows:
@@ -232,7 +254,8 @@ class ShardedWindowAttention:
             rows = index = None
             if self._rows is not None:
                 rows, index = self._rows(layer), self._rows.index(layer).to(self.device)
-            self._layers[spec] = _Layer(self._plan(spec).to(self.device), rows, index)
+            plan = self._plan(spec).to(self.device)
+            self._layers[spec] = _Layer(plan, rows, index, **_layer_rows(plan, index))
         return self._layers[spec]
 
     # -- the callbacks --------------------------------------------------------------------------------------------
@@ -275,28 +298,34 @@ class ShardedWindowAttention:
         else:  # base grid: own windows only, no communication
             hk = hv = kr.new_empty(b, 0, h, d)
         self.layer_bytes[layer] = self.layer_bytes.get(layer, 0) + self.stats.total() - before
-        qw = gather_queries(qr, plan)  # (B, W, Lq, H, D)
-        kw, vw = gather_keys(kr, hk, plan), gather_keys(v, hv.to(v.dtype), plan)  # (B, W, wt, H, D)
-        pk = pv = None
+        k_rows, v_rows = [kr, hk], [v, hv.to(v.dtype)]  # (B, N_local + N_halo, H, D) in all
         if lay.proxy_index is not None:
-            pk = self._proxy_k[layer][:, lay.proxy_index]  # (B, W, C, H, D)
-            pv = self._proxy_v[layer][:, lay.proxy_index]
-            if pk.shape[0] != b:
-                pk, pv = pk.expand(b, *pk.shape[1:]), pv.expand(b, *pv.shape[1:])
-        out = torch.zeros_like(qw)
+            pk, pv = self._proxy_k[layer], self._proxy_v[layer]  # (B, U, H, D) kept rows
+            k_rows.append(pk.expand(b, *pk.shape[1:]).to(kr.dtype))
+            v_rows.append(pv.expand(b, *pv.shape[1:]).to(v.dtype))
+        k_all, v_all = _row_table(k_rows), _row_table(v_rows)  # (B, N_local + N_halo + U, H, D)
+        out = qr.new_empty(qr.shape)  # (B, N_local, H, D): every local row is one window's query exactly once
         for w0, w1, lq in plan.buckets:  # windows with lq own tokens: no padded query rows computed
             if lq == 0:
                 continue
-            out[:, w0:w1, :lq] = windows_sdpa(
-                qw[:, w0:w1, :lq],
-                kw[:, w0:w1],
-                vw[:, w0:w1],
-                plan.key_valid[w0:w1],
+            gathered_windows_sdpa(
+                qr,
+                k_all,
+                v_all,
+                lay.query[w0:w1, :lq],
+                lay.keys[w0:w1],
+                None if lay.key_valid is None else lay.key_valid[w0:w1],
+                lay.output[w0:w1, :lq],
+                out,
                 self.config.max_window_batch,
-                None if pk is None else pk[:, w0:w1],
-                None if pv is None else pv[:, w0:w1],
             )
-        return scatter_output(out, plan)  # (B, N_local, H, D)
+        return out
+
+
+def _row_table(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows concatenated along dim 1; the first part itself when the others are empty (no copy)."""
+    parts = [parts[0]] + [p for p in parts[1:] if p.shape[1]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _kept_rows(proxy, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 ``DetailAttention`` is built once per forward from the geometry and called by every block with that block's
 un-rotated q, k, v (B, N, H, D) in raster token order. It applies RoPE, reorders tokens window-major for the
-layer's grid, runs the chosen backend, and returns the output in raster order.
+layer's grid, runs the chosen backend, and returns the output in raster order (the SDPA backend gathers one chunk
+of windows at a time from the raster rows and writes its output rows straight back: no whole-layer reorder).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ...geometry.grid import Grid, ProxyAnchor
 from ...geometry.windows import WindowSpec, proxy_regions, window_layout
 from ..rope import Rotary3D, RotaryTables, apply_rotary
 from . import masks
-from .kernels import reference_attention, sdpa, windows_sdpa
+from .kernels import gathered_windows_sdpa, reference_attention, sdpa
 
 
 @dataclass
@@ -53,6 +54,39 @@ class LayerWindows:
     proxy_index: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class WindowRows:
+    """One layer's windows as index tensors into row tables (see ``kernels.gathered_windows_sdpa``)."""
+
+    query: torch.Tensor
+    """(W, L) raster row of every query slot (padding slots name a real row; their outputs are dropped)."""
+    keys: torch.Tensor
+    """(W, L + C) row of every key slot in [raster rows | proxy rows]: the window's slots, then its C proxy rows."""
+    key_valid: torch.Tensor | None
+    """(W, L + C) bool, False at padding slots; None when no window is padded."""
+    output: torch.Tensor
+    """(W, L) raster row each query slot's output goes to; -1 at padding slots."""
+
+
+def window_rows(lw: LayerWindows, proxy_rows: int) -> WindowRows:
+    """Index tensors of ``lw`` for key/value rows made of the grid's raster rows then ``proxy_rows`` proxy rows
+    (the aligned region of each window, or every proxy row when the layer has no proxy index)."""
+    nw, lt = lw.valid.shape
+    n = lw.spec.grid.size
+    order = lw.order.view(nw, lt)  # (W, L) raster ids, n at padding
+    query = order.clamp(max=n - 1)  # a padding slot reads any real row: masked as a key, dropped as a query
+    keys, valid = query, (lw.valid if lw.spec.padded else None)
+    if proxy_rows:
+        index = lw.proxy_index
+        if index is None:  # 'all': every window reads every proxy row
+            index = torch.arange(proxy_rows, device=order.device).expand(nw, proxy_rows)
+        keys = torch.cat([query, n + index], dim=1)  # (W, L + C)
+        if valid is not None:
+            valid = torch.cat([valid, valid.new_ones(nw, index.shape[1])], dim=1)
+    output = torch.where(lw.valid, order, torch.full_like(order, -1))
+    return WindowRows(query, keys, valid, output)
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """'auto' -> 'sdpa' (windows in the batch dimension: CPU and CUDA, trains). 'flex' needs CUDA for speed."""
     return "sdpa" if name == "auto" else name
@@ -69,6 +103,7 @@ class AttentionGeometry:
         self.tables = rotary.for_grid(grid).to(device)
         self._layers: dict[WindowSpec, LayerWindows] = {}
         self._cells: dict[tuple, RotaryTables] = {}
+        self._rows: dict[tuple, WindowRows] = {}
 
     def key(self) -> tuple:
         return self.key_of(self.config, self.grid, self.device, self.proxy_grid, self.scales)
@@ -95,6 +130,13 @@ class AttentionGeometry:
                 spec, lay.order.to(self.device), lay.inverse.to(self.device), lay.valid.to(self.device), index
             )
         return self._layers[spec]
+
+    def window_rows(self, layer: int, proxy_rows: int) -> "WindowRows":
+        """The layer's windows as rows of [its own rows | ``proxy_rows`` proxy rows] (kept per grid and count)."""
+        spec = self.layer_spec(layer)
+        if (spec, proxy_rows) not in self._rows:
+            self._rows[spec, proxy_rows] = window_rows(self.layer_windows(layer), proxy_rows)
+        return self._rows[spec, proxy_rows]
 
     def cell_tables(self, pool) -> RotaryTables:
         """RoPE tables at UltraGen's pooling cells' centres."""
@@ -164,6 +206,20 @@ class DetailAttention:
         pk, pv = self._proxy_kv(layer)
         if self.backend == "reference":
             return self._windows_reference(lw, q, k, v, pk, pv)
+        if self.backend == "flex":
+            return self._windows_flex(lw, q, k, v, pk, pv)
+        rows = self.geometry.window_rows(layer, 0 if pk is None else pk.shape[1])
+        if pk is not None:  # key/value rows: the layer's own, then the proxy's
+            k, v = torch.cat([k, pk], dim=1), torch.cat([v, pv], dim=1)  # (B, N + Np, H, D)
+        out = q.new_empty(q.shape)  # (B, N, H, D) contiguous: every raster row is one window's query exactly once
+        return gathered_windows_sdpa(
+            q, k, v, rows.query, rows.keys, rows.key_valid, rows.output, out, self.config.max_window_batch
+        )
+
+    @staticmethod
+    def _windows_flex(lw: LayerWindows, q, k, v, pk, pv):
+        from .flex import flex_windows
+
         b, n, h, d = q.shape
         nw, lt = lw.valid.shape
         pad = q.new_zeros(b, 1, h, d)
@@ -171,29 +227,12 @@ class DetailAttention:
         def to_windows(x):  # (B, N, H, D) -> (B, W, L, H, D), padding slots = zeros
             return torch.cat([x, pad], dim=1)[:, lw.order].unflatten(1, (nw, lt))
 
-        qw, kw, vw = to_windows(q), to_windows(k), to_windows(v)
-        if self.backend == "flex":
-            from .flex import flex_windows
-
-            table = None
-            if pk is not None and lw.proxy_index is not None:
-                table = masks.aligned_table(nw, pk.shape[1], lw.proxy_index)
-            key = (lw.spec, None if pk is None else (pk.shape[1], self.config.proxy_context), str(q.device))
-            out = flex_windows(qw, kw, vw, lw.valid, pk, pv, table, key)
-        else:
-            key_valid = lw.valid if lw.spec.padded else None
-            pkw = pvw = None
-            if pk is not None:
-                pkw, pvw = self._proxy_windows(lw, pk, pv, nw)  # (B, W, C, H, D)
-            out = windows_sdpa(qw, kw, vw, key_valid, self.config.max_window_batch, pkw, pvw)
+        table = None
+        if pk is not None and lw.proxy_index is not None:
+            table = masks.aligned_table(nw, pk.shape[1], lw.proxy_index)
+        key = (lw.spec, None if pk is None else (pk.shape[1], lw.proxy_index is not None), str(q.device))
+        out = flex_windows(to_windows(q), to_windows(k), to_windows(v), lw.valid, pk, pv, table, key)
         return out.flatten(1, 2)[:, lw.inverse]  # (B, N, H, D) raster order
-
-    @staticmethod
-    def _proxy_windows(lw: LayerWindows, pk, pv, nw: int):
-        if lw.proxy_index is None:  # 'all': every window reads every proxy token
-            b, np_, h, d = pk.shape
-            return pk[:, None].expand(b, nw, np_, h, d), pv[:, None].expand(b, nw, np_, h, d)
-        return pk[:, lw.proxy_index], pv[:, lw.proxy_index]  # (B, W, C, H, D)
 
     def _windows_reference(self, lw: LayerWindows, q, k, v, pk, pv):
         np_ = 0 if pk is None else pk.shape[1]

@@ -40,39 +40,67 @@ def auto_window_batch(batch: int, windows: int, key_len: int, heads: int, head_d
     return max(1, min(windows, AUTO_CHUNK_ELEMENTS // max(per_window, 1)))
 
 
-def windows_sdpa(
-    qw: torch.Tensor,
-    kw: torch.Tensor,
-    vw: torch.Tensor,
+def gathered_windows_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
     key_valid: torch.Tensor | None,
+    out_index: torch.Tensor,
+    out: torch.Tensor,
     max_windows: int = 0,
-    extra_k: torch.Tensor | None = None,
-    extra_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention inside windows stacked in the batch dimension.
+    """Attention inside windows whose rows are gathered from row tables one chunk of windows at a time.
 
-    qw (B, W, Lq, H, D); kw, vw (B, W, Lk, H, D); key_valid (W, Lk) bool or None (padding slots are False).
-    extra_k, extra_v (B, W, C, H, D), possibly an expanded view: keys every window reads besides its own (the
-    proxy), concatenated one chunk of windows at a time so they are never materialised for all windows at once.
-    ``max_windows`` > 0 sets the windows per SDPA call; 0 picks it from AUTO_CHUNK_ELEMENTS.
-    Returns (B, W, Lq, H, D).
+    q (B, Nq, H, D) query rows; k, v (B, Nk, H, D) key/value rows (a window's own rows, then any rows windows read
+    besides them, e.g. the proxy's); query_index (W, Lq) and key_index (W, Lk) long: the row behind every query
+    and key slot of every window (a padding slot may name any row: padded keys are masked by key_valid (W, Lk)
+    bool, padded queries dropped); out_index (W, Lq) long: the row of ``out`` (B, N_out, H, D) that each query
+    slot's output goes to, -1 at padding slots. Only one chunk's gathered rows exist at a time (``max_windows`` > 0
+    windows per SDPA call; 0 picks it from AUTO_CHUNK_ELEMENTS): one gather each of q, k and v straight from the
+    rows, one SDPA call, one row copy of its output into ``out``; no window-major copy of a whole layer is made.
+    Writes ``out`` and returns it.
     """
-    b, nw, lq, h, d = qw.shape
-    c = 0 if extra_k is None else extra_k.shape[2]
-    step = max_windows or auto_window_batch(b, nw, kw.shape[2] + c, h, d)
-    parts = []
+    b, h, d = q.shape[0], q.shape[2], q.shape[3]
+    nw, lq = query_index.shape
+    lk = key_index.shape[1]
+    step = max_windows or auto_window_batch(b, nw, lk, h, d)
+    padded = bool((out_index < 0).any())  # one device sync per call, not per chunk
     for w0 in range(0, nw, step):
         w1 = min(nw, w0 + step)
-        k, v = kw[:, w0:w1], vw[:, w0:w1]
-        if extra_k is not None:
-            k = torch.cat([k, extra_k[:, w0:w1]], dim=2)  # (B, w, Lk + C, H, D)
-            v = torch.cat([v, extra_v[:, w0:w1]], dim=2)
+        n = w1 - w0
+        qc = take_rows(q, query_index[w0:w1].reshape(-1)).view(b * n, lq, h, d)  # (B*n, Lq, H, D)
+        kc = take_rows(k, key_index[w0:w1].reshape(-1)).view(b * n, lk, h, d)  # (B*n, Lk, H, D)
+        vc = take_rows(v, key_index[w0:w1].reshape(-1)).view(b * n, lk, h, d)
         mask = None
         if key_valid is not None:
-            valid = key_valid[w0:w1]
-            if c:
-                valid = torch.cat([valid, valid.new_ones(w1 - w0, c)], dim=1)  # (w, Lk + C)
-            mask = valid.repeat(b, 1)[:, None, None, :]  # (B*w, 1, 1, Lk + C)
-        o = sdpa(qw[:, w0:w1].flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask)  # (B*w, Lq, H, D)
-        parts.append(o.unflatten(0, (b, w1 - w0)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            mask = key_valid[w0:w1].repeat(b, 1)[:, None, None, :]  # (B*n, 1, 1, Lk)
+        o = sdpa(qc, kc, vc, mask).reshape(b, n * lq, h, d)  # (B, n*Lq, H, D) window-major rows
+        dst = out_index[w0:w1].reshape(-1)
+        if padded:
+            keep = dst >= 0
+            o, dst = o[:, keep], dst[keep]
+        put_rows(out, dst, o.to(out.dtype))
+    return out
+
+
+def _flat_rows(index: torch.Tensor, batch: int, rows: int) -> torch.Tensor:
+    """(M,) row ids of every batch entry of a (B, rows, ...) tensor seen as (B * rows, ...): (B * M,)."""
+    if batch == 1:
+        return index
+    return (index[None] + rows * torch.arange(batch, device=index.device)[:, None]).reshape(-1)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, ...) -> x[:, index] (B, M, ...), gathered along the first axis of x seen as (B * N, row) (CPU's
+    index_select along dim 1 is several times slower than along dim 0 of the same bytes)."""
+    b, n = x.shape[:2]
+    flat = x.reshape(b * n, -1).index_select(0, _flat_rows(index, b, n))  # (B * M, row)
+    return flat.view(b, index.numel(), *x.shape[2:])
+
+
+def put_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """out[:, index] = src for a contiguous out (B, N, ...) and src (B, M, ...), in place, as one row copy."""
+    b, n = out.shape[:2]
+    out.view(b * n, -1).index_copy_(0, _flat_rows(index, b, n), src.reshape(b * index.numel(), -1))
