@@ -24,7 +24,7 @@ def test_json_has_the_keys_and_hand_computed_tokens():
     assert all(k in d for k in KEYS)
     assert d["detail_tokens"] == 680_400 and d["proxy_tokens"] == 21_600  # auto proxy scale 3: a 720P proxy
     assert d["fits"] is True and d["reasons"] == []
-    assert 400 < d["attention_flops_ratio"] < 680
+    assert 675 < d["attention_flops_ratio"] < 720  # shifted layers: cut windows at their real length
     assert d["inputs"]["parallel"]["workers"] == 8
 
 

@@ -73,3 +73,20 @@ def test_aligned_region_covers_proxy_above_every_token(shift):
             above = ((t // 4) * proxy.h + h // 2) * proxy.w + x // 2
             assert above in region
     assert int(index.max()) < proxy.size and int(index.min()) >= 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WindowSpec(Grid(5, 6, 10), (2, 4, 4), (1, 2, 2)),
+        WindowSpec(Grid(5, 6, 10), (2, 4, 4), pad=True),
+        WindowSpec(Grid(4, 8, 8), (2, 4, 4)),
+        WindowSpec(Grid(21, 135, 240), (3, 15, 16), (1, 7, 8)),
+    ],
+)
+def test_axis_lengths_and_real_pairs_match_the_layout(spec):
+    real = window_layout(spec).valid.sum(1)  # (W,) real tokens per window, from the index tensors
+    lengths = spec.axis_lengths()
+    per_window = torch.tensor([a * b * c for a in lengths[0] for b in lengths[1] for c in lengths[2]])
+    assert torch.equal(per_window, real)
+    assert spec.real_token_pairs() == int((real * real).sum())

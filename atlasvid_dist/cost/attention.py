@@ -1,7 +1,9 @@
 """Attention FLOPs of one layer, from the same geometry the kernels run on.
 
 Convention: one attention over Lq queries and Lk keys costs 4 * Lq * Lk * heads * head_dim FLOPs (QK^T and PV,
-a multiply-add counted as 2). Window attention counts what the kernel executes: padded window slots included.
+a multiply-add counted as 2). Window attention counts what the SDPA kernel executes on one device: the windows
+of a padded (e.g. shifted) grid run at their real lengths, so only real query-key pairs count, plus every real
+query against its window's proxy context.
 UltraGen's compressed global branch is dense attention among the N' pooled tokens: 4 * N'^2 * heads * head_dim
 (pooling and upsampling are averages and copies, memory traffic rather than FLOPs).
 """
@@ -33,6 +35,11 @@ def proxy_context_tokens(cfg: AtlasConfig, spec: WindowSpec, proxy: Grid) -> int
     return math.prod(size)
 
 
+def window_attention_flops(spec: WindowSpec, ctx: int, heads: int, head_dim: int) -> int:
+    """Windows of ``spec`` at their real lengths, each real query also reading ``ctx`` proxy keys."""
+    return 4 * (spec.real_token_pairs() + spec.grid.size * ctx) * heads * head_dim
+
+
 def layer_spec(cfg: AtlasConfig, grid: Grid, layer: int) -> WindowSpec:
     entries = cfg.layer_entries()
     window, shift = entries[layer % len(entries)]
@@ -49,8 +56,7 @@ def layer_attention_flops(
     ctx = 0
     if cfg.mode == "atlas" and with_proxy:
         ctx = proxy_context_tokens(cfg, spec, ProxyGeometry(grid, cfg.temporal_scale, cfg.spatial_scale).grid)
-    lw = spec.window_tokens
-    flops = spec.num_windows * attention_flops(lw, lw + ctx, heads, head_dim)
+    flops = window_attention_flops(spec, ctx, heads, head_dim)
     if cfg.mode == "ultragen":
         pooled = pooled_tokens(cfg, grid)
         flops += attention_flops(pooled, pooled, heads, head_dim)

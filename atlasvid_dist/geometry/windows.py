@@ -2,8 +2,9 @@
 and the proxy region each window reads.
 
 A layer's grid is a window size and a shift (in tokens). Window borders sit at ``i * window - shift`` on each
-axis, so a shifted grid has partial windows at both borders; those (and a grid that does not divide) are padded
-to full windows with a sentinel index and masked in attention. An axis whose window spans the whole grid is never
+axis, so a shifted grid has partial windows at both borders; in the layout those (and a grid that does not
+divide) are padded to full windows with a sentinel index. One process attends inside them at their real lengths
+(windows grouped by length); a rank of the window-sharded runtime masks the padding keys. An axis whose window spans the whole grid is never
 shifted (a shift there would only split one window into two partial ones).
 """
 
@@ -69,6 +70,18 @@ class WindowSpec:
     @property
     def padded(self) -> bool:
         return any(c * w != n for c, w, n in zip(self.counts, self.window, self.grid.dims))
+
+    def axis_lengths(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Real tokens of every window along each axis (a padded axis cuts its first and last windows)."""
+        return tuple(
+            tuple(min(n, (i + 1) * w - s) - max(0, i * w - s) for i in range(c))
+            for n, w, s, c in zip(self.grid.dims, self.window, self.shift, self.counts)
+        )  # type: ignore[return-value]
+
+    def real_token_pairs(self) -> int:
+        """Sum over windows of (real tokens)^2: the query-key pairs of attention inside unpadded windows (a window's
+        real tokens are the product of its lengths along the three axes, so the sum factorises per axis)."""
+        return math.prod(sum(x * x for x in axis) for axis in self.axis_lengths())
 
     def starts(self) -> torch.Tensor:
         """(num_windows, 3) first token coordinate of every window (may be negative in shifted grids)."""

@@ -314,9 +314,9 @@ class ShardedWindowAttention:
                 v_all,
                 lay.query[w0:w1, :lq],
                 lay.keys[w0:w1],
+                out,
                 None if lay.key_valid is None else lay.key_valid[w0:w1],
                 lay.output[w0:w1, :lq],
-                out,
                 self.config.max_window_batch,
             )
         return out

@@ -56,35 +56,39 @@ class LayerWindows:
 
 @dataclass(frozen=True)
 class WindowRows:
-    """One layer's windows as index tensors into row tables (see ``kernels.gathered_windows_sdpa``)."""
+    """Windows of one layer with the same number of real tokens, as index tensors into row tables
+    (``kernels.gathered_windows_sdpa``); no padding slot: a shifted grid's cut windows run at their own length."""
 
     query: torch.Tensor
-    """(W, L) raster row of every query slot (padding slots name a real row; their outputs are dropped)."""
+    """(W, l) raster rows of each window's real tokens (queries; their outputs go back to the same rows)."""
     keys: torch.Tensor
-    """(W, L + C) row of every key slot in [raster rows | proxy rows]: the window's slots, then its C proxy rows."""
-    key_valid: torch.Tensor | None
-    """(W, L + C) bool, False at padding slots; None when no window is padded."""
-    output: torch.Tensor
-    """(W, L) raster row each query slot's output goes to; -1 at padding slots."""
+    """(W, l + C) rows in [raster rows | proxy rows]: the window's real tokens, then its C proxy rows."""
 
 
-def window_rows(lw: LayerWindows, proxy_rows: int) -> WindowRows:
-    """Index tensors of ``lw`` for key/value rows made of the grid's raster rows then ``proxy_rows`` proxy rows
-    (the aligned region of each window, or every proxy row when the layer has no proxy index)."""
+def window_rows(lw: LayerWindows, proxy_rows: int) -> tuple[WindowRows, ...]:
+    """The layer's windows grouped by their number of real tokens (most first), each window's real tokens
+    compacted in slot order, keys extended by ``proxy_rows`` proxy rows (the aligned region of each window, or
+    every proxy row when the layer has no proxy index). An unpadded grid is one group."""
     nw, lt = lw.valid.shape
     n = lw.spec.grid.size
-    order = lw.order.view(nw, lt)  # (W, L) raster ids, n at padding
-    query = order.clamp(max=n - 1)  # a padding slot reads any real row: masked as a key, dropped as a query
-    keys, valid = query, (lw.valid if lw.spec.padded else None)
+    counts = lw.valid.sum(1)  # (W,) real tokens per window
+    by_size = torch.sort(counts, descending=True, stable=True).indices  # (W,)
+    real_first = torch.sort((~lw.valid).to(torch.uint8), dim=1, stable=True).indices  # (W, L): real slots first
+    compact = lw.order.view(nw, lt).gather(1, real_first)[by_size]  # (W, L) raster ids, real ones first
+    index = None
     if proxy_rows:
         index = lw.proxy_index
         if index is None:  # 'all': every window reads every proxy row
-            index = torch.arange(proxy_rows, device=order.device).expand(nw, proxy_rows)
-        keys = torch.cat([query, n + index], dim=1)  # (W, L + C)
-        if valid is not None:
-            valid = torch.cat([valid, valid.new_ones(nw, index.shape[1])], dim=1)
-    output = torch.where(lw.valid, order, torch.full_like(order, -1))
-    return WindowRows(query, keys, valid, output)
+            index = torch.arange(proxy_rows, device=compact.device).expand(nw, proxy_rows)
+        index = n + index[by_size]  # (W, C) rows after the raster rows
+    sizes, groups = torch.unique_consecutive(counts[by_size], return_counts=True)
+    out, w0 = [], 0
+    for size, group in zip(sizes.tolist(), groups.tolist()):
+        rows = compact[w0 : w0 + group, :size]  # (w, l)
+        keys = rows if index is None else torch.cat([rows, index[w0 : w0 + group]], dim=1)  # (w, l + C)
+        out.append(WindowRows(rows, keys))
+        w0 += group
+    return tuple(out)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -103,7 +107,7 @@ class AttentionGeometry:
         self.tables = rotary.for_grid(grid).to(device)
         self._layers: dict[WindowSpec, LayerWindows] = {}
         self._cells: dict[tuple, RotaryTables] = {}
-        self._rows: dict[tuple, WindowRows] = {}
+        self._rows: dict[tuple, tuple[WindowRows, ...]] = {}
 
     def key(self) -> tuple:
         return self.key_of(self.config, self.grid, self.device, self.proxy_grid, self.scales)
@@ -131,7 +135,7 @@ class AttentionGeometry:
             )
         return self._layers[spec]
 
-    def window_rows(self, layer: int, proxy_rows: int) -> "WindowRows":
+    def window_rows(self, layer: int, proxy_rows: int) -> tuple["WindowRows", ...]:
         """The layer's windows as rows of [its own rows | ``proxy_rows`` proxy rows] (kept per grid and count)."""
         spec = self.layer_spec(layer)
         if (spec, proxy_rows) not in self._rows:
@@ -208,13 +212,13 @@ class DetailAttention:
             return self._windows_reference(lw, q, k, v, pk, pv)
         if self.backend == "flex":
             return self._windows_flex(lw, q, k, v, pk, pv)
-        rows = self.geometry.window_rows(layer, 0 if pk is None else pk.shape[1])
+        groups = self.geometry.window_rows(layer, 0 if pk is None else pk.shape[1])
         if pk is not None:  # key/value rows: the layer's own, then the proxy's
             k, v = torch.cat([k, pk], dim=1), torch.cat([v, pv], dim=1)  # (B, N + Np, H, D)
         out = q.new_empty(q.shape)  # (B, N, H, D) contiguous: every raster row is one window's query exactly once
-        return gathered_windows_sdpa(
-            q, k, v, rows.query, rows.keys, rows.key_valid, rows.output, out, self.config.max_window_batch
-        )
+        for rows in groups:  # windows of one length: no padding slot computed, no mask
+            gathered_windows_sdpa(q, k, v, rows.query, rows.keys, out, max_windows=self.config.max_window_batch)
+        return out
 
     @staticmethod
     def _windows_flex(lw: LayerWindows, q, k, v, pk, pv):

@@ -46,27 +46,28 @@ def gathered_windows_sdpa(
     v: torch.Tensor,
     query_index: torch.Tensor,
     key_index: torch.Tensor,
-    key_valid: torch.Tensor | None,
-    out_index: torch.Tensor,
     out: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
     max_windows: int = 0,
 ) -> torch.Tensor:
     """Attention inside windows whose rows are gathered from row tables one chunk of windows at a time.
 
     q (B, Nq, H, D) query rows; k, v (B, Nk, H, D) key/value rows (a window's own rows, then any rows windows read
     besides them, e.g. the proxy's); query_index (W, Lq) and key_index (W, Lk) long: the row behind every query
-    and key slot of every window (a padding slot may name any row: padded keys are masked by key_valid (W, Lk)
-    bool, padded queries dropped); out_index (W, Lq) long: the row of ``out`` (B, N_out, H, D) that each query
-    slot's output goes to, -1 at padding slots. Only one chunk's gathered rows exist at a time (``max_windows`` > 0
-    windows per SDPA call; 0 picks it from AUTO_CHUNK_ELEMENTS): one gather each of q, k and v straight from the
-    rows, one SDPA call, one row copy of its output into ``out``; no window-major copy of a whole layer is made.
-    Writes ``out`` and returns it.
+    and key slot of every window. Without padding every slot is real and window w's outputs go to rows
+    ``query_index[w]`` of ``out`` (B, N_out, H, D). With padding, a padding slot may name any row: padded keys are
+    masked by key_valid (W, Lk) bool, and out_index (W, Lq) names the output row of every query slot, -1 at
+    padding (dropped). Only one chunk's gathered rows exist at a time (``max_windows`` > 0 windows per SDPA call;
+    0 picks it from AUTO_CHUNK_ELEMENTS): one gather each of q, k and v straight from the rows, one SDPA call, one
+    row copy of its output into ``out``; no window-major copy of a whole layer is made. Writes ``out``, returns it.
     """
     b, h, d = q.shape[0], q.shape[2], q.shape[3]
     nw, lq = query_index.shape
     lk = key_index.shape[1]
     step = max_windows or auto_window_batch(b, nw, lk, h, d)
-    padded = bool((out_index < 0).any())  # one device sync per call, not per chunk
+    padded = out_index is not None and bool((out_index < 0).any())  # one device sync per call, not per chunk
+    dst_index = query_index if out_index is None else out_index
     for w0 in range(0, nw, step):
         w1 = min(nw, w0 + step)
         n = w1 - w0
@@ -77,7 +78,7 @@ def gathered_windows_sdpa(
         if key_valid is not None:
             mask = key_valid[w0:w1].repeat(b, 1)[:, None, None, :]  # (B*n, 1, 1, Lk)
         o = sdpa(qc, kc, vc, mask).reshape(b, n * lq, h, d)  # (B, n*Lq, H, D) window-major rows
-        dst = out_index[w0:w1].reshape(-1)
+        dst = dst_index[w0:w1].reshape(-1)
         if padded:
             keep = dst >= 0
             o, dst = o[:, keep], dst[keep]
