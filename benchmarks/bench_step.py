@@ -116,7 +116,14 @@ def cpu_mid(args) -> dict:
         cache = atlas.build_proxy_cache(proxy, text)
         rows["atlas_forward_s"] = timed(lambda: atlas(x, t, text, proxy_cache=cache), dev, 1, args.iters)
         prof = profile_split(lambda: atlas(x, t, text, proxy_cache=cache), dev)
+        if args.compile_blocks:  # the same two forwards with --compile-blocks (the first call compiles: warm-up)
+            full_c = AtlasTransformer(tr, AtlasConfig(mode="full"), compile_blocks=True)
+            rows["full_compiled_forward_s"] = timed(lambda: full_c(x, t, text), dev, warmup=1, iters=args.iters)
+            atlas_c = AtlasTransformer(tr, atlas.atlas_config, compile_blocks=True)
+            rows["atlas_compiled_forward_s"] = timed(lambda: atlas_c(x, t, text, proxy_cache=cache), dev, 1, args.iters)
     rows["per_step_speedup_atlas_vs_full"] = rows["full_forward_s"] / rows["atlas_forward_s"]
+    if args.compile_blocks:
+        rows["per_step_speedup_compiled"] = rows["full_compiled_forward_s"] / rows["atlas_compiled_forward_s"]
     return {"rows": rows, "profile": prof, "model": asdict(spec), "note": "both forwards timed whole (no CFG)"}
 
 
@@ -127,6 +134,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--compile-blocks", action="store_true", help="cpu-mid: also time both forwards compiled")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.preset == "cpu-mid":

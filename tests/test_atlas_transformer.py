@@ -285,3 +285,18 @@ def test_ffn_chunks_give_the_same_velocity_and_bound_the_ffn_rows(tiny_wan):
         hook.remove()
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     assert max(rows) <= 100 and sum(rows) >= 576  # detail tokens (and the proxy's) in chunks
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_blocks_equal_eager(tiny_wan):
+    """--compile-blocks: the blocks' non-attention code through torch.compile gives the eager velocity (to
+    rounding), with shifted windows, a cached proxy and a chunked feed-forward (a second token count)."""
+    x, t, enc = inputs()
+    eager = atlas(tiny_wan)
+    compiled = AtlasTransformer(tiny_wan, eager.atlas_config, ffn_chunk=100, compile_blocks=True)
+    assert compiled.ops.feed_forward is not eager.ops.feed_forward  # the compiled wrappers, not the functions
+    cache = eager.build_proxy_cache(proxy_latents(), enc)
+    want = eager(x, t, enc, proxy_cache=cache)
+    got = compiled(x, t, enc, proxy_cache=compiled.build_proxy_cache(proxy_latents(), enc))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

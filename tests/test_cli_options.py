@@ -142,3 +142,12 @@ def test_a_tiny_run_warns_on_stderr_and_shows_its_device(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stderr.startswith("warning: model 'tiny' has random weights: the video will be noise"), r.stderr[:500]
     assert "device: cpu (auto)" in r.stdout and out.stat().st_size > 0
+
+
+def test_every_run_setting_is_a_generate_option():
+    """Every GenerateConfig field (but the video and the method, which have options of their own) can be set on
+    generate's command line (--offload-encoders was once settable only in a --config file while plan told users
+    to pass it)."""
+    names = {p.name for p in _options("generate")}
+    missing = [f for f in config_fields(GenerateConfig) if f not in ("video", "method") and f not in names]
+    assert missing == []

@@ -135,6 +135,8 @@ def generate(
     detail_cfg_until: Optional[float] = option("detail_cfg_until"),
     detail_reuse: Optional[float] = option("detail_reuse"),
     ffn_chunk: Optional[int] = option("ffn_chunk"),
+    offload_encoders: Optional[bool] = option("offload_encoders"),
+    compile_blocks: Optional[bool] = option("compile_blocks"),
     device: Optional[str] = option("device", note="With --gpus: cuda; with --workers: cpu unless set."),
     device_profile: Optional[str] = option("device_profile"),
     config: Optional[Path] = typer.Option(

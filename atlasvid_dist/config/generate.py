@@ -87,6 +87,11 @@ class GenerateConfig:
     """Keep the text encoder and the VAE in host memory except while they work: the text encoder comes onto the
     device for the prompts' encoding only, the VAE for the decode only (Wan2.1's UMT5-XXL is ~10.6 GiB in bf16:
     off the GPU for every denoising step). No effect on a CPU device."""
+    compile_blocks: bool = False
+    """Run each transformer block's code around its attentions (norms, modulation, the feed-forward, gated
+    residuals) through torch.compile: fused element-wise kernels instead of one kernel per operation. The first
+    forward on every new token count compiles (seconds on the small models, minutes at scale); the result equals
+    the eager one to rounding. Needs a C++ compiler on CPU."""
     device: Device = "auto"
     """'auto' (cuda when torch sees a CUDA device, else cpu; resolved when the config is built), 'cpu' or 'cuda'."""
     dtype: Dtype = "auto"
@@ -164,6 +169,7 @@ class GenerateConfig:
             "must be an integer >= 0 (0 = all tokens at once)",
         )
         check(isinstance(self.offload_encoders, bool), "offload_encoders", self.offload_encoders, "must be true/false")
+        check(isinstance(self.compile_blocks, bool), "compile_blocks", self.compile_blocks, "must be true/false")
         check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")
         check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")

@@ -97,11 +97,19 @@ class AtlasTransformer(nn.Module):
     method's settings are :attr:`atlas_config`.
     """
 
-    def __init__(self, transformer: nn.Module, config: AtlasConfig | None = None, ffn_chunk: int = 0):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        config: AtlasConfig | None = None,
+        ffn_chunk: int = 0,
+        compile_blocks: bool = False,
+    ):
         """``ffn_chunk`` > 0: every block's feed-forward runs over chunks of that many tokens (same result, its
-        (tokens x ffn_dim) activations bounded)."""
+        (tokens x ffn_dim) activations bounded). ``compile_blocks``: the blocks' non-attention code (:class:`BlockOps`)
+        runs through torch.compile."""
         super().__init__()
         self.ffn_chunk = int(ffn_chunk)
+        self.ops = BlockOps.of(compile_blocks)
         _check_transformer(transformer)
         self.transformer = transformer
         self.atlas_config = config if config is not None else AtlasConfig()
@@ -419,25 +427,19 @@ class AtlasTransformer(nn.Module):
         """One WanTransformerBlock with its own layers, self-attention by ``attend`` (same arithmetic as diffusers)."""
         shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + tproj.float()).chunk(6, dim=1)
         # 1. self-attention
-        h = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self._self_attention(i, block.attn1, h, attend) * gate).type_as(x)
+        h = self.ops.modulated_norm(block.norm1, x, scale, shift)
+        x = self.ops.gated_residual(x, self._self_attention(i, block.attn1, h, attend), gate)
         # 2. cross-attention to the text
         h = block.norm2(x.float()).type_as(x)
         x = x + block.attn2(h, text, None, None)
         # 3. feed-forward (per token: chunks of tokens give the same result)
         n, chunk = x.shape[1], self.ffn_chunk
         if not chunk or chunk >= n:
-            return self._feed_forward(block, x, c_shift, c_scale, c_gate)
+            return self.ops.feed_forward(block, x, c_shift, c_scale, c_gate)
         out = torch.empty_like(x)  # (B, n, D)
         for lo in range(0, n, chunk):
-            out[:, lo : lo + chunk] = self._feed_forward(block, x[:, lo : lo + chunk], c_shift, c_scale, c_gate)
+            out[:, lo : lo + chunk] = self.ops.feed_forward(block, x[:, lo : lo + chunk], c_shift, c_scale, c_gate)
         return out
-
-    @staticmethod
-    def _feed_forward(block: nn.Module, x, c_shift, c_scale, c_gate) -> torch.Tensor:
-        """x + gate * FFN(modulated norm of x) on tokens x (B, n, D)."""
-        h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
 
     def _self_attention(self, i: int, attn: nn.Module, h: torch.Tensor, attend: Attend) -> torch.Tensor:
         if getattr(attn, "fused_projections", False):
@@ -461,6 +463,38 @@ class AtlasTransformer(nn.Module):
         x = x.reshape(b, grid.t, grid.h, grid.w, pt, ph, pw, -1)  # (B, f, h, w, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, f*pt, h*ph, w*pw)
+
+
+def modulated_norm(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Wan's adaLN: norm(x) in fp32, scaled and shifted by the timestep's modulation, in x's dtype."""
+    return (norm(x.float()) * (1 + scale) + shift).type_as(x)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y, added in fp32, in x's dtype."""
+    return (x.float() + y * gate).type_as(x)
+
+
+def feed_forward(block: nn.Module, x: torch.Tensor, c_shift, c_scale, c_gate) -> torch.Tensor:
+    """x + gate * FFN(modulated norm of x) on tokens x (B, n, D)."""
+    return gated_residual(x, block.ffn(modulated_norm(block.norm3, x, c_scale, c_shift)).float(), c_gate)
+
+
+@dataclass(frozen=True)
+class BlockOps:
+    """A block's code around its attentions: eager, or each function through torch.compile (regional compile: one
+    graph serves every block, since the blocks' modules are inputs, not constants; the element-wise work of
+    norms, modulation, GELU and gated residuals fuses into few kernels). The first forward on each new shape
+    compiles (seconds on the tiny model, minutes at scale); the result equals eager's to rounding."""
+
+    modulated_norm: Callable
+    gated_residual: Callable
+    feed_forward: Callable
+
+    @classmethod
+    def of(cls, compiled: bool) -> "BlockOps":
+        fns = (modulated_norm, gated_residual, feed_forward)
+        return cls(*(torch.compile(f) for f in fns)) if compiled else cls(*fns)
 
 
 def _diffusers_latents(latents, hidden_states, timestep, text, attention_kwargs) -> torch.Tensor:

@@ -259,7 +259,7 @@ class ProxyStage(Stage):
         super().__init__(cfg, comp, text, device, dtype)
         activate_adapter(cfg, comp.transformer, "stage1")
         method = AtlasConfig(**{**cfg.method.__dict__, "mode": "full"})
-        self.model = AtlasTransformer(comp.transformer, method, ffn_chunk=cfg.ffn_chunk)
+        self.model = AtlasTransformer(comp.transformer, method, cfg.ffn_chunk, cfg.compile_blocks)
 
     def shape(self) -> tuple[int, ...]:
         g = self.cfg.proxy.grid  # proxy tokens; a token is 1 x 2 x 2 latent cells
@@ -289,7 +289,7 @@ class DetailStage(Stage):
 
         super().__init__(cfg, comp, text, device, dtype)
         self.proxy = proxy
-        self.model = AtlasTransformer(comp.transformer, cfg.method, ffn_chunk=cfg.ffn_chunk)
+        self.model = AtlasTransformer(comp.transformer, cfg.method, cfg.ffn_chunk, cfg.compile_blocks)
         self.caches = {}
         """Clean proxy keys/values by prompt kind (empty: no proxy, or proxy_mode 'joint')."""
         if build_caches:
