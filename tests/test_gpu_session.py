@@ -26,8 +26,9 @@ def test_dry_run_lists_every_step_and_records_the_environment(session, tmp_path,
     assert session.main(["--dry-run", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "gpu-session-dry-run.json").read_text())
     assert [s["name"] for s in payload["steps"]] == [s.name for s in session.STEPS]
-    assert all(s["status"] == "planned" for s in payload["steps"])  # diffusers is installed here
-    assert sum(s.estimate_s for s in session.STEPS) <= 450  # the default budget holds every step
+    # diffusers is installed here; the dry run spends the estimates: all fit the default budget but the last
+    status = [s["status"] for s in payload["steps"]]
+    assert status[:-1] == ["planned"] * (len(status) - 1) and status[-1].startswith("skipped: estimated")
     env = payload["environment"]
     assert {"device", "torch", "commit", "command"} <= env.keys()
     for step in payload["steps"]:  # every command names this interpreter and the results folder
