@@ -60,77 +60,16 @@ class Step:
     needs_diffusers: bool = False
 
 
+_ON_GPU = ("--device", "cuda", "--dtype", "bf16", "--out", "{out}")
+_ATTENTION = ("benchmarks/bench_attention.py", "--preset", "wan-4k", *_ON_GPU)
+_STEP = ("benchmarks/bench_step.py", "--model", "wan2.1-1.3b", "--iters", "2", *_ON_GPU)
+
 STEPS: tuple[Step, ...] = (
-    Step(
-        "attention-4k",
-        (
-            "benchmarks/bench_attention.py",
-            "--preset",
-            "wan-4k",
-            "--device",
-            "cuda",
-            "--dtype",
-            "bf16",
-            "--out",
-            "{out}",
-        ),
-        60,
-    ),
-    Step(
-        "attention-4k-shifted",
-        (
-            "benchmarks/bench_attention.py",
-            "--preset",
-            "wan-4k",
-            "--device",
-            "cuda",
-            "--dtype",
-            "bf16",
-            "--shifted",
-            "--skip-full",
-            "--out",
-            "{out}",
-        ),
-        30,
-    ),
-    Step(
-        "step-1.3b-4k",
-        (
-            "benchmarks/bench_step.py",
-            "--model",
-            "wan2.1-1.3b",
-            "--device",
-            "cuda",
-            "--dtype",
-            "bf16",
-            "--iters",
-            "2",
-            "--out",
-            "{out}",
-        ),
-        150,
-        needs_diffusers=True,
-    ),
+    Step("attention-4k", _ATTENTION, 60),
+    Step("attention-4k-shifted", (*_ATTENTION, "--shifted", "--skip-full"), 30),
+    Step("step-1.3b-4k", _STEP, 150, needs_diffusers=True),
     Step("calibrate", ("-m", "atlasvid_dist.cost.calibrate", "--skip-14b", "--out", "{out}"), 90, True),
-    Step(
-        "step-1.3b-4k-compiled",
-        (
-            "benchmarks/bench_step.py",
-            "--model",
-            "wan2.1-1.3b",
-            "--device",
-            "cuda",
-            "--dtype",
-            "bf16",
-            "--iters",
-            "2",
-            "--compile-blocks",
-            "--out",
-            "{out}",
-        ),
-        180,
-        needs_diffusers=True,
-    ),
+    Step("step-1.3b-4k-compiled", (*_STEP, "--compile-blocks"), 180, needs_diffusers=True),
 )
 
 
