@@ -71,21 +71,13 @@ def one_block_seconds(model, x, t, text, device, iters):
 
 
 def modelled_forward_bytes(model: str, res: str, spatial_scale: int) -> int:
-    """The cost model's detail-stage memory of one forward of ``model`` at ``res`` x 81, transformer alone (what
-    the measured peak holds: no text encoder or VAE on the device, no CFG)."""
+    """The cost model's detail-stage memory of one forward of ``model`` at ``res`` x 81, transformer alone."""
     from atlasvid_dist.config import VideoSpec
-    from atlasvid_dist.config.parallel import ParallelPlan
-    from atlasvid_dist.cost.model import RunSettings, estimate
+    from atlasvid_dist.cost.calibrate import transformer_alone
 
-    r = estimate(
-        VideoSpec.from_res(res, frames=81),
-        model_preset(model),
-        AtlasConfig(mode="atlas", spatial_scale=spatial_scale),
-        ParallelPlan(workers=1, device="cuda", gpus=1),
-        RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True),
-        "h100",
-    )
-    return r.memory["detail_stage"]["total"]
+    cfg = AtlasConfig(mode="atlas", spatial_scale=spatial_scale)
+    report = transformer_alone(VideoSpec.from_res(res, frames=81), model_preset(model), cfg)
+    return report.memory["detail_stage"]["total"]
 
 
 def kind_of(op: str) -> str:

@@ -50,6 +50,19 @@ def vae_tile(latent: int = 32, frames: int = 3) -> dict:
     return out
 
 
+def transformer_alone(video: VideoSpec, spec, cfg: AtlasConfig):
+    """The cost model's report for one forward of the transformer alone on one GPU (what a measured peak of a bare
+    forward holds: no text encoder or VAE on the device, no CFG, bf16)."""
+    return estimate(
+        video,
+        spec,
+        cfg,
+        ParallelPlan(workers=1, device="cuda", gpus=1),
+        RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True),
+        "h100",
+    )
+
+
 def transformer_peak(model: str, res: str, mode: str, spatial_scale: int) -> dict:
     from diffusers import WanTransformer3DModel
 
@@ -84,14 +97,7 @@ def transformer_peak(model: str, res: str, mode: str, spatial_scale: int) -> dic
     t0 = time.perf_counter()
     peak = _peak(m, x, t, text, **kw)
     seconds = time.perf_counter() - t0
-    r = estimate(
-        video,
-        spec,
-        cfg,
-        ParallelPlan(workers=1, device="cuda", gpus=1),
-        RunSettings(guidance=1.0, dtype="bf16", offload_encoders=True),
-        "h100",
-    )  # transformer alone
+    r = transformer_alone(video, spec, cfg)
     del m, tr, kw
     torch.cuda.empty_cache()
     return {
