@@ -444,6 +444,8 @@ def test_workers_json_summary_has_every_ranks_memory_and_bytes(tmp_path, capsys)
     assert len(summary["bytes_sent"]) == 2 and all(b > 0 for b in summary["bytes_sent"])  # shifted layers' halo
     assert [m["rank"] for m in summary["peak_memory"]] == [0, 1]
     assert all(m["cpu_max_rss_bytes"] > 1e6 and m["cuda_max_allocated_bytes"] is None for m in summary["peak_memory"])
+    # the run's peak is read after the decode, the detail stage's before it (a peak cannot fall)
+    assert all(m["cpu_max_rss_bytes"] >= m["detail_stage"]["cpu_max_rss_bytes"] > 1e6 for m in summary["peak_memory"])
     assert summary["median_step_seconds"]["detail"] > 0 and summary["median_step_seconds"]["proxy"] > 0
     assert summary["model"]["random_weights"] is True and summary["wall_seconds"] > 0
 
@@ -483,3 +485,22 @@ def test_first_block_cache_workers_equal_single_process(tmp_path, capsys):
     assert float((one - plain).abs().max()) > 1e-3
     assert reports["one"]["detail_forwards"] == reports["two"]["detail_forwards"] == {"total": 6, "reused": 3}
     assert reports["plain"]["detail_forwards"] == {"total": 6, "reused": 0}
+
+
+def test_a_ranks_peaks_are_the_whole_runs_with_the_detail_stages_beside():
+    """The summary's entry of a rank: the peaks read after its decode at the top (what bench_memory holds against
+    the decode phase), the ones its detail-stage result carried under detail_stage; without decode peaks, both
+    are the detail stage's."""
+    from atlasvid_dist.runtime.results import RankResult, rank_peaks
+
+    part = RankResult(
+        1, torch.zeros(1, 0), 0, {}, 0, 0, 1.0, 0.5, {"cpu_max_rss_bytes": 5, "cuda_max_allocated_bytes": 3}
+    )
+    after = {"cpu_max_rss_bytes": 9, "cuda_max_allocated_bytes": 4}
+    assert rank_peaks(part, after) == {
+        "rank": 1,
+        "cpu_max_rss_bytes": 9,
+        "cuda_max_allocated_bytes": 4,
+        "detail_stage": {"cpu_max_rss_bytes": 5, "cuda_max_allocated_bytes": 3},
+    }
+    assert rank_peaks(part, {})["cpu_max_rss_bytes"] == 5

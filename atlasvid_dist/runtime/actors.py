@@ -309,6 +309,13 @@ class DetailWorker:
             proxy=proxy,
         )
 
+    def peak_memory(self) -> dict:
+        """This process's peaks so far (``report.peak_memory``): asked after the decode, which a rank runs after
+        its detail-stage result (whose ``peak_memory`` is the peak up to then)."""
+        from ..pipeline.report import peak_memory
+
+        return peak_memory(self.cfg.device)
+
     def vae_scale(self) -> tuple[int, int]:
         """(temporal, spatial) pixels per latent unit of this worker's VAE (the driver's blender needs them)."""
         from ..pipeline.decode import vae_scale

@@ -113,6 +113,8 @@ class RankDecoder:
     """The driver's TwoStageGenerator (tiling, bars, stage times)."""
     tiles: list[int] = field(default_factory=list)
     """Tiles every rank decoded for the output video (after :meth:`outputs`)."""
+    peaks: list[dict] = field(default_factory=list)
+    """Every rank's process peaks after the decode (``report.peak_memory``; after :meth:`outputs`)."""
 
     def outputs(self, cfg, latents, proxy) -> int:
         """Save the latents if asked, decode the video (and the proxy video) over the ranks; the video's bytes.
@@ -130,6 +132,9 @@ class RankDecoder:
                 self.decode(
                     proxy, cfg.save_proxy, cfg.video.fps / cfg.method.temporal_scale, None, "decode proxy", pending
                 )
+        self.peaks = [
+            self.calls.call(a.peak_memory, f"detail rank {r} (peak memory)") for r, a in enumerate(self.ranks)
+        ]
         return out_bytes
 
     def decode(self, latents, path: str, fps: float, out_hw, label: str, pending=None) -> int:

@@ -38,7 +38,7 @@ from .cluster import (
     start_actors,
     start_ray,
 )
-from .results import ProxyResult, RankResult
+from .results import ProxyResult, RankResult, rank_peaks
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -162,6 +162,8 @@ class DistributedGenerator:
         self.proxy_resumed: int | None = None
         self.resume = False
         self.tiles: list[int] = []
+        self.decode_peaks: list[dict] = []
+        """Every rank's process peaks after the decode (``report.peak_memory``)."""
         self.report = None
         """The pre-flight's cost-model report of this run (set before any actor starts)."""
         self.stores: list[str] = []
@@ -267,7 +269,7 @@ class DistributedGenerator:
             gen.seconds,
             out_bytes,
             step_seconds={k: v for k, v in steps.items() if v is not None},
-            peak_memory=[{"rank": p.rank, **p.peak_memory} for p in parts],
+            peak_memory=[rank_peaks(p, after) for p, after in zip(parts, self.decode_peaks or [{}] * len(parts))],
             detail_forwards=parts[0].detail_forwards,
         )
         return DistributedResult(
@@ -312,7 +314,7 @@ class DistributedGenerator:
                 decoder = RankDecoder(ray, calls, actors.ranks, self._gen)
                 proxy = shared.text.proxy if shared.text.proxy is not None else parts[0].proxy
                 out_bytes = decoder.outputs(self.cfg, latents, proxy)
-                self.tiles = decoder.tiles
+                self.tiles, self.decode_peaks = decoder.tiles, decoder.peaks
             finally:
                 self._remove_stores()
         return latents, parts, out_bytes

@@ -61,8 +61,15 @@ class RankResult:
     step_seconds: float
     """Median seconds of one stage-2 step (0.0 when no step ran)."""
     peak_memory: dict = field(default_factory=dict)
-    """``pipeline.report.peak_memory`` of this rank's process."""
+    """``pipeline.report.peak_memory`` of this rank's process at the end of its detail stage (before the decode)."""
     proxy: torch.Tensor | None = None
     """Rank 0 with --proxy-parallel: the clean proxy it computed (for --save-proxy / --save-latents)."""
     detail_forwards: dict = field(default_factory=dict)
     """Stage 2's forwards, ``total`` and ``reused`` (the first-block cache decides over every rank alike)."""
+
+
+def rank_peaks(part: RankResult, after_decode: dict) -> dict:
+    """One rank's entry of a run's ``peak_memory``: its process's peaks over the whole run (the decode included)
+    and, under ``detail_stage``, the peaks at the end of its detail stage (both the latter when the decode's are
+    unknown)."""
+    return {"rank": part.rank, **(after_decode or part.peak_memory), "detail_stage": dict(part.peak_memory)}
