@@ -8,6 +8,29 @@ from ..errors import check
 
 
 @dataclass(frozen=True)
+class VaeDecodeCost:
+    """What decoding one tile costs per unit with a given VAE, traced from its config on the meta device
+    (``models.vae_cost.trace_decode``): the cost model prices the decode from it, whatever the VAE's size."""
+
+    bytes_per_tile_pixel: int
+    """Peak activations of decoding one latent frame, bytes per output pixel of the tile (fp32; cache excluded)."""
+    conv_io_bytes_per_tile_pixel: int
+    """Input + output of the largest convolution, bytes per output pixel of the tile: what a convolution library's
+    workspace is priced against (``DeviceProfile.conv_workspace``)."""
+    state_bytes_per_cell: int
+    """Causal-conv cache a tile keeps between latent frames, bytes per latent cell (fp32)."""
+    flops_per_pixel: float
+    """Decoder FLOPs per output pixel-frame."""
+
+
+WAN21_VAE_DECODE = VaeDecodeCost(10_058, 4_608, 605_312, 8_446_418.0)
+"""Wan2.1's VAE (diffusers' ``AutoencoderKLWan()`` defaults), traced; the cache per cell equals the one measured on
+real tensors (``pipeline.decode.decoder_state_bytes_per_cell``: 605,312 B)."""
+TINY_VAE_DECODE = VaeDecodeCost(283, 122, 8_696, 2_681.890625)
+"""The tiny model's VAE (``models.tiny.TINY_VAE_CONFIG``), traced (a test keeps the two equal)."""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Shapes of a Wan2.1 text-to-video transformer (+ its text encoder and VAE where the cost model needs them)."""
 
@@ -35,6 +58,8 @@ class ModelSpec:
     """Parameters of the text encoder (UMT5-XXL encoder by default)."""
     vae_params: int = 127_000_000
     """Parameters of the VAE."""
+    vae_decode: VaeDecodeCost = WAN21_VAE_DECODE
+    """The VAE's decode cost per tile pixel / cell (Wan2.1's VAE unless the model folder says otherwise)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim", "ffn_dim", "in_channels", "text_dim", "text_len"):
@@ -77,6 +102,7 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         text_len=512,
         text_encoder_params=50_000,
         vae_params=30_000,
+        vae_decode=TINY_VAE_DECODE,
     ),
 }
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from ..config import AtlasConfig, VideoSpec, model_preset
+from ..config.model import WAN21_VAE_DECODE
 from ..config.parallel import ParallelPlan
-from .model import VAE_DECODE_BYTES_PER_TILE_PIXEL, RunSettings, estimate
+from .model import RunSettings, estimate
+from .profiles import device_profile
 
 
 def _peak(fn, *args, **kwargs) -> int:
@@ -43,11 +45,19 @@ def vae_tile(latent: int = 32, frames: int = 3) -> dict:
         "latent_frames": frames,
         "peak_above_weights_bytes": peak - base,
         "bytes_per_tile_pixel": (peak - base) / px,
-        "modelled_bytes_per_tile_pixel": VAE_DECODE_BYTES_PER_TILE_PIXEL,
+        "modelled_bytes_per_tile_pixel": modelled_tile_pixel_bytes(latent),
     }
     del vae
     torch.cuda.empty_cache()
     return out
+
+
+def modelled_tile_pixel_bytes(latent: int) -> float:
+    """The cost model's peak of a Wan2.1 VAE tile decode per tile pixel on an H100: activations, cuDNN workspace and
+    the tile's causal cache (what ``vae_tile`` measures)."""
+    cost = WAN21_VAE_DECODE
+    workspace = device_profile("h100").conv_workspace * cost.conv_io_bytes_per_tile_pixel
+    return cost.bytes_per_tile_pixel + workspace + cost.state_bytes_per_cell / 64  # a latent cell is 8 x 8 pixels
 
 
 def transformer_alone(video: VideoSpec, spec, cfg: AtlasConfig):

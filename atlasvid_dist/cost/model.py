@@ -72,19 +72,6 @@ FFN_PHASE_D_WIDTHS = 7
 #: the rotated q and k, the key and value row tables (own rows then the proxy's), the output; the window-major
 #: gathers exist one chunk of windows at a time (``_attention_chunk_bytes``; halo rows come on top).
 ATTENTION_PHASE_D_WIDTHS = 10
-#: VAE decode FLOPs per output pixel-frame: diffusers' AutoencoderKLWan (Wan2.1 config), counted with
-#: torch.utils.flop_counter on 9 x 64 x 64 and 9 x 128 x 128 decodes (8.70e6 both).
-VAE_DECODE_FLOPS_PER_PIXEL = 8.70e6
-#: VAE decode peak activation bytes per pixel of one spatial tile (fp32, latent frames decoded one at a time with
-#: the causal-conv cache). Measured on an H100: 22.2 KiB per pixel for a 256 x 256 tile (1.49 GB); rounded up.
-VAE_DECODE_BYTES_PER_TILE_PIXEL = 24 * 1024
-#: Causal-conv cache a decode tile keeps between latent frames, bytes per latent cell in fp32 (Wan2.1 VAE; measured
-#: by pipeline.decode.decoder_state_bytes_per_cell: 605,312). Every tile a rank decodes keeps its own while the
-#: rank's tiles advance together in time, so a rank holds tiles x cells x this (scaled like the peak below).
-VAE_DECODER_STATE_BYTES_PER_CELL = 605_312
-#: Parameters of the VAE both constants were measured on (diffusers' AutoencoderKLWan() default = Wan2.1's). Another
-#: VAE (the tiny one) scales them: FLOPs with its parameters (channels squared), bytes with their square root.
-VAE_REFERENCE_PARAMS = 126_892_531
 VAE_BYTES = 4  # the VAE runs in fp32
 LATENT_CHANNELS_BYTES = 4  # latents travel in fp32
 
@@ -383,7 +370,7 @@ def estimate(
     linear = linear_flops_per_layer(model, geo.grid.size)
     flops = _flops(geo, model, method, plan, run, attn[method.mode], linear, shares)
     usable = prof.usable_bytes // (plan.workers if prof.shared_memory else 1)
-    memory, decode_order = _memory(geo, model, method, plan, run, b, shares, usable)
+    memory, decode_order = _memory(geo, model, method, plan, run, b, shares, prof, usable)
     comm = _comm(geo, model, method, plan, run, b, shares)
     seconds = _seconds(geo, model, method, plan, run, prof, flops, comm, dtype)
     peak = max(phase["total"] for phase in memory.values())
@@ -555,7 +542,7 @@ def _flops(geo, model, method, plan, run, attn_mode, linear, shares) -> dict:
     proxy_step = passes * proxy_fwd
     cache = 0 if joint or geo.proxy is None else passes * proxy_fwd * plan.workers  # each rank builds its own
     text = 2 * model.text_encoder_params * model.text_len * passes
-    vae = int(VAE_DECODE_FLOPS_PER_PIXEL * _decode_pixels(geo, run) * model.vae_params / VAE_REFERENCE_PARAMS)
+    vae = int(model.vae_decode.flops_per_pixel * _decode_pixels(geo, run))
     video = {
         "text_encoder": text,
         "proxy_stage": proxy_step * run.proxy_steps,
@@ -629,7 +616,7 @@ def _resident(model: ModelSpec, run: RunSettings, b: int, phase: str) -> dict:
     return out
 
 
-def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict, str]:
+def _memory(geo, model, method, plan, run, b, shares, prof: DeviceProfile, usable: int) -> tuple[dict, str]:
     """phase -> parts per rank, and the decode order used ('auto' resolved against ``usable``)."""
     d, passes = model.dim, run.passes
     phases = {"text_encoder": {**_resident(model, run, b, "text_encoder"), "activations": _activations_text(model, b)}}
@@ -670,7 +657,7 @@ def _memory(geo, model, method, plan, run, b, shares, usable: int) -> tuple[dict
     if method.mode == "ultragen":
         detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
     phases["detail_stage"] = detail
-    decode = {**_resident(model, run, b, "decode"), "activations": _decode_call_bytes(geo, run, model)}
+    decode = {**_resident(model, run, b, "decode"), "activations": _decode_call_bytes(geo, run, model, prof)}
     together = _decode_cache_bytes(geo, run, model, plan.workers, "together")
     order = run.decode_order
     if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit
@@ -724,18 +711,20 @@ def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, rank
         mine = largest * min(run.decode_batch, tiles)
     else:
         mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
-    scale = math.sqrt(model.vae_params / VAE_REFERENCE_PARAMS)
-    return int(mine * VAE_DECODER_STATE_BYTES_PER_CELL * scale)
+    return mine * model.vae_decode.state_bytes_per_cell
 
 
-def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec) -> int:
+def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
     """Activations of one decode call: a full tile's times the tiles in a batch (at most all tiles)."""
-    return _decode_tile_bytes(geo, run, model) * min(run.decode_batch, decode_tiles(geo, run)[0])
+    return decode_tile_bytes(geo, run, model, prof) * min(run.decode_batch, decode_tiles(geo, run)[0])
 
 
-def _decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec) -> int:
+def decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
+    """Peak activations of one tile's latent frame: the VAE's traced activations per tile pixel plus the
+    convolution library's workspace (the profile's multiple of the largest convolution's input + output)."""
     tile_px = min(run.decode_tile, geo.grid.h * 2) * 8 * min(run.decode_tile, geo.grid.w * 2) * 8
-    return int(VAE_DECODE_BYTES_PER_TILE_PIXEL * tile_px * math.sqrt(model.vae_params / VAE_REFERENCE_PARAMS))
+    cost = model.vae_decode
+    return int(tile_px * (cost.bytes_per_tile_pixel + prof.conv_workspace * cost.conv_io_bytes_per_tile_pixel))
 
 
 # -- communication --------------------------------------------------------------------------------------------

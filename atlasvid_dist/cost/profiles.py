@@ -40,11 +40,22 @@ class DeviceProfile:
     """Achieved bandwidth per rank between nodes (InfiniBand, one NIC per GPU), bytes/s."""
     shared_memory: bool = False
     """True when all workers share one memory (CPU host): the fit check then sums over workers."""
+    conv_workspace: float = 0.7
+    """Workspace the convolution library takes inside a VAE convolution, as a multiple of that convolution's input
+    + output (``VaeDecodeCost.conv_io_bytes_per_tile_pixel``). cuDNN: 0.7, fitted on the one measurement of Wan2.1's
+    VAE on an H100 (22.2 KiB per pixel of a 256 px tile, cache included, against 19.1 KiB traced). oneDNN (CPU):
+    1.0, a blocked-layout copy of the input and of the output."""
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "peak_flops_fp32", "memory_bytes", "nvlink_bytes_per_s", "ib_bytes_per_s"):
             v = getattr(self, name)
             check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, name, v, "must be > 0")
+        check(
+            isinstance(self.conv_workspace, (int, float)) and self.conv_workspace >= 0,
+            "conv_workspace",
+            self.conv_workspace,
+            "must be >= 0",
+        )
         for name in ("efficiency", "window_efficiency", "usable_fraction"):
             v = getattr(self, name)
             check(isinstance(v, (int, float)) and 0 < v <= 1, name, v, "must be in (0, 1]")
@@ -116,6 +127,7 @@ PROFILES: dict[str, DeviceProfile] = {
         nvlink_bytes_per_s=2e9,
         ib_bytes_per_s=2e9,
         shared_memory=True,
+        conv_workspace=1.0,
     ),
 }
 

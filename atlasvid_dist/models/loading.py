@@ -369,9 +369,13 @@ def validate_model_dir(path: str | os.PathLike) -> None:
 
 
 def read_model_spec(path: str | os.PathLike) -> ModelSpec:
-    """Transformer shapes of a model folder, from its configs only (for planning before anything loads)."""
+    """Transformer shapes of a model folder, from its configs only (for planning before anything loads); its VAE's
+    decode cost traced from the VAE config (``vae_cost.trace_decode``: meta tensors, no weights)."""
+    from .vae_cost import trace_decode
+
     root = model_folder(path)
-    cfg = _read_configs(root)["transformer"]
+    configs = _read_configs(root)
+    cfg = configs["transformer"]
     try:
         return ModelSpec(
             name=str(root),
@@ -383,10 +387,18 @@ def read_model_spec(path: str | os.PathLike) -> ModelSpec:
             text_dim=cfg["text_dim"],
             freq_dim=cfg.get("freq_dim", 256),
             patch=tuple(cfg.get("patch_size", (1, 2, 2))),
+            vae_decode=_vae_decode_cost(configs["vae"], trace_decode),
             **_part_sizes(root),
         )
     except KeyError as e:
         raise ModelLoadError(f"{root / 'transformer' / 'config.json'}: field {e.args[0]} missing") from None
+
+
+def _vae_decode_cost(config: dict, trace):
+    try:
+        return trace(config)
+    except Exception as e:  # diffusers refuses a config it cannot build (TypeError, ValueError, RuntimeError)
+        raise ModelLoadError(f"vae/config.json: cannot build the VAE it describes ({type(e).__name__}: {e})") from e
 
 
 def _part_sizes(root: Path) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, RunFailure, check
+from ..models.vae_cost import causal_conv_count, decode_latent_frame
 
 
 @dataclass(frozen=True)
@@ -210,12 +211,6 @@ def _check_latents(vae, latents) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one tile
-def _conv_count(vae) -> int:
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    return sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-
-
 def _vae_placement(vae) -> tuple[torch.device, torch.dtype]:
     p = next(vae.parameters())
     return p.device, p.dtype
@@ -242,19 +237,13 @@ class _TileDecoder:
         self.vae, self.tiles = vae, list(tiles)
         self.device, self.dtype = _vae_placement(vae)
         self.z = torch.cat([latents[:, :, :, t.y0 : t.y1, t.x0 : t.x1] for t in self.tiles])  # (B, C, f, th, tw)
-        self.cache: list = [None] * _conv_count(vae)
+        self.cache: list = [None] * causal_conv_count(vae)
 
     @torch.no_grad()
     def frame(self, i: int) -> torch.Tensor:
         """Pixels of latent frame i: (B, 3, n, th*s, tw*s), n = 1 for i == 0 else the temporal factor; unclamped."""
         z = unnormalize_latents(self.vae, self.z[:, :, i : i + 1]).to(self.device, self.dtype)  # (B, C, 1, th, tw)
-        x = self.vae.post_quant_conv(z)
-        out = self.vae.decoder(x, feat_cache=self.cache, feat_idx=[0], first_chunk=(i == 0))
-        if self.vae.config.patch_size is not None:
-            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-            out = unpatchify(out, patch_size=self.vae.config.patch_size)
-        return out
+        return decode_latent_frame(self.vae, z, self.cache, first=(i == 0))
 
 
 Chunk = tuple[int, int, np.ndarray]
