@@ -87,6 +87,30 @@ def test_vae_trains_on_single_frames_first_then_on_windows():
     assert not torch.equal(vae_batch(plan, 0, 0), vae_batch(plan, 0, 1))  # a fresh draw every step
 
 
+def test_single_frame_pool_is_each_clips_frames_encoded_alone():
+    """The transformer's single-frame phase trains on frames 0, 4, ... of every pool clip, each encoded alone: frame
+    0's latent is the clip's first latent frame (the causal VAE codes a clip's first frame alone), the others are
+    whole frames of their own (not the clip's later latent frames, which code four frames each); captions follow."""
+    from atlasvid_dist.world.model import build_vae
+    from atlasvid_dist.world.train import BUDGETS, dit_loss, encode_pool
+
+    plan = BUDGETS["tiny"]
+    assert plan.dit_frame_steps > 0
+    pool = encode_pool(build_vae(0).eval(), plan)
+    clips, frames = len(pool["latents"]), len(range(0, plan.frames, 4))
+    lat, cap = pool["frame_latents"], pool["frame_caption"]
+    assert lat.shape == (clips * frames, *pool["latents"].shape[1:2], 1, *pool["latents"].shape[3:])
+    assert clips <= 8  # one encode batch: all clips' frame 0, then all clips' frame 4
+    torch.testing.assert_close(lat[:clips], pool["latents"][:, :, :1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lat[clips : 2 * clips], pool["latents"][:, :, 1:2], atol=1e-3)
+    assert torch.equal(cap[:clips], pool["caption"]) and torch.equal(cap[clips:], pool["caption"])
+    from atlasvid_dist.world.model import SHAPES_TEXT_DIM, SHAPES_TEXT_LEN, build_transformer
+
+    texts = torch.zeros(33, SHAPES_TEXT_LEN, SHAPES_TEXT_DIM)
+    loss = dit_loss(build_transformer(1), pool, texts, plan, 0, frames=True)(0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
 @pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     from atlasvid_dist.models.loading import load_components
@@ -99,7 +123,7 @@ def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     assert (
         defaults["base_width"] == 64
         and defaults["seed"] == 3
-        and set(defaults["seconds"]) == {"vae", "latents", "dit", "export", "lora1", "lora2"}
+        and set(defaults["seconds"]) == {"vae", "latents", "dit_frames", "dit", "export", "lora1", "lora2"}
     )
     # stage C: both adapters trained by `atlasvid-dist train` and made the model's own defaults
     assert {defaults["generate"][f"lora_stage{k}"] for k in (1, 2)} == {f"lora_stage{k}.safetensors" for k in (1, 2)}
@@ -151,7 +175,7 @@ def test_resume_from_the_vae_checkpoint_gives_the_same_transformer(trained, tmp_
     shutil.rmtree(copy / "checkpoints" / "dit")
     r = cli("world", "train", "--output", copy, "--budget", "tiny", "--seed", 3, "--resume")
     assert r.exit_code == 0, r.output
-    assert "vae: resumed" in r.output and "dit: resumed" not in r.output
+    assert "vae: resumed" in r.output and "dit_frames: resumed" in r.output and "dit: resumed" not in r.output
     before, after = transformer_weights(trained), transformer_weights(copy)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

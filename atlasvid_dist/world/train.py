@@ -121,6 +121,13 @@ class WorldBudget:
     """Checkpoint every N steps within a stage (0: at the end only)."""
     log_every: int
     """Print and log the loss every N steps."""
+    dit_frame_steps: int = 0
+    """Transformer optimizer steps on single frames before its clip steps (0: none). Frames 0, 4, 8, ... of every
+    pool clip are encoded alone (as the causal VAE codes a clip's first frame), one latent frame per sample. The
+    shape word is learnt late, with optimizer steps, and a step of single frames costs about a quarter of a step of
+    clips (docs/shapes.md: 4800 such steps took a probe's single-frame shape from 50% to 75%)."""
+    dit_frame_batch: int = 16
+    """Single frames per transformer step of that phase."""
 
     def __post_init__(self) -> None:
         check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
@@ -143,6 +150,8 @@ class WorldBudget:
             "must be a multiple of 8 that fits the frame",
         )
         check(1 <= self.pool_scenes <= len(all_scenes()), "pool_scenes", self.pool_scenes, "must be in 1..32")
+        check(self.dit_frame_steps >= 0, "dit_frame_steps", self.dit_frame_steps, "must be >= 0")
+        check(self.dit_frame_batch >= 1, "dit_frame_batch", self.dit_frame_batch, "must be >= 1")
 
 
 BUDGETS = {
@@ -170,6 +179,8 @@ BUDGETS = {
         lora_rank=4,
         save_every=0,
         log_every=1,
+        dit_frame_steps=2,
+        dit_frame_batch=2,
     ),
     "full": WorldBudget(
         width=128,
@@ -481,7 +492,26 @@ def encode_pool(vae, plan: WorldBudget) -> dict[str, torch.Tensor]:
     caption = torch.tensor([all_scenes().index(c.scene) for c in clips])
     mean = lat.mean(dim=(0, 2, 3, 4))
     std = lat.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
-    return {"latents": lat, "caption": caption, "mean": mean, "std": std}
+    pool = {"latents": lat, "caption": caption, "mean": mean, "std": std}
+    if plan.dit_frame_steps:
+        pool["frame_latents"], pool["frame_caption"] = encode_frames(vae, clips, caption, plan)
+    return pool
+
+
+FRAME_STRIDE = 4
+"""Single frames of the pool: every 4th frame of each clip (the VAE's temporal factor: one per latent frame)."""
+
+
+@torch.no_grad()
+def encode_frames(vae, clips: list[WorldClip], caption: torch.Tensor, plan: WorldBudget):
+    """Raw latents (N, C, 1, h, w) of frames 0, 4, 8, ... of every clip, each encoded alone, and their captions."""
+    lat, cap = [], []
+    for batch, ids in zip(chunked(clips, POOL_ENCODE_BATCH), chunked(caption.tolist(), POOL_ENCODE_BATCH)):
+        pixels = torch.stack([to_pixels(c.render(plan.width, plan.height, plan.frames)) for c in batch])
+        for f in range(0, plan.frames, FRAME_STRIDE):
+            lat.append(vae.encode(pixels[:, :, f : f + 1]).latent_dist.mode())  # (b, C, 1, h, w)
+            cap += ids
+    return torch.cat(lat), torch.tensor(cap)
 
 
 def set_latent_stats(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -503,22 +533,23 @@ def flow_loss(
 
 
 def dit_loss(
-    transformer, pool: dict, texts: torch.Tensor, plan: WorldBudget, seed: int
+    transformer, pool: dict, texts: torch.Tensor, plan: WorldBudget, seed: int, frames: bool = False
 ) -> Callable[[int], torch.Tensor]:
-    """Loss of one step: ``dit_batch`` pool clips, each with its own sigma and noise; texts is (33, L, D), the 32
-    captions then the empty prompt."""
+    """Loss of one step: ``dit_batch`` pool clips (``frames``: ``dit_frame_batch`` single frames), each with its own
+    sigma and noise; texts is (33, L, D), the 32 captions then the empty prompt."""
     from ..train.config import TrainConfig
     from ..train.train import sample_sigma
 
     sigma_cfg = TrainConfig(timestep_sampling="uniform", timestep_shift=FLOW_SHIFT)
-    latents = (pool["latents"] - pool["mean"].view(1, -1, 1, 1, 1)) / pool["std"].view(1, -1, 1, 1, 1)
+    key, batch, stage = ("frame_", plan.dit_frame_batch, "dit_frames") if frames else ("", plan.dit_batch, "dit")
+    latents = (pool[f"{key}latents"] - pool["mean"].view(1, -1, 1, 1, 1)) / pool["std"].view(1, -1, 1, 1, 1)
 
     def loss(step: int) -> torch.Tensor:
-        gen = step_generator(seed, "dit", step)
-        idx = torch.randint(len(latents), (plan.dit_batch,), generator=gen)
-        drop = torch.rand(plan.dit_batch, generator=gen) < CAPTION_DROPOUT
-        cap = torch.where(drop, torch.full_like(idx, len(texts) - 1), pool["caption"][idx])
-        sigma = torch.cat([sample_sigma(sigma_cfg, gen) for _ in range(plan.dit_batch)])
+        gen = step_generator(seed, stage, step)
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+        cap = torch.where(drop, torch.full_like(idx, len(texts) - 1), pool[f"{key}caption"][idx])
+        sigma = torch.cat([sample_sigma(sigma_cfg, gen) for _ in range(batch)])
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         return flow_loss(transformer, x0, noise, sigma, texts[cap])
@@ -623,6 +654,11 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     trained = build_transformer(cfg.seed + 1)
     transformer = copy.deepcopy(trained).requires_grad_(False)  # the EMA of `trained`: what is exported
     texts = caption_embeddings(tokenizer, text_encoder)
+    times = {"vae": round(vae_state.seconds, 1), "latents": round(pool_state.seconds, 1)}
+    if plan.dit_frame_steps:  # single frames first, the same module and EMA then go on with clips
+        frame_loss = dit_loss(trained, pool, texts, plan, cfg.seed, frames=True)
+        stage = StageRun("dit_frames", trained, frame_loss, plan.dit_frame_steps, plan.dit_lr, transformer)
+        times["dit_frames"] = round(run_stage(out, plan, stage, log).seconds, 1)
     dit_state = run_stage(
         out,
         plan,
@@ -632,11 +668,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         log,
     )
     start = time.perf_counter()
-    times = {
-        "vae": round(vae_state.seconds, 1),
-        "latents": round(pool_state.seconds, 1),
-        "dit": round(dit_state.seconds, 1),
-    }
+    times["dit"] = round(dit_state.seconds, 1)
     sizes = {k: param_count(m) for k, m in (("vae", vae), ("transformer", transformer), ("text_encoder", text_encoder))}
     defaults = model_defaults(cfg, times, sizes)
     export(
