@@ -716,10 +716,10 @@ def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, rank
 
 def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
     """Activations of one decode call: a full tile's times the tiles in a batch (at most all tiles)."""
-    return decode_tile_bytes(geo, run, model, prof) * min(run.decode_batch, decode_tiles(geo, run)[0])
+    return _decode_tile_bytes(geo, run, model, prof) * min(run.decode_batch, decode_tiles(geo, run)[0])
 
 
-def decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
+def _decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
     """Peak activations of one tile's latent frame: the VAE's traced activations per tile pixel plus the
     convolution library's workspace (the profile's multiple of the largest convolution's input + output)."""
     tile_px = min(run.decode_tile, geo.grid.h * 2) * 8 * min(run.decode_tile, geo.grid.w * 2) * 8
