@@ -209,6 +209,26 @@ def test_group_share_agrees_with_halo_plan():
     assert torch.equal(owner_of_tokens(sharding), sharding.owner)
 
 
+@pytest.mark.parametrize("ranks", [1, 3, 4])
+def test_rank_attention_pairs_are_what_the_runtime_computes(ranks):
+    """The cost model's query-key pairs of a rank equal those of the groups the sharded attention runs (every
+    window at its real lengths); with one rank, the whole grid's real pairs."""
+    from atlasvid_dist.models.attention.kernels import group_windows
+
+    grid = Grid(5, 9, 11)  # the shifted grid's edge windows are cut in every axis
+    base, shifted = WindowSpec(grid, (2, 4, 4), pad=True), WindowSpec(grid, (2, 4, 4), (1, 2, 2), pad=True)
+    sharding = shard_windows(base, ranks)
+    share = group_share(owner_of_tokens(sharding), ranks, shifted, None, (1.0, 1.0, 1.0), (0, 0, 0), aligned=False)
+    pairs = []
+    for r in range(ranks):
+        p = halo_plan(sharding, shifted, r)
+        groups = group_windows(p.query_index, p.query_valid, p.key_index, p.key_valid)
+        pairs.append(sum(g.query.numel() * g.keys.shape[1] for g in groups))
+    assert share.key_pairs == max(pairs)
+    if ranks == 1:
+        assert share.key_pairs == shifted.real_token_pairs() < grid.size * shifted.window_tokens
+
+
 def test_moved_rows_agree_with_the_move_plans():
     """Shift exchange 'rows', counted vectorised by the cost model: the same assignment as the runtime's, no
     halo, and the rows each rank sends along a forward (base -> shifted -> base) equal its move plans'."""

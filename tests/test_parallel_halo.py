@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from atlasvid_dist.errors import InputError, PlanError
 from atlasvid_dist.geometry import Grid, WindowSpec, window_layout
+from atlasvid_dist.models.attention.kernels import group_windows
 from atlasvid_dist.parallel import comm
 from atlasvid_dist.parallel.halo import halo_exchange, halo_plan
 from atlasvid_dist.parallel.sharding import shard_windows
@@ -97,7 +97,8 @@ def _simulate(sharding, spec):
     for r, plan in enumerate(plans):
         halo = torch.cat([sent[(p, r)] for p, _ in plan.recv] or [ids[r][:, :0]], dim=1)
         assert [c for _, c in plan.recv] == [sent[(p, r)].shape[1] for p, _ in plan.recv]
-        out.append((plan, gather_keys(ids[r], halo, plan)[0, ..., 0], gather_queries(ids[r], plan)[0, ..., 0], ids[r]))
+        keys, queries = gather_keys(ids[r], halo, plan)[0, ..., 0], gather_queries(ids[r], plan)[0, ..., 0]
+        out.append((plan, keys, queries, ids[r], torch.cat([ids[r], halo], dim=1)[0, :, 0]))
     return out
 
 
@@ -108,7 +109,7 @@ def test_halo_plan_assembles_every_touched_window(world, case):
     sh = shard_windows(base, world)
     lay = window_layout(spec)
     slots = lay.order.view(spec.num_windows, spec.window_tokens)
-    for plan, keys, queries, ids in _simulate(sh, spec):
+    for plan, keys, queries, ids, rows in _simulate(sh, spec):
         for _w, (win, kv, kvalid, q, qvalid) in enumerate(
             zip(plan.windows, keys, plan.key_valid, queries, plan.query_valid)
         ):
@@ -116,11 +117,16 @@ def test_halo_plan_assembles_every_touched_window(world, case):
             assert torch.equal(kv[kvalid].long().sort().values, real.sort().values)  # own + halo = whole window
             own = real[sh.owner[real] == plan.rank]
             assert torch.equal(q[qvalid].long().sort().values, own.sort().values)  # queries: own tokens only
-        # buckets: contiguous runs of windows with exactly lq own tokens, most first, covering every window
-        assert [b[0] for b in plan.buckets] == [0] + [b[1] for b in plan.buckets[:-1]]
-        assert plan.buckets[-1][1] == plan.windows.numel() and plan.buckets[0][2] == plan.query_index.shape[1]
-        for w0, w1, lq in plan.buckets:
-            assert (plan.query_valid[w0:w1].sum(1) == lq).all() and plan.query_valid[w0:w1, :lq].all()
+        # the attention's groups (kernels.group_windows): every own token a query once, keys = the whole window
+        groups = group_windows(plan.query_index, plan.query_valid, plan.key_index, plan.key_valid)
+        assert sorted(torch.cat([g.query.reshape(-1) for g in groups]).tolist()) == list(range(plan.num_local))
+        lq = plan.query_index.shape[1]
+        for grp in groups:
+            for qrow, krow in zip(grp.query, grp.keys):
+                win = plan.windows[plan.output_index[qrow[0]] // lq]  # the window of the group's row
+                real = slots[win][lay.valid[win]]
+                assert torch.equal(rows[krow].long().sort().values, real.sort().values)  # real keys, no padding
+                assert torch.equal(plan.output_index[qrow] // lq, plan.output_index[qrow[:1]].expand(len(qrow)) // lq)
         # every own token is the query of exactly one row, and the output index finds it
         assert torch.equal(scatter_output(gather_queries(ids, plan), plan), ids)
         if spec == base:  # the base grid needs nothing from anyone
@@ -178,21 +184,7 @@ def _halo_vs_dense(rank: int, world: int) -> list[int]:
         halo = halo_exchange(kv, plan, None, stats, step=f"case {case}")
         kvw = gather_keys(kv, halo, plan)  # (B, W, window_tokens, H, 2D)
         qw, (kw, vw) = gather_queries(mine[0], plan), kvw.split(D, dim=-1)
-        lq_max = qw.shape[2]
-        # one attention per bucket of equal query counts, padding rows left at zero
-        out_w = torch.cat(
-            [
-                F.pad(
-                    _window_attention(qw[:, w0:w1, :lq], kw[:, w0:w1], vw[:, w0:w1], plan.key_valid[w0:w1]),
-                    (0, 0, 0, 0, 0, lq_max - lq),
-                )
-                for w0, w1, lq in plan.buckets
-            ],
-            dim=1,
-        )  # (B, W, Lq, H, D)
-        if case == 2:  # the same as attending every padded row
-            full = _window_attention(qw, kw, vw, plan.key_valid)
-            torch.testing.assert_close(out_w[:, plan.query_valid], full[:, plan.query_valid], **TOL)
+        out_w = _window_attention(qw, kw, vw, plan.key_valid)  # (B, W, Lq, H, D): padded rows computed, dropped
         out = scatter_output(out_w, plan)
         out.backward(sh.shard(dout, rank))
         torch.testing.assert_close(out, sh.shard(ref_out, rank), **TOL)

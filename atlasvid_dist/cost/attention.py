@@ -1,9 +1,9 @@
 """Attention FLOPs of one layer, from the same geometry the kernels run on.
 
 Convention: one attention over Lq queries and Lk keys costs 4 * Lq * Lk * heads * head_dim FLOPs (QK^T and PV,
-a multiply-add counted as 2). Window attention counts what the SDPA kernel executes on one device: the windows
-of a padded (e.g. shifted) grid run at their real lengths, so only real query-key pairs count, plus every real
-query against its window's proxy context.
+a multiply-add counted as 2). Window attention counts what the SDPA kernel executes, on one device or a rank: the
+windows of a padded (e.g. shifted) grid run at their real lengths, so only real query-key pairs count, plus every
+real query against its window's proxy context.
 UltraGen's compressed global branch is dense attention among the N' pooled tokens: 4 * N'^2 * heads * head_dim
 (pooling and upsampling are averages and copies, memory traffic rather than FLOPs).
 """
@@ -35,9 +35,15 @@ def proxy_context_tokens(cfg: AtlasConfig, spec: WindowSpec, proxy: Grid) -> int
     return math.prod(size)
 
 
+def pair_flops(pairs: int, queries: int, ctx: int, heads: int, head_dim: int) -> int:
+    """Windowed attention of ``pairs`` real query-key pairs inside windows, each of ``queries`` real queries also
+    reading ``ctx`` proxy keys."""
+    return 4 * (pairs + queries * ctx) * heads * head_dim
+
+
 def window_attention_flops(spec: WindowSpec, ctx: int, heads: int, head_dim: int) -> int:
     """Windows of ``spec`` at their real lengths, each real query also reading ``ctx`` proxy keys."""
-    return 4 * (spec.real_token_pairs() + spec.grid.size * ctx) * heads * head_dim
+    return pair_flops(spec.real_token_pairs(), spec.grid.size, ctx, heads, head_dim)
 
 
 def layer_spec(cfg: AtlasConfig, grid: Grid, layer: int) -> WindowSpec:

@@ -7,9 +7,9 @@ computed from the same geometry the kernels run on (``geometry``), the same shar
 Conventions (stated once, used everywhere):
 
 * Attention FLOPs = 4 * Lq * Lk * head_dim * heads: QK^T and PV, a multiply-add counted as 2 FLOPs. Window
-  attention counts what the kernel executes: on one device the partial windows of a padded grid at their real
-  lengths; a rank of a multi-rank run computes its own query rows only, against whole windows with the padding
-  keys masked (``parallel/halo.py``).
+  attention counts what the kernel executes: every window at its real lengths (the partial windows of a padded
+  grid are cut, not padded), on one device and on a rank of a multi-rank run alike, where a rank computes its own
+  query rows only, against its windows' real keys (``parallel/halo.py``, ``models.attention.kernels``).
 * Linear FLOPs = 2 * tokens * in * out. Per block: self-attention Q, K, V, O (4 d^2 per token), cross-attention
   Q and O on video tokens (2 d^2), K and V on the text tokens (2 d^2 per text token), its attention core over
   ``text_len`` keys, and the FFN (2 d f per token).
@@ -50,9 +50,9 @@ from .attention import (
     attention_flops,
     layer_attention_flops,
     layer_spec,
+    pair_flops,
     pooled_tokens,
     proxy_context_tokens,
-    window_attention_flops,
 )
 from .profiles import DeviceProfile, GiB, device_profile
 from .ranks import assigned_owner, group_share, moved_rows, owner_of_tokens, shard
@@ -513,10 +513,7 @@ def _rank_attention(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan:
     total = 0
     for spec, n, sh in shares["layers"]:
         ctx = proxy_context_tokens(method, spec, geo.proxy) if geo.proxy is not None else 0
-        if plan.workers == 1:  # the one-process kernel: windows at their real lengths
-            per_layer = window_attention_flops(spec, ctx, h, hd)
-        else:  # a rank computes its own query rows against whole (padded, masked) windows
-            per_layer = attention_flops(sh.tokens, spec.window_tokens + ctx, h, hd)
+        per_layer = pair_flops(sh.key_pairs, sh.tokens, ctx, h, hd)  # windows at their real lengths
         if method.mode == "ultragen":  # the rank's share of the pooled queries against all pooled keys
             pooled = pooled_tokens(method, geo.grid)
             per_layer += attention_flops(-(-pooled * sh.tokens // geo.grid.size), pooled, h, hd)
@@ -921,7 +918,7 @@ def _notes(
     padded = [spec for spec, _ in geo.specs if spec.padded]
     if padded:
         notes.append(
-            f"{len(padded)} of {len(geo.specs)} layer grids have partial windows (run at their real length on one process; padding keys masked on ranks)"
+            f"{len(padded)} of {len(geo.specs)} layer grids have partial windows (run at their real lengths, no padding computed)"
         )
     if geo.proxy is not None and plan.workers > 1 and plan.proxy_parallel == "none":
         notes.append(_idle_stage1_note(geo.proxy.size, model.num_heads, plan.workers))

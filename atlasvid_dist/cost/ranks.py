@@ -35,6 +35,9 @@ class GroupShare:
     """Of those, tokens of groups on other nodes (received over InfiniBand, not NVLink)."""
     proxy_tokens: int
     """Distinct proxy tokens those windows read (what the group's proxy K/V cache must hold for this grid)."""
+    key_pairs: int
+    """Query-key pairs of the group's attention inside those windows: its own tokens of each window times the
+    window's real tokens, summed (the kernel runs each window at its real lengths, no padding slot)."""
 
 
 def shard(base: WindowSpec, groups: int, order: str = "thw") -> WindowSharding:
@@ -105,6 +108,7 @@ def group_share(
     touched = counts > 0  # (nw, g)
     real = lay.valid.sum(1, keepdim=True)  # (nw, 1) real tokens per window
     halo = (touched * (real - counts)).sum(0)  # (g,)
+    key_pairs = (counts * real).sum(0)  # (g,)
     node = torch.zeros(g, dtype=torch.long) if node is None else node
     pair = touched.long().T @ counts  # (g, g): tokens of group b inside the windows group a touches
     remote = (pair * (node[:, None] != node[None, :])).sum(1)  # (g,)
@@ -124,4 +128,5 @@ def group_share(
         halo_tokens=int(halo.max()),
         halo_remote_tokens=int(remote.max()),
         proxy_tokens=int(ctx.max()),
+        key_pairs=int(key_pairs.max()),
     )

@@ -9,10 +9,10 @@ index arithmetic for one rank (built by :func:`halo_plan`, testable without proc
 * ``recv``: for every peer, how many tokens arrive; the halo buffer is their concatenation in peer order, each
   peer's tokens in raster order (the sender sends them in that order);
 * ``windows``: the layer's windows touching this rank (global ids), with index tensors that lay out per window
-  the query rows (own tokens only, compacted to ``Lq`` rows, padding masked) and the key/value rows (own + halo
-  tokens in the window's slot order, ``window_tokens`` rows, padding masked). Windows come sorted by their
-  number of own tokens, descending, and ``buckets`` names the runs of equal count: in a shifted grid most
-  touched windows are only partly owned, and attending per bucket avoids computing padded query rows;
+  the query rows (own tokens only, compacted to ``Lq`` rows, padding flagged) and the key/value rows (own + halo
+  tokens in the window's slot order, ``window_tokens`` rows, padding flagged). In a shifted grid most touched
+  windows are only partly owned and the grid's edge windows are cut: the attention groups windows of equal
+  counts and runs them without padding (``models.attention.kernels.group_windows``);
 * ``output_index``: where every local token's output row sits in the (windows x Lq) query layout.
 
 :func:`halo_exchange` moves the halo rows with autograd (the backward sends the gradients of the halo rows back
@@ -50,7 +50,7 @@ class HaloPlan:
     recv: tuple[tuple[int, int], ...]
     """(peer, tokens received from it), peers ascending; the halo buffer concatenates them in this order."""
     windows: torch.Tensor
-    """(W,) ids of the layer's windows (as in ``window_layout(spec)``) holding an own token, most own tokens first."""
+    """(W,) ids of the layer's windows (as in ``window_layout(spec)``) holding an own token, ascending."""
     query_index: torch.Tensor
     """(W, Lq) local positions of the own tokens of each window; ``num_local`` at padding rows."""
     query_valid: torch.Tensor
@@ -61,9 +61,6 @@ class HaloPlan:
     """(W, window_tokens) bool, False at padding slots."""
     output_index: torch.Tensor
     """(num_local,) flat position (window * Lq + row) of every local token's query row."""
-    buckets: tuple[tuple[int, int, int], ...] = ()
-    """(w0, w1, lq): windows w0..w1-1 hold exactly lq own tokens (windows are sorted by that count, descending),
-    so attention may run on ``[:, w0:w1, :lq]`` per bucket instead of paying for the padding rows."""
 
     @property
     def num_halo(self) -> int:
@@ -93,7 +90,6 @@ class HaloPlan:
             mv(self.key_index),
             mv(self.key_valid),
             mv(self.output_index),
-            self.buckets,
         )
 
 
@@ -119,12 +115,6 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
     n_local, local_pos = sharding.num_tokens(rank), sharding.local_position
     windows, slots, valid, owner, foreign = _halo_tokens(sharding, spec, rank)
     own = valid & (owner == rank)  # (W, wt)
-    # windows with the most own tokens first, so that equal query counts form contiguous buckets
-    own_count, perm = torch.sort(own.sum(1), descending=True, stable=True)
-    windows, slots, valid, owner, own = windows[perm], slots[perm], valid[perm], owner[perm], own[perm]
-    values, sizes = torch.unique_consecutive(own_count, return_counts=True)
-    ends = sizes.cumsum(0).tolist()
-    buckets = tuple((e - c, e, int(v)) for e, c, v in zip(ends, sizes.tolist(), values.tolist()))
     # 1. what arrives: foreign tokens, grouped by owner (ascending), raster order inside a group
     counts = torch.bincount(sharding.owner[foreign], minlength=sharding.world_size)
     recv = tuple((p, int(c)) for p, c in enumerate(counts.tolist()) if c and p != rank)
@@ -145,7 +135,7 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
     key_index = torch.where(valid, key_index, torch.full_like(key_index, pad_row))
     # 4. query rows: the own tokens of every window, compacted to the front
     row = own.long().cumsum(1) - 1  # (W, wt) row of an own token inside its window's query block
-    lq = buckets[0][2] if buckets else 0
+    lq = int(own.sum(1).max()) if windows.numel() else 0
     query_index = torch.full((windows.numel(), lq), n_local, dtype=torch.long)
     query_valid = torch.zeros(windows.numel(), lq, dtype=torch.bool)
     w_idx = torch.arange(windows.numel())[:, None].expand_as(own)
@@ -165,7 +155,6 @@ def halo_plan(sharding: WindowSharding, spec: WindowSpec, rank: int) -> HaloPlan
         key_index,
         valid.clone(),
         output_index,
-        buckets,
     )
 
 

@@ -35,7 +35,7 @@ from ..config.method import AtlasConfig
 from ..errors import ConfigError
 from ..geometry.grid import Grid
 from ..geometry.windows import WindowSpec, proxy_regions
-from ..models.attention.kernels import gathered_windows_sdpa
+from ..models.attention.kernels import WindowRows, gathered_windows_sdpa, group_windows
 from ..models.rope import Rotary3D, apply_rotary
 from .comm import CommStats
 from .halo import HaloPlan, halo_exchange, halo_plan
@@ -79,28 +79,17 @@ class _Layer:
     """(U,) proxy token rows the rank's windows read (None: no proxy)."""
     proxy_index: torch.Tensor | None
     """(W, C) rows of the rank's windows into the kept proxy rows (positions in ``proxy_rows``)."""
-    query: torch.Tensor
-    """(W, Lq) local row of every query slot (a padding slot names row 0; its output is dropped)."""
-    keys: torch.Tensor
-    """(W, wt + C) row of every key slot in [local rows | halo rows | kept proxy rows] (padding: row 0, masked)."""
-    key_valid: torch.Tensor | None
-    """(W, wt + C) bool, False at padding slots; None when no slot is padding."""
-    output: torch.Tensor
-    """(W, Lq) local row each query slot's output goes to; -1 at padding slots."""
+    groups: tuple[WindowRows, ...]
+    """The rank's windows grouped by (own queries, real keys): query rows are local rows, key rows index
+    [local rows | halo rows | kept proxy rows]; no padding slot, so cut windows run at their real lengths."""
 
 
-def _layer_rows(plan: HaloPlan, proxy_index: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The halo plan's windows as index tensors into [local | halo | kept proxy] rows (gathered_windows_sdpa)."""
-    query = torch.where(plan.query_valid, plan.query_index, torch.zeros_like(plan.query_index))
-    keys = torch.where(plan.key_valid, plan.key_index, torch.zeros_like(plan.key_index))
-    valid = plan.key_valid
+def _layer_rows(plan: HaloPlan, proxy_index: torch.Tensor | None) -> tuple[WindowRows, ...]:
+    """The halo plan's windows as groups of rows into [local | halo | kept proxy] rows (gathered_windows_sdpa)."""
+    extra = None
     if proxy_index is not None:
-        keys = torch.cat([keys, plan.num_local + plan.num_halo + proxy_index.to(keys.device)], dim=1)
-        valid = torch.cat([valid, valid.new_ones(proxy_index.shape)], dim=1)  # (W, wt + C)
-    output = torch.where(plan.query_valid, plan.query_index, torch.full_like(plan.query_index, -1))
-    if bool(valid.all()):  # no padded key slot: SDPA without a mask
-        valid = None
-    return dict(query=query, keys=keys, key_valid=valid, output=output)
+        extra = plan.num_local + plan.num_halo + proxy_index.to(plan.key_index.device)  # (W, C)
+    return group_windows(plan.query_index, plan.query_valid, plan.key_index, plan.key_valid, extra)
 
 
 class ProxyRows:
@@ -255,7 +244,7 @@ class ShardedWindowAttention:
             if self._rows is not None:
                 rows, index = self._rows(layer), self._rows.index(layer).to(self.device)
             plan = self._plan(spec).to(self.device)
-            self._layers[spec] = _Layer(plan, rows, index, **_layer_rows(plan, index))
+            self._layers[spec] = _Layer(plan, rows, index, _layer_rows(plan, index))
         return self._layers[spec]
 
     # -- the callbacks --------------------------------------------------------------------------------------------
@@ -305,20 +294,8 @@ class ShardedWindowAttention:
             v_rows.append(pv.expand(b, *pv.shape[1:]).to(v.dtype))
         k_all, v_all = _row_table(k_rows), _row_table(v_rows)  # (B, N_local + N_halo + U, H, D)
         out = qr.new_empty(qr.shape)  # (B, N_local, H, D): every local row is one window's query exactly once
-        for w0, w1, lq in plan.buckets:  # windows with lq own tokens: no padded query rows computed
-            if lq == 0:
-                continue
-            gathered_windows_sdpa(
-                qr,
-                k_all,
-                v_all,
-                lay.query[w0:w1, :lq],
-                lay.keys[w0:w1],
-                out,
-                None if lay.key_valid is None else lay.key_valid[w0:w1],
-                lay.output[w0:w1, :lq],
-                self.config.max_window_batch,
-            )
+        for rows in lay.groups:  # windows of equal own-query and key counts: no padding slot, no mask
+            gathered_windows_sdpa(qr, k_all, v_all, rows, out, self.config.max_window_batch)
         return out
 
 

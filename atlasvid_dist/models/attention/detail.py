@@ -19,7 +19,7 @@ from ...geometry.grid import Grid, ProxyAnchor
 from ...geometry.windows import WindowSpec, proxy_regions, window_layout
 from ..rope import Rotary3D, RotaryTables, apply_rotary
 from . import masks
-from .kernels import gathered_windows_sdpa, reference_attention, sdpa
+from .kernels import WindowRows, gathered_windows_sdpa, group_windows, reference_attention, sdpa
 
 
 @dataclass
@@ -54,41 +54,19 @@ class LayerWindows:
     proxy_index: torch.Tensor | None
 
 
-@dataclass(frozen=True)
-class WindowRows:
-    """Windows of one layer with the same number of real tokens, as index tensors into row tables
-    (``kernels.gathered_windows_sdpa``); no padding slot: a shifted grid's cut windows run at their own length."""
-
-    query: torch.Tensor
-    """(W, l) raster rows of each window's real tokens (queries; their outputs go back to the same rows)."""
-    keys: torch.Tensor
-    """(W, l + C) rows in [raster rows | proxy rows]: the window's real tokens, then its C proxy rows."""
-
-
 def window_rows(lw: LayerWindows, proxy_rows: int) -> tuple[WindowRows, ...]:
-    """The layer's windows grouped by their number of real tokens (most first), each window's real tokens
-    compacted in slot order, keys extended by ``proxy_rows`` proxy rows (the aligned region of each window, or
-    every proxy row when the layer has no proxy index). An unpadded grid is one group."""
+    """The layer's windows grouped by their number of real tokens (kernels.group_windows), each window's keys
+    extended by ``proxy_rows`` proxy rows (the aligned region of each window, or every proxy row when the layer
+    has no proxy index). An unpadded grid is one group."""
     nw, lt = lw.valid.shape
-    n = lw.spec.grid.size
-    counts = lw.valid.sum(1)  # (W,) real tokens per window
-    by_size = torch.sort(counts, descending=True, stable=True).indices  # (W,)
-    real_first = torch.sort((~lw.valid).to(torch.uint8), dim=1, stable=True).indices  # (W, L): real slots first
-    compact = lw.order.view(nw, lt).gather(1, real_first)[by_size]  # (W, L) raster ids, real ones first
-    index = None
+    slots = lw.order.view(nw, lt)  # (W, L) raster ids, grid.size at padding
+    extra = None
     if proxy_rows:
         index = lw.proxy_index
         if index is None:  # 'all': every window reads every proxy row
-            index = torch.arange(proxy_rows, device=compact.device).expand(nw, proxy_rows)
-        index = n + index[by_size]  # (W, C) rows after the raster rows
-    sizes, groups = torch.unique_consecutive(counts[by_size], return_counts=True)
-    out, w0 = [], 0
-    for size, group in zip(sizes.tolist(), groups.tolist()):
-        rows = compact[w0 : w0 + group, :size]  # (w, l)
-        keys = rows if index is None else torch.cat([rows, index[w0 : w0 + group]], dim=1)  # (w, l + C)
-        out.append(WindowRows(rows, keys))
-        w0 += group
-    return tuple(out)
+            index = torch.arange(proxy_rows, device=slots.device).expand(nw, proxy_rows)
+        extra = lw.spec.grid.size + index  # (W, C) rows after the raster rows
+    return group_windows(slots, lw.valid, slots, lw.valid, extra)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -217,7 +195,7 @@ class DetailAttention:
             k, v = torch.cat([k, pk], dim=1), torch.cat([v, pv], dim=1)  # (B, N + Np, H, D)
         out = q.new_empty(q.shape)  # (B, N, H, D) contiguous: every raster row is one window's query exactly once
         for rows in groups:  # windows of one length: no padding slot computed, no mask
-            gathered_windows_sdpa(q, k, v, rows.query, rows.keys, out, max_windows=self.config.max_window_batch)
+            gathered_windows_sdpa(q, k, v, rows, out, self.config.max_window_batch)
         return out
 
     @staticmethod
