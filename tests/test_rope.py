@@ -50,3 +50,11 @@ def test_fractional_positions_interpolate_angles():
     angle_half = torch.atan2(tab.sin[0, :2], tab.cos[0, :2])
     angle_one = torch.atan2(base.sin[0, :2], base.cos[0, :2])
     torch.testing.assert_close(angle_half * 2, angle_one)
+
+
+def test_tables_of_some_tokens_are_those_rows_of_the_grid_tables():
+    """A rank builds the tables of its own tokens only; they equal the whole grid's rows, in the index's order."""
+    rotary, grid = Rotary3D(12), Grid(3, 5, 7)
+    index = torch.randperm(grid.size, generator=torch.Generator().manual_seed(0))[:40]
+    part, whole = rotary.for_tokens(grid, index), rotary.for_grid(grid)
+    assert torch.equal(part.cos, whole.cos[index]) and torch.equal(part.sin, whole.sin[index])

@@ -12,6 +12,7 @@ from atlasvid_dist.config.model import TINY_VAE_DECODE, WAN21_VAE_DECODE, VaeDec
 from atlasvid_dist.errors import ModelLoadError
 from atlasvid_dist.models import vae_cost
 from atlasvid_dist.models.loading import read_model_spec
+from atlasvid_dist.models.memory import LiveStorages
 from atlasvid_dist.models.tiny import TINY_VAE_CONFIG
 from atlasvid_dist.pipeline.decode import Tile, _TileDecoder, decoder_state_bytes_per_cell
 
@@ -42,7 +43,7 @@ def test_traced_activations_equal_live_storages_of_a_real_cpu_decode():
     vae = AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
     n = 12
     dec = _TileDecoder(vae, torch.zeros(1, 16, 3, n, n), [Tile(0, 0, n, 0, n)])
-    with vae_cost._LiveStorages() as live:
+    with LiveStorages() as live:
         dec.frame(0)
         dec.frame(1)
         before = live.restart_peak()

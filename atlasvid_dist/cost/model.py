@@ -72,6 +72,11 @@ FFN_PHASE_D_WIDTHS = 7
 #: the rotated q and k, the key and value row tables (own rows then the proxy's), the output; the window-major
 #: gathers exist one chunk of windows at a time (``_attention_chunk_bytes``; halo rows come on top).
 ATTENTION_PHASE_D_WIDTHS = 10
+#: Latent-sized tensors alive when a forward starts, without guidance: the latents and what the sampler keeps
+#: between steps (diffusers' UniPC of order 2, Wan's scheduler: the last sample and two x0 predictions). With
+#: guidance each earlier pass of the step adds its velocity (cond is held while uncond runs). Traced on the real
+#: sampling loop by tests/test_memory_trace.py (steady state, from the third step on).
+SAMPLER_LATENT_COPIES = 4
 VAE_BYTES = 4  # the VAE runs in fp32
 LATENT_CHANNELS_BYTES = 4  # latents travel in fp32
 
@@ -601,6 +606,28 @@ def _attention_chunk_bytes(geo, model, method, b, shares) -> int:
     return out
 
 
+def _geometry_bytes(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan: ParallelPlan, shares: dict) -> int:
+    """Tables the detail attention of a rank builds once and keeps: the RoPE cos/sin of its tokens (fp32), and per
+    layer grid the int64 index tables of the windows it touches — per window its key slots, its query slots twice
+    (the layout and the compacted rows), its compacted key rows and its proxy context twice (the kept rows'
+    positions and the rows' extension) — plus bool masks of its query and key slots, its output positions and
+    kept proxy rows; the grid's window order (one process) or the sharding's three per-token tables of the whole
+    grid (a rank). (``models.attention.detail.AttentionGeometry`` on one process; ``parallel.window_attention`` on
+    a rank, shared by the prompt kinds.) Every window's query and real key counts are taken as its size, which the
+    shifted grids' cut windows make a few percent high; tests/test_memory_trace.py holds it to the real tables."""
+    if geo.base is None:
+        return 0
+    rope, masks = shares["tokens_per_rank"] * model.head_dim * 4, 0
+    index = (3 if plan.workers > 1 else 1) * geo.grid.size
+    for spec in {spec for spec, _, _ in shares["layers"]}:
+        sh = next(s for sp, _, s in shares["layers"] if sp == spec)
+        ctx = proxy_context_tokens(method, spec, geo.proxy) if geo.proxy is not None else 0
+        wt = spec.window_tokens
+        index += sh.touched_windows * (3 * wt + 2 * ctx + 1) + sh.tokens + sh.proxy_tokens
+        masks += 2 * sh.touched_windows * wt  # a byte a slot
+    return rope + (8 * index + masks) // plan.window_group
+
+
 def _resident(model: ModelSpec, run: RunSettings, b: int, phase: str) -> dict:
     """Weights on a rank's GPU in ``phase``. load_components puts the transformer, the text encoder and the VAE on
     every rank's device and they stay there; with offload_encoders the text encoder is there only
@@ -617,14 +644,22 @@ def _memory(geo, model, method, plan, run, b, shares, prof: DeviceProfile, usabl
     """phase -> parts per rank, and the decode order used ('auto' resolved against ``usable``)."""
     d, passes = model.dim, run.passes
     phases = {"text_encoder": {**_resident(model, run, b, "text_encoder"), "activations": _activations_text(model, b)}}
+    latent_token = model.in_channels * math.prod(model.patch) * b  # one token's latent, in the run's dtype
+    sampler = (SAMPLER_LATENT_COPIES + passes - 1) * latent_token  # per token (SAMPLER_LATENT_COPIES)
     if geo.proxy is not None:
         sp_tokens = -(-geo.proxy.size // plan.proxy_degree)
         phases["proxy_stage"] = {
             **_resident(model, run, b, "proxy_stage"),
+            "latents": sampler * geo.proxy.size,  # every rank of stage 1 steps the whole proxy latent
             "activations": _activations(model, sp_tokens, b, ffn_chunk=run.ffn_chunk_tokens),
         }
     rank_tokens = shares["tokens_per_rank"]
     detail = _resident(model, run, b, "detail_stage")
+    # the sampler's copies of the rank's share of the latents; the finished proxy the stage reads, and with the
+    # clean proxy one more copy in each prompt kind's cache (models.atlas_transformer.ProxyCache)
+    proxy_copies = 0 if geo.proxy is None else 1 + (passes if method.proxy_mode == "clean" else 0)
+    detail["latents"] = sampler * rank_tokens + proxy_copies * (geo.proxy.size if geo.proxy else 0) * latent_token
+    detail["geometry"] = _geometry_bytes(geo, model, method, plan, shares)
     extra = 0.0  # halo / proxy-context rows gathered in the attention phase
     if shares["layers"]:
         sh_max_halo = max(sh.halo_tokens for _, _, sh in shares["layers"])

@@ -61,6 +61,11 @@ class Rotary3D:
     def for_grid(self, grid: Grid, scale=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0)) -> RotaryTables:
         return self.tables(grid_positions(grid, scale, offset))
 
+    def for_tokens(self, grid: Grid, index: torch.Tensor) -> RotaryTables:
+        """Tables of the grid's tokens ``index`` (raster ids) in that order: a rank's own tokens, without building
+        the whole grid's tables (N x head_dim x 4 bytes; 1.4 GB at 8K x 81 for head_dim 128)."""
+        return self.tables(grid_positions(grid)[index.cpu()])
+
 
 def apply_rotary(x: torch.Tensor, tables: RotaryTables) -> torch.Tensor:
     """Rotate channel pairs of x (B, N, H, D) by tables of N tokens; returns x's dtype (diffusers' arithmetic)."""

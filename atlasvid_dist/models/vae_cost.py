@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import functools
 import json
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from ..config.model import VaeDecodeCost
+from .memory import LiveStorages
 
 TRACE_CELLS = 16
 """Side of the square tile traced, in latent cells. Bytes per pixel do not depend on it (attention fused); the
@@ -56,40 +54,6 @@ def causal_conv_count(vae) -> int:
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     return sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-
-
-class _LiveStorages(TorchDispatchMode):
-    """Bytes of tensor storages alive, their peak, and the largest convolution input + output seen."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: dict[int, int] = {}
-        self.live = self.peak = self.conv_io = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.convolution.default:
-            self.conv_io = max(self.conv_io, args[0].untyped_storage().nbytes() + out.untyped_storage().nbytes())
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage) -> None:
-        key = id(storage)
-        if key not in self.sizes:
-            self.sizes[key] = storage.nbytes()
-            self.live += self.sizes[key]
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live -= self.sizes.pop(key)
-
-    def restart_peak(self) -> int:
-        """Start a new peak at what is live now; returns that."""
-        self.peak, self.conv_io = self.live, 0
-        return self.live
 
 
 class _FusedAttention(TorchFunctionMode):
@@ -126,7 +90,7 @@ def _trace(config_json: str, cells: int) -> VaeDecodeCost:
     n = cells
     z = torch.zeros(1, vae.config.z_dim, 1, n, n, device="meta")
     cache: list = [None] * causal_conv_count(vae)
-    with torch.no_grad(), _FusedAttention() as attention, _LiveStorages() as live:
+    with torch.no_grad(), _FusedAttention() as attention, LiveStorages() as live:
         decode_latent_frame(vae, z, cache, first=True)
         decode_latent_frame(vae, z, cache, first=False)
         state = sum(c.untyped_storage().nbytes() for c in cache if isinstance(c, torch.Tensor))

@@ -181,8 +181,8 @@ class ShardedWindowAttention:
         self.layer_bytes: dict[int, int] = {}
         self.exchange = exchange
         self.token_index = sharding.token_index(rank)  # (N_local,) raster ids, local order
-        self._grid_tables = rotary.for_grid(grid)
-        self.tables = self._grid_tables.index(self.token_index).to(self.device)
+        self.rotary = rotary
+        self.tables = rotary.for_tokens(grid, self.token_index).to(self.device)
         self.scales = scales
         self._holdings: dict[WindowSpec, object] = {sharding.spec: sharding}
         self._tables: dict[WindowSpec, object] = {sharding.spec: self.tables}
@@ -226,7 +226,9 @@ class ShardedWindowAttention:
         key = spec if self.exchange == "rows" else self.sharding.spec
         if key not in self._holdings:
             self._holdings[key] = layer_holdings(self.sharding, spec, self.exchange)
-            self._tables[key] = self._grid_tables.index(self._holdings[key].token_index(self.rank)).to(self.device)
+            self._tables[key] = self.rotary.for_tokens(self.grid, self._holdings[key].token_index(self.rank)).to(
+                self.device
+            )
         return key
 
     def _plan(self, spec: WindowSpec) -> HaloPlan:

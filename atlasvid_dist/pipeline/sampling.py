@@ -103,6 +103,7 @@ def denoise(
         t = scheduler.timesteps[i]
         v = velocity(latents, t.expand(latents.shape[0]).to(latents.device))
         latents = scheduler.step(v.to(latents.dtype), t, latents, return_dict=False)[0]
+        del v  # not held through the next step's forwards (one latent-sized tensor less at the peak)
         if on_step is not None:
             on_step(i + 1, latents, scheduler)
         if stop_after is not None and i + 1 >= stop_after:

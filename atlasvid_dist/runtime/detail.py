@@ -170,10 +170,10 @@ class RankWindows:
             self.keep = ProxyRows.of_rank(stage.cfg.method, grid, self.sharding, owner, pgrid, scales, exchange)
         stage.build_caches(self.keep)
         self.joint_bytes: dict[int, int] = {}
-        self._joint = None  # proxy_mode 'joint': the first forward's attention, whose geometry the next ones share
+        self._first = None  # the first window attention built, whose geometry the later ones share
         self.attends = {}
         if not stage.joint:
-            self.attends = {k: self.make(stage.caches[k].kv if stage.caches else None) for k in stage.kinds}
+            self.attends = {k: self._attention(stage.caches[k].kv if stage.caches else None) for k in stage.kinds}
         self.n = None
 
     def take(self, latents: torch.Tensor) -> torch.Tensor:
@@ -186,24 +186,23 @@ class RankWindows:
         attend = self.attends.get(kind)
         joint = proxy is not None and proxy.cache is None
         if joint:  # recorded with only this rank's windows' proxy rows
-            attend = self._joint_attend(
-                self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb, self.keep)
-            )
+            attend = self._attention(self.model.joint_proxy_kv(proxy.proxy.to(x.dtype), proxy.noise, t, emb, self.keep))
         move = attend.move if self.exchange == "rows" else None
         out = strip_forward(self.model, x, t, emb, attend, self.n, cache, move)
         if joint:
             _add_bytes(self.joint_bytes, attend.layer_bytes)
         return out
 
-    def _joint_attend(self, kv):
-        """proxy_mode 'joint': the window attention reading this forward's proxy keys/values; a rank that owns
-        whole windows builds its geometry once and reuses it (a window group builds a new one)."""
+    def _attention(self, kv):
+        """The window attention reading proxy keys/values ``kv`` (a prompt kind's cache, or with proxy_mode 'joint'
+        this forward's); a rank that owns whole windows builds its geometry (RoPE tables, halo plans, window rows)
+        once and shares it between kinds and forwards (a window group builds a new one)."""
         if self.group_layout is not None:
             return self.make(kv)
-        if self._joint is None:
-            self._joint = self.make(kv)
-            return self._joint
-        return self._joint.reading(kv)
+        if self._first is None:
+            self._first = self.make(kv)
+            return self._first
+        return self._first.reading(kv)
 
     def all_sum(self, sums: torch.Tensor) -> torch.Tensor:
         """The first-block cache's decision sums added over every rank (each holds a disjoint share)."""
