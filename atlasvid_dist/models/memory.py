@@ -1,8 +1,8 @@
 """Live tensor bytes of a piece of code, measured by a dispatch mode (any device, meta included).
 
-    with LiveStorages() as live:
-        run()
-    live.peak   # bytes of storages alive at once, at most, made (or first returned) under the mode
+with LiveStorages() as live:
+    run()
+live.peak   # bytes of storages alive at once, at most, made (or first returned) under the mode
 """
 
 from __future__ import annotations
