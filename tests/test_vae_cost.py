@@ -83,8 +83,9 @@ def test_a_vae_config_that_cannot_be_built_is_a_model_error(tmp_path):
 def test_the_cost_model_prices_the_decode_from_the_traced_cost():
     """Decode FLOPs, one call's activations and the tile caches follow the spec's VaeDecodeCost and the profile's
     convolution workspace, hand-computed at 512x512x33 on one CPU worker: a 64 x 64-cell latent cut into spans of
-    32, 32 (from cell 28) and 8 (from cell 56) per axis, 9 tiles of 72 x 72 cells in all; a call decodes 8 tiles
-    of the largest tile's size (256 x 256 px), and all tiles' caches are live together."""
+    32, 32 (from cell 28) and 8 (from cell 56) per axis, 9 tiles of 72 x 72 cells in all; a call stacks tiles of
+    one shape only, so the largest call is the four 32 x 32-cell tiles (256 x 256 px each, not 8 of them: the
+    batch of 8 is never filled), and all tiles' caches are live together."""
     from atlasvid_dist.config import AtlasConfig
     from atlasvid_dist.config.parallel import ParallelPlan
     from atlasvid_dist.cost import RunSettings, estimate
@@ -97,8 +98,8 @@ def test_the_cost_model_prices_the_decode_from_the_traced_cost():
     report = estimate(video, spec, AtlasConfig(window=(3, 4, 4)), plan, run, "cpu")
     cost, ws = TINY_VAE_DECODE, device_profile("cpu").conv_workspace
     tile_px = 256 * 256
-    per_tile = int(tile_px * (cost.bytes_per_tile_pixel + ws * cost.conv_io_bytes_per_tile_pixel))
-    assert report.memory["decode"]["activations"] == 8 * per_tile
+    assert report.memory["decode"]["activations"] == int(4 * tile_px * cost.bytes_per_tile_pixel)
+    assert report.memory["decode"]["conv_workspace"] == int(4 * tile_px * ws * cost.conv_io_bytes_per_tile_pixel)
     assert report.memory["decode"]["tile_caches"] == 72 * 72 * cost.state_bytes_per_cell
     assert report.flops_per_video["vae_decode"] == int(cost.flops_per_pixel * 72 * 72 * 64 * 33)  # overlaps twice
     bigger = estimate(
@@ -109,5 +110,5 @@ def test_the_cost_model_prices_the_decode_from_the_traced_cost():
         run,
         "cpu",
     )
-    for part in ("activations", "tile_caches"):
+    for part in ("activations", "conv_workspace", "tile_caches"):
         assert bigger.memory["decode"][part] == pytest.approx(2 * report.memory["decode"][part], rel=1e-3)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -689,7 +690,7 @@ def _memory(geo, model, method, plan, run, b, shares, prof: DeviceProfile, usabl
     if method.mode == "ultragen":
         detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
     phases["detail_stage"] = detail
-    decode = {**_resident(model, run, b, "decode"), "activations": _decode_call_bytes(geo, run, model, prof)}
+    decode = {**_resident(model, run, b, "decode"), **_decode_call_bytes(geo, run, model, prof)}
     together = _decode_cache_bytes(geo, run, model, plan.workers, "together")
     order = run.decode_order
     if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit
@@ -734,29 +735,38 @@ def decode_tiles(geo: _Geometry, run: RunSettings) -> tuple[int, int, int]:
     return len(hs) * len(ws), sum(hs) * sum(ws), max(hs) * max(ws)
 
 
+def _decode_groups(geo: _Geometry, run: RunSettings) -> list[tuple[int, int]]:
+    """(cells of one tile, tiles) of the largest decode call per tile shape: the decode stacks at most
+    ``decode_batch`` equal-shaped tiles in one call (``pipeline.decode.tile_groups``)."""
+    lat_h, lat_w = geo.grid.h * 2, geo.grid.w * 2  # latent cells (patch 2x2)
+    hs = _span_lengths(lat_h, run.decode_tile, run.decode_overlap)
+    ws = _span_lengths(lat_w, run.decode_tile, run.decode_overlap)
+    shapes = Counter((a, b) for a in hs for b in ws)
+    return [(a * b, min(n, run.decode_batch)) for (a, b), n in shapes.items()]
+
+
 def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> int:
     """The causal caches a rank holds while decoding. 'together': the caches of all its tiles (tiles are balanced
     over the ranks by area, so at most its share of all tile cells plus one tile, the greedy balance's bound);
-    'sequential': one batch of tiles' (of the largest)."""
+    'sequential': those of the largest call's tiles."""
     tiles, cells, largest = decode_tiles(geo, run)
     if order == "sequential":
-        mine = largest * min(run.decode_batch, tiles)
+        mine = max(c * n for c, n in _decode_groups(geo, run))
     else:
         mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
     return mine * model.vae_decode.state_bytes_per_cell
 
 
-def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
-    """Activations of one decode call: a full tile's times the tiles in a batch (at most all tiles)."""
-    return _decode_tile_bytes(geo, run, model, prof) * min(run.decode_batch, decode_tiles(geo, run)[0])
-
-
-def _decode_tile_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> int:
-    """Peak activations of one tile's latent frame: the VAE's traced activations per tile pixel plus the
-    convolution library's workspace (the profile's multiple of the largest convolution's input + output)."""
-    tile_px = min(run.decode_tile, geo.grid.h * 2) * 8 * min(run.decode_tile, geo.grid.w * 2) * 8
+def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> dict:
+    """Peak of one decode call (the largest over the tile shapes: tiles stacked times a tile's), split in the
+    VAE's traced activations per tile pixel and the convolution library's workspace (the profile's multiple of the
+    largest convolution's input + output per pixel)."""
     cost = model.vae_decode
-    return int(tile_px * (cost.bytes_per_tile_pixel + prof.conv_workspace * cost.conv_io_bytes_per_tile_pixel))
+    px = max(c * n for c, n in _decode_groups(geo, run)) * 64  # 8 x 8 pixels per latent cell
+    return {
+        "activations": int(px * cost.bytes_per_tile_pixel),
+        "conv_workspace": int(px * prof.conv_workspace * cost.conv_io_bytes_per_tile_pixel),
+    }
 
 
 # -- communication --------------------------------------------------------------------------------------------
