@@ -138,3 +138,21 @@ def test_a_ranks_detail_stage_peak_is_the_modelled_one(tmp_path):
     peaks = run_ranks(_rank_peak, 2, str(tmp_path), timeout=300)
     ratio = max(peaks) / _modelled(_generator(tmp_path, "512x512", 33), 2)
     assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, f"measured {peaks} B = {ratio:.3f} x the model"
+
+
+@pytest.mark.slow  # a 512x512x33 decode under the dispatch mode
+def test_one_process_decode_peak_is_the_modelled_one(tmp_path):
+    """The tiled decode's live tensors (9 tiles, the four 32 x 32-cell ones stacked in one call, all advancing
+    together) against the model's decode phase: the VAE's traced activations, every tile's causal cache, the
+    latents and the decoded chunks (not the convolution library's workspace or the blender's numpy frames, which
+    are no tensors)."""
+    gen = _generator(tmp_path, "512x512", 33)
+    comp = gen.load()
+    latents = torch.randn(1, 16, 9, 64, 64, generator=torch.Generator().manual_seed(0))
+    with LiveStorages() as live:
+        gen.decode(comp, latents, str(tmp_path / "d.mp4"), 16.0, None)
+    plan = ParallelPlan(workers=1, device="cpu")
+    phase = gen.preflight(workers=1, plan=plan).memory["decode"]
+    modelled = sum(phase[k] for k in ("activations", "tile_caches", "latents", "decoded_chunks"))
+    ratio = live.peak / modelled
+    assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, f"measured {live.peak} B = {ratio:.3f} x the model"

@@ -101,6 +101,11 @@ def test_the_cost_model_prices_the_decode_from_the_traced_cost():
     assert report.memory["decode"]["activations"] == int(4 * tile_px * cost.bytes_per_tile_pixel)
     assert report.memory["decode"]["conv_workspace"] == int(4 * tile_px * ws * cost.conv_io_bytes_per_tile_pixel)
     assert report.memory["decode"]["tile_caches"] == 72 * 72 * cost.state_bytes_per_cell
+    # host-side: the 64 x 64-cell latent (16 channels, 9 frames, fp32) and the tiles' stacked copies, each tile's
+    # chunk of 4 fp32 RGB frames, and the blender's 4 frames of 512 x 512
+    assert report.memory["decode"]["latents"] == (64 * 64 + 72 * 72) * 16 * 9 * 4
+    assert report.memory["decode"]["decoded_chunks"] == 72 * 72 * 64 * 4 * 3 * 4
+    assert report.memory["decode"]["blended_frames"] == 4 * 512 * 512 * 3 * 4
     assert report.flops_per_video["vae_decode"] == int(cost.flops_per_pixel * 72 * 72 * 64 * 33)  # overlaps twice
     bigger = estimate(
         video,

@@ -698,6 +698,8 @@ def _memory(geo, model, method, plan, run, b, shares, prof: DeviceProfile, usabl
     decode["tile_caches"] = (
         together if order == "together" else _decode_cache_bytes(geo, run, model, plan.workers, "sequential")
     )
+    if plan.device == "cpu":  # on a GPU these are host memory
+        decode.update(_decode_host_bytes(geo, run, model, plan.workers, order))
     phases["decode"] = decode
     for phase in phases.values():
         phase["total"] = sum(phase.values())
@@ -755,6 +757,33 @@ def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, rank
     else:
         mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
     return mine * model.vae_decode.state_bytes_per_cell
+
+
+#: Video frames one latent frame decodes to (the Wan VAE's temporal factor; the first latent frame gives one).
+VAE_FRAMES_PER_LATENT = 4
+
+
+def _decode_host_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> dict:
+    """What a decode keeps in host memory besides the VAE's tensors (on CPU the same memory): the latents (the
+    whole latent, and each group's tiles cut from it and stacked, ``pipeline.decode._TileDecoder``), each tile's
+    decoded chunk (fp32 pixels of one latent frame's video frames) until it is blended or streamed, and on one
+    process the blender's fp32 frames (``TileBlender``: one chunk's frames while the tiles advance together, the
+    whole clip's when they go group after group). On ranks the driver blends."""
+    tiles, cells, largest = decode_tiles(geo, run)
+    if order == "sequential":
+        mine = max(c * n for c, n in _decode_groups(geo, run))
+    else:
+        mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
+    lat_cells = geo.grid.h * 2 * geo.grid.w * 2
+    latent = model.in_channels * geo.grid.t * LATENT_CHANNELS_BYTES  # one latent cell over time
+    out = {
+        "latents": (lat_cells + mine) * latent,
+        "decoded_chunks": mine * 64 * VAE_FRAMES_PER_LATENT * 3 * 4,  # 8 x 8 pixels a cell, RGB fp32
+    }
+    if ranks == 1:
+        frames = VAE_FRAMES_PER_LATENT if order == "together" else (geo.grid.t - 1) * VAE_FRAMES_PER_LATENT + 1
+        out["blended_frames"] = frames * lat_cells * 64 * 3 * 4
+    return out
 
 
 def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> dict:
