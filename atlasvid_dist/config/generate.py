@@ -115,7 +115,8 @@ class GenerateConfig:
     decode_order: DecodeOrder = "auto"
     """'together' (every decode tile advances together: each tile's causal cache live at once), 'sequential'
     (tile group after tile group: one group's caches; the blender holds the clip's frames) or 'auto' (sequential
-    only when the pre-flight finds that together does not fit)."""
+    only when the pre-flight finds that together does not fit and that sequential needs less: on CPU the blender's
+    frames of the whole clip are in the same memory)."""
     decode_batch: int = 0
     """Equal-shaped decode tiles per VAE call (0 = auto: 8 on CPU, where conv3d runs several times faster per tile
     in a batch; 1 on CUDA)."""

@@ -690,20 +690,24 @@ def _memory(geo, model, method, plan, run, b, shares, prof: DeviceProfile, usabl
     if method.mode == "ultragen":
         detail["ultragen_global"] = _ultragen_global_bytes(geo.grid, method, shares["tokens_per_rank"], d, b)
     phases["detail_stage"] = detail
-    decode = {**_resident(model, run, b, "decode"), **_decode_call_bytes(geo, run, model, prof)}
-    together = _decode_cache_bytes(geo, run, model, plan.workers, "together")
+    decode = {o: _decode_phase(geo, run, model, plan, prof, b, o) for o in DECODE_ORDERS if o != "auto"}
     order = run.decode_order
-    if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit
-        order = "together" if sum(decode.values()) + together <= usable else "sequential"
-    decode["tile_caches"] = (
-        together if order == "together" else _decode_cache_bytes(geo, run, model, plan.workers, "sequential")
-    )
-    if plan.device == "cpu":  # on a GPU these are host memory
-        decode.update(_decode_host_bytes(geo, run, model, plan.workers, order))
-    phases["decode"] = decode
+    if order == "auto":  # tile after tile only when all of a rank's tiles at once do not fit, and it is smaller
+        together, sequential = (sum(decode[o].values()) for o in ("together", "sequential"))
+        order = "together" if together <= usable or together <= sequential else "sequential"
+    phases["decode"] = decode[order]
     for phase in phases.values():
         phase["total"] = sum(phase.values())
     return phases, order
+
+
+def _decode_phase(geo, run: RunSettings, model: ModelSpec, plan: ParallelPlan, prof, b: int, order: str) -> dict:
+    """The decode phase of a rank in ``order`` ('together' or 'sequential')."""
+    decode = {**_resident(model, run, b, "decode"), **_decode_call_bytes(geo, run, model, prof)}
+    decode["tile_caches"] = _decode_cache_bytes(geo, run, model, plan.workers, order)
+    if plan.device == "cpu":  # on a GPU these are host memory
+        decode.update(_decode_host_bytes(geo, run, model, plan.workers, order))
+    return decode
 
 
 def _ultragen_global_bytes(grid: Grid, method: AtlasConfig, rank_tokens: int, d: int, b: int) -> int:
