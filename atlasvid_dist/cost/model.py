@@ -620,8 +620,7 @@ def _geometry_bytes(geo: _Geometry, model: ModelSpec, method: AtlasConfig, plan:
         return 0
     rope, masks = shares["tokens_per_rank"] * model.head_dim * 4, 0
     index = (3 if plan.workers > 1 else 1) * geo.grid.size
-    for spec in {spec for spec, _, _ in shares["layers"]}:
-        sh = next(s for sp, _, s in shares["layers"] if sp == spec)
+    for spec, sh in {spec: sh for spec, _, sh in shares["layers"]}.items():  # each layer grid once
         ctx = proxy_context_tokens(method, spec, geo.proxy) if geo.proxy is not None else 0
         wt = spec.window_tokens
         index += sh.touched_windows * (3 * wt + 2 * ctx + 1) + sh.tokens + sh.proxy_tokens
@@ -754,13 +753,17 @@ def _decode_groups(geo: _Geometry, run: RunSettings) -> list[tuple[int, int]]:
 def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> int:
     """The causal caches a rank holds while decoding. 'together': the caches of all its tiles (tiles are balanced
     over the ranks by area, so at most its share of all tile cells plus one tile, the greedy balance's bound);
-    'sequential': those of the largest call's tiles."""
-    tiles, cells, largest = decode_tiles(geo, run)
+    'sequential': those of the largest call's tiles (:func:`_decode_cells`)."""
+    return _decode_cells(geo, run, ranks, order) * model.vae_decode.state_bytes_per_cell
+
+
+def _decode_cells(geo: _Geometry, run: RunSettings, ranks: int, order: str) -> int:
+    """Latent cells of the tiles a rank has in flight at once: all its tiles ('together'; at most its share of all
+    tile cells plus one tile, the greedy balance's bound), or the largest call's ('sequential')."""
+    _, cells, largest = decode_tiles(geo, run)
     if order == "sequential":
-        mine = max(c * n for c, n in _decode_groups(geo, run))
-    else:
-        mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
-    return mine * model.vae_decode.state_bytes_per_cell
+        return max(c * n for c, n in _decode_groups(geo, run))
+    return cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
 
 
 #: Video frames one latent frame decodes to (the Wan VAE's temporal factor; the first latent frame gives one).
@@ -773,11 +776,7 @@ def _decode_host_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks
     decoded chunk (fp32 pixels of one latent frame's video frames) until it is blended or streamed, and on one
     process the blender's fp32 frames (``TileBlender``: one chunk's frames while the tiles advance together, the
     whole clip's when they go group after group). On ranks the driver blends."""
-    tiles, cells, largest = decode_tiles(geo, run)
-    if order == "sequential":
-        mine = max(c * n for c, n in _decode_groups(geo, run))
-    else:
-        mine = cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
+    mine = _decode_cells(geo, run, ranks, order)
     lat_cells = geo.grid.h * 2 * geo.grid.w * 2
     latent = model.in_channels * geo.grid.t * LATENT_CHANNELS_BYTES  # one latent cell over time
     out = {
