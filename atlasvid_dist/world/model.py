@@ -134,12 +134,15 @@ def inflate_time(vae: torch.nn.Module) -> torch.nn.Module:
     return vae
 
 
-def build_transformer(seed: int):
+def build_transformer(seed: int, heads: int = 4, ffn_dim: int = 256):
+    """The shapes transformer: SHAPES_TRANSFORMER_CONFIG with ``heads`` heads of 32 channels and an FFN of
+    ``ffn_dim`` (the budget's width), weights drawn from ``seed``."""
     from diffusers import WanTransformer3DModel
 
+    config = {**SHAPES_TRANSFORMER_CONFIG, "num_attention_heads": heads, "ffn_dim": ffn_dim}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return WanTransformer3DModel(**SHAPES_TRANSFORMER_CONFIG)
+        return WanTransformer3DModel(**config)
 
 
 def build_scheduler():

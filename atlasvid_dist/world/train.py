@@ -128,6 +128,10 @@ class WorldBudget:
     clips (docs/shapes.md: 4800 such steps took a probe's single-frame shape from 50% to 75%)."""
     dit_frame_batch: int = 16
     """Single frames per transformer step of that phase."""
+    dit_heads: int = 4
+    """Transformer attention heads (32 channels each): its width is 32 x dit_heads."""
+    dit_ffn: int = 256
+    """Transformer FFN width."""
 
     def __post_init__(self) -> None:
         check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
@@ -152,6 +156,12 @@ class WorldBudget:
         check(1 <= self.pool_scenes <= len(all_scenes()), "pool_scenes", self.pool_scenes, "must be in 1..32")
         check(self.dit_frame_steps >= 0, "dit_frame_steps", self.dit_frame_steps, "must be >= 0")
         check(self.dit_frame_batch >= 1, "dit_frame_batch", self.dit_frame_batch, "must be >= 1")
+        check(
+            self.dit_heads >= 1 and self.dit_ffn >= 1,
+            "dit_heads/dit_ffn",
+            (self.dit_heads, self.dit_ffn),
+            "must be >= 1",
+        )
 
 
 BUDGETS = {
@@ -196,7 +206,7 @@ BUDGETS = {
         vae_lr=1e-3,
         pool_seeds=6,
         pool_scenes=32,
-        dit_steps=2000,
+        dit_steps=600,
         dit_batch=16,
         dit_lr=1e-3,
         adapter_scale=2,
@@ -206,6 +216,10 @@ BUDGETS = {
         lora_rank=16,
         save_every=100,
         log_every=50,
+        dit_frame_steps=2400,
+        dit_frame_batch=16,
+        dit_heads=8,
+        dit_ffn=1024,
     ),
     "short": WorldBudget(
         width=128,
@@ -231,6 +245,10 @@ BUDGETS = {
         lora_rank=16,
         save_every=10,
         log_every=10,
+        dit_frame_steps=20,
+        dit_frame_batch=16,
+        dit_heads=8,
+        dit_ffn=1024,
     ),
 }
 """tiny: end to end in a few minutes (tests); short: the full recipe's sizes with few steps (a first look);
@@ -651,7 +669,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     vae.requires_grad_(False)
     pool_state, pool = latent_stage(out, vae, plan, log)
     set_latent_stats(vae, pool["mean"], pool["std"])
-    trained = build_transformer(cfg.seed + 1)
+    trained = build_transformer(cfg.seed + 1, plan.dit_heads, plan.dit_ffn)
     transformer = copy.deepcopy(trained).requires_grad_(False)  # the EMA of `trained`: what is exported
     texts = caption_embeddings(tokenizer, text_encoder)
     times = {"vae": round(vae_state.seconds, 1), "latents": round(pool_state.seconds, 1)}
