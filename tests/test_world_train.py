@@ -3,6 +3,7 @@ load_components and generate read), exact resume from a stage checkpoint, and re
 
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -219,3 +220,19 @@ def test_model_folder_defaults_fill_what_the_user_left_unset(trained, monkeypatc
     (bad / DEFAULTS_FILE).write_text(json.dumps({**defaults, "generate": {"stepz": 3}}))
     with pytest.raises(ConfigError, match="stepz"):
         build_config({"model": str(bad), "prompt": "x"})
+
+
+def test_full_budget_is_the_recipe_that_made_the_shipped_model():
+    """`world train --budget full` must make what `--model shapes` ships: the folder records the budget it was
+    trained on, and an experiment that changes the full budget without shipping its model fails here."""
+    from atlasvid_dist.models.loading import read_model_defaults
+    from atlasvid_dist.world.model import build_transformer
+    from atlasvid_dist.world.train import BUDGETS, WorldBudget
+
+    shipped = read_model_defaults("shapes")
+    full = asdict(BUDGETS["full"])
+    assert {k: full[k] for k in shipped["trained_on"]} == shipped["trained_on"]
+    assert not any(full[k] != v for k, v in asdict(WorldBudget(**shipped["trained_on"])).items())
+    wide = BUDGETS["wide"]  # the width is the budget's: the built transformer has it
+    built = build_transformer(0, wide.dit_heads, wide.dit_ffn).config
+    assert (built.num_attention_heads, built.ffn_dim) == (wide.dit_heads, wide.dit_ffn)

@@ -17,7 +17,8 @@ def world_train(
         "full",
         "--budget",
         help="tiny (about a minute, for tests) | short (few steps at full size) | full (the real recipe, "
-        "within an hour on 2 CPU cores).",
+        "within an hour on 2 CPU cores; the shipped model) | wide (a wider transformer with a single-frame phase; "
+        "measured worse, docs/shapes.md).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in a non-empty OUTPUT."),
 ) -> None:
