@@ -136,6 +136,7 @@ def generate(
     detail_reuse: Optional[float] = option("detail_reuse"),
     ffn_chunk: Optional[int] = option("ffn_chunk"),
     offload_encoders: Optional[bool] = option("offload_encoders"),
+    host_mmap_threshold: Optional[int] = option("host_mmap_threshold"),
     compile_blocks: Optional[bool] = option("compile_blocks"),
     device: Optional[str] = option("device", note="With --gpus: cuda; with --workers: cpu unless set."),
     device_profile: Optional[str] = option("device_profile"),

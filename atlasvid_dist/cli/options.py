@@ -173,6 +173,7 @@ OPTIONS: dict[str, Opt] = _opts(
     Opt("detail_reuse", RUN, _G),
     Opt("ffn_chunk", RUN, _G),
     Opt("offload_encoders", RUN, _G, decls=("--offload-encoders",)),
+    Opt("host_mmap_threshold", RUN, _G),
     Opt("compile_blocks", RUN, _G, decls=("--compile-blocks",)),
     Opt("device", RUN, _G),
     Opt("device_profile", RUN, _G),

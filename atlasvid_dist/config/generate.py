@@ -35,6 +35,8 @@ MAX_TEXT_LEN = 512
 MAX_STEPS = 10_000
 #: Seeds are 64-bit (torch.Generator.manual_seed).
 MAX_SEED = 2**63 - 1
+#: glibc's largest mmap threshold on 64-bit hosts (mallopt refuses more).
+MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,13 @@ class GenerateConfig:
     """Keep the text encoder and the VAE in host memory except while they work: the text encoder comes onto the
     device for the prompts' encoding only, the VAE for the decode only (Wan2.1's UMT5-XXL is ~10.6 GiB in bf16:
     off the GPU for every denoising step). No effect on a CPU device."""
+    host_mmap_threshold: int = 0
+    """Bytes from which each process of the run (one process, or every Ray worker) has the C library map an
+    allocation on its own and unmap it when freed, fixed for the run; 0 = the library's default. glibc's default
+    threshold rises (up to 32 MiB) each time a mapped block is freed, after which freed tensors stay in the
+    process's heap and its peak RSS runs well above the tensors alive (the memory model's figure). 131072
+    (glibc's initial value) keeps it there: at 1024x1024x33 on CPU (tiny model, one process) peak RSS 1.05 GB
+    instead of 1.40 GB, 14% slower. glibc only; elsewhere ignored."""
     compile_blocks: bool = False
     """Run each transformer block's code around its attentions (norms, modulation, the feed-forward, gated
     residuals) through torch.compile: fused element-wise kernels instead of one kernel per operation. The first
@@ -170,6 +179,14 @@ class GenerateConfig:
             "must be an integer >= 0 (0 = all tokens at once)",
         )
         check(isinstance(self.offload_encoders, bool), "offload_encoders", self.offload_encoders, "must be true/false")
+        check(
+            isinstance(self.host_mmap_threshold, int)
+            and not isinstance(self.host_mmap_threshold, bool)
+            and 0 <= self.host_mmap_threshold <= MAX_MMAP_THRESHOLD,
+            "host_mmap_threshold",
+            self.host_mmap_threshold,
+            f"must be an integer in [0, {MAX_MMAP_THRESHOLD}] bytes (0 = the C library's default)",
+        )
         check(isinstance(self.compile_blocks, bool), "compile_blocks", self.compile_blocks, "must be true/false")
         check(self.decode_order in DECODE_ORDERS, "decode_order", self.decode_order, f"must be one of {DECODE_ORDERS}")
         check(self.device in DEVICES, "device", self.device, f"must be one of {DEVICES}")

@@ -20,6 +20,7 @@ import torch
 from ..config.generate import GenerateConfig
 from ..errors import ConfigError, InputError, ModelLoadError, RunFailure
 from .checkpoint import StepCheckpointer, step_key
+from .host_memory import fix_mmap_threshold
 from .stages import DetailStage, ProxyStage, SavedStep, StageState, proxy_caches
 from .text import TextEmbeddings, encode_prompts
 
@@ -153,6 +154,7 @@ class TwoStageGenerator:
         other nodes), so it neither needs CUDA itself nor checks for it; the workers check their own."""
         self.cfg, self.progress = cfg, progress
         self.device, self.dtype = torch.device(cfg.device), resolve_dtype(cfg)
+        fix_mmap_threshold(cfg.host_mmap_threshold)  # this process's allocator, before the run allocates
         if local_device and cfg.device == "cuda" and not torch.cuda.is_available():
             raise InputError("device: 'cuda' requested but no CUDA device is available")
         self.components = components
