@@ -117,3 +117,27 @@ def test_the_cost_model_prices_the_decode_from_the_traced_cost():
     )
     for part in ("activations", "conv_workspace", "tile_caches"):
         assert bigger.memory["decode"][part] == pytest.approx(2 * report.memory["decode"][part], rel=1e-3)
+
+
+@pytest.mark.parametrize("res,ranks,batch", [(512, 2, 8), (512, 1, 8), (1024, 2, 8), (768, 3, 4), (640, 4, 2)])
+def test_the_largest_decode_call_is_the_one_a_rank_makes(res, ranks, batch):
+    """A rank stacks only its own equal-shaped tiles (the runtime's area balance, then ``tile_groups``): the cost
+    model's largest call equals the largest the runtime makes on any rank. At 512 px on 2 ranks a rank holds two
+    of the four 32x32 tiles, so its call is two tiles, not four (the model priced four: 2x the decode's
+    activations and workspace)."""
+    from atlasvid_dist.config import AtlasConfig
+    from atlasvid_dist.cost.model import RunSettings, _decode_groups, _geometry
+    from atlasvid_dist.pipeline.decode import DecodeTiling, plan_tiles, tile_groups
+    from atlasvid_dist.runtime.decode import assign_tiles
+
+    video = VideoSpec(width=res, height=res, frames=33)
+    geo = _geometry(video, model_preset("tiny"), AtlasConfig(mode="full"))  # the decode needs the grid only
+    run = RunSettings(decode_tile=32, decode_overlap=8, decode_batch=batch)
+    tiles = plan_tiles((res // 8, res // 8), DecodeTiling(tile=32, overlap=8, batch=batch))
+    runtime = max(
+        sum((t.y1 - t.y0) * (t.x1 - t.x0) for t in group)
+        for ids in assign_tiles(tiles, ranks)
+        if ids
+        for group in tile_groups([tiles[i] for i in ids], batch)
+    )
+    assert max(c * n for c, n in _decode_groups(geo, run, ranks)) == runtime

@@ -44,6 +44,7 @@ from ..config.parallel import ParallelPlan, runnable_proxy_parallel
 from ..config.video import VideoSpec
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
+from ..geometry.tiles import balance_by_area
 from ..geometry.windows import WindowSpec
 from ..models.attention.kernels import auto_window_batch
 from ..parallel.sharding import SHIFT_EXCHANGES, WINDOW_ORDERS
@@ -702,7 +703,7 @@ def _memory(geo, model, method, plan, run, b, shares, prof: DeviceProfile, usabl
 
 def _decode_phase(geo, run: RunSettings, model: ModelSpec, plan: ParallelPlan, prof, b: int, order: str) -> dict:
     """The decode phase of a rank in ``order`` ('together' or 'sequential')."""
-    decode = {**_resident(model, run, b, "decode"), **_decode_call_bytes(geo, run, model, prof)}
+    decode = {**_resident(model, run, b, "decode"), **_decode_call_bytes(geo, run, model, prof, plan.workers)}
     decode["tile_caches"] = _decode_cache_bytes(geo, run, model, plan.workers, order)
     if plan.device == "cpu":  # on a GPU these are host memory
         decode.update(_decode_host_bytes(geo, run, model, plan.workers, order))
@@ -740,14 +741,19 @@ def decode_tiles(geo: _Geometry, run: RunSettings) -> tuple[int, int, int]:
     return len(hs) * len(ws), sum(hs) * sum(ws), max(hs) * max(ws)
 
 
-def _decode_groups(geo: _Geometry, run: RunSettings) -> list[tuple[int, int]]:
-    """(cells of one tile, tiles) of the largest decode call per tile shape: the decode stacks at most
-    ``decode_batch`` equal-shaped tiles in one call (``pipeline.decode.tile_groups``)."""
+def _decode_groups(geo: _Geometry, run: RunSettings, ranks: int) -> list[tuple[int, int]]:
+    """(cells of one tile, tiles) of the largest decode call per tile shape on any rank: a rank decodes the tiles
+    the area balance gives it (``geometry.tiles.balance_by_area``, as ``runtime.decode.assign_tiles``) and stacks
+    at most ``decode_batch`` equal-shaped ones of them in one call (``pipeline.decode.tile_groups``)."""
     lat_h, lat_w = geo.grid.h * 2, geo.grid.w * 2  # latent cells (patch 2x2)
     hs = _span_lengths(lat_h, run.decode_tile, run.decode_overlap)
     ws = _span_lengths(lat_w, run.decode_tile, run.decode_overlap)
-    shapes = Counter((a, b) for a in hs for b in ws)
-    return [(a * b, min(n, run.decode_batch)) for (a, b), n in shapes.items()]
+    shapes = [(a, b) for a in hs for b in ws]  # row-major, as pipeline.decode.plan_tiles
+    most: dict[tuple[int, int], int] = {}
+    for ids in balance_by_area([a * b for a, b in shapes], ranks):
+        for shape, n in Counter(shapes[i] for i in ids).items():
+            most[shape] = max(most.get(shape, 0), min(n, run.decode_batch))
+    return [(a * b, n) for (a, b), n in most.items()]
 
 
 def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> int:
@@ -762,7 +768,7 @@ def _decode_cells(geo: _Geometry, run: RunSettings, ranks: int, order: str) -> i
     tile cells plus one tile, the greedy balance's bound), or the largest call's ('sequential')."""
     _, cells, largest = decode_tiles(geo, run)
     if order == "sequential":
-        return max(c * n for c, n in _decode_groups(geo, run))
+        return max(c * n for c, n in _decode_groups(geo, run, ranks))
     return cells if ranks == 1 else min(cells, -(-cells // ranks) + largest)
 
 
@@ -789,12 +795,12 @@ def _decode_host_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks
     return out
 
 
-def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile) -> dict:
+def _decode_call_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, prof: DeviceProfile, ranks: int) -> dict:
     """Peak of one decode call (the largest over the tile shapes: tiles stacked times a tile's), split in the
     VAE's traced activations per tile pixel and the convolution library's workspace (the profile's multiple of the
     largest convolution's input + output per pixel)."""
     cost = model.vae_decode
-    px = max(c * n for c, n in _decode_groups(geo, run)) * 64  # 8 x 8 pixels per latent cell
+    px = max(c * n for c, n in _decode_groups(geo, run, ranks)) * 64  # 8 x 8 pixels per latent cell
     return {
         "activations": int(px * cost.bytes_per_tile_pixel),
         "conv_workspace": int(px * prof.conv_workspace * cost.conv_io_bytes_per_tile_pixel),

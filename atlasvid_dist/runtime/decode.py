@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError, RunFailure
+from ..geometry.tiles import balance_by_area
 from ..pipeline.decode import Chunk, Tile, TileBlender
 
 
@@ -35,12 +36,9 @@ def assign_tiles(tiles: Sequence[Tile], ranks: int) -> list[list[int]]:
         raise InputError(f"assign_tiles: ranks must be an integer >= 1, got {ranks!r}")
     if not tiles:
         raise InputError("assign_tiles: no tiles")
-    load, out = [0] * ranks, [[] for _ in range(ranks)]
-    for t in sorted(tiles, key=lambda t: (-(t.y1 - t.y0) * (t.x1 - t.x0), t.index)):
-        r = min(range(ranks), key=lambda i: (load[i], i))
-        load[r] += (t.y1 - t.y0) * (t.x1 - t.x0)
-        out[r].append(t.index)
-    return [sorted(ids) for ids in out]
+    ordered = sorted(tiles, key=lambda t: t.index)
+    per_rank = balance_by_area([(t.y1 - t.y0) * (t.x1 - t.x0) for t in ordered], ranks)
+    return [[ordered[i].index for i in ids] for ids in per_rank]
 
 
 def stream_to_writer(
