@@ -100,3 +100,19 @@ def test_a_memory_lever_plan_suggests_makes_the_run_fit():
     assert again.exit_code == 0, again.output
     report = json.loads(again.output)
     assert report["fits"] and f"{report['memory_per_rank_bytes'] / 2**30:.1f}" == m.group(2)
+
+
+@pytest.mark.parametrize("extra", [[], ["--decode-tile", "16", "--decode-batch", "2"]])
+def test_plan_prices_the_decode_generate_runs(extra):
+    """`plan` resolves the decode's tile, overlap and tiles per call by generate's rule (8 tiles a call on CPU by
+    default), so its decode phase is the pre-flight's to the byte; it priced one tile a call before."""
+    from atlasvid_dist.cli.generate import build_config
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+
+    args = ["--model", "tiny", "--res", "512x512", "--frames", "33", "--window", "3,4,4", "--device", "cpu"]
+    r = runner.invoke(app, ["plan", *args, "--workers", "2", "--json", *extra])
+    assert r.exit_code == 0, r.output
+    options = dict(zip([a[2:].replace("-", "_") for a in (args + extra)[::2]], (args + extra)[1::2]))
+    options = {k: int(v) if v.isdigit() else v for k, v in options.items()}
+    gen = TwoStageGenerator(build_config({**options, "prompt": "a test"}), progress=False)
+    assert json.loads(r.output)["memory"]["decode"] == gen.preflight(workers=2).memory["decode"]

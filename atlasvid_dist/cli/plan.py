@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ..config.generate import resolve_device
+from ..config.generate import decode_settings, resolve_device
 from ..config.model import MODEL_PRESETS
 from ..config.parallel import ParallelPlan
 from ..cost.model import CostReport, RunSettings, choose_sharding, estimate
@@ -59,6 +59,9 @@ def plan(
     device: str = option("device", cli_default=True, note="With --gpus (and auto): cuda."),
     device_profile_name: str = option("device_profile", "--device-profile", cli_default=True),
     decode_order: str = option("decode_order", cli_default=True),
+    decode_tile: int = option("decode_tile", cli_default=True),
+    decode_overlap: int = option("decode_overlap", cli_default=True),
+    decode_batch: int = option("decode_batch", cli_default=True),
     offload_encoders: bool = option("offload_encoders", cli_default=True),
     ffn_chunk: int = option("ffn_chunk", cli_default=True),
     # distributed
@@ -142,6 +145,7 @@ def plan(
         shift_exchange=shift_exchange,
     )
     par = dataclasses.replace(par, gpus_per_node=gpus_per_node)
+    tile, overlap, batch = decode_settings(decode_tile, decode_overlap, decode_batch, par.device)
     run = RunSettings(
         dtype=dtype,
         steps=steps,
@@ -154,6 +158,9 @@ def plan(
         decode_order=decode_order,
         offload_encoders=offload_encoders,
         ffn_chunk_tokens=ffn_chunk,
+        decode_tile=tile,
+        decode_overlap=overlap,
+        decode_batch=batch,
     )
     auto_profile = device_profile_name in (None, "auto")
     profile = device_profile(("h100" if device == "cuda" else "cpu") if auto_profile else device_profile_name)

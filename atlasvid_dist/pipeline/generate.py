@@ -224,6 +224,7 @@ class TwoStageGenerator:
             profile = "cpu" if cfg.device == "cpu" else ("h200" if "H200" in self._gpu_name() else "h100")
         if plan is None:
             plan = ParallelPlan(workers=workers, device=cfg.device, gpus=workers if cfg.device == "cuda" else 0)
+        tile, overlap, batch = cfg.decode_settings
         run = RunSettings(
             dtype=cfg.dtype,
             steps=cfg.steps,
@@ -235,9 +236,9 @@ class TwoStageGenerator:
             detail_reuse=cfg.detail_reuse,
             ffn_chunk_tokens=cfg.ffn_chunk,
             decode_order=cfg.decode_order,
-            decode_tile=cfg.decode_tile or 32,
-            decode_overlap=cfg.decode_overlap,
-            decode_batch=cfg.tiles_per_decode_call,
+            decode_tile=tile,
+            decode_overlap=overlap,
+            decode_batch=batch,
         )
         report = estimate(cfg.video, spec, cfg.method, plan, run, profile, suggest=False)
         report.raise_if_unfit()
@@ -382,13 +383,11 @@ class TwoStageGenerator:
         return writer.written.stat().st_size
 
     def decode_tiling(self):
-        """The decode's tiling from the config (tile side default 32 latent cells; overlap at most half a tile)."""
+        """The decode's tiling from the config (``GenerateConfig.decode_settings``) and the resolved order."""
         from .decode import DecodeTiling
 
-        tile = self.cfg.decode_tile or 32
-        overlap = min(self.cfg.decode_overlap, tile // 2)
-        sequential = self.decode_order == "sequential"
-        return DecodeTiling(tile=tile, overlap=overlap, batch=self.cfg.tiles_per_decode_call, sequential=sequential)
+        tile, overlap, batch = self.cfg.decode_settings
+        return DecodeTiling(tile=tile, overlap=overlap, batch=batch, sequential=self.decode_order == "sequential")
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _run_stage(self, stage, ckpt, saved: SavedStep | None, proxy) -> torch.Tensor:
