@@ -44,7 +44,7 @@ from ..config.parallel import ParallelPlan, runnable_proxy_parallel
 from ..config.video import VideoSpec
 from ..errors import ConfigError, PlanError, check
 from ..geometry.grid import Grid, ProxyGeometry, latent_grid, token_grid
-from ..geometry.tiles import balance_by_area
+from ..geometry.tiles import balance_by_area, tile_spans
 from ..geometry.windows import WindowSpec
 from ..models.attention.kernels import auto_window_batch
 from ..parallel.sharding import SHIFT_EXCHANGES, WINDOW_ORDERS
@@ -722,15 +722,8 @@ def _activations_text(model: ModelSpec, b: int) -> int:
 
 
 def _span_lengths(size: int, tile: int, overlap: int) -> list[int]:
-    """Lengths of the decode tiles along one axis (as pipeline.decode cuts it: every tile - overlap cells, the last
-    one clipped)."""
-    out, start = [], 0
-    while True:
-        end = min(start + tile, size)
-        out.append(end - start)
-        if end == size:
-            return out
-        start += tile - overlap
+    """Lengths of the decode tiles along one axis (the pipeline's cut, ``geometry.tiles.tile_spans``)."""
+    return [end - start for start, end in tile_spans(size, tile, overlap)]
 
 
 def decode_tiles(geo: _Geometry, run: RunSettings) -> tuple[int, int, int]:

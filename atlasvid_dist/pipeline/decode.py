@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, RunFailure, check
+from ..geometry.tiles import tile_spans
 from ..models.vae_cost import causal_conv_count, decode_latent_frame
 
 
@@ -130,27 +131,12 @@ def vae_scale(vae) -> VaeScale:
     return VaeScale(temporal, spatial)
 
 
-def _spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) spans of length `tile` every `tile - overlap` cells; the last one is clipped at `size`.
-
-    Neighbours share exactly `overlap` cells, and the last span is longer than `overlap`, so no cell is in more
-    than two spans and linear ramps over the shared cells form a partition of unity.
-    """
-    spans, start = [], 0
-    while True:
-        end = min(start + tile, size)
-        spans.append((start, end))
-        if end == size:
-            return spans
-        start += tile - overlap
-
-
 def plan_tiles(latent_hw: tuple[int, int], tiling: DecodeTiling) -> list[Tile]:
     """Row-major tiles covering a (h, w) latent; neighbours overlap by ``tiling.overlap`` cells."""
     h, w = latent_hw
     check(_is_int(h) and _is_int(w) and h >= 1 and w >= 1, "latent_hw", latent_hw, "must be two integers >= 1")
-    rows = _spans(h, tiling.tile, tiling.overlap)
-    cols = _spans(w, tiling.tile, tiling.overlap)
+    rows = tile_spans(h, tiling.tile, tiling.overlap)
+    cols = tile_spans(w, tiling.tile, tiling.overlap)
     tiles = []
     for r, (y0, y1) in enumerate(rows):
         for c, (x0, x1) in enumerate(cols):
