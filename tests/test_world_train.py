@@ -112,6 +112,68 @@ def test_single_frame_pool_is_each_clips_frames_encoded_alone():
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_decoder_stage_trains_the_decoder_alone(tmp_path):
+    """The decoder-only stage leaves the encoder (and so every latent the transformer trained on) bit-identical and
+    moves the decoder."""
+    from atlasvid_dist.world.model import build_vae
+    from atlasvid_dist.world.train import BUDGETS, decoder_stage
+
+    plan = BUDGETS["tiny"]
+    vae = build_vae(0)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    assert decoder_stage(tmp_path, vae, plan, 0, log=lambda line: None) > 0
+    after = vae.state_dict()
+    coder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert coder and all(torch.equal(before[k], after[k]) for k in coder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_decoder_crops_show_large_interiors_and_edges():
+    """The decoder stage's windows come from clips up to 4x the base size, where the object is wider than the crop:
+    some windows are all object, others show its edge; every window has the budget's shape."""
+    import numpy as np
+
+    from atlasvid_dist.world.train import _BACKGROUND, BUDGETS, decoder_crop
+
+    plan = BUDGETS["tiny"]
+    rng = np.random.default_rng(0)
+    crops = [decoder_crop(plan, rng) for _ in range(24)]
+    assert all(c.shape == (3, plan.vae_frames, plan.vae_crop, plan.vae_crop) for c in crops)
+    object_share = [float(((c[:, :1] - _BACKGROUND[0]).abs().amax(0) > 0.05).float().mean()) for c in crops]
+    assert max(object_share) == 1.0 and any(0.05 < s < 0.95 for s in object_share), object_share
+
+
+@pytest.mark.slow  # needs the module's `world train --budget tiny` run
+def test_world_decoder_on_a_folder_made_without_it_equals_the_recipe(trained, tmp_path):
+    """`world decoder` on a folder whose VAE never had the decoder stage gives the VAE `world train` made with it,
+    bit for bit (same code, seed and draws); a folder that had it, or another budget, is refused (exit 2)."""
+    from diffusers import AutoencoderKLWan
+
+    from atlasvid_dist.world.checkpoint import read_stage, restore, stage_dir
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    r = cli("world", "decoder", "--model", copy, "--budget", "tiny")
+    assert r.exit_code == 2 and "already" in r.output
+    shutil.rmtree(stage_dir(copy, "vae_decoder"))
+    vae = AutoencoderKLWan.from_pretrained(copy / "vae")
+    restore(vae, None, read_stage(stage_dir(copy, "vae"))[1], "model")  # the VAE before the decoder stage
+    vae.save_pretrained(copy / "vae", safe_serialization=True)
+    defaults = json.loads((copy / DEFAULTS_FILE).read_text())
+    defaults["trained_on"]["vae_decoder_steps"] = 0
+    (copy / DEFAULTS_FILE).write_text(json.dumps(defaults))
+    r = cli("world", "decoder", "--model", copy, "--budget", "full")
+    assert r.exit_code == 2 and "another budget" in r.output
+    r = cli("world", "decoder", "--model", copy, "--budget", "tiny")
+    assert r.exit_code == 0, r.output
+    made = load_file(str(trained / "vae" / "diffusion_pytorch_model.safetensors"))
+    redone = load_file(str(copy / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert made.keys() == redone.keys() and all(torch.equal(made[k], redone[k]) for k in made)
+    assert json.loads((copy / DEFAULTS_FILE).read_text())["trained_on"]["vae_decoder_steps"] == 1
+    assert "_name_or_path" not in json.loads((copy / "vae" / "config.json").read_text())  # no local path shipped
+
+
 @pytest.mark.slow  # needs the module's `world train --budget tiny` run
 def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     from atlasvid_dist.models.loading import load_components
@@ -124,7 +186,8 @@ def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
     assert (
         defaults["base_width"] == 64
         and defaults["seed"] == 3
-        and set(defaults["seconds"]) == {"vae", "latents", "dit_frames", "dit", "export", "lora1", "lora2"}
+        and set(defaults["seconds"])
+        == {"vae", "vae_decoder", "latents", "dit_frames", "dit", "export", "lora1", "lora2"}
     )
     # stage C: both adapters trained by `atlasvid-dist train` and made the model's own defaults
     assert {defaults["generate"][f"lora_stage{k}"] for k in (1, 2)} == {f"lora_stage{k}.safetensors" for k in (1, 2)}

@@ -1,4 +1,5 @@
-"""`atlasvid-dist world ...`: the shapes world's commands (`world train`: train the shapes model from scratch)."""
+"""`atlasvid-dist world ...`: the shapes world's commands (`world train`: train the shapes model from scratch;
+`world decoder`: run the recipe's decoder-only VAE stage on a folder made without it)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,15 @@ def world_train(
     cfg = WorldTrainConfig(output=output, seed=seed, budget=budget, resume=resume)
     torch.manual_seed(seed)
     train_world_model(cfg, log=lambda line: typer.echo(line))
+
+
+@world_app.command("decoder")
+def world_decoder(
+    model: str = typer.Option(..., "--model", help="A model folder made by `world train` without the decoder stage."),
+    budget: str = typer.Option("full", "--budget", help="The budget whose decoder stage to run (full has it)."),
+) -> None:
+    """Fine-tune a model folder's VAE decoder in place (encoder frozen: latents and all trained on them unchanged)."""
+    from ..world.decoder import WorldDecoderConfig, finetune_decoder
+
+    cfg = WorldDecoderConfig(model=model, budget=budget)
+    finetune_decoder(cfg, log=lambda line: typer.echo(line))

@@ -6,6 +6,10 @@ Stages (each checkpointed under OUTPUT/checkpoints/<stage>, resumable, timed):
 - ``vae``: a small AutoencoderKLWan (world/model.py, He-initialised) learns to reconstruct world clips: MSE of the
   posterior mean's reconstruction, weighted up on object pixels, plus a small KL, on windows of base-size clips
   (whole frames in the full budget; crops near the object where vae_crop is smaller than the frame).
+- ``vae_decoder``: the VAE's decoder alone (the encoder frozen, so the latents and all that trains on them are
+  unchanged) on windows of clips rendered at 1, 2 and 4x the base size and 1, 2 and 4x its length, cropped over the
+  object's edge or interior: the large, slowly moving interiors of generate's output sizes, which the base-size
+  crops never show (the VAE alone splits them on the first frame of every group of four, docs/shapes.md).
 - ``latents``: a pool of world clips (every caption x a few start seeds, none of them the evaluation seeds) encoded
   once with the trained VAE (posterior mean); the per-channel mean and std become the VAE's latents_mean /
   latents_std, so the transformer sees Wan-normalised latents exactly as generate and `train` do.
@@ -59,7 +63,7 @@ from .model import (
     param_count,
     write_defaults,
 )
-from .render import centres_px
+from .render import centres_px, radius_px, render_frame
 from .scene import BACKGROUND, all_scenes
 
 RUN_JSON = "world_train.json"
@@ -128,6 +132,11 @@ class WorldBudget:
     clips (docs/shapes.md: 4800 such steps took a probe's single-frame shape from 50% to 75%)."""
     dit_frame_batch: int = 16
     """Single frames per transformer step of that phase."""
+    vae_decoder_steps: int = 0
+    """Decoder-only VAE steps after the VAE stage (0: none): vae_batch windows of vae_frames frames cropped to
+    vae_crop px from clips at DECODER_SCALES x the base size and length, the encoder frozen."""
+    vae_decoder_lr: float = 3e-4
+    """Peak learning rate of the decoder-only steps."""
     dit_heads: int = 4
     """Transformer attention heads (32 channels each): its width is 32 x dit_heads."""
     dit_ffn: int = 256
@@ -154,6 +163,7 @@ class WorldBudget:
             "must be a multiple of 8 that fits the frame",
         )
         check(1 <= self.pool_scenes <= len(all_scenes()), "pool_scenes", self.pool_scenes, "must be in 1..32")
+        check(self.vae_decoder_steps >= 0, "vae_decoder_steps", self.vae_decoder_steps, "must be >= 0")
         check(self.dit_frame_steps >= 0, "dit_frame_steps", self.dit_frame_steps, "must be >= 0")
         check(self.dit_frame_batch >= 1, "dit_frame_batch", self.dit_frame_batch, "must be >= 1")
         check(
@@ -176,6 +186,7 @@ FULL_BUDGET = WorldBudget(
     vae_frames=17,
     vae_crop=64,
     vae_lr=1e-3,
+    vae_decoder_steps=400,
     pool_seeds=6,
     pool_scenes=32,
     dit_steps=2000,
@@ -218,9 +229,18 @@ BUDGETS = {
         log_every=1,
         dit_frame_steps=2,
         dit_frame_batch=2,
+        vae_decoder_steps=1,
     ),
     "full": FULL_BUDGET,
-    "wide": replace(FULL_BUDGET, dit_steps=600, dit_frame_steps=2400, dit_frame_batch=16, dit_heads=8, dit_ffn=1024),
+    "wide": replace(
+        FULL_BUDGET,
+        vae_decoder_steps=0,
+        dit_steps=600,
+        dit_frame_steps=2400,
+        dit_frame_batch=16,
+        dit_heads=8,
+        dit_ffn=1024,
+    ),
     "short": WorldBudget(
         width=128,
         height=128,
@@ -426,21 +446,56 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 # --- stage A: VAE ---------------------------------------------------------------------------------------------
 
 
+def _random_clip(rng: np.random.Generator) -> WorldClip:
+    """A training clip: any caption, a start seed outside the evaluation seeds."""
+    return WorldClip(all_scenes()[int(rng.integers(len(all_scenes())))], POOL_SEED_BASE + int(rng.integers(10**6)))
+
+
+def _crop_corner(centre: np.ndarray, offset, crop: int, width: int, height: int) -> tuple[int, int]:
+    """(left, top) of a crop x crop box centred ``offset`` px from ``centre``, moved inside the frame."""
+    left = int(np.clip(centre[0] - crop / 2 + offset[0], 0, width - crop))
+    top = int(np.clip(centre[1] - crop / 2 + offset[1], 0, height - crop))
+    return left, top
+
+
 def vae_crop(plan: WorldBudget, rng: np.random.Generator) -> torch.Tensor:
     """(3, vae_frames, crop, crop) of a random clip: a window of a base-size clip (one random frame when vae_frames
     is 1), cropped near the object's first position (so in a 64 px crop of 17 frames it leaves the crop late in
     the window; centring on its mid-window position instead measured worse: 2 of 8 evaluation clips reconstructed
     all-correct against 4 of 8, PSNR 22-24 dB against 23-27)."""
-    clip = WorldClip(all_scenes()[int(rng.integers(len(all_scenes())))], POOL_SEED_BASE + int(rng.integers(10**6)))
+    clip = _random_clip(rng)
     motion = clip.motion(plan.width, plan.height)
     first = int(rng.integers(plan.frames - plan.vae_frames + 1))
     frames = clip.render(plan.width, plan.height, plan.frames)[first : first + plan.vae_frames]
-    cx, cy = centres_px(clip.scene, motion, plan.width, plan.height, plan.frames)[first]
+    centre = centres_px(clip.scene, motion, plan.width, plan.height, plan.frames)[first]
     c = plan.vae_crop
     jitter = rng.integers(-c // 4, c // 4 + 1, size=2)
-    left = int(np.clip(cx - c / 2 + jitter[0], 0, plan.width - c))
-    top = int(np.clip(cy - c / 2 + jitter[1], 0, plan.height - c))
+    left, top = _crop_corner(centre, jitter, c, plan.width, plan.height)
     return to_pixels(frames[:, top : top + c, left : left + c])
+
+
+DECODER_SCALES = (1, 2, 4)
+"""Sizes (x the base size per side) and lengths (x the base length in frame steps) of the clips the decoder stage
+crops from. A caption's object is a fixed fraction of the frame and crosses half of it in any clip, so at 4x the
+size and length (generate's default output) the object is 4x wider in pixels and moves as many pixels per frame as
+at the base size: large interiors that move slowly, which base-size crops never show."""
+
+
+def decoder_crop(plan: WorldBudget, rng: np.random.Generator) -> torch.Tensor:
+    """(3, vae_frames, crop, crop): a window of a clip at s x the base size per side and (frames - 1) k + 1 frames
+    (s, k drawn from DECODER_SCALES), cropped anywhere from outside the object's edge to its centre (a crop near the
+    centre of a large object is all interior)."""
+    s, k = (int(rng.choice(DECODER_SCALES)) for _ in range(2))
+    width, height, frames = s * plan.width, s * plan.height, (plan.frames - 1) * k + 1
+    clip = _random_clip(rng)
+    first = int(rng.integers(frames - plan.vae_frames + 1))
+    centres = centres_px(clip.scene, clip.motion(width, height), width, height, frames)
+    window = centres[first : first + plan.vae_frames]  # (vae_frames, 2)
+    reach = radius_px(width, height) + plan.vae_crop / 4
+    c = plan.vae_crop
+    left, top = _crop_corner(window[0], rng.uniform(-reach, reach, size=2), c, width, height)
+    crops = [render_frame(clip.scene, centre, width, height)[top : top + c, left : left + c] for centre in window]
+    return to_pixels(np.stack(crops))  # (3, vae_frames, c, c)
 
 
 def vae_batch(plan: WorldBudget, seed: int, step: int) -> torch.Tensor:
@@ -459,6 +514,11 @@ OBJECT_WEIGHT = 4.0
 frame, and its colour and corners are what the evaluation reads)."""
 
 
+def _object_weighted_mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    weight = 1.0 + OBJECT_WEIGHT * ((x - _BACKGROUND).abs().amax(1, keepdim=True) > 0.05).float()
+    return (weight * (recon - x) ** 2).mean()
+
+
 def vae_loss(vae, plan: WorldBudget, seed: int, kl_weight: float = 1e-4) -> Callable[[int], torch.Tensor]:
     """Object-weighted MSE of the reconstruction from the posterior mean (what the latent pool and generation
     use; a sampled latent's unit noise drowns the early latent's small spread) plus a small KL."""
@@ -467,11 +527,38 @@ def vae_loss(vae, plan: WorldBudget, seed: int, kl_weight: float = 1e-4) -> Call
         x = vae_batch(plan, seed, step)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mode()).sample
-        weight = 1.0 + OBJECT_WEIGHT * ((x - _BACKGROUND).abs().amax(1, keepdim=True) > 0.05).float()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        return (weight * (recon - x) ** 2).mean() + kl_weight * kl
+        return _object_weighted_mse(recon, x) + kl_weight * kl
 
     return loss
+
+
+def decoder_loss(vae, plan: WorldBudget, seed: int) -> Callable[[int], torch.Tensor]:
+    """Object-weighted MSE of the decoder's reconstruction of decoder_crop windows from the frozen encoder's
+    posterior mean."""
+
+    def loss(step: int) -> torch.Tensor:
+        rng = step_rng(seed, "vae_decoder", step)
+        x = torch.stack([decoder_crop(plan, rng) for _ in range(plan.vae_batch)])  # (B, 3, F, c, c)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        return _object_weighted_mse(vae.decode(z).sample, x)
+
+    return loss
+
+
+def decoder_stage(out: Path, vae, plan: WorldBudget, seed: int, log: Callable[[str], None]) -> float:
+    """Train the VAE's decoder (and post-quant conv) alone for plan.vae_decoder_steps; returns its seconds (0.0:
+    no such steps). The VAE leaves frozen."""
+    if not plan.vae_decoder_steps:
+        return 0.0
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    loss = decoder_loss(vae, plan, seed)
+    state = run_stage(out, plan, StageRun("vae_decoder", vae, loss, plan.vae_decoder_steps, plan.vae_decoder_lr), log)
+    vae.requires_grad_(False)
+    return state.seconds
 
 
 # --- stage: latent pool ---------------------------------------------------------------------------------------
@@ -664,6 +751,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
         StageRun("vae", vae, vae_loss(vae, plan, cfg.seed), plan.vae_image_steps + plan.vae_steps, plan.vae_lr),
         log,
     )
+    decoder_seconds = decoder_stage(out, vae, plan, cfg.seed, log)
     vae.requires_grad_(False)
     pool_state, pool = latent_stage(out, vae, plan, log)
     set_latent_stats(vae, pool["mean"], pool["std"])
@@ -671,6 +759,8 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     transformer = copy.deepcopy(trained).requires_grad_(False)  # the EMA of `trained`: what is exported
     texts = caption_embeddings(tokenizer, text_encoder)
     times = {"vae": round(vae_state.seconds, 1), "latents": round(pool_state.seconds, 1)}
+    if plan.vae_decoder_steps:
+        times["vae_decoder"] = round(decoder_seconds, 1)
     if plan.dit_frame_steps:  # single frames first, the same module and EMA then go on with clips
         frame_loss = dit_loss(trained, pool, texts, plan, cfg.seed, frames=True)
         stage = StageRun("dit_frames", trained, frame_loss, plan.dit_frame_steps, plan.dit_lr, transformer)
