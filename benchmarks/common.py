@@ -43,7 +43,8 @@ def _commit() -> str:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # results written by earlier benchmark runs of the same session do not change the code measured
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!/benchmarks/results"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,
