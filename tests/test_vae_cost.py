@@ -141,3 +141,54 @@ def test_the_largest_decode_call_is_the_one_a_rank_makes(res, ranks, batch):
         for group in tile_groups([tiles[i] for i in ids], batch)
     )
     assert max(c * n for c, n in _decode_groups(geo, run, ranks)) == runtime
+
+
+@pytest.mark.parametrize("order", ["together", "sequential"])
+@pytest.mark.parametrize("res,ranks", [(512, 2), (1024, 2), (768, 3), (640, 4)])
+def test_the_object_store_chunks_are_the_backpressure_the_runtime_asks_for(res, ranks, order):
+    """On ranks the model counts the decoded chunks a rank may leave in Ray's object store: the streaming
+    generator's backpressure (``DECODE_CHUNKS_IN_STORE`` objects per tile, as the runtime asks) times the chunks
+    they can be: every tile's in turn when the tiles advance together, the largest tile's when they go one group
+    after another. Held to the runtime's own tile deal."""
+    from atlasvid_dist.config import AtlasConfig
+    from atlasvid_dist.cost.model import DECODE_CHUNKS_IN_STORE, RunSettings, _geometry, _store_cells
+    from atlasvid_dist.pipeline.decode import DecodeTiling, plan_tiles
+    from atlasvid_dist.runtime.decode import assign_tiles
+
+    video = VideoSpec(width=res, height=res, frames=33)
+    geo = _geometry(video, model_preset("tiny"), AtlasConfig(mode="full"))
+    run = RunSettings(decode_tile=32, decode_overlap=8, decode_order=order)
+    tiles = plan_tiles((res // 8, res // 8), DecodeTiling(tile=32, overlap=8))
+    cells = [
+        [(tiles[i].y1 - tiles[i].y0) * (tiles[i].x1 - tiles[i].x0) for i in ids] for ids in assign_tiles(tiles, ranks)
+    ]
+    runtime = max(sum(c) if order == "together" else len(c) * max(c) for c in cells if c)
+    assert _store_cells(geo, run, ranks, order) == DECODE_CHUNKS_IN_STORE * runtime
+
+
+def test_the_runtime_streams_each_rank_with_the_modelled_backpressure():
+    """Each rank's decode stream is asked for with ``DECODE_CHUNKS_IN_STORE`` objects per tile of backpressure (what
+    the cost model's ``store_chunks`` counts); a rank without tiles gets no stream."""
+    from types import SimpleNamespace
+
+    from atlasvid_dist.cost.model import DECODE_CHUNKS_IN_STORE
+    from atlasvid_dist.pipeline.decode import DecodeTiling
+    from atlasvid_dist.runtime.decode import RankDecoder
+
+    asked = []
+
+    class Decode:
+        def options(self, **kw):
+            asked.append(kw)
+            return SimpleNamespace(remote=lambda *a: iter(()))
+
+    ranks = [SimpleNamespace(decode=Decode()) for _ in range(3)]
+    fake_ray = SimpleNamespace(put=lambda x: "ref")
+    dec = RankDecoder(ray=fake_ray, calls=SimpleNamespace(timeout_s=1.0), ranks=ranks, gen=None)
+    streams = dec._streams(torch.zeros(1), [[0, 2, 3], [1], []], DecodeTiling(tile=32, overlap=8))
+    assert len(streams) == 3
+    assert [kw["_generator_backpressure_num_objects"] for kw in asked] == [
+        3 * DECODE_CHUNKS_IN_STORE,
+        DECODE_CHUNKS_IN_STORE,
+    ]
+    assert all(kw["num_returns"] == "streaming" for kw in asked)

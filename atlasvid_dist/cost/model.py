@@ -738,15 +738,21 @@ def _decode_groups(geo: _Geometry, run: RunSettings, ranks: int) -> list[tuple[i
     """(cells of one tile, tiles) of the largest decode call per tile shape on any rank: a rank decodes the tiles
     the area balance gives it (``geometry.tiles.balance_by_area``, as ``runtime.decode.assign_tiles``) and stacks
     at most ``decode_batch`` equal-shaped ones of them in one call (``pipeline.decode.tile_groups``)."""
+    most: dict[tuple[int, int], int] = {}
+    for shapes in _rank_tile_shapes(geo, run, ranks):
+        for shape, n in Counter(shapes).items():
+            most[shape] = max(most.get(shape, 0), min(n, run.decode_batch))
+    return [(a * b, n) for (a, b), n in most.items()]
+
+
+def _rank_tile_shapes(geo: _Geometry, run: RunSettings, ranks: int) -> list[list[tuple[int, int]]]:
+    """(height, width) in latent cells of every decode tile of every rank, as the area balance deals them
+    (``geometry.tiles.balance_by_area``, as ``runtime.decode.assign_tiles``)."""
     lat_h, lat_w = geo.grid.h * 2, geo.grid.w * 2  # latent cells (patch 2x2)
     hs = _span_lengths(lat_h, run.decode_tile, run.decode_overlap)
     ws = _span_lengths(lat_w, run.decode_tile, run.decode_overlap)
     shapes = [(a, b) for a in hs for b in ws]  # row-major, as pipeline.decode.plan_tiles
-    most: dict[tuple[int, int], int] = {}
-    for ids in balance_by_area([a * b for a, b in shapes], ranks):
-        for shape, n in Counter(shapes[i] for i in ids).items():
-            most[shape] = max(most.get(shape, 0), min(n, run.decode_batch))
-    return [(a * b, n) for (a, b), n in most.items()]
+    return [[shapes[i] for i in ids] for ids in balance_by_area([a * b for a, b in shapes], ranks)]
 
 
 def _decode_cache_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> int:
@@ -768,20 +774,36 @@ def _decode_cells(geo: _Geometry, run: RunSettings, ranks: int, order: str) -> i
 #: Video frames one latent frame decodes to (the Wan VAE's temporal factor; the first latent frame gives one).
 VAE_FRAMES_PER_LATENT = 4
 
+#: Decoded chunks per tile a rank's decode stream may leave in Ray's object store before the driver takes them
+#: (the streaming generator's backpressure, ``runtime.decode``); the store's pages a rank writes count in its RSS.
+DECODE_CHUNKS_IN_STORE = 2
+
+
+def _store_cells(geo: _Geometry, run: RunSettings, ranks: int, order: str) -> int:
+    """Latent cells whose decoded chunks a rank may have in the object store at once (the backpressure's
+    ``DECODE_CHUNKS_IN_STORE`` objects per tile it decodes): that many chunks of each of its tiles when they
+    advance together (the stream yields one chunk of each in turn), of its largest tile when they go one group
+    after another."""
+    cells = [[a * b for a, b in shapes] for shapes in _rank_tile_shapes(geo, run, ranks) if shapes]
+    if order == "together":
+        return DECODE_CHUNKS_IN_STORE * max(sum(c) for c in cells)
+    return DECODE_CHUNKS_IN_STORE * max(len(c) * max(c) for c in cells)
+
 
 def _decode_host_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks: int, order: str) -> dict:
     """What a decode keeps in host memory besides the VAE's tensors (on CPU the same memory): the latents (the
     whole latent, and each group's tiles cut from it and stacked, ``pipeline.decode._TileDecoder``), each tile's
     decoded chunk (fp32 pixels of one latent frame's video frames) until it is blended or streamed, and on one
     process the blender's fp32 frames (``TileBlender``: one chunk's frames while the tiles advance together, the
-    whole clip's when they go group after group). On ranks the driver blends."""
+    whole clip's when they go group after group). On ranks the driver blends, and the chunks a rank streams sit in
+    Ray's object store until the driver takes them (:func:`_store_cells`)."""
     mine = _decode_cells(geo, run, ranks, order)
     lat_cells = geo.grid.h * 2 * geo.grid.w * 2
     latent = model.in_channels * geo.grid.t * LATENT_CHANNELS_BYTES  # one latent cell over time
-    out = {
-        "latents": (lat_cells + mine) * latent,
-        "decoded_chunks": mine * 64 * VAE_FRAMES_PER_LATENT * 3 * 4,  # 8 x 8 pixels a cell, RGB fp32
-    }
+    chunk = 64 * VAE_FRAMES_PER_LATENT * 3 * 4  # one latent cell's decoded chunk: 8 x 8 pixels, RGB fp32
+    out = {"latents": (lat_cells + mine) * latent, "decoded_chunks": mine * chunk}
+    if ranks > 1:
+        out["store_chunks"] = _store_cells(geo, run, ranks, order) * chunk
     if ranks == 1:
         frames = VAE_FRAMES_PER_LATENT if order == "together" else (geo.grid.t - 1) * VAE_FRAMES_PER_LATENT + 1
         out["blended_frames"] = frames * lat_cells * 64 * 3 * 4

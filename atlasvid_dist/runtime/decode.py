@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..cost.model import DECODE_CHUNKS_IN_STORE
 from ..errors import InputError, RunFailure
 from ..geometry.tiles import balance_by_area
 from ..pipeline.decode import Chunk, Tile, TileBlender
@@ -163,9 +164,9 @@ class RankDecoder:
         return [
             ray_stream(
                 ray,
-                a.decode.options(num_returns="streaming", _generator_backpressure_num_objects=2 * len(ids)).remote(
-                    ref, ids, asdict(tiling)
-                ),
+                a.decode.options(
+                    num_returns="streaming", _generator_backpressure_num_objects=DECODE_CHUNKS_IN_STORE * len(ids)
+                ).remote(ref, ids, asdict(tiling)),
                 r,
                 self.calls.timeout_s,
             )
