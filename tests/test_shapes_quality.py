@@ -65,9 +65,9 @@ def test_shipped_model_draws_the_caption_at_its_base_size(base_videos):
 
 def test_shipped_model_keeps_what_it_has_learned(base_videos):
     """What the shipped model does draw, held as a floor one video below its measured scores (2026-12-02: colour 8
-    of 8, direction 6, one object 6, all-correct 2; the same after the VAE's decoder stage, 2026-12-03): a retrained or broken model, or a broken pipeline, that loses
-    the captioned colour or motion fails here. Random-noise videos and the random tiny model's own videos score
-    about 0% (test_world)."""
+    of 8, direction 6, one object 6, all-correct 2; the same after the VAE's decoder stage, 2026-12-03): a
+    retrained or broken model, or a broken pipeline, that loses the captioned colour or motion fails here.
+    Random-noise videos and the random tiny model's own videos score about 0% (test_world)."""
     summary = summarise(base_scores(base_videos))
     assert summary.colour >= 7 / 8 and summary.direction >= 5 / 8, summary
     assert summary.one_object >= 5 / 8 and summary.all_correct >= 1 / 8, summary

@@ -800,13 +800,14 @@ def _decode_host_bytes(geo: _Geometry, run: RunSettings, model: ModelSpec, ranks
     mine = _decode_cells(geo, run, ranks, order)
     lat_cells = geo.grid.h * 2 * geo.grid.w * 2
     latent = model.in_channels * geo.grid.t * LATENT_CHANNELS_BYTES  # one latent cell over time
-    chunk = 64 * VAE_FRAMES_PER_LATENT * 3 * 4  # one latent cell's decoded chunk: 8 x 8 pixels, RGB fp32
+    cell_frame = 64 * 3 * 4  # one latent cell in one video frame: 8 x 8 pixels, RGB fp32
+    chunk = VAE_FRAMES_PER_LATENT * cell_frame  # one latent cell's decoded chunk
     out = {"latents": (lat_cells + mine) * latent, "decoded_chunks": mine * chunk}
     if ranks > 1:
         out["store_chunks"] = _store_cells(geo, run, ranks, order) * chunk
     if ranks == 1:
         frames = VAE_FRAMES_PER_LATENT if order == "together" else (geo.grid.t - 1) * VAE_FRAMES_PER_LATENT + 1
-        out["blended_frames"] = frames * lat_cells * 64 * 3 * 4
+        out["blended_frames"] = frames * lat_cells * cell_frame
     return out
 
 
