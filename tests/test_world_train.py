@@ -4,6 +4,7 @@ load_components and generate read), exact resume from a stage checkpoint, and re
 import json
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,15 +114,16 @@ def test_single_frame_pool_is_each_clips_frames_encoded_alone():
 
 
 def test_decoder_stage_trains_the_decoder_alone(tmp_path):
-    """The decoder-only stage leaves the encoder (and so every latent the transformer trained on) bit-identical and
-    moves the decoder."""
+    """The decoder-only stages leave the encoder (and so every latent the transformer trained on) bit-identical and
+    move the decoder."""
     from atlasvid_dist.world.model import build_vae
     from atlasvid_dist.world.train import BUDGETS, decoder_stage
 
     plan = BUDGETS["tiny"]
     vae = build_vae(0)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    assert decoder_stage(tmp_path, vae, plan, 0, log=lambda line: None) > 0
+    seconds = decoder_stage(tmp_path, vae, plan, 0, log=lambda line: None)
+    assert set(seconds) == {"vae_decoder", "vae_decoder_base"} and min(seconds.values()) > 0
     after = vae.state_dict()
     coder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert coder and all(torch.equal(before[k], after[k]) for k in coder)
@@ -142,36 +144,55 @@ def test_decoder_crops_show_large_interiors_and_edges():
     assert all(c.shape == (3, plan.vae_frames, plan.vae_crop, plan.vae_crop) for c in crops)
     object_share = [float(((c[:, :1] - _BACKGROUND[0]).abs().amax(0) > 0.05).float().mean()) for c in crops]
     assert max(object_share) == 1.0 and any(0.05 < s < 0.95 for s in object_share), object_share
+    base = [decoder_crop(plan, rng, scales=(1,)) for _ in range(24)]  # the base-size stage: the whole object fits
+    base_share = [float(((c[:, :1] - _BACKGROUND[0]).abs().amax(0) > 0.05).float().mean()) for c in base]
+    assert max(base_share) < 0.5 and any(s > 0.05 for s in base_share), base_share
 
 
-@pytest.mark.slow  # needs the module's `world train --budget tiny` run
-def test_world_decoder_on_a_folder_made_without_it_equals_the_recipe(trained, tmp_path):
-    """`world decoder` on a folder whose VAE never had the decoder stage gives the VAE `world train` made with it,
-    bit for bit (same code, seed and draws); a folder that had it, or another budget, is refused (exit 2)."""
+def _unwind_decoder(trained: Path, copy: Path, keep: str, drop: tuple[str, ...]) -> None:
+    """Make ``copy`` the folder `world train` would have made without the decoder stages ``drop``: its VAE as the
+    stage ``keep`` left it, those stages' checkpoints gone and their steps recorded as 0."""
     from diffusers import AutoencoderKLWan
 
     from atlasvid_dist.world.checkpoint import read_stage, restore, stage_dir
 
-    copy = tmp_path / "copy"
+    shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(trained, copy)
-    r = cli("world", "decoder", "--model", copy, "--budget", "tiny")
-    assert r.exit_code == 2 and "already" in r.output
-    shutil.rmtree(stage_dir(copy, "vae_decoder"))
+    for stage in drop:
+        shutil.rmtree(stage_dir(copy, stage))
     vae = AutoencoderKLWan.from_pretrained(copy / "vae")
-    restore(vae, None, read_stage(stage_dir(copy, "vae"))[1], "model")  # the VAE before the decoder stage
+    restore(vae, None, read_stage(stage_dir(copy, keep))[1], "model")
     vae.save_pretrained(copy / "vae", safe_serialization=True)
     defaults = json.loads((copy / DEFAULTS_FILE).read_text())
-    defaults["trained_on"]["vae_decoder_steps"] = 0
+    defaults["trained_on"].update({f"{stage}_steps": 0 for stage in drop})
     (copy / DEFAULTS_FILE).write_text(json.dumps(defaults))
-    r = cli("world", "decoder", "--model", copy, "--budget", "full")
-    assert r.exit_code == 2 and "another budget" in r.output
-    r = cli("world", "decoder", "--model", copy, "--budget", "tiny")
-    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.slow  # needs the module's `world train --budget tiny` run
+def test_world_decoder_on_a_folder_made_without_it_equals_the_recipe(trained, tmp_path):
+    """`world decoder` on a folder whose VAE lacks both decoder stages, or only the base-size one, gives the VAE
+    `world train` made with them, bit for bit (same code, seed and draws); a folder that had them, another budget,
+    or a base-size stage without the first is refused (exit 2)."""
+    copy = tmp_path / "copy"
+    r = cli("world", "decoder", "--model", trained, "--budget", "tiny")
+    assert r.exit_code == 2 and "already" in r.output
     made = load_file(str(trained / "vae" / "diffusion_pytorch_model.safetensors"))
-    redone = load_file(str(copy / "vae" / "diffusion_pytorch_model.safetensors"))
-    assert made.keys() == redone.keys() and all(torch.equal(made[k], redone[k]) for k in made)
-    assert json.loads((copy / DEFAULTS_FILE).read_text())["trained_on"]["vae_decoder_steps"] == 1
+    for keep, drop in (("vae", ("vae_decoder", "vae_decoder_base")), ("vae_decoder", ("vae_decoder_base",))):
+        _unwind_decoder(trained, copy, keep, drop)
+        r = cli("world", "decoder", "--model", copy, "--budget", "full")
+        assert r.exit_code == 2 and "another budget" in r.output
+        r = cli("world", "decoder", "--model", copy, "--budget", "tiny")
+        assert r.exit_code == 0, r.output
+        redone = load_file(str(copy / "vae" / "diffusion_pytorch_model.safetensors"))
+        assert made.keys() == redone.keys() and all(torch.equal(made[k], redone[k]) for k in made), drop
+        recorded = json.loads((copy / DEFAULTS_FILE).read_text())["trained_on"]
+        assert recorded["vae_decoder_steps"] == recorded["vae_decoder_base_steps"] == 1
     assert "_name_or_path" not in json.loads((copy / "vae" / "config.json").read_text())  # no local path shipped
+    defaults = json.loads((copy / DEFAULTS_FILE).read_text())
+    defaults["trained_on"]["vae_decoder_steps"] = 0  # a base-size stage recorded without the first
+    (copy / DEFAULTS_FILE).write_text(json.dumps(defaults))
+    r = cli("world", "decoder", "--model", copy, "--budget", "tiny")
+    assert r.exit_code == 2 and "not a start" in r.output
 
 
 @pytest.mark.slow  # needs the module's `world train --budget tiny` run
@@ -187,7 +208,7 @@ def test_tiny_budget_makes_a_model_that_loads_and_generates(trained, tmp_path):
         defaults["base_width"] == 64
         and defaults["seed"] == 3
         and set(defaults["seconds"])
-        == {"vae", "vae_decoder", "latents", "dit_frames", "dit", "export", "lora1", "lora2"}
+        == {"vae", "vae_decoder", "vae_decoder_base", "latents", "dit_frames", "dit", "export", "lora1", "lora2"}
     )
     # stage C: both adapters trained by `atlasvid-dist train` and made the model's own defaults
     assert {defaults["generate"][f"lora_stage{k}"] for k in (1, 2)} == {f"lora_stage{k}.safetensors" for k in (1, 2)}

@@ -1,5 +1,5 @@
 """`atlasvid-dist world ...`: the shapes world's commands (`world train`: train the shapes model from scratch;
-`world decoder`: run the recipe's decoder-only VAE stage on a folder made without it)."""
+`world decoder`: run the recipe's decoder-only VAE stages on a folder made without them)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def world_train(
 
 @world_app.command("decoder")
 def world_decoder(
-    model: str = typer.Option(..., "--model", help="A model folder made by `world train` without the decoder stage."),
-    budget: str = typer.Option("full", "--budget", help="The budget whose decoder stage to run (full has it)."),
+    model: str = typer.Option(
+        ..., "--model", help="A model folder made by `world train` without (all) the decoder stages."
+    ),
+    budget: str = typer.Option("full", "--budget", help="The budget whose decoder stages to run (full has them)."),
 ) -> None:
     """Fine-tune a model folder's VAE decoder in place (encoder frozen: latents and all trained on them unchanged)."""
     from ..world.decoder import WorldDecoderConfig, finetune_decoder

@@ -1,24 +1,27 @@
-"""`atlasvid-dist world decoder`: run the recipe's decoder-only VAE stage (``train.decoder_stage``) on a model folder
-made without it, in place.
+"""`atlasvid-dist world decoder`: run the recipe's decoder-only VAE stages (``train.decoder_stage``: ``vae_decoder``
+then ``vae_decoder_base``) that a model folder was made without, in place.
 
-The stage freezes the encoder, so the latents the transformer and the adapters were trained on do not change: the
-folder afterwards holds what `world train` with the stage would have made (the same code, seed and draws), without
-re-training the rest. The folder must record a budget equal to the one asked for in everything but the stage's own
-fields, and must not have had the stage; its checkpoints go under FOLDER/checkpoints/vae_decoder (resumable).
+The stages freeze the encoder, so the latents the transformer and the adapters were trained on do not change: the
+folder afterwards holds what `world train` with the stages would have made (the same code, seed and draws), without
+re-training the rest. The folder must record a budget equal to the one asked for in everything but the stages' own
+fields, and must lack at least the last stage; a stage it records with the budget's steps is kept, one it records
+with other steps is refused. Checkpoints go under FOLDER/checkpoints/<stage> (resumable).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, check
 from .train import BUDGETS, WorldBudget, decoder_stage
 
-DECODER_FIELDS = ("vae_decoder_steps", "vae_decoder_lr")
-"""The budget's fields that belong to the decoder stage."""
+DECODER_FIELDS = ("vae_decoder_steps", "vae_decoder_base_steps", "vae_decoder_lr")
+"""The budget's fields that belong to the decoder stages."""
+PHASE_FIELDS = ("vae_decoder_steps", "vae_decoder_base_steps")
+"""The decoder stages' step counts, in the order they run."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class WorldDecoderConfig:
 
     def __post_init__(self) -> None:
         check(self.budget in BUDGETS, "budget", self.budget, f"must be one of {'|'.join(BUDGETS)}")
-        check(BUDGETS[self.budget].vae_decoder_steps > 0, "budget", self.budget, "has no decoder stage")
+        check(
+            any(getattr(BUDGETS[self.budget], k) for k in PHASE_FIELDS), "budget", self.budget, "has no decoder stage"
+        )
 
 
 def _recorded(folder: Path) -> dict:
@@ -45,12 +50,20 @@ def _recorded(folder: Path) -> dict:
     return defaults
 
 
-def _check_budget(folder: Path, recorded: dict, plan: WorldBudget) -> None:
-    if recorded.get("vae_decoder_steps"):
-        raise ConfigError("model", str(folder), "has had the decoder stage already")
+def _todo(folder: Path, recorded: dict, plan: WorldBudget) -> WorldBudget:
+    """The budget's decoder stages the folder lacks (a stage it has gets 0 steps); ConfigError if the folder was
+    trained on another budget or has them all."""
     wanted = {k: v for k, v in asdict(plan).items() if k not in DECODER_FIELDS}
     if any(wanted.get(k) != v for k, v in recorded.items() if k not in DECODER_FIELDS):
         raise ConfigError("budget", str(folder), "the folder was trained on another budget than the one asked for")
+    had = [recorded.get(k, 0) for k in PHASE_FIELDS]  # folders older than a stage do not record it
+    asked = [getattr(plan, k) for k in PHASE_FIELDS]
+    done = [bool(h) for h in had]
+    if any(h not in (0, a) for h, a in zip(had, asked)) or done != sorted(done, reverse=True):
+        raise ConfigError("budget", str(folder), f"the folder's decoder steps {had} are not a start of {asked}")
+    if not any(a and not h for h, a in zip(had, asked)):
+        raise ConfigError("model", str(folder), "has had the decoder stages already")
+    return replace(plan, **{k: 0 for k, h in zip(PHASE_FIELDS, had) if h})
 
 
 def _load_vae(folder: Path):
@@ -72,17 +85,17 @@ def finetune_decoder(cfg: WorldDecoderConfig, log: Callable[[str], None] = print
 
     folder, plan = Path(cfg.model), BUDGETS[cfg.budget]
     defaults = _recorded(folder)
-    _check_budget(folder, defaults["trained_on"], plan)
+    todo = _todo(folder, defaults["trained_on"], plan)
     vae = _load_vae(folder / "vae")
     start = time.perf_counter()
-    seconds = decoder_stage(folder, vae, plan, int(defaults["seed"]), log)
+    seconds = decoder_stage(folder, vae, todo, int(defaults["seed"]), log)
     vae.eval().save_pretrained(folder / "vae", safe_serialization=True)
     defaults["trained_on"].update({k: getattr(plan, k) for k in DECODER_FIELDS})
-    defaults.setdefault("seconds", {})["vae_decoder"] = round(seconds, 1)
+    defaults.setdefault("seconds", {}).update({k: round(v, 1) for k, v in seconds.items()})
     write_defaults(folder, defaults)
     _apply_umask_tree(folder)
     log(f"vae_decoder: {folder / 'vae'} saved ({time.perf_counter() - start:.0f} s)")
     return defaults
 
 
-__all__ = ["DECODER_FIELDS", "WorldDecoderConfig", "finetune_decoder"]
+__all__ = ["DECODER_FIELDS", "PHASE_FIELDS", "WorldDecoderConfig", "finetune_decoder"]

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ConfigError, check
 from .scene import BACKGROUND, COLOURS, Scene
 
-RADIUS = 1 / 8
+RADIUS = 1 / 6
 """Object radius (disc) or half-side (square) as a fraction of the frame's short side."""
 TRAVEL = 0.5
 """Default distance the centre moves over a clip, as a fraction of the frame's length along the motion."""

@@ -10,6 +10,8 @@ Stages (each checkpointed under OUTPUT/checkpoints/<stage>, resumable, timed):
   unchanged) on windows of clips rendered at 1, 2 and 4x the base size and 1, 2 and 4x its length, cropped over the
   object's edge or interior: the large, slowly moving interiors of generate's output sizes, which the base-size
   crops never show (the VAE alone splits them on the first frame of every group of four, docs/shapes.md).
+- ``vae_decoder_base``: then the decoder alone on windows of base-size clips only, where the object's corners are
+  a few pixels and the evaluator reads the shape from them.
 - ``latents``: a pool of world clips (every caption x a few start seeds, none of them the evaluation seeds) encoded
   once with the trained VAE (posterior mean); the per-channel mean and std become the VAE's latents_mean /
   latents_std, so the transformer sees Wan-normalised latents exactly as generate and `train` do.
@@ -137,6 +139,10 @@ class WorldBudget:
     vae_crop px from clips at DECODER_SCALES x the base size and length, the encoder frozen."""
     vae_decoder_lr: float = 3e-4
     """Peak learning rate of the decoder-only steps."""
+    vae_decoder_base_steps: int = 0
+    """Decoder-only steps after those (stage ``vae_decoder_base``, its own schedule at vae_decoder_lr), on windows of
+    base-size clips alone (scale and length 1): the mixed scales leave the base size's square corners soft, and
+    the evaluator tells a square from a disc by them (docs/shapes.md)."""
     dit_heads: int = 4
     """Transformer attention heads (32 channels each): its width is 32 x dit_heads."""
     dit_ffn: int = 256
@@ -164,6 +170,7 @@ class WorldBudget:
         )
         check(1 <= self.pool_scenes <= len(all_scenes()), "pool_scenes", self.pool_scenes, "must be in 1..32")
         check(self.vae_decoder_steps >= 0, "vae_decoder_steps", self.vae_decoder_steps, "must be >= 0")
+        check(self.vae_decoder_base_steps >= 0, "vae_decoder_base_steps", self.vae_decoder_base_steps, "must be >= 0")
         check(self.dit_frame_steps >= 0, "dit_frame_steps", self.dit_frame_steps, "must be >= 0")
         check(self.dit_frame_batch >= 1, "dit_frame_batch", self.dit_frame_batch, "must be >= 1")
         check(
@@ -187,10 +194,13 @@ FULL_BUDGET = WorldBudget(
     vae_crop=64,
     vae_lr=1e-3,
     vae_decoder_steps=400,
+    vae_decoder_base_steps=400,
     pool_seeds=6,
     pool_scenes=32,
     dit_steps=2000,
     dit_batch=16,
+    dit_frame_steps=4800,
+    dit_frame_batch=16,
     dit_lr=1e-3,
     adapter_scale=2,
     adapter_clips=16,
@@ -230,11 +240,13 @@ BUDGETS = {
         dit_frame_steps=2,
         dit_frame_batch=2,
         vae_decoder_steps=1,
+        vae_decoder_base_steps=1,
     ),
     "full": FULL_BUDGET,
     "wide": replace(
         FULL_BUDGET,
         vae_decoder_steps=0,
+        vae_decoder_base_steps=0,
         dit_steps=600,
         dit_frame_steps=2400,
         dit_frame_batch=16,
@@ -481,11 +493,11 @@ size and length (generate's default output) the object is 4x wider in pixels and
 at the base size: large interiors that move slowly, which base-size crops never show."""
 
 
-def decoder_crop(plan: WorldBudget, rng: np.random.Generator) -> torch.Tensor:
+def decoder_crop(plan: WorldBudget, rng: np.random.Generator, scales: tuple[int, ...] = DECODER_SCALES) -> torch.Tensor:
     """(3, vae_frames, crop, crop): a window of a clip at s x the base size per side and (frames - 1) k + 1 frames
-    (s, k drawn from DECODER_SCALES), cropped anywhere from outside the object's edge to its centre (a crop near the
+    (s, k drawn from ``scales``), cropped anywhere from outside the object's edge to its centre (a crop near the
     centre of a large object is all interior)."""
-    s, k = (int(rng.choice(DECODER_SCALES)) for _ in range(2))
+    s, k = (int(rng.choice(scales)) for _ in range(2))
     width, height, frames = s * plan.width, s * plan.height, (plan.frames - 1) * k + 1
     clip = _random_clip(rng)
     first = int(rng.integers(frames - plan.vae_frames + 1))
@@ -533,13 +545,15 @@ def vae_loss(vae, plan: WorldBudget, seed: int, kl_weight: float = 1e-4) -> Call
     return loss
 
 
-def decoder_loss(vae, plan: WorldBudget, seed: int) -> Callable[[int], torch.Tensor]:
-    """Object-weighted MSE of the decoder's reconstruction of decoder_crop windows from the frozen encoder's
-    posterior mean."""
+def decoder_loss(
+    vae, plan: WorldBudget, seed: int, stage: str = "vae_decoder", scales: tuple[int, ...] = DECODER_SCALES
+) -> Callable[[int], torch.Tensor]:
+    """Object-weighted MSE of the decoder's reconstruction of decoder_crop windows (at ``scales``) from the frozen
+    encoder's posterior mean; ``stage`` names the draws."""
 
     def loss(step: int) -> torch.Tensor:
-        rng = step_rng(seed, "vae_decoder", step)
-        x = torch.stack([decoder_crop(plan, rng) for _ in range(plan.vae_batch)])  # (B, 3, F, c, c)
+        rng = step_rng(seed, stage, step)
+        x = torch.stack([decoder_crop(plan, rng, scales) for _ in range(plan.vae_batch)])  # (B, 3, F, c, c)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         return _object_weighted_mse(vae.decode(z).sample, x)
@@ -547,18 +561,28 @@ def decoder_loss(vae, plan: WorldBudget, seed: int) -> Callable[[int], torch.Ten
     return loss
 
 
-def decoder_stage(out: Path, vae, plan: WorldBudget, seed: int, log: Callable[[str], None]) -> float:
-    """Train the VAE's decoder (and post-quant conv) alone for plan.vae_decoder_steps; returns its seconds (0.0:
-    no such steps). The VAE leaves frozen."""
-    if not plan.vae_decoder_steps:
-        return 0.0
+def decoder_phases(plan: WorldBudget) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The decoder-only stages the budget asks for, in order: (name, steps, scales)."""
+    phases = [
+        ("vae_decoder", plan.vae_decoder_steps, DECODER_SCALES),
+        ("vae_decoder_base", plan.vae_decoder_base_steps, (1,)),
+    ]
+    return [phase for phase in phases if phase[1]]
+
+
+def decoder_stage(out: Path, vae, plan: WorldBudget, seed: int, log: Callable[[str], None]) -> dict[str, float]:
+    """Train the VAE's decoder (and post-quant conv) alone: vae_decoder_steps on windows at DECODER_SCALES, then
+    vae_decoder_base_steps at the base size. Returns each stage's seconds (empty: no such steps). The VAE leaves
+    frozen."""
+    seconds = {}
+    for name, steps, scales in decoder_phases(plan):
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
+        loss = decoder_loss(vae, plan, seed, name, scales)
+        seconds[name] = run_stage(out, plan, StageRun(name, vae, loss, steps, plan.vae_decoder_lr), log).seconds
     vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    vae.post_quant_conv.requires_grad_(True)
-    loss = decoder_loss(vae, plan, seed)
-    state = run_stage(out, plan, StageRun("vae_decoder", vae, loss, plan.vae_decoder_steps, plan.vae_decoder_lr), log)
-    vae.requires_grad_(False)
-    return state.seconds
+    return seconds
 
 
 # --- stage: latent pool ---------------------------------------------------------------------------------------
@@ -759,8 +783,7 @@ def train_world_model(cfg: WorldTrainConfig, log: Callable[[str], None] = print)
     transformer = copy.deepcopy(trained).requires_grad_(False)  # the EMA of `trained`: what is exported
     texts = caption_embeddings(tokenizer, text_encoder)
     times = {"vae": round(vae_state.seconds, 1), "latents": round(pool_state.seconds, 1)}
-    if plan.vae_decoder_steps:
-        times["vae_decoder"] = round(decoder_seconds, 1)
+    times.update({name: round(seconds, 1) for name, seconds in decoder_seconds.items()})
     if plan.dit_frame_steps:  # single frames first, the same module and EMA then go on with clips
         frame_loss = dit_loss(trained, pool, texts, plan, cfg.seed, frames=True)
         stage = StageRun("dit_frames", trained, frame_loss, plan.dit_frame_steps, plan.dit_lr, transformer)
