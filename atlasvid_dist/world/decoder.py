@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, check
-from .train import BUDGETS, WorldBudget, decoder_stage
+from .train import BUDGETS, DECODER_STAGES, WorldBudget, decoder_stage
 
-DECODER_FIELDS = ("vae_decoder_steps", "vae_decoder_base_steps", "vae_decoder_lr")
-"""The budget's fields that belong to the decoder stages."""
-PHASE_FIELDS = ("vae_decoder_steps", "vae_decoder_base_steps")
+PHASE_FIELDS = tuple(f"{name}_steps" for name in DECODER_STAGES)
 """The decoder stages' step counts, in the order they run."""
+DECODER_FIELDS = (*PHASE_FIELDS, "vae_decoder_lr")
+"""The budget's fields that belong to the decoder stages."""
 
 
 @dataclass(frozen=True)

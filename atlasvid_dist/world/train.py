@@ -561,12 +561,14 @@ def decoder_loss(
     return loss
 
 
+DECODER_STAGES: dict[str, tuple[int, ...]] = {"vae_decoder": DECODER_SCALES, "vae_decoder_base": (1,)}
+"""The decoder-only stages in the order they run: name -> the scales its windows are cropped at. A stage's step
+count is the budget field ``{name}_steps``."""
+
+
 def decoder_phases(plan: WorldBudget) -> list[tuple[str, int, tuple[int, ...]]]:
     """The decoder-only stages the budget asks for, in order: (name, steps, scales)."""
-    phases = [
-        ("vae_decoder", plan.vae_decoder_steps, DECODER_SCALES),
-        ("vae_decoder_base", plan.vae_decoder_base_steps, (1,)),
-    ]
+    phases = [(name, getattr(plan, f"{name}_steps"), scales) for name, scales in DECODER_STAGES.items()]
     return [phase for phase in phases if phase[1]]
 
 
