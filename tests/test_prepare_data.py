@@ -74,6 +74,23 @@ def test_shards_hold_what_the_encoder_makes_of_each_clip(prepared):
     assert len({s["start"] for s in index["sources"]}) == 3  # starts spread over each video
 
 
+@pytest.mark.slow  # VAE-encodes the data set again, 4 clips per call
+def test_batched_encoding_makes_the_same_shards(prepared, tmp_path):
+    data, out, conf = prepared
+    batched = tmp_path / "batched"
+    args = ["--data", data, "--output", str(batched), "--stage", "2", "--config", conf, "--clips-per-video", "3"]
+    assert cli("prepare-data", *args, "--shard-size", "4", "--encode-batch", "4") == 0
+    one, four = (json.loads((__import__("pathlib").Path(d) / INDEX).read_text()) for d in (out, batched))
+    assert four["sources"] == one["sources"] and [s["count"] for s in four["shards"]] == [4, 2]
+    cfg = TrainConfig(**SMALL, stage=2, data=data)
+    a, b = PreparedData(out, cfg), PreparedData(batched, cfg)
+    for j in range(6):  # a batch of 4 and its remainder of 2: every clip where one-at-a-time put it
+        x, y = a.get(j), b.get(j)
+        assert torch.equal(x["text"], y["text"])
+        for k in ("proxy", "detail"):  # batched convolutions may round differently, nothing more
+            assert torch.allclose(x[k], y[k], atol=1e-4, rtol=1e-4), (j, k, (x[k] - y[k]).abs().max())
+
+
 @pytest.mark.slow
 def test_training_from_shards_lowers_the_loss(prepared, tmp_path):
     _, out, _ = prepared
@@ -173,7 +190,13 @@ def test_timesteps_come_from_diffusers_density_seeded_then_shifted():
 
 
 @pytest.mark.parametrize(
-    "extra,match", [([], "captions.jsonl"), (["--stage", "3"], "stage=3"), (["--shard-size", "0"], "shard_size=0")]
+    "extra,match",
+    [
+        ([], "captions.jsonl"),
+        (["--stage", "3"], "stage=3"),
+        (["--shard-size", "0"], "shard_size=0"),
+        (["--encode-batch", "0"], "encode_batch=0"),
+    ],
 )
 def test_prepare_data_bad_inputs_exit_2(tmp_path, capsys, extra, match):
     (tmp_path / "empty").mkdir()

@@ -179,6 +179,9 @@ def prepare_data(
     config: Optional[str] = typer.Option(None, "--config", help="Training YAML (its geometry is what is prepared)."),
     clips_per_video: int = typer.Option(1, "--clips-per-video", help="Clips per video, starts spread evenly."),
     shard_size: int = typer.Option(64, "--shard-size", help="Clips per shard file."),
+    encode_batch: int = typer.Option(
+        1, "--encode-batch", help="Clips per VAE call (faster per clip on CPU; holds as many clips' activations)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress (bar or lines) and no library bars or warnings."),
 ) -> None:
     """Encode a dataset once (VAE latents of proxy and detail clips, text embeddings) into sharded safetensors;
@@ -189,7 +192,7 @@ def prepare_data(
     from ..train.shards import PrepareOptions, prepare
     from ..train.train import load_train_config, parse_args
 
-    opts = PrepareOptions(clips_per_video=clips_per_video, shard_size=shard_size)
+    opts = PrepareOptions(clips_per_video=clips_per_video, shard_size=shard_size, encode_batch=encode_batch)
     args = ["--stage", str(stage), "--data", data, "--model", model, "--output", output] + (
         ["--config", config] if config else []
     )

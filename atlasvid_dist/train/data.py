@@ -227,9 +227,10 @@ class LatentEncoder:
 
     @torch.no_grad()
     def video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(3, N, H, W) in [-1, 1] -> (1, C, f, h, w) latents, (x - mean) / std as Wan's pipeline normalises."""
+        """(3, N, H, W) or a batch (B, 3, N, H, W) in [-1, 1] -> (B, C, f, h, w) latents (B = 1 for one clip),
+        (x - mean) / std as Wan's pipeline normalises."""
         vae_dtype = next(self.vae.parameters()).dtype
-        x = pixels[None].to(self.device, vae_dtype)  # (1, 3, N, H, W)
+        x = (pixels if pixels.dim() == 5 else pixels[None]).to(self.device, vae_dtype)  # (B, 3, N, H, W)
         z = self.vae.encode(x).latent_dist.mode().float()  # the mean: deterministic
         z = (z - self.mean.to(z.device)) / self.std.to(z.device)
         return z.to(self.dtype)

@@ -41,9 +41,12 @@ class PrepareOptions:
     """Clips taken from every video, their starts spread evenly over it."""
     shard_size: int = 64
     """Clips per shard file."""
+    encode_batch: int = 1
+    """Clips per VAE call. On CPU a batch above one takes oneDNN's conv3d, about twice as fast per clip (8 clips of
+    256 x 256 x 65: 32 s instead of 73 s); a batch holds that many clips' activations at once."""
 
     def __post_init__(self) -> None:
-        for name in ("clips_per_video", "shard_size"):
+        for name in ("clips_per_video", "shard_size", "encode_batch"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer >= 1")
 
@@ -86,13 +89,14 @@ def prepare(
     bar = progress_bar(total=len(todo), desc="prepare-data", unit="clip", enabled=progress)
     shards, sources, buf = [], [], []
     try:
-        for rec, start in todo:
-            buf.append(_encode_clip(enc, rec, start, cfg))
-            sources.append({"video": str(rec.path), "caption": rec.caption, "start": start})
-            if len(buf) == opts.shard_size:
-                shards.append(_write_shard(out, len(shards), buf))
-                buf = []
-            bar.update(1)
+        for batch in _chunks(todo, opts.encode_batch):
+            for (rec, start), item in zip(batch, _encode_clips(enc, batch, cfg)):
+                buf.append(item)
+                sources.append({"video": str(rec.path), "caption": rec.caption, "start": start})
+                if len(buf) == opts.shard_size:
+                    shards.append(_write_shard(out, len(shards), buf))
+                    buf = []
+                bar.update(1)
     finally:
         bar.close()
     if buf:
@@ -115,13 +119,20 @@ def prepare(
     return index
 
 
-def _encode_clip(enc, rec, start: int, cfg: TrainConfig) -> dict:
-    """The tensors of the clip of ``rec`` at ``start`` without the batch dim: proxy, text (and detail, stage 2)."""
-    clip = cut_clip(rec, start, cfg)
-    item = {"proxy": enc.video(clip.proxy)[0], "text": enc.text(clip.caption)[0]}
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _encode_clips(enc, batch: list, cfg: TrainConfig) -> list[dict]:
+    """The tensors of the clips (rec, start) of ``batch``, each without a batch dim: proxy, text (and detail,
+    stage 2); one VAE call per kind of clip."""
+    clips = [cut_clip(rec, start, cfg) for rec, start in batch]
+    proxy = enc.video(torch.stack([c.proxy for c in clips]))  # (B, C, f, h, w)
+    items = [{"proxy": p, "text": enc.text(c.caption)[0]} for p, c in zip(proxy, clips)]
     if cfg.stage == 2:
-        item["detail"] = enc.video(clip.detail)[0]
-    return item
+        for item, detail in zip(items, enc.video(torch.stack([c.detail for c in clips]))):
+            item["detail"] = detail
+    return items
 
 
 def _write_shard(out: Path, n: int, items: list[dict]) -> dict:
