@@ -17,6 +17,11 @@ no generated video can score above what its decoder can draw:
   vae           at the base size
   vae_out       at the model's default output size (the size of the 4x rows)
 
+The proxy alone (stage 1 of the 4x rows, scored at its own size, the base size x 17 frames at fps / 4): the
+layout every atlas row's detail stage reads, so no atlas row can keep one object where its proxy does not:
+  proxy         with the model's stage-1 adapter
+  proxy_plain   without it (the base model under the time-stretched RoPE)
+
 Fewer forwards (issue 14), each on the row it names, with its quality cost against that row:
   base_cfg, atlas_lora_cfg        guidance only in the first half of the detail schedule (CFG truncation)
   base_reuse, atlas_lora_reuse    first-block cache (threshold --reuse, default 0.08)
@@ -59,6 +64,9 @@ FEWER = {"cfg": {"detail_cfg_until": 0.5}, "reuse": {"detail_reuse": 0.08}}
 FEWER["fewer"] = {**FEWER["cfg"], **FEWER["reuse"]}
 ROWS.update({f"{row}_{k}": {**ROWS[row], **opts} for row in ("base", "atlas_lora") for k, opts in FEWER.items()})
 NEEDS_ADAPTERS = {r for r in ROWS if r.startswith("atlas_lora")}
+PROXIES = {"proxy": {"attention": "atlas"}, "proxy_plain": {"attention": "atlas", "lora_stage1": "none"}}
+"""Rows that score the stage-1 proxy of the default-size job alone (no detail stage, not in the PNG grid)."""
+NEEDS_ADAPTERS.add("proxy")
 ROUND_TRIPS = ("vae", "vae_out")
 """Rows that score the VAE's reconstruction of the ground truth instead of a generated video."""
 
@@ -66,16 +74,16 @@ ROUND_TRIPS = ("vae", "vae_out")
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes")
-    p.add_argument("--rows", default="base,full,atlas,atlas_init,ultragen", help=f"comma list of {','.join(ROWS)}")
+    p.add_argument("--rows", default="base,full,atlas,atlas_init,ultragen", help="comma list of the rows above")
     p.add_argument("--captions", type=int, default=32, help="captions used (evenly spread over the 32)")
     p.add_argument("--seeds", default="0", help="comma list of evaluation seeds")
     p.add_argument("--reuse", type=float, default=None, help="first-block cache threshold of the *_reuse/_fewer rows")
     p.add_argument("--name", default="shapes-claim", help="result file name (without .json)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = p.parse_args()
-    unknown = sorted(set(args.rows.split(",")) - set(ROWS) - set(ROUND_TRIPS))
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS) - set(PROXIES) - set(ROUND_TRIPS))
     if unknown:
-        p.error(f"unknown rows {unknown}; known: {[*ROWS, *ROUND_TRIPS]}")
+        p.error(f"unknown rows {unknown}; known: {[*ROWS, *PROXIES, *ROUND_TRIPS]}")
     return args
 
 
@@ -120,6 +128,29 @@ def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
         first = frames if first is None else first
         out.unlink()
     return scores, seconds, forwards, first
+
+
+def run_proxy(name: str, opts: dict, items, components, model: str, tmp: Path):
+    """Make and score only the proxy of every clip's default-size job (stage 1, decoded at its own size and fps);
+    returns what run_row returns (no detail forwards)."""
+    from atlasvid_dist.cli.generate import build_config
+    from atlasvid_dist.eval import score_video
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+    from atlasvid_dist.pipeline.video_io import read_mp4
+
+    scores, seconds, first = [], [], None
+    for k, clip in enumerate(items):
+        out = tmp / f"{name}-{k}.mp4"
+        values = {"model": model, "prompt": clip.scene.caption, "seed": clip.seed, "out": str(out), "crf": 0}
+        cfg = build_config({**values, **opts})
+        t0 = time.perf_counter()
+        TwoStageGenerator(cfg, components=components, progress=False).proxy_only(str(out))
+        seconds.append(time.perf_counter() - t0)
+        frames = read_mp4(out)
+        scores.append(score_video(frames, clip.scene.caption, name=f"{name}-{k}"))
+        first = frames if first is None else first
+        out.unlink()
+    return scores, seconds, [{"total": 0, "reused": 0, "seconds": {}} for _ in items], first
 
 
 def round_trip_size(name: str, own: dict) -> tuple[int, int, int]:
@@ -190,6 +221,9 @@ def main() -> None:
             if name in ROUND_TRIPS:
                 opts = dict(zip(("width", "height", "frames"), round_trip_size(name, own)))
                 scores, seconds, forwards, first = run_round_trip(name, tuple(opts.values()), items, components)
+            elif name in PROXIES:
+                opts = dict(PROXIES[name])
+                scores, seconds, forwards, first = run_proxy(name, opts, items, components, args.model, Path(tmp))
             else:
                 opts = row_options(name, own, args.reuse)
                 scores, seconds, forwards, first = run_row(name, opts, items, components, args.model, Path(tmp))
@@ -207,7 +241,8 @@ def main() -> None:
                 "detail_forwards": forwards,
                 "videos": [asdict(s) for s in scores],
             }
-            grid_rows.append(first)
+            if name not in PROXIES:  # the grid's rows share the output size
+                grid_rows.append(first)
     out_dir = Path(args.out) if args.out else RESULTS
     payload = {
         **environment("cpu"),

@@ -93,3 +93,12 @@ def test_plan_and_generate_build_the_same_method():
     import json
 
     assert json.loads(out.output)["inputs"]["method"]["window"] == [3, 15, 13]
+
+
+def test_proxy_only_refuses_a_job_without_a_proxy(tmp_path):
+    from atlasvid_dist.pipeline.generate import TwoStageGenerator
+
+    cfg = build_config({"model": "tiny", "prompt": "a red disc", "attention": "full", "out": str(tmp_path / "x.mp4")})
+    with pytest.raises(ConfigError, match="makes no proxy"):
+        TwoStageGenerator(cfg, progress=False).proxy_only(str(tmp_path / "proxy.mp4"))
+    assert not (tmp_path / "proxy.mp4").exists()

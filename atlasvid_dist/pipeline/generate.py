@@ -276,6 +276,15 @@ class TwoStageGenerator:
 
         return read_model_spec(model)
 
+    def proxy_only(self, path: str) -> None:
+        """Run stage 1 alone and write the proxy video to ``path`` (its own size and fps): the layout every detail
+        window reads, at a small fraction of the whole job's cost (an evaluation of the proxy by itself)."""
+        if not self.cfg.uses_proxy:
+            raise ConfigError("method.mode", self.cfg.method.mode, "makes no proxy")
+        comp = self.load()
+        proxy = self.stage1(comp, self.encode(comp), None, None)
+        self.decode(comp, proxy, path, self.cfg.video.fps / self.cfg.method.temporal_scale, None, "decode proxy")
+
     def load(self):
         if self.components is None:
             from ..models.loading import load_components
