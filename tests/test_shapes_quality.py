@@ -115,3 +115,33 @@ def test_shipped_vae_keeps_a_large_slow_object_whole():
         frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()  # (33, 256, 256, 3)
         score = score_video(frames, clip.scene.caption)
         assert score.all_correct, (clip.scene.caption, score.objects_per_frame, score.fill_ratio)
+
+
+@pytest.fixture(scope="module")
+def proxy_scores(tmp_path_factory):
+    """{adapter: scores} of the subset's proxies for the model's default job (4x the base size per side, 65
+    frames: the proxy is the base size x 17 frames with its RoPE stretched 4x in time), stage 1 alone, with the
+    shipped stage-1 adapter ('shipped') and without it ('none')."""
+    comp = load_components("shapes")
+    tmp = tmp_path_factory.mktemp("proxies")
+    scores = {}
+    for adapter in ("shipped", "none"):
+        scores[adapter] = []
+        for k, clip in enumerate(SUBSET):
+            values = {"model": "shapes", "prompt": clip.scene.caption, "seed": clip.seed, "out": str(tmp / "x.mp4")}
+            cfg = build_config({**values, **({"lora_stage1": "none"} if adapter == "none" else {})})
+            path = tmp / f"{adapter}-{k}.mp4"
+            TwoStageGenerator(cfg, components=comp, progress=False).proxy_only(str(path))
+            scores[adapter].append(score_video(read_mp4(path), clip.scene.caption, name=clip.scene.caption))
+    return scores
+
+
+def test_shipped_stage1_adapter_keeps_the_proxy_whole(proxy_scores):
+    """The proxy is the layout every detail window reads. Under the time-stretched RoPE the base model splits or
+    loses the object (2026-12-04 on this subset: one object in 3 of 8 proxies); the shipped stage-1 adapter keeps it
+    whole in 6 of 8 (all 32 captions: 78% against 34%, benchmarks/results/shapes-proxy-32.json). Held as a floor one
+    video below that, and above the base model: an adapter that is not loaded, not trained or not applied to the
+    proxy's forward fails here."""
+    adapted, plain = (summarise(proxy_scores[k]) for k in ("shipped", "none"))
+    assert adapted.one_object >= 5 / 8 and adapted.one_object > plain.one_object, (adapted, plain)
+    assert adapted.direction >= 7 / 8 and adapted.colour >= 7 / 8, adapted

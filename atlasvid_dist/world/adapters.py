@@ -2,13 +2,15 @@
 ZeRO-2, ADAPTER_PROCESSES processes) on world clips, exactly as generate uses them.
 
 - stage 1 (the proxy): r_t = 4, so a clip of 4(F-1)+1 frames at the base fps is trained as its F-frame proxy at
-  the base size (the transformer's own size) with temporally scaled RoPE;
+  the base size (the transformer's own size) with temporally scaled RoPE; on its own, larger set of clips
+  (``proxy_clips``) and for its own steps (``proxy_lora_steps``), since a proxy example costs a fraction of a
+  detail example and the proxy is the layout every detail window reads;
 - stage 2 (the detail): windows of the model's own size over a detail clip of ``adapter_scale`` x the base size,
   reading the clean proxy's keys/values made with the frozen stage-1 adapter (`train --lora-stage1`); windows
   that do not tile the detail grid in time are padded, as generate pads them.
 
-The clips are rendered once (H.264, crf 0: lossless) and encoded once per stage (`prepare-data`'s shards), so the
-ranks run neither the VAE nor the text encoder. Each stage is resumable: a finished adapter is kept, an
+The clips are rendered once (H.264, crf 0: lossless) and encoded once per stage (`prepare-data`'s shards,
+ENCODE_BATCH clips per VAE call), so the ranks run neither the VAE nor the text encoder. Each stage is resumable: a finished adapter is kept, an
 interrupted run continues from its checkpoint with `train --resume`.
 """
 
@@ -35,6 +37,8 @@ ADAPTER_SEED_BASE = 2000
 """Start seeds of the adapter clips (the latent pool uses 1000+, the evaluation 0, 1, 2)."""
 ADAPTER_FILES = {1: "lora_stage1.safetensors", 2: "lora_stage2.safetensors"}
 """Where the model folder holds each stage's adapter (its defaults name them)."""
+ENCODE_BATCH = 8
+"""Clips per VAE call of the stages' prepare-data (twice as fast per clip on CPU as one at a time)."""
 SECONDS = "seconds.json"
 """A finished stage's wall time (kept so a resumed recipe still reports it)."""
 
@@ -44,14 +48,25 @@ def adapter_frames(base_frames: int) -> int:
     return TEMPORAL_SCALE * (base_frames - 1) + 1
 
 
-def write_adapter_clips(folder: Path, plan) -> Path:
-    """``plan.adapter_clips`` world clips (captions in turn, fresh start seeds) at the stage-2 detail size, once."""
+def stage_clips(plan, stage: int) -> int:
+    """World clips the stage's LoRA trains on."""
+    return (plan.proxy_clips or plan.adapter_clips) if stage == 1 else plan.adapter_clips
+
+
+def stage_steps(plan, stage: int) -> int:
+    """Optimizer steps of the stage's LoRA."""
+    return (plan.proxy_lora_steps or plan.lora_steps) if stage == 1 else plan.lora_steps
+
+
+def write_adapter_clips(folder: Path, plan, count: int) -> Path:
+    """``count`` world clips (clip i: caption i mod 32, start seed ADAPTER_SEED_BASE + i) at the stage-2 detail
+    size, once."""
     from .clips import write_clips
 
     if (folder / "captions.jsonl").is_file():
         return folder
     scenes = all_scenes()
-    clips = [WorldClip(scenes[i % len(scenes)], ADAPTER_SEED_BASE + i) for i in range(plan.adapter_clips)]
+    clips = [WorldClip(scenes[i % len(scenes)], ADAPTER_SEED_BASE + i) for i in range(count)]
     w, h = plan.width * plan.adapter_scale, plan.height * plan.adapter_scale
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +85,7 @@ def write_adapter_clips(folder: Path, plan) -> Path:
 
 def stage_settings(plan, stage: int, seed: int, window: list[int]) -> dict:
     """The TrainConfig mapping of one adapter stage (the YAML `train --config` reads)."""
-    scale = plan.adapter_scale
+    scale, steps = plan.adapter_scale, stage_steps(plan, stage)
     common = dict(
         stage=stage,
         width=plan.width * scale,
@@ -84,8 +99,8 @@ def stage_settings(plan, stage: int, seed: int, window: list[int]) -> dict:
         lora_alpha=float(plan.lora_rank),
         lr=plan.lora_lr,
         lr_schedule="cosine",
-        warmup_steps=max(1, plan.lora_steps // 10),
-        max_steps=plan.lora_steps,
+        warmup_steps=max(1, steps // 10),
+        max_steps=steps,
         timestep_shift=FLOW_SHIFT,
         seed=seed + stage,
         save_every=plan.save_every,
@@ -117,14 +132,17 @@ def train_adapter(out: Path, plan, stage: int, seed: int, window: list[int], log
         return float(json.loads((work / SECONDS).read_text()))
     start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    clips = write_adapter_clips(out / "checkpoints" / "adapter_clips", plan)
+    count = stage_clips(plan, stage)
+    folder = "adapter_clips" if count == plan.adapter_clips else f"adapter_clips_{count}"
+    clips = write_adapter_clips(out / "checkpoints" / folder, plan, count)
     yaml = work / "train.yaml"
     yaml.write_text(json.dumps(stage_settings(plan, stage, seed, window), indent=2) + "\n")  # JSON is YAML
     data = work / "data"
     if not is_prepared(data):
         shutil.rmtree(data, ignore_errors=True)
         args = ["--stage", str(stage), "--data", str(clips), "--model", str(out), "--config", str(yaml)]
-        _run(_cli("prepare-data", *args, "--output", str(data), "--quiet"), f"prepare-data (stage {stage})")
+        batch = ["--encode-batch", str(ENCODE_BATCH)]
+        _run(_cli("prepare-data", *args, *batch, "--output", str(data), "--quiet"), f"prepare-data (stage {stage})")
     run = work / "run"
     cmd = _cli(
         "train",
@@ -159,4 +177,12 @@ def adapter_defaults() -> dict:
     return {"lora_stage1": ADAPTER_FILES[1], "lora_stage2": ADAPTER_FILES[2]}
 
 
-__all__ = ["ADAPTER_FILES", "adapter_defaults", "adapter_frames", "train_adapter", "write_adapter_clips"]
+__all__ = [
+    "ADAPTER_FILES",
+    "adapter_defaults",
+    "adapter_frames",
+    "stage_clips",
+    "stage_steps",
+    "train_adapter",
+    "write_adapter_clips",
+]
