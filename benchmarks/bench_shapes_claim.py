@@ -106,9 +106,10 @@ def row_options(name: str, own: dict, reuse: float | None = None) -> dict:
     return opts
 
 
-def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
+def run_row(name: str, opts: dict, items, components, model: str, tmp: Path, proxy_only: bool = False):
     """Generate and score every clip with one row's options; returns scores, seconds and detail forwards (with the
-    run's seconds by part) per video, the first video."""
+    run's seconds by part) per video, the first video. ``proxy_only``: make and score only the proxy (stage 1,
+    decoded at its own size and fps; no detail forwards)."""
     from atlasvid_dist.cli.generate import build_config
     from atlasvid_dist.eval import score_video
     from atlasvid_dist.pipeline.generate import TwoStageGenerator
@@ -120,37 +121,19 @@ def run_row(name: str, opts: dict, items, components, model: str, tmp: Path):
         values = {"model": model, "prompt": clip.scene.caption, "seed": clip.seed, "out": str(out), "crf": 0}
         cfg = build_config({**values, **opts})
         t0 = time.perf_counter()
-        result = TwoStageGenerator(cfg, components=components, progress=False).run()
+        generator = TwoStageGenerator(cfg, components=components, progress=False)
+        if proxy_only:
+            generator.proxy_only(str(out))
+            forwards.append({"total": 0, "reused": 0, "seconds": {}})
+        else:
+            result = generator.run()
+            forwards.append({**result.detail_forwards, "seconds": dict(result.seconds)})
         seconds.append(time.perf_counter() - t0)
-        forwards.append({**result.detail_forwards, "seconds": dict(result.seconds)})
         frames = read_mp4(out)
         scores.append(score_video(frames, clip.scene.caption, name=f"{name}-{k}"))
         first = frames if first is None else first
         out.unlink()
     return scores, seconds, forwards, first
-
-
-def run_proxy(name: str, opts: dict, items, components, model: str, tmp: Path):
-    """Make and score only the proxy of every clip's default-size job (stage 1, decoded at its own size and fps);
-    returns what run_row returns (no detail forwards)."""
-    from atlasvid_dist.cli.generate import build_config
-    from atlasvid_dist.eval import score_video
-    from atlasvid_dist.pipeline.generate import TwoStageGenerator
-    from atlasvid_dist.pipeline.video_io import read_mp4
-
-    scores, seconds, first = [], [], None
-    for k, clip in enumerate(items):
-        out = tmp / f"{name}-{k}.mp4"
-        values = {"model": model, "prompt": clip.scene.caption, "seed": clip.seed, "out": str(out), "crf": 0}
-        cfg = build_config({**values, **opts})
-        t0 = time.perf_counter()
-        TwoStageGenerator(cfg, components=components, progress=False).proxy_only(str(out))
-        seconds.append(time.perf_counter() - t0)
-        frames = read_mp4(out)
-        scores.append(score_video(frames, clip.scene.caption, name=f"{name}-{k}"))
-        first = frames if first is None else first
-        out.unlink()
-    return scores, seconds, [{"total": 0, "reused": 0, "seconds": {}} for _ in items], first
 
 
 def round_trip_size(name: str, own: dict) -> tuple[int, int, int]:
@@ -223,7 +206,9 @@ def main() -> None:
                 scores, seconds, forwards, first = run_round_trip(name, tuple(opts.values()), items, components)
             elif name in PROXIES:
                 opts = dict(PROXIES[name])
-                scores, seconds, forwards, first = run_proxy(name, opts, items, components, args.model, Path(tmp))
+                scores, seconds, forwards, first = run_row(
+                    name, opts, items, components, args.model, Path(tmp), proxy_only=True
+                )
             else:
                 opts = row_options(name, own, args.reuse)
                 scores, seconds, forwards, first = run_row(name, opts, items, components, args.model, Path(tmp))

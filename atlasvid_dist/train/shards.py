@@ -89,7 +89,7 @@ def prepare(
     bar = progress_bar(total=len(todo), desc="prepare-data", unit="clip", enabled=progress)
     shards, sources, buf = [], [], []
     try:
-        for batch in _chunks(todo, opts.encode_batch):
+        for batch in chunked(todo, opts.encode_batch):
             for (rec, start), item in zip(batch, _encode_clips(enc, batch, cfg)):
                 buf.append(item)
                 sources.append({"video": str(rec.path), "caption": rec.caption, "start": start})
@@ -119,7 +119,8 @@ def prepare(
     return index
 
 
-def _chunks(items: list, size: int) -> list[list]:
+def chunked(items: list, size: int) -> list[list]:
+    """``items`` in consecutive lists of ``size`` (the last one shorter)."""
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 

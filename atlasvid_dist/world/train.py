@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, check
+from ..train.shards import chunked
 from .adapters import TEMPORAL_SCALE, adapter_defaults, adapter_frames, train_adapter
 from .checkpoint import (
     CHECKPOINTS,
@@ -612,10 +613,6 @@ def pool_clips(plan: WorldBudget) -> list[WorldClip]:
 POOL_ENCODE_BATCH = 8
 """Clips encoded per VAE call: CPU conv3d takes oneDNN only for a batch above one, the per-clip path is several
 times slower per clip."""
-
-
-def chunked(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
