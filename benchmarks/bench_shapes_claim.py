@@ -11,6 +11,9 @@ Rows (same captions and seeds):
   atlas_init    AtlasVid + --detail-init proxy
   rt2, rt8      ablation of the proxy fps (temporal scale 2, 8; the default is 4)
   scale2        ablation of the proxy resolution (spatial scale 2: a proxy at twice the base size)
+  atlas_lora_rt2, atlas_lora_rt8, atlas_lora_scale2
+                the same ablations on row atlas_lora (the shipped adapters, trained at r_t 4 and the base-size
+                proxy, used as they are: generate warns that the geometry differs)
 
 Ceilings (no transformer): the ground-truth clip encoded and decoded by the model's own VAE, scored the same way;
 no generated video can score above what its decoder can draw:
@@ -56,10 +59,10 @@ ROWS: dict[str, dict] = {
     "atlas_lora": {"attention": "atlas"},
     "ultragen": {"attention": "ultragen", **NO_ADAPTERS},
     "atlas_init": {"attention": "atlas", "detail_init": "proxy", **NO_ADAPTERS},
-    "rt2": {"attention": "atlas", "temporal_scale": 2, **NO_ADAPTERS},
-    "rt8": {"attention": "atlas", "temporal_scale": 8, **NO_ADAPTERS},
-    "scale2": {"attention": "atlas", "spatial_scale": 2, **NO_ADAPTERS},
 }
+ABLATIONS = {"rt2": {"temporal_scale": 2}, "rt8": {"temporal_scale": 8}, "scale2": {"spatial_scale": 2}}
+ROWS.update({k: {"attention": "atlas", **opts, **NO_ADAPTERS} for k, opts in ABLATIONS.items()})
+ROWS.update({f"atlas_lora_{k}": {"attention": "atlas", **opts} for k, opts in ABLATIONS.items()})
 FEWER = {"cfg": {"detail_cfg_until": 0.5}, "reuse": {"detail_reuse": 0.08}}
 FEWER["fewer"] = {**FEWER["cfg"], **FEWER["reuse"]}
 ROWS.update({f"{row}_{k}": {**ROWS[row], **opts} for row in ("base", "atlas_lora") for k, opts in FEWER.items()})
