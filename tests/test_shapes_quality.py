@@ -117,23 +117,33 @@ def test_shipped_vae_keeps_a_large_slow_object_whole():
         assert score.all_correct, (clip.scene.caption, score.objects_per_frame, score.fill_ratio)
 
 
+def scores_by_adapter(tmp, clips, stage: int, adapters=("shipped", "none"), **values) -> dict:
+    """{adapter: scores} of ``clips`` made by generate with ``values`` (the model's defaults otherwise), with the
+    model's stage-``stage`` adapter ('shipped') and/or without it ('none'): the whole job, or with ``stage`` 1 its
+    proxy alone."""
+    comp = load_components("shapes")
+    scores = {}
+    for adapter in adapters:
+        scores[adapter] = []
+        for k, clip in enumerate(clips):
+            path = tmp / f"{adapter}-{k}.mp4"
+            own = {"model": "shapes", "prompt": clip.scene.caption, "seed": clip.seed, "out": str(path)}
+            cfg = build_config({**own, **values, **({f"lora_stage{stage}": "none"} if adapter == "none" else {})})
+            generator = TwoStageGenerator(cfg, components=comp, progress=False)
+            if stage == 1:
+                generator.proxy_only(str(path))
+            else:
+                generator.run()
+            scores[adapter].append(score_video(read_mp4(path), clip.scene.caption, name=clip.scene.caption))
+    return scores
+
+
 @pytest.fixture(scope="module")
 def proxy_scores(tmp_path_factory):
     """{adapter: scores} of the subset's proxies for the model's default job (4x the base size per side, 65
     frames: the proxy is the base size x 17 frames with its RoPE stretched 4x in time), stage 1 alone, with the
-    shipped stage-1 adapter ('shipped') and without it ('none')."""
-    comp = load_components("shapes")
-    tmp = tmp_path_factory.mktemp("proxies")
-    scores = {}
-    for adapter in ("shipped", "none"):
-        scores[adapter] = []
-        for k, clip in enumerate(SUBSET):
-            values = {"model": "shapes", "prompt": clip.scene.caption, "seed": clip.seed, "out": str(tmp / "x.mp4")}
-            cfg = build_config({**values, **({"lora_stage1": "none"} if adapter == "none" else {})})
-            path = tmp / f"{adapter}-{k}.mp4"
-            TwoStageGenerator(cfg, components=comp, progress=False).proxy_only(str(path))
-            scores[adapter].append(score_video(read_mp4(path), clip.scene.caption, name=clip.scene.caption))
-    return scores
+    shipped stage-1 adapter and without it."""
+    return scores_by_adapter(tmp_path_factory.mktemp("proxies"), SUBSET, 1)
 
 
 def test_shipped_stage1_adapter_keeps_the_proxy_whole(proxy_scores):
@@ -156,23 +166,10 @@ STAGE2_CLIPS = (
 
 @pytest.fixture(scope="module")
 def stage2_scores(tmp_path_factory):
-    """{adapter: scores} of STAGE2_CLIPS generated at 2x the base size per side x 65 frames — the geometry the
-    stage-2 adapter was trained at (windows of the base size's extent, the proxy at the base size) — with the shipped
-    stage-2 adapter ('shipped') and without it ('none'); the stage-1 adapter makes the proxy in both."""
-    own = read_model_defaults("shapes")
-    comp = load_components("shapes")
+    """Scores of STAGE2_CLIPS made by the model's default job (4x the base size per side, 65 frames; both shipped
+    adapters): the size the stage-2 adapter was trained at, where an object is wider than a window."""
     tmp = tmp_path_factory.mktemp("detail")
-    res = f"{2 * own['base_width']}x{2 * own['base_height']}"
-    scores = {}
-    for adapter in ("shipped", "none"):
-        scores[adapter] = []
-        for k, clip in enumerate(STAGE2_CLIPS):
-            path = tmp / f"{adapter}-{k}.mp4"
-            values = {"model": "shapes", "prompt": clip.scene.caption, "seed": clip.seed, "res": res, "out": str(path)}
-            cfg = build_config({**values, "crf": 0, **({"lora_stage2": "none"} if adapter == "none" else {})})
-            TwoStageGenerator(cfg, components=comp, progress=False).run()
-            scores[adapter].append(score_video(read_mp4(path), clip.scene.caption, name=clip.scene.caption))
-    return scores
+    return scores_by_adapter(tmp, STAGE2_CLIPS, 2, adapters=("shipped",), crf=0)["shipped"]
 
 
 def mean_objects(score) -> float:
@@ -181,12 +178,14 @@ def mean_objects(score) -> float:
 
 @pytest.mark.slow
 def test_shipped_stage2_adapter_keeps_the_detail_whole(stage2_scores):
-    """The stage-2 adapter teaches the detail windows to follow the proxy instead of drawing objects of their own.
-    Measured 2026-12-04 at its training size: with it 1.06 and 1.03 objects a frame on average (at most 2), PSNR
-    21.0 / 18.6 dB, both directions right; without it 1.20 / 1.26 (at most 4), 17.0 / 16.7 dB, the disc read as
-    moving left. Held at 1.15 objects a frame and 1 dB over the video without the adapter: an adapter that is not
-    loaded, not trained or not applied to the detail forwards fails here."""
-    for clip, adapted, plain in zip(STAGE2_CLIPS, stage2_scores["shipped"], stage2_scores["none"]):
-        assert mean_objects(adapted) <= 1.15, (clip.scene.caption, adapted.objects_per_frame)
-        assert adapted.direction == clip.scene.direction and adapted.colour == clip.scene.colour, adapted
-        assert adapted.psnr >= plain.psnr + 1.0, (clip.scene.caption, adapted.psnr, plain.psnr)
+    """The stage-2 adapter teaches the detail windows to follow the proxy instead of drawing objects of their own,
+    and (trained at 4x) to fill the inside of an object wider than a window. Measured 2026-12-04: with it 1.31 and
+    1.62 objects a frame on average, one object in 52 and 40 of the 65 frames, both directions right; without it
+    (the same job, `lora_stage2: none`) 6.9 and 10.9 objects a frame, one object in 1 and 0 frames, both read as
+    moving left; with the previous, 2x-trained adapter 2.5 objects a frame on the red square. Held at 2.0 objects a
+    frame and one object in half the frames: an adapter that is not loaded, not trained or not applied to the
+    detail forwards fails here (PSNR does not separate them: 17.3 / 17.7 dB with it, 18.0 / 16.1 without)."""
+    for clip, score in zip(STAGE2_CLIPS, stage2_scores):
+        ones = sum(n == 1 for n in score.objects_per_frame)
+        assert mean_objects(score) <= 2.0 and ones >= score.frames / 2, (clip.scene.caption, score.objects_per_frame)
+        assert score.direction == clip.scene.direction and score.colour == clip.scene.colour, score

@@ -5,9 +5,10 @@ ZeRO-2, ADAPTER_PROCESSES processes) on world clips, exactly as generate uses th
   the base size (the transformer's own size) with temporally scaled RoPE; on its own, larger set of clips
   (``proxy_clips``) and for its own steps (``proxy_lora_steps``), since a proxy example costs a fraction of a
   detail example and the proxy is the layout every detail window reads;
-- stage 2 (the detail): windows of the model's own size over a detail clip of ``adapter_scale`` x the base size,
-  reading the clean proxy's keys/values made with the frozen stage-1 adapter (`train --lora-stage1`); windows
-  that do not tile the detail grid in time are padded, as generate pads them.
+- stage 2 (the detail): windows of the model's own size over a detail clip of ``detail_scale`` x the base size
+  (``detail_frames`` cut from the middle of each render), reading the clean proxy's keys/values made with the
+  frozen stage-1 adapter (`train --lora-stage1`); windows that do not tile the detail grid in time are padded, as
+  generate pads them.
 
 The clips are rendered once (H.264, crf 0: lossless) and encoded once per stage (`prepare-data`'s shards,
 ENCODE_BATCH clips per VAE call), so the ranks run neither the VAE nor the text encoder. Each stage is resumable: a finished adapter is kept, an
@@ -58,16 +59,33 @@ def stage_steps(plan, stage: int) -> int:
     return (plan.proxy_lora_steps or plan.lora_steps) if stage == 1 else plan.lora_steps
 
 
-def write_adapter_clips(folder: Path, plan, count: int) -> Path:
-    """``count`` world clips (clip i: caption i mod 32, start seed ADAPTER_SEED_BASE + i) at the stage-2 detail
-    size, once."""
+def stage_scale(plan, stage: int) -> int:
+    """Size, per side as a multiple of the base size, of the clips the stage's LoRA reads (stage 1 their proxy)."""
+    return (plan.detail_scale or plan.adapter_scale) if stage == 2 else plan.adapter_scale
+
+
+def stage_frames(plan, stage: int) -> int:
+    """Detail frames of one training clip of the stage (stage 1 trains on their proxy)."""
+    return (plan.detail_frames or adapter_frames(plan.frames)) if stage == 2 else adapter_frames(plan.frames)
+
+
+def clips_folder(plan, stage: int) -> str:
+    """Name of the stage's rendered clips under checkpoints/ (stages with the same clips share them)."""
+    count, scale = stage_clips(plan, stage), stage_scale(plan, stage)
+    name = "adapter_clips" if count == plan.adapter_clips else f"adapter_clips_{count}"
+    return name if scale == plan.adapter_scale else f"{name}_{scale}x"
+
+
+def write_adapter_clips(folder: Path, plan, count: int, scale: int) -> Path:
+    """``count`` world clips (clip i: caption i mod 32, start seed ADAPTER_SEED_BASE + i) of 4(F-1)+1 frames at
+    ``scale`` x the base size, once."""
     from .clips import write_clips
 
     if (folder / "captions.jsonl").is_file():
         return folder
     scenes = all_scenes()
     clips = [WorldClip(scenes[i % len(scenes)], ADAPTER_SEED_BASE + i) for i in range(count)]
-    w, h = plan.width * plan.adapter_scale, plan.height * plan.adapter_scale
+    w, h = plan.width * scale, plan.height * scale
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write_clips(
@@ -85,12 +103,12 @@ def write_adapter_clips(folder: Path, plan, count: int) -> Path:
 
 def stage_settings(plan, stage: int, seed: int, window: list[int]) -> dict:
     """The TrainConfig mapping of one adapter stage (the YAML `train --config` reads)."""
-    scale, steps = plan.adapter_scale, stage_steps(plan, stage)
+    scale, steps = stage_scale(plan, stage), stage_steps(plan, stage)
     common = dict(
         stage=stage,
         width=plan.width * scale,
         height=plan.height * scale,
-        frames=adapter_frames(plan.frames),
+        frames=stage_frames(plan, stage),
         fps=plan.fps,
         temporal_scale=TEMPORAL_SCALE,
         spatial_scale=scale,
@@ -132,9 +150,8 @@ def train_adapter(out: Path, plan, stage: int, seed: int, window: list[int], log
         return float(json.loads((work / SECONDS).read_text()))
     start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    count = stage_clips(plan, stage)
-    folder = "adapter_clips" if count == plan.adapter_clips else f"adapter_clips_{count}"
-    clips = write_adapter_clips(out / "checkpoints" / folder, plan, count)
+    folder = out / "checkpoints" / clips_folder(plan, stage)
+    clips = write_adapter_clips(folder, plan, stage_clips(plan, stage), stage_scale(plan, stage))
     yaml = work / "train.yaml"
     yaml.write_text(json.dumps(stage_settings(plan, stage, seed, window), indent=2) + "\n")  # JSON is YAML
     data = work / "data"

@@ -115,7 +115,8 @@ class WorldBudget:
     dit_lr: float
     """Peak transformer learning rate (AdamW)."""
     adapter_scale: int
-    """Stage-2 LoRA training size = adapter_scale x the base size per side (the proxy is the base size)."""
+    """The adapters' clips are rendered at adapter_scale x the base size per side: stage 1 trains on their proxies (the
+    base size), stage 2 on the clips themselves unless detail_scale is set."""
     adapter_clips: int
     """World clips (4(frames-1)+1 frames each) the stage-2 LoRA trains on; clip i depicts caption i mod 32."""
     lora_steps: int
@@ -154,6 +155,15 @@ class WorldBudget:
     """Transformer attention heads (32 channels each): its width is 32 x dit_heads."""
     dit_ffn: int = 256
     """Transformer FFN width."""
+    detail_scale: int = 0
+    """Stage-2 LoRA training size = detail_scale x the base size per side (0: adapter_scale; stage 1 always reads
+    adapter_scale's clips). At 2x an object (a third of the frame across) always fits in a base-size window, so
+    windows never learn to lie inside one; at the 4x of generate's default job it is wider than a window, and a
+    stage-2 adapter trained at 2x leaves holes and pieces there (docs/shapes.md)."""
+    detail_frames: int = 0
+    """Frames of each stage-2 training clip, cut from the middle of its 4(frames-1)+1-frame render (0: all of them,
+    the clip generate's default job makes). A 17-frame cut at 4x has about the tokens of a whole clip at 2x, with
+    the motion per frame of the whole clip."""
 
     def __post_init__(self) -> None:
         check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "frames", self.frames, "must be 4k+1")
@@ -182,6 +192,14 @@ class WorldBudget:
         check(self.proxy_lora_steps >= 0, "proxy_lora_steps", self.proxy_lora_steps, "must be >= 0")
         check(self.dit_frame_steps >= 0, "dit_frame_steps", self.dit_frame_steps, "must be >= 0")
         check(self.dit_frame_batch >= 1, "dit_frame_batch", self.dit_frame_batch, "must be >= 1")
+        check(self.detail_scale >= 0, "detail_scale", self.detail_scale, "must be >= 0")
+        check(
+            self.detail_frames == 0
+            or ((self.detail_frames - 1) % 4 == 0 and self.detail_frames <= 4 * self.frames - 3),
+            "detail_frames",
+            self.detail_frames,
+            "must be 0 or 4k+1, at most the 4(frames-1)+1 frames of a stage-2 render",
+        )
         check(
             self.dit_heads >= 1 and self.dit_ffn >= 1,
             "dit_heads/dit_ffn",
@@ -213,6 +231,8 @@ FULL_BUDGET = WorldBudget(
     dit_lr=1e-3,
     adapter_scale=2,
     adapter_clips=32,
+    detail_scale=4,
+    detail_frames=17,
     proxy_clips=128,
     lora_steps=450,
     proxy_lora_steps=2000,
@@ -243,6 +263,7 @@ BUDGETS = {
         dit_lr=1e-3,
         adapter_scale=2,
         adapter_clips=2,
+        detail_frames=5,
         proxy_clips=3,
         lora_steps=2,
         proxy_lora_steps=3,
