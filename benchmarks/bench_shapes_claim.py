@@ -9,6 +9,8 @@ Rows (same captions and seeds):
   atlas_lora    AtlasVid with the model's stage-1 and stage-2 adapters (only when the folder ships them)
   ultragen      UltraGen mode (windows + compressed global branch)
   atlas_init    AtlasVid + --detail-init proxy
+  atlas_lora_init
+                AtlasVid with both adapters + --detail-init proxy at init strength 0.5: the README job's setting
   rt2, rt8      ablation of the proxy fps (temporal scale 2, 8; the default is 4)
   scale2        ablation of the proxy resolution (spatial scale 2: a proxy at twice the base size)
   atlas_lora_rt2, atlas_lora_rt8, atlas_lora_scale2
@@ -59,6 +61,7 @@ ROWS: dict[str, dict] = {
     "atlas_lora": {"attention": "atlas"},
     "ultragen": {"attention": "ultragen", **NO_ADAPTERS},
     "atlas_init": {"attention": "atlas", "detail_init": "proxy", **NO_ADAPTERS},
+    "atlas_lora_init": {"attention": "atlas", "detail_init": "proxy", "init_strength": 0.5},
 }
 ABLATIONS = {"rt2": {"temporal_scale": 2}, "rt8": {"temporal_scale": 8}, "scale2": {"spatial_scale": 2}}
 ROWS.update({k: {"attention": "atlas", **opts, **NO_ADAPTERS} for k, opts in ABLATIONS.items()})
