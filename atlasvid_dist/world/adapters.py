@@ -66,7 +66,7 @@ def stage_scale(plan, stage: int) -> int:
 
 def stage_frames(plan, stage: int) -> int:
     """Detail frames of one training clip of the stage (stage 1 trains on their proxy)."""
-    return (plan.detail_frames or adapter_frames(plan.frames)) if stage == 2 else adapter_frames(plan.frames)
+    return (stage == 2 and plan.detail_frames) or adapter_frames(plan.frames)
 
 
 def clips_folder(plan, stage: int) -> str:
