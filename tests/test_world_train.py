@@ -322,3 +322,25 @@ def test_full_budget_is_the_recipe_that_made_the_shipped_model():
     wide = BUDGETS["wide"]  # the width is the budget's: the built transformer has it
     built = build_transformer(0, wide.dit_heads, wide.dit_ffn).config
     assert (built.num_attention_heads, built.ffn_dim) == (wide.dit_heads, wide.dit_ffn)
+
+
+def test_stage2_trains_at_the_budgets_detail_size_and_stage1_keeps_its_clips():
+    """The full budget's stage 2 reads 17-frame cuts of 4x renders (the default job's size); stage 1 keeps the
+    2x, 65-frame clips its shipped adapter was trained on, and the two stages' clips live in separate folders."""
+    from atlasvid_dist.world.adapters import clips_folder, stage_settings
+    from atlasvid_dist.world.train import BUDGETS
+
+    full = BUDGETS["full"]
+    one, two = (stage_settings(full, k, 0, [5, 8, 8]) for k in (1, 2))
+    assert (one["width"], one["frames"], one["spatial_scale"]) == (256, 65, 2)
+    assert (two["width"], two["frames"], two["spatial_scale"]) == (512, 17, 4)
+    assert clips_folder(full, 1) == "adapter_clips_128" and clips_folder(full, 2) == "adapter_clips_4x"
+
+
+@pytest.mark.parametrize("field,value", [("detail_frames", 6), ("detail_frames", 69), ("detail_scale", -1)])
+def test_bad_detail_fields_are_refused(field, value):
+    from atlasvid_dist.errors import ConfigError
+    from atlasvid_dist.world.train import BUDGETS, WorldBudget
+
+    with pytest.raises(ConfigError, match=field):
+        WorldBudget(**{**asdict(BUDGETS["full"]), field: value})
