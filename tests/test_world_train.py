@@ -284,10 +284,13 @@ def test_model_folder_defaults_fill_what_the_user_left_unset(trained, monkeypatc
     and window aim `--window auto` and the automatic spatial scale; a flag still wins; a bad key is refused."""
     from atlasvid_dist.cli.generate import build_config
     from atlasvid_dist.errors import ConfigError
+    from atlasvid_dist.world.train import GENERATE_GUIDANCE
 
     cfg = build_config({"model": str(trained), "prompt": "a red disc moving up"})
     assert (cfg.video.width, cfg.video.height, cfg.video.frames) == (256, 256, 17)
-    assert cfg.flow_shift == 3.0 and cfg.guidance == 4.0 and cfg.negative_prompt == "" and cfg.text_len == 16
+    assert (
+        cfg.flow_shift == 3.0 and cfg.guidance == GENERATE_GUIDANCE and cfg.negative_prompt == "" and cfg.text_len == 16
+    )
     # base 64x64 = 4x4 tokens per frame: a 256x256 detail (16x16 tokens) gets a 4x4-token proxy, scale 4
     assert cfg.method.spatial_scale == 4 and cfg.method.window[1:] == (4, 4)
     cfg = build_config({"model": str(trained), "prompt": "x", "res": "128x128", "guidance": 2.0})
@@ -298,7 +301,7 @@ def test_model_folder_defaults_fill_what_the_user_left_unset(trained, monkeypatc
     r = cli("generate", "--model", trained, "--prompt", "a red disc moving up", "--proxy-steps", "3", "--quiet")
     assert r.exit_code == 0, r.output
     (cfg,) = seen
-    assert (cfg.video.width, cfg.steps, cfg.proxy_steps, cfg.guidance) == (256, 20, 3, 4.0)
+    assert (cfg.video.width, cfg.steps, cfg.proxy_steps, cfg.guidance) == (256, 20, 3, GENERATE_GUIDANCE)
     assert cfg.lora_stage2 == str(trained / "lora_stage2.safetensors")
     defaults = json.loads((trained / DEFAULTS_FILE).read_text())
     bad = trained.parent / "bad"
