@@ -316,9 +316,12 @@ def test_full_budget_is_the_recipe_that_made_the_shipped_model():
     trained on, and an experiment that changes the full budget without shipping its model fails here."""
     from atlasvid_dist.models.loading import read_model_defaults
     from atlasvid_dist.world.model import build_transformer
-    from atlasvid_dist.world.train import BUDGETS, WorldBudget
+    from atlasvid_dist.world.train import BUDGETS, GENERATE_GUIDANCE, GENERATE_STEPS, WorldBudget
 
     shipped = read_model_defaults("shapes")
+    # the folder's sampler defaults are the ones `world train` writes
+    own = shipped["generate"]
+    assert (own["guidance"], own["steps"], own["proxy_steps"]) == (GENERATE_GUIDANCE, GENERATE_STEPS, GENERATE_STEPS)
     full = asdict(BUDGETS["full"])
     assert {k: full[k] for k in shipped["trained_on"]} == shipped["trained_on"]
     assert not any(full[k] != v for k, v in asdict(WorldBudget(**shipped["trained_on"])).items())
